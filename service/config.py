@@ -1,0 +1,29 @@
+"""Engine settings, validated once at start and frozen."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    model: str | None = None  # folder or .gguf; None = the embedded default model
+    served_model_name: str | None = None
+    dtype: str = "auto"
+    device: str = "cpu"
+    max_model_len: int | None = None  # None = the model's max_position_embeddings (capped at 8192)
+    max_num_seqs: int = 64  # batch rows at once
+    max_num_batched_tokens: int = 1024  # tokens per forward (prefill chunks are cut to fit)
+    block_size: int = 16
+    kv_cache_gib: float = 2.0
+    num_threads: int | None = None  # torch intra-op threads; None = all cores
+
+    def __post_init__(self) -> None:
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, not {self.dtype!r}")
+        if self.max_model_len is not None and self.max_model_len < 16:
+            raise ValueError("max_model_len must be at least 16")
+        if self.max_num_seqs < 1 or self.max_num_batched_tokens < 16 or self.block_size < 1:
+            raise ValueError("max_num_seqs, max_num_batched_tokens and block_size must be positive")
+        if self.kv_cache_gib <= 0:
+            raise ValueError("kv_cache_gib must be positive")

@@ -1,0 +1,274 @@
+"""The engine loop: schedule, run the model, post-process (as nano-vllm's `step`)."""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from freelunch.config import EngineConfig
+from freelunch.engine.block_manager import BlockManager
+from freelunch.engine.detokenizer import IncrementalText
+from freelunch.engine.kv_cache import KVCache
+from freelunch.engine.model_runner import ModelRunner
+from freelunch.engine.request import (
+    FinishReason,
+    GenerationRequest,
+    RequestOutput,
+    Sequence,
+    TokenLogprob,
+)
+from freelunch.engine.sampler import SampleRow, sample, top_logprobs
+from freelunch.engine.scheduler import Scheduler
+from freelunch.engine.strategy import DecodingStrategy, Sampled
+from freelunch.models.loader import LoadedModel
+
+
+class EngineError(ValueError):
+    """A request the engine cannot take (the API turns it into a 400)."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+@dataclass(slots=True)
+class ModelInfo:
+    """What methods may know about the served model."""
+
+    name: str
+    config: object  # DecoderConfig
+    hf_config: object
+    tokenizer: object
+    eos_token_ids: tuple[int, ...]
+    shared_state: dict = field(default_factory=dict)  # per-model method state (e.g. draft tables)
+
+
+@dataclass(slots=True)
+class RequestState:
+    request: GenerationRequest
+    strategy: DecodingStrategy
+    generator: torch.Generator | None
+    text: IncrementalText
+    stop_ids: tuple[int, ...]
+    prompt_logprobs: list[TokenLogprob | None] | None = None
+    pending_prompt_logprobs: bool = False
+    first_token_time: float | None = None
+    finish_reason: str | None = None
+    num_output_tokens: int = 0
+    new_tokens: list[int] = field(default_factory=list)
+    new_logprobs: list[TokenLogprob] = field(default_factory=list)
+
+    @property
+    def main(self) -> Sequence:
+        return self.strategy.main
+
+
+class Engine:
+    def __init__(self, loaded: LoadedModel, config: EngineConfig) -> None:
+        self.config = config
+        self.model = loaded.model
+        self.tokenizer = loaded.tokenizer
+        self.device = torch.device(config.device)
+        cfg = loaded.model.config
+        self.max_model_len = config.max_model_len or min(cfg.max_position_embeddings, 8192)
+        if self.max_model_len > cfg.max_position_embeddings:
+            raise ValueError(f"max_model_len {self.max_model_len} exceeds the model's {cfg.max_position_embeddings}")
+        kv_dtype = next(loaded.model.parameters()).dtype
+        per_token = KVCache.bytes_per_token(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, kv_dtype)
+        num_blocks = max(1, int(config.kv_cache_gib * (1 << 30)) // (per_token * config.block_size))
+        self.blocks = BlockManager(num_blocks, config.block_size)
+        self.kv = KVCache(cfg.num_layers, num_blocks * config.block_size, cfg.num_kv_heads, cfg.head_dim, kv_dtype, self.device)
+        self.runner = ModelRunner(loaded.model, self.kv, self.blocks, self.device)
+        self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens)
+        eos = set(cfg.eos_token_ids)
+        if getattr(loaded.tokenizer, "eos_token_id", None) is not None:
+            eos.add(loaded.tokenizer.eos_token_id)
+        self.info = ModelInfo(loaded.name, cfg, loaded.hf_config, loaded.tokenizer, tuple(sorted(eos)))
+        self.requests: dict[str, RequestState] = {}
+        self._aborted: list[RequestState] = []
+        self.stats = {"steps": 0, "preemptions": 0, "prompt_tokens": 0, "generation_tokens": 0}
+
+    # ---- requests ------------------------------------------------------------------------
+    def add_request(self, request: GenerationRequest) -> None:
+        from freelunch.methods import build_strategy
+
+        n_prompt = len(request.prompt_token_ids)
+        if n_prompt == 0:
+            raise EngineError("the prompt is empty", "prompt")
+        if n_prompt >= self.max_model_len:
+            raise EngineError(
+                f"the prompt has {n_prompt} tokens; this model's maximum context length is {self.max_model_len}",
+                "messages",
+            )
+        vocab = self.info.config.vocab_size
+        if any(t < 0 or t >= vocab for t in request.prompt_token_ids):
+            raise EngineError(f"prompt token ids must be in [0, {vocab})", "prompt")
+        if request.request_id in self.requests:
+            raise EngineError(f"duplicate request id {request.request_id}")
+        main = Sequence(list(request.prompt_token_ids), n_prompt)
+        try:
+            strategy = build_strategy(request, main, self.info)
+        except ValueError as e:
+            raise EngineError(str(e)) from e
+        capacity = self.blocks.num_blocks * self.blocks.block_size
+        need = sum(seq.num_tokens + strategy.tokens_needed() for seq in strategy.rows)
+        if need > capacity:
+            raise EngineError(f"the request needs {need} KV slots; the cache holds {capacity}", "messages")
+        p = request.params
+        generator = None
+        if not p.greedy:
+            generator = torch.Generator().manual_seed(p.seed if p.seed is not None else random.getrandbits(63))
+        stop_ids = tuple(sorted(set(p.stop_token_ids) | (set() if p.ignore_eos else set(self.info.eos_token_ids))))
+        state = RequestState(
+            request,
+            strategy,
+            generator,
+            IncrementalText(self.tokenizer, p.stop, p.include_stop_str_in_output),
+            stop_ids,
+            pending_prompt_logprobs=p.prompt_logprobs is not None,
+        )
+        self.requests[request.request_id] = state
+        self.scheduler.add(state)
+        self.stats["prompt_tokens"] += n_prompt
+
+    def abort(self, request_id: str) -> bool:
+        state = self.requests.get(request_id)
+        if state is None:
+            return False
+        state.finish_reason = FinishReason.ABORT.value
+        self._aborted.append(state)
+        return True
+
+    def has_work(self) -> bool:
+        return bool(self.requests)
+
+    @property
+    def num_running(self) -> int:
+        return self.scheduler.num_running
+
+    @property
+    def num_waiting(self) -> int:
+        return self.scheduler.num_waiting
+
+    # ---- the step ------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        outputs: list[RequestOutput] = []
+        for state in self._aborted:
+            if self.requests.pop(state.request.request_id, None) is not None:
+                self.scheduler.remove(state)
+                outputs.append(self._output(state, finished=True))
+        self._aborted.clear()
+        batch = self.scheduler.schedule()
+        self.stats["preemptions"] += batch.preempted
+        if not batch.plans:
+            return outputs
+        self.stats["steps"] += 1
+        logits = self.runner.run(batch.plans)
+        for plan in batch.plans:
+            if plan.advance:
+                plan.seq.num_computed += len(plan.tokens)
+
+        to_sample: list[tuple[RequestState, torch.Tensor]] = []
+        decided: list[tuple[RequestState, list[Sampled]]] = []
+        plans_by_seq = {p.seq.seq_id: p for p in batch.plans}
+        for state in batch.requests:
+            if state.pending_prompt_logprobs:
+                self._collect_prompt_logprobs(state, plans_by_seq.get(state.main.seq_id), logits)
+            result = state.strategy.on_logits(logits, self)
+            if isinstance(result, torch.Tensor):
+                to_sample.append((state, result))
+            elif result:
+                decided.append((state, result))
+        if to_sample:
+            rows = [
+                SampleRow(lg, s.request.params, s.generator, s.main.token_ids[: s.main.num_prompt], s.main.output_ids, s.stop_ids)
+                for s, lg in to_sample
+            ]
+            for (state, _), (token, record) in zip(to_sample, sample(rows)):
+                decided.append((state, [Sampled(token, record)]))
+        now = time.monotonic()
+        for state, tokens in decided:
+            if state.first_token_time is None:
+                state.first_token_time = now
+            for tok in tokens:
+                self._accept(state, tok)
+                if state.finish_reason is not None:
+                    break
+        for state in batch.requests:
+            finished = state.finish_reason is not None
+            if state.new_tokens or finished:
+                outputs.append(self._output(state, finished))
+            if finished:
+                self.requests.pop(state.request.request_id, None)
+                self.scheduler.remove(state)
+        return outputs
+
+    def _accept(self, state: RequestState, tok: Sampled) -> None:
+        p = state.request.params
+        state.strategy.append(tok.token_id)
+        state.num_output_tokens += 1
+        self.stats["generation_tokens"] += 1
+        state.new_tokens.append(tok.token_id)
+        if tok.logprob is not None:
+            state.new_logprobs.append(tok.logprob)
+        if tok.token_id in state.stop_ids and state.num_output_tokens > p.min_tokens:
+            state.finish_reason = FinishReason.STOP.value
+            return
+        state.text.add(tok.token_id)
+        if state.text.stopped and state.num_output_tokens >= p.min_tokens:
+            state.finish_reason = FinishReason.STOP.value
+        elif state.num_output_tokens >= p.max_tokens or state.main.num_tokens >= self.max_model_len:
+            state.finish_reason = FinishReason.LENGTH.value
+
+    def _collect_prompt_logprobs(self, state: RequestState, plan, logits: dict[int, torch.Tensor]) -> None:
+        """Logprob of each prompt token under the model given the tokens before it (echo)."""
+        main = state.main
+        if plan is None or main.seq_id not in logits:
+            return
+        if state.prompt_logprobs is None:
+            state.prompt_logprobs = [None]  # the first token has no context
+        start = main.num_computed - len(plan.tokens)
+        rows = logits[main.seq_id]
+        k = state.request.params.prompt_logprobs or 0
+        for row, i in zip(rows, plan.logits_at):
+            nxt = start + i + 1
+            if nxt < main.num_prompt and len(state.prompt_logprobs) == nxt:
+                state.prompt_logprobs.append(top_logprobs(torch.log_softmax(row, -1), main.token_ids[nxt], k))
+        if len(state.prompt_logprobs) >= main.num_prompt:
+            state.pending_prompt_logprobs = False
+
+    def _output(self, state: RequestState, finished: bool) -> RequestOutput:
+        out = RequestOutput(
+            request_id=state.request.request_id,
+            new_token_ids=state.new_tokens,
+            new_text=state.text.flush(final=finished),
+            finished=finished,
+            finish_reason=state.finish_reason if finished else None,
+            logprobs=state.new_logprobs if state.request.params.logprobs is not None else None,
+            num_prompt_tokens=state.main.num_prompt,
+            num_output_tokens=state.num_output_tokens,
+            method_stats=state.strategy.stats() if finished else None,
+        )
+        if state.prompt_logprobs is not None and not state.pending_prompt_logprobs:
+            out.prompt_logprobs, state.prompt_logprobs = state.prompt_logprobs, None
+        state.new_tokens, state.new_logprobs = [], []
+        return out
+
+    # ---- StepContext ---------------------------------------------------------------------
+    def commit_kv(self, seq: Sequence, kept_offsets: list[int]) -> None:
+        base = seq.num_computed
+        dst_offsets = list(range(base, base + len(kept_offsets)))
+        if kept_offsets != dst_offsets:
+            src = torch.cat([self.blocks.slots(seq, o, o + 1) for o in kept_offsets])
+            dst = self.blocks.slots(seq, base, base + len(kept_offsets))
+            self.kv.copy_slots(src.to(self.device), dst.to(self.device))
+        seq.num_computed = base + len(kept_offsets)
+        self.blocks.truncate(seq, max(seq.num_computed, seq.num_tokens))
+
+    def check_no_leaks(self) -> None:
+        if self.requests:
+            raise AssertionError(f"{len(self.requests)} requests still live")
+        self.blocks.check_no_leaks()

@@ -1,0 +1,168 @@
+"""One forward over a batch of row plans: pack tokens, build attention metadata, project logits."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from freelunch.engine.block_manager import BlockManager
+from freelunch.engine.kv_cache import KVCache
+from freelunch.engine.strategy import RowPlan
+from freelunch.models.attention import AttentionBatch, AttentionGroup, PrunePlan
+
+
+@dataclass(slots=True)
+class _RowLayout:
+    """Where a row's tokens sit in the packed batch and what its queries see."""
+
+    q_index: torch.Tensor  # [n] packed indices
+    kv_index: torch.Tensor | None  # [L] slots (None: fresh causal prefill from position 0)
+    mask: torch.Tensor | None  # [n, L] bool
+    late: tuple[int, torch.Tensor] | None  # (layer, [n, L] mask) for rows with pruned KV
+
+
+def _causal_mask(start: int, n: int) -> torch.Tensor:
+    """[n, start + n]: query i (at offset start + i) sees offsets <= start + i."""
+    return torch.arange(start + n)[None, :] <= (start + torch.arange(n))[:, None]
+
+
+class ModelRunner:
+    def __init__(self, model: torch.nn.Module, kv: KVCache, blocks: BlockManager, device: torch.device) -> None:
+        self.model = model
+        self.kv = kv
+        self.blocks = blocks
+        self.device = device
+        cfg = model.config
+        self.scale = cfg.head_dim**-0.5
+
+    @torch.inference_mode()
+    def run(self, plans: list[RowPlan]) -> dict[int, torch.Tensor]:
+        """Forward all plans together; returns logits [len(logits_at), vocab] per seq_id that asked."""
+        ids: list[int] = []
+        positions: list[int] = []
+        slot_parts: list[torch.Tensor] = []
+        layouts: list[_RowLayout] = []
+        logit_rows: list[int] = []
+        offset = 0
+        for plan in plans:
+            seq, n = plan.seq, len(plan.tokens)
+            start = seq.num_computed
+            ids.extend(plan.tokens)
+            positions.extend(plan.positions if plan.positions is not None else range(start, start + n))
+            slot_parts.append(self.blocks.slots(seq, start, start + n))
+            layouts.append(self._layout(plan, offset))
+            logit_rows.extend(offset + i for i in plan.logits_at)
+            offset += n
+        slot_mapping = torch.cat(slot_parts)
+        attn = AttentionBatch(
+            self.kv.layers, slot_mapping.to(self.device), self._groups(layouts, offset), self.scale
+        )
+        prune = [p for p in plans if p.prune_layer is not None]
+        keep_map = None
+        if prune:
+            attn.prune, keep_map = self._prune_plan(plans, layouts, slot_mapping, offset)
+        hidden = self.model(
+            torch.tensor(ids, device=self.device), torch.tensor(positions, device=self.device), attn
+        )
+        if keep_map is not None:  # packed indices changed at the pruning layer
+            logit_rows = [keep_map[r] for r in logit_rows]
+        logits = self.model.logits(hidden[torch.tensor(logit_rows, dtype=torch.long, device=self.device)])
+        out: dict[int, torch.Tensor] = {}
+        i = 0
+        for plan in plans:
+            k = len(plan.logits_at)
+            if k:
+                out[plan.seq.seq_id] = logits[i : i + k].cpu()
+            i += k
+        return out
+
+    def _layout(self, plan: RowPlan, offset: int) -> _RowLayout:
+        seq, n = plan.seq, len(plan.tokens)
+        start = seq.num_computed
+        q_index = torch.arange(offset, offset + n)
+        if start == 0 and plan.mask is None and seq.masked_from is None:
+            return _RowLayout(q_index, None, None, None)
+        kv_index = self.blocks.slots(seq, 0, start + n)
+        mask = plan.mask if plan.mask is not None else _causal_mask(start, n)
+        late = None
+        if seq.masked_from is not None:
+            late_mask = mask.clone()
+            late_mask[:, seq.masked_offsets] = False
+            late = (seq.masked_from, late_mask)
+        return _RowLayout(q_index, kv_index, mask, late)
+
+    def _groups(self, layouts: list[_RowLayout], total: int) -> list[AttentionGroup]:
+        """Single-token rows with a plain cache view share one padded group; the rest go alone."""
+        dev = self.device
+        singles = [lay for lay in layouts if lay.q_index.numel() == 1 and lay.kv_index is not None and lay.late is None]
+        groups: list[AttentionGroup] = []
+        if singles:
+            longest = max(lay.kv_index.numel() for lay in singles)
+            kv_index = torch.zeros(len(singles), longest, dtype=torch.long)
+            mask = torch.zeros(len(singles), 1, longest, dtype=torch.bool)
+            for r, lay in enumerate(singles):
+                length = lay.kv_index.numel()
+                kv_index[r, :length] = lay.kv_index
+                mask[r, 0, :length] = lay.mask[0]
+            q_index = torch.cat([lay.q_index for lay in singles])
+            all_visible = bool(mask.all())
+            groups.append(
+                AttentionGroup(q_index.to(dev), len(singles), 1, kv_index.to(dev), None if all_visible else mask.to(dev))
+            )
+        for lay in layouts:
+            if any(lay is s for s in singles):
+                continue
+            n = lay.q_index.numel()
+            if lay.kv_index is None:
+                groups.append(AttentionGroup(lay.q_index.to(dev), 1, n, None, None))
+                continue
+            late_from, late_mask = (None, None) if lay.late is None else (lay.late[0], lay.late[1][None].to(dev))
+            groups.append(
+                AttentionGroup(lay.q_index.to(dev), 1, n, lay.kv_index[None].to(dev), lay.mask[None].to(dev), late_from, late_mask)
+            )
+        if len(groups) == 1 and groups[0].q_index.numel() == total and bool(
+            (groups[0].q_index == torch.arange(total, device=dev)).all()
+        ):
+            groups[0].q_index = None  # one group covering the batch in order: no gather/scatter
+        return groups
+
+    def _prune_plan(
+        self, plans: list[RowPlan], layouts: list[_RowLayout], slot_mapping: torch.Tensor, total: int
+    ) -> tuple[PrunePlan, dict[int, int]]:
+        """Metadata for the layers after a prefill transform drops tokens (one pruning layer per step)."""
+        layers = {p.prune_layer for p in plans if p.prune_layer is not None}
+        if len(layers) != 1:
+            raise ValueError("rows of one step must prune at the same layer")
+        layer = layers.pop()
+        keep_parts: list[torch.Tensor] = []
+        after_layouts: list[_RowLayout] = []
+        new_offset = 0
+        for plan, lay in zip(plans, layouts):
+            n = lay.q_index.numel()
+            if plan.prune_layer is None:
+                local_keep = torch.arange(n)
+            else:
+                if plan.seq.num_computed != 0 or plan.mask is not None:
+                    raise ValueError("pruning applies to a whole prompt prefilled in one step")
+                local_keep = plan.prune_keep.sort().values
+                dropped = torch.ones(n, dtype=torch.bool)
+                dropped[local_keep] = False
+                plan.seq.masked_from = layer
+                plan.seq.masked_offsets = dropped.nonzero().flatten()
+            keep_parts.append(lay.q_index[local_keep])
+            k = local_keep.numel()
+            q_index = torch.arange(new_offset, new_offset + k)
+            if plan.prune_layer is None:
+                after_layouts.append(_RowLayout(q_index, lay.kv_index, lay.mask, lay.late))
+            else:  # kept queries attend over the row's original slots, dropped ones masked
+                mask = _causal_mask(0, n)[local_keep][:, :]
+                mask[:, plan.seq.masked_offsets] = False
+                after_layouts.append(_RowLayout(q_index, self.blocks.slots(plan.seq, 0, n), mask, None))
+            new_offset += k
+        keep = torch.cat(keep_parts)
+        after = AttentionBatch(
+            self.kv.layers, slot_mapping[keep].to(self.device), self._groups(after_layouts, new_offset), self.scale
+        )
+        keep_map = {int(old): new for new, old in enumerate(keep.tolist())}
+        return PrunePlan(layer, keep.to(self.device), after), keep_map

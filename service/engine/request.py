@@ -1,0 +1,117 @@
+"""Engine-side request records: sampling parameters, sequences (rows), outputs."""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+@dataclass(slots=True)
+class SamplingParams:
+    max_tokens: int = 16
+    min_tokens: int = 0
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 or -1 = off
+    min_p: float = 0.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logprobs: int | None = None  # top-k logprobs per generated token (0 = only the chosen token)
+    prompt_logprobs: int | None = None  # same for prompt tokens (completions `echo`)
+    include_stop_str_in_output: bool = False
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0.0 or self.top_k == 1
+
+    @property
+    def penalised(self) -> bool:
+        return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0 or self.repetition_penalty != 1.0
+
+
+class FinishReason(str, enum.Enum):
+    STOP = "stop"
+    LENGTH = "length"
+    ABORT = "abort"
+    ERROR = "error"
+
+
+_seq_ids = itertools.count()
+
+
+@dataclass(slots=True)
+class Sequence:
+    """One row of the batch: tokens, how many have K/V in the cache, and its blocks."""
+
+    token_ids: list[int]
+    num_prompt: int
+    seq_id: int = field(default_factory=lambda: next(_seq_ids))
+    num_computed: int = 0  # tokens whose K/V is in the cache
+    block_table: list[int] = field(default_factory=list)
+    # KV entries of tokens pruned at prefill: from layer `masked_from` on, these offsets are invisible.
+    masked_from: int | None = None
+    masked_offsets: torch.Tensor | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def output_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt :]
+
+    @property
+    def pending(self) -> int:
+        return len(self.token_ids) - self.num_computed
+
+    def reset_cache_state(self) -> None:
+        """After preemption: everything must be recomputed."""
+        self.num_computed = 0
+        self.block_table = []
+        self.masked_from = self.masked_offsets = None
+
+
+@dataclass(slots=True)
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]  # (token id, logprob), best first
+
+
+@dataclass(slots=True)
+class GenerationRequest:
+    """What the API hands the pool: one choice of one user request."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    methods: dict[str, Any] = field(default_factory=dict)  # option name -> validated options
+    arrival_time: float = field(default_factory=time.monotonic)
+    model: str | None = None
+
+
+@dataclass(slots=True)
+class RequestOutput:
+    """A delta of one request's generation: new tokens and text since the previous output."""
+
+    request_id: str
+    new_token_ids: list[int]
+    new_text: str
+    finished: bool
+    finish_reason: str | None = None
+    logprobs: list[TokenLogprob] | None = None
+    prompt_logprobs: list[TokenLogprob | None] | None = None
+    num_prompt_tokens: int = 0
+    num_output_tokens: int = 0
+    method_stats: dict[str, Any] | None = None
+    error: str | None = None

@@ -1,0 +1,116 @@
+"""The narrow interface through which a decoding method plugs into the engine.
+
+A request is driven by one `DecodingStrategy`. Each step the engine asks it for the rows to
+run (`plan`), runs them in the shared batch, and hands back the logits it asked for
+(`on_logits`). The strategy answers with either logits to sample one token from (the engine
+samples all such requests together) or the tokens it decided itself (draft-and-verify).
+
+The shapes every method needs are expressible here:
+- extra rows: `rows` may hold shadow sequences with their own prompt and KV cache (CFG, SCMoE);
+- draft and verify: a `RowPlan` may feed tokens that are not (yet) part of the sequence, with
+  a custom attention mask and positions; `StepContext.commit_kv` then keeps the accepted ones;
+- prefill transform: a `RowPlan` may ask to drop some of its tokens from a layer on.
+The engine never imports a concrete method: they are built from `freelunch.methods` registries.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol
+
+import torch
+
+from freelunch.engine.request import GenerationRequest, Sequence, TokenLogprob
+
+
+@dataclass(slots=True)
+class RowPlan:
+    """What one row feeds into this step's forward."""
+
+    seq: Sequence
+    tokens: list[int]  # written to the cache at offsets [num_computed, num_computed + len)
+    logits_at: list[int]  # indices into `tokens` whose logits the strategy needs
+    positions: list[int] | None = None  # default: num_computed + i
+    mask: torch.Tensor | None = None  # [n, num_computed + n] bool; None = causal
+    advance: bool = True  # False: the strategy moves num_computed itself (after verification)
+    # Prefill transform: before layer `prune_layer`, `prune_select` picks the token offsets (into
+    # `tokens`) to keep; it receives that layer's input hidden states of this row [n, hidden].
+    prune_layer: int | None = None
+    prune_keep: torch.Tensor | None = None
+    # Extra per-row model inputs a model may understand (e.g. a routing override for MoE).
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class Sampled:
+    token_id: int
+    logprob: TokenLogprob | None = None
+
+
+class StepContext(Protocol):
+    """Engine services a strategy may call while it handles a step's logits."""
+
+    def commit_kv(self, seq: Sequence, kept_offsets: list[int]) -> None:
+        """Keep the cache entries at these offsets (ascending, >= num_computed), compacted to follow
+        the committed prefix; num_computed grows by len(kept_offsets); later blocks are freed."""
+
+
+class DecodingStrategy:
+    """Base class: plain decoding of one row. Methods subclass and override what they change."""
+
+    # Name reported in `usage.method_stats` (None for plain decoding).
+    name: str | None = None
+
+    def __init__(self, request: GenerationRequest, main: Sequence) -> None:
+        self.request = request
+        self.main = main
+        self.rows: list[Sequence] = [main]  # main row first; shadow rows after it
+
+    # ---- planning ------------------------------------------------------------------------
+    def plan(self, token_budget: int) -> list[RowPlan]:
+        """Rows to feed this step. Default: each row's uncomputed tokens, the last chunk asking for logits."""
+        plans = []
+        for seq in self.rows:
+            plan = self.plain_plan(seq, token_budget)
+            if plan is not None:
+                plans.append(plan)
+                token_budget -= len(plan.tokens)
+        return plans
+
+    def plain_plan(self, seq: Sequence, token_budget: int) -> RowPlan | None:
+        n = min(seq.pending, token_budget)
+        if n <= 0:
+            return None
+        start = seq.num_computed
+        tokens = seq.token_ids[start : start + n]
+        logits_at = [n - 1] if start + n == seq.num_tokens else []
+        if seq is self.main and self.request.params.prompt_logprobs is not None and start < seq.num_prompt:
+            # every prompt position in this chunk (the logits at i score token i + 1)
+            logits_at = sorted(set(range(min(n, seq.num_prompt - start))) | set(logits_at))
+        return RowPlan(seq, tokens, logits_at)
+
+    def tokens_needed(self) -> int:
+        """KV slots to reserve per row at admission beyond the prompt (drafts need more)."""
+        return 1
+
+    # ---- results -------------------------------------------------------------------------
+    def on_logits(self, logits: dict[int, torch.Tensor], ctx: StepContext) -> torch.Tensor | list[Sampled] | None:
+        """Logits per seq_id ([len(logits_at), vocab], float32) for rows that produced any.
+
+        Return logits [vocab] to sample the next token from, the tokens decided here, or None.
+        """
+        out = logits.get(self.main.seq_id)
+        if out is None or self.main.pending > 0:
+            return None  # still prefilling
+        return out[-1]
+
+    def append(self, token_id: int) -> None:
+        """A token was accepted: every row that decodes alongside the main one gets it too."""
+        for seq in self.rows:
+            seq.token_ids.append(token_id)
+
+    def stats(self) -> dict[str, Any] | None:
+        return None
+
+
+StrategyFactory = Callable[[GenerationRequest, Sequence, Any], DecodingStrategy]

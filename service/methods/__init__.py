@@ -1,0 +1,34 @@
+"""Decoding methods, each a `DecodingStrategy` registered under its request option name.
+
+The engine asks this registry for a request's strategy; it never imports a method itself.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from freelunch.engine.request import GenerationRequest, Sequence
+from freelunch.engine.strategy import DecodingStrategy
+
+# option name -> factory(request, main_row, model_info) -> strategy
+STRATEGIES: dict[str, Callable[[GenerationRequest, Sequence, Any], DecodingStrategy]] = {}
+
+
+def register(option: str):
+    def wrap(factory):
+        STRATEGIES[option] = factory
+        return factory
+
+    return wrap
+
+
+def build_strategy(request: GenerationRequest, main: Sequence, model_info: Any) -> DecodingStrategy:
+    chosen = [name for name in request.methods if name in STRATEGIES]
+    unknown = [name for name in request.methods if name not in STRATEGIES]
+    if unknown:
+        raise ValueError(f"method option(s) not available on this engine: {', '.join(sorted(unknown))}")
+    if len(chosen) > 1:
+        raise ValueError(f"these options cannot be combined yet: {', '.join(sorted(chosen))}")
+    if chosen:
+        return STRATEGIES[chosen[0]](request, main, model_info)
+    return DecodingStrategy(request, main)

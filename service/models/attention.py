@@ -1,0 +1,89 @@
+"""Per-step attention metadata: where each new token's K/V goes and what each query may see.
+
+The model runner builds one `AttentionBatch` per forward. Rows are split into groups that
+share a shape: all single-token decode rows form one padded batch; each multi-token row
+(prefill chunk, draft tree) is its own group with a causal or custom mask.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from freelunch.kernels.paged_attention_ref import paged_attention_ref, sdpa_gqa
+
+
+@dataclass(slots=True)
+class AttentionGroup:
+    """Queries of B rows with n tokens each, attending over L gathered cache slots."""
+
+    q_index: torch.Tensor | None  # [B*n] packed token indices; None = the whole packed batch in order
+    batch: int
+    n: int
+    kv_index: torch.Tensor | None  # [B, L] slot ids; None = fresh causal prefill (attend to own k/v)
+    mask: torch.Tensor | None  # [B, n, L] bool, None = everything in kv_index is visible
+    # Layers >= late_from use late_mask instead (KV of tokens pruned at an earlier prefill).
+    late_from: int | None = None
+    late_mask: torch.Tensor | None = None
+
+    def mask_at(self, layer: int) -> torch.Tensor | None:
+        if self.late_from is not None and layer >= self.late_from:
+            return self.late_mask
+        return self.mask
+
+
+@dataclass(slots=True)
+class PrunePlan:
+    """Drop packed tokens before `layer`; later layers use the `after` metadata."""
+
+    layer: int
+    keep: torch.Tensor  # [T'] packed indices kept
+    after: "AttentionBatch"
+
+
+@dataclass(slots=True)
+class AttentionBatch:
+    kv_caches: list[tuple[torch.Tensor, torch.Tensor]]  # per layer: k, v [slots, Hkv, D]
+    slot_mapping: torch.Tensor  # [T] cache slot of each packed token
+    groups: list[AttentionGroup]
+    scale: float
+    prune: PrunePlan | None = None
+    _pruned: bool = field(default=False)
+
+    def keep_before_layer(self, layer: int) -> torch.Tensor | None:
+        """Packed indices to keep from `layer` on, when a prefill transform prunes there."""
+        if self.prune is None or layer != self.prune.layer:
+            return None
+        after = self.prune.after
+        self.slot_mapping, self.groups, self._pruned = after.slot_mapping, after.groups, True
+        return self.prune.keep
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q [T, H, D], k/v [T, Hkv, D] for the packed tokens -> attention output [T, H*D]."""
+        k_cache, v_cache = self.kv_caches[layer]
+        k_cache.index_copy_(0, self.slot_mapping, k.to(k_cache.dtype))
+        v_cache.index_copy_(0, self.slot_mapping, v.to(v_cache.dtype))
+        t, h, d = q.shape
+        if len(self.groups) == 1 and self.groups[0].q_index is None:
+            return self._attend_group(self.groups[0], layer, q, k, v).reshape(t, h * d)
+        out = q.new_empty(t, h, d)
+        for g in self.groups:
+            rows = g.q_index
+            out[rows] = self._attend_group(g, layer, q[rows], k[rows], v[rows])
+        return out.reshape(t, h * d)
+
+    def _attend_group(
+        self, g: AttentionGroup, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> torch.Tensor:
+        """Group's packed q [B*n, H, D] -> [B*n, H, D]."""
+        h, d = q.shape[1], q.shape[2]
+        qb = q.view(g.batch, g.n, h, d).transpose(1, 2)  # [B, H, n, D]
+        if g.kv_index is None:  # a prompt chunk starting at position 0: its own keys, causal
+            kb = k.view(g.batch, g.n, -1, d).transpose(1, 2)
+            vb = v.view(g.batch, g.n, -1, d).transpose(1, 2)
+            o = sdpa_gqa(qb, kb, vb, None, is_causal=g.n > 1, scale=self.scale)
+        else:
+            k_cache, v_cache = self.kv_caches[layer]
+            o = paged_attention_ref(qb, k_cache, v_cache, g.kv_index, g.mask_at(layer), scale=self.scale)
+        return o.transpose(1, 2).reshape(g.batch * g.n, h, d)

@@ -1,0 +1,232 @@
+"""Llama-family decoder (Llama, Mistral, Qwen2, Qwen3, SmolLM2) over a packed batch.
+
+All rows of a step are packed into one token dimension [T]; the linear layers see one
+matrix, attention goes through `AttentionBatch`, which reads and writes the paged KV cache.
+Numerics follow transformers' modeling_llama (RMSNorm in float32, RoPE tables from
+transformers' own rope init functions) so greedy tokens match it exactly in float32.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from freelunch.models.attention import AttentionBatch
+
+
+@dataclass(frozen=True, slots=True)
+class DecoderConfig:
+    """What the engine needs to know about a decoder, read from a transformers config."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    attention_bias: bool
+    mlp_bias: bool
+    qk_norm: bool  # Qwen3: RMSNorm on each head of q and k before RoPE
+    eos_token_ids: tuple[int, ...]
+
+    @classmethod
+    def from_hf(cls, hf_config) -> "DecoderConfig":
+        c = hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
+        heads = c.num_attention_heads
+        head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
+        eos = getattr(c, "eos_token_id", None)
+        eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())
+        model_type = getattr(c, "model_type", "llama")
+        return cls(
+            vocab_size=c.vocab_size,
+            hidden_size=c.hidden_size,
+            intermediate_size=c.intermediate_size,
+            num_layers=c.num_hidden_layers,
+            num_heads=heads,
+            num_kv_heads=getattr(c, "num_key_value_heads", None) or heads,
+            head_dim=head_dim,
+            rms_norm_eps=c.rms_norm_eps,
+            max_position_embeddings=getattr(c, "max_position_embeddings", 4096),
+            tie_word_embeddings=bool(getattr(hf_config, "tie_word_embeddings", False)),
+            # Qwen2 always has q/k/v biases; Llama exposes `attention_bias`.
+            attention_bias=bool(getattr(c, "attention_bias", False)) or model_type == "qwen2",
+            mlp_bias=bool(getattr(c, "mlp_bias", False)),
+            qk_norm=model_type == "qwen3",
+            eos_token_ids=eos_ids,
+        )
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(dtype)
+
+
+class RotaryTable(nn.Module):
+    """cos/sin for every position, computed once with transformers' rope init (all scaled variants)."""
+
+    def __init__(self, hf_config, head_dim: int, max_positions: int) -> None:
+        super().__init__()
+        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+        c = hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
+        params = getattr(c, "rope_parameters", None) or {}
+        rope_type = params.get("rope_type", "default")
+        if rope_type == "default":
+            base = params.get("rope_theta", getattr(c, "rope_theta", 10000.0))
+            inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
+            scaling = 1.0
+        else:
+            inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](c, torch.device("cpu"))
+        pos = torch.arange(max_positions, dtype=torch.float)
+        freqs = pos[:, None] * inv_freq[None, :]  # [P, D/2], same product as transformers' matmul
+        emb = torch.cat((freqs, freqs), dim=-1)
+        self.register_buffer("cos", emb.cos() * scaling, persistent=False)
+        self.register_buffer("sin", emb.sin() * scaling, persistent=False)
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.cos[positions].to(dtype), self.sin[positions].to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: DecoderConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        self.qkv_proj = nn.Linear(cfg.hidden_size, q + 2 * kv, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(q, cfg.hidden_size, bias=False)
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.split = (q, kv, kv)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: AttentionBatch) -> torch.Tensor:
+        t = x.shape[0]
+        q, k, v = self.qkv_proj(x).split(self.split, dim=-1)
+        q = q.view(t, self.num_heads, self.head_dim)  # [T, H, D]
+        k = k.view(t, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
+        v = v.view(t, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        cos, sin = cos[:, None, :], sin[:, None, :]
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        out = attn.attend(self.layer_idx, q, k, v)  # [T, H*D]
+        return self.o_proj(out)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: DecoderConfig) -> None:
+        super().__init__()
+        self.intermediate = cfg.intermediate_size
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).split(self.intermediate, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: DecoderConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, layer_idx)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: AttentionBatch) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaForCausalLM(nn.Module):
+    """Packed-batch Llama. `forward` returns hidden states; `logits` projects selected rows."""
+
+    def __init__(self, cfg: DecoderConfig, hf_config) -> None:
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.rotary = RotaryTable(hf_config, cfg.head_dim, cfg.max_position_embeddings)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionBatch) -> torch.Tensor:
+        """input_ids, positions: [T] -> final hidden states [T', hidden] (T' < T if tokens were pruned)."""
+        x = self.embed_tokens(input_ids)
+        cos, sin = self.rotary(positions, x.dtype)
+        for i, layer in enumerate(self.layers):
+            keep = attn.keep_before_layer(i)
+            if keep is not None:  # a prefill transform drops tokens from here on
+                x, cos, sin = x[keep], cos[keep], sin[keep]
+            x = layer(x, cos, sin, attn)
+        return self.norm(x)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [N, hidden] -> float32 logits [N, vocab]."""
+        return self.lm_head(hidden).float()
+
+    # ---- weights -------------------------------------------------------------------------
+    def load_hf_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Load transformers-named weights, fusing q/k/v and gate/up into one matmul each."""
+        own = self.state_dict()
+        loaded: set[str] = set()
+
+        def put(name: str, value: torch.Tensor) -> None:
+            if name not in own:
+                raise KeyError(f"unexpected weight {name}")
+            if own[name].shape != value.shape:
+                raise ValueError(f"weight {name}: shape {tuple(value.shape)} != {tuple(own[name].shape)}")
+            own[name].copy_(value)
+            loaded.add(name)
+
+        def get(name: str) -> torch.Tensor:
+            return tensors[name]
+
+        prefix = "model." if any(k.startswith("model.") for k in tensors) else ""
+        put("embed_tokens.weight", get(f"{prefix}embed_tokens.weight"))
+        put("norm.weight", get(f"{prefix}norm.weight"))
+        if not self.config.tie_word_embeddings:
+            put("lm_head.weight", get("lm_head.weight"))
+        for i in range(self.config.num_layers):
+            src, dst = f"{prefix}layers.{i}.", f"layers.{i}."
+            a = src + "self_attn."
+            put(dst + "self_attn.qkv_proj.weight", torch.cat([get(a + f"{p}_proj.weight") for p in "qkv"]))
+            if self.config.attention_bias:
+                put(dst + "self_attn.qkv_proj.bias", torch.cat([get(a + f"{p}_proj.bias") for p in "qkv"]))
+            put(dst + "self_attn.o_proj.weight", get(a + "o_proj.weight"))
+            if self.config.qk_norm:
+                put(dst + "self_attn.q_norm.weight", get(a + "q_norm.weight"))
+                put(dst + "self_attn.k_norm.weight", get(a + "k_norm.weight"))
+            m = src + "mlp."
+            put(dst + "mlp.gate_up_proj.weight", torch.cat([get(m + "gate_proj.weight"), get(m + "up_proj.weight")]))
+            if self.config.mlp_bias:
+                put(dst + "mlp.gate_up_proj.bias", torch.cat([get(m + "gate_proj.bias"), get(m + "up_proj.bias")]))
+            put(dst + "mlp.down_proj.weight", get(m + "down_proj.weight"))
+            put(dst + "input_layernorm.weight", get(src + "input_layernorm.weight"))
+            put(dst + "post_attention_layernorm.weight", get(src + "post_attention_layernorm.weight"))
+        missing = {k for k in own if k not in loaded and not (k == "lm_head.weight" and self.config.tie_word_embeddings)}
+        if missing:
+            raise KeyError(f"weights not found in checkpoint: {sorted(missing)[:5]}")

