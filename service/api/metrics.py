@@ -1,0 +1,53 @@
+"""Prometheus metrics, named like vLLM's with the `freelunch_` prefix."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+_LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+_TOKEN_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5)
+
+
+class Metrics:
+    def __init__(self, stats: Callable[[], object]) -> None:
+        """`stats()` returns an object with running, waiting and kv_usage (the pool's)."""
+        self.registry = CollectorRegistry()
+        r = self.registry
+        Gauge("freelunch_requests_running", "Requests in the running batch", registry=r).set_function(
+            lambda: stats().running
+        )
+        Gauge("freelunch_requests_waiting", "Requests waiting for admission", registry=r).set_function(
+            lambda: stats().waiting
+        )
+        Gauge("freelunch_kv_cache_usage_ratio", "Fraction of KV-cache blocks in use", registry=r).set_function(
+            lambda: stats().kv_usage
+        )
+        self.request_success = Counter(
+            "freelunch_request_success", "Finished requests by finish reason", ["finished_reason"], registry=r
+        )
+        self.request_failure = Counter("freelunch_request_failure", "Requests that ended in an error", ["reason"], registry=r)
+        self.prompt_tokens = Counter("freelunch_prompt_tokens", "Prompt tokens processed", registry=r)
+        self.generation_tokens = Counter("freelunch_generation_tokens", "Tokens generated", registry=r)
+        self.ttft = Histogram(
+            "freelunch_time_to_first_token_seconds", "Time to first token", buckets=_LATENCY_BUCKETS, registry=r
+        )
+        self.tpot = Histogram(
+            "freelunch_time_per_output_token_seconds", "Time per output token after the first", buckets=_TOKEN_BUCKETS, registry=r
+        )
+        self.e2e = Histogram(
+            "freelunch_e2e_request_latency_seconds", "End-to-end request latency", buckets=_LATENCY_BUCKETS, registry=r
+        )
+
+    def observe_finished(
+        self, finish_reason: str, prompt_tokens: int, output_tokens: int, ttft: float | None, e2e: float
+    ) -> None:
+        self.request_success.labels(finished_reason=finish_reason).inc()
+        self.prompt_tokens.inc(prompt_tokens)
+        self.generation_tokens.inc(output_tokens)
+        if ttft is not None:
+            self.ttft.observe(ttft)
+            if output_tokens > 1:
+                self.tpot.observe((e2e - ttft) / (output_tokens - 1))
+        self.e2e.observe(e2e)

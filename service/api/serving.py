@@ -1,0 +1,301 @@
+"""Turn validated API requests into engine requests, and engine outputs into OpenAI responses."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from freelunch.api.errors import APIError, error_body
+from freelunch.api.metrics import Metrics
+from freelunch.api.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields, new_id, now
+from freelunch.engine.engine import EngineError
+from freelunch.engine.request import GenerationRequest, RequestOutput, SamplingParams, TokenLogprob
+from freelunch.pool.pool import WorkerPool
+
+
+@dataclass(slots=True)
+class ChoiceState:
+    """Accumulated output of one choice."""
+
+    index: int
+    prompt_tokens: int
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob | None] | None = None
+    finish_reason: str | None = None
+    output_tokens: int = 0
+    method_stats: dict[str, Any] | None = None
+    first_token_at: float | None = None
+
+
+class Serving:
+    def __init__(self, pool: WorkerPool, metrics: Metrics) -> None:
+        self.pool = pool
+        self.metrics = metrics
+        self.tokenizer = pool.tokenizer
+
+    # ---- request building ----------------------------------------------------------------
+    def check_model(self, model: str | None) -> str:
+        served = self.pool.model_name
+        if model is not None and model not in self.pool.models():
+            raise APIError(404, f"the model `{model}` does not exist; this server serves `{served}`", "model", "model_not_found")
+        return model or served
+
+    def render_chat(self, req: ChatCompletionRequest) -> list[int]:
+        messages = []
+        for m in req.messages:
+            if isinstance(m.content, list):
+                if any(p.type == "image_url" for p in m.content):
+                    raise APIError(400, f"the model `{self.pool.model_name}` does not accept images", "messages")
+                content = "".join(p.text for p in m.content)
+            else:
+                content = m.content or ""
+            messages.append({"role": "system" if m.role == "developer" else m.role, "content": content})
+        if getattr(self.tokenizer, "chat_template", None) is None:
+            raise APIError(400, "this model has no chat template; use /v1/completions", "messages")
+        try:
+            text = self.tokenizer.apply_chat_template(
+                messages,
+                tokenize=False,
+                add_generation_prompt=req.add_generation_prompt and not req.continue_final_message,
+                continue_final_message=req.continue_final_message,
+            )
+        except Exception as e:  # template errors are the request's fault (e.g. role order)
+            raise APIError(400, f"the chat template rejected these messages: {e}", "messages") from e
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def completion_prompts(self, req: CompletionRequest) -> list[list[int]]:
+        p = req.prompt
+        if isinstance(p, str):
+            return [self.tokenizer.encode(p)]
+        if not p:
+            raise APIError(400, "prompt must not be empty", "prompt")
+        if all(isinstance(x, str) for x in p):
+            return [self.tokenizer.encode(x) for x in p]
+        if all(isinstance(x, int) for x in p):
+            return [list(p)]
+        return [list(x) for x in p]
+
+    def sampling_params(
+        self, req: SamplingFields, max_tokens: int | None, prompt_len: int, logprobs: int | None, prompt_logprobs: int | None
+    ) -> SamplingParams:
+        limit = self.pool.max_model_len
+        if prompt_len >= limit:
+            raise APIError(
+                400, f"the prompt has {prompt_len} tokens; this model's maximum context length is {limit}", "messages"
+            )
+        if max_tokens is None:
+            max_tokens = limit - prompt_len
+        elif prompt_len + max_tokens > limit:
+            raise APIError(
+                400,
+                f"max_tokens ({max_tokens}) + prompt ({prompt_len} tokens) exceeds the maximum context length {limit}",
+                "max_tokens",
+            )
+        if req.min_tokens > max_tokens:
+            raise APIError(400, "min_tokens must not exceed max_tokens", "min_tokens")
+        vocab = self.pool.model_info.config.vocab_size
+        if req.stop_token_ids and any(not 0 <= t < vocab for t in req.stop_token_ids):
+            raise APIError(400, f"stop_token_ids must be in [0, {vocab})", "stop_token_ids")
+        return SamplingParams(
+            max_tokens=max_tokens,
+            min_tokens=req.min_tokens,
+            temperature=req.temperature,
+            top_p=req.top_p,
+            top_k=max(0, req.top_k),
+            min_p=req.min_p,
+            seed=req.seed,
+            stop=list(req.stop or []),
+            stop_token_ids=list(req.stop_token_ids or []),
+            ignore_eos=req.ignore_eos,
+            presence_penalty=req.presence_penalty,
+            frequency_penalty=req.frequency_penalty,
+            repetition_penalty=req.repetition_penalty,
+            logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
+            include_stop_str_in_output=req.include_stop_str_in_output,
+        )
+
+    def engine_requests(
+        self, base_id: str, prompts: list[list[int]], params: list[SamplingParams], n: int, methods: dict, model: str
+    ) -> list[GenerationRequest]:
+        out = []
+        for p_idx, (prompt, sp) in enumerate(zip(prompts, params)):
+            for j in range(n):
+                choice_params = SamplingParams(**{f: getattr(sp, f) for f in SamplingParams.__slots__})
+                if sp.seed is not None:
+                    choice_params.seed = sp.seed + j  # each choice its own, reproducible stream
+                out.append(GenerationRequest(f"{base_id}-{p_idx * n + j}", prompt, choice_params, methods, model=model))
+        return out
+
+    # ---- running -------------------------------------------------------------------------
+    async def stream_choices(self, requests: list[GenerationRequest]) -> AsyncIterator[tuple[int, RequestOutput]]:
+        """Merge the choices' output streams; leaving early aborts every choice still running."""
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def pump(index: int, request: GenerationRequest) -> None:
+            try:
+                async for out in self.pool.generate(request):
+                    await queue.put((index, out))
+            except Exception as e:
+                await queue.put((index, e))
+
+        tasks = [asyncio.create_task(pump(i, r)) for i, r in enumerate(requests)]
+        remaining = len(requests)
+        try:
+            while remaining:
+                index, item = await queue.get()
+                if isinstance(item, Exception):
+                    raise item
+                if item.finished:
+                    remaining -= 1
+                yield index, item
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    def _record(self, choice: ChoiceState, out: RequestOutput, started: float) -> None:
+        if out.new_token_ids and choice.first_token_at is None:
+            choice.first_token_at = time.monotonic()
+        choice.text += out.new_text
+        choice.token_ids.extend(out.new_token_ids)
+        if out.logprobs:
+            choice.logprobs.extend(out.logprobs)
+        if out.prompt_logprobs is not None:
+            choice.prompt_logprobs = out.prompt_logprobs
+        choice.output_tokens = out.num_output_tokens
+        if out.finished:
+            choice.finish_reason = "stop" if out.finish_reason == "stop" else "length"
+            choice.method_stats = out.method_stats
+            ttft = None if choice.first_token_at is None else choice.first_token_at - started
+            self.metrics.observe_finished(
+                choice.finish_reason, choice.prompt_tokens, choice.output_tokens, ttft, time.monotonic() - started
+            )
+
+    async def collect(
+        self, requests: list[GenerationRequest], raw: Request
+    ) -> list[ChoiceState]:
+        """Run to completion; a client that disconnects cancels the generation."""
+        started = time.monotonic()
+        choices = [ChoiceState(i, len(r.prompt_token_ids)) for i, r in enumerate(requests)]
+
+        async def run() -> None:
+            async for index, out in self.stream_choices(requests):
+                self._record(choices[index], out, started)
+
+        task = asyncio.create_task(run())
+        while not task.done():
+            done, _ = await asyncio.wait({task}, timeout=0.5)
+            if not done and await raw.is_disconnected():
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+                raise APIError(499, "client disconnected")
+        exc = task.exception()
+        if exc is not None:
+            raise self._as_api_error(exc)
+        return choices
+
+    def _as_api_error(self, e: BaseException) -> APIError:
+        if isinstance(e, APIError):
+            return e
+        if isinstance(e, EngineError):
+            return APIError(400, str(e), e.param)
+        self.metrics.request_failure.labels(reason="engine").inc()
+        return APIError(503 if "no engine worker" in str(e) else 500, str(e) or "engine error")
+
+    async def sse(
+        self, requests: list[GenerationRequest], render, final_usage, include_usage: bool
+    ) -> StreamingResponse | JSONResponse:
+        """Stream rendered chunks as SSE. The first output is awaited first, so that a request the
+        engine refuses still gets a proper JSON error status instead of a broken stream."""
+        started = time.monotonic()
+        choices = [ChoiceState(i, len(r.prompt_token_ids)) for i, r in enumerate(requests)]
+        it = self.stream_choices(requests).__aiter__()
+        try:
+            first = await it.__anext__()
+        except StopAsyncIteration:
+            first = None
+        except Exception as e:
+            err = self._as_api_error(e)
+            return JSONResponse(error_body(err.status, err.message, err.param, err.code), status_code=err.status)
+
+        async def events() -> AsyncIterator[str]:
+            try:
+                item = first
+                while item is not None:
+                    index, out = item
+                    self._record(choices[index], out, started)
+                    for chunk in render(choices[index], out):
+                        yield f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
+                    try:
+                        item = await it.__anext__()
+                    except StopAsyncIteration:
+                        item = None
+                if include_usage:
+                    yield f"data: {json.dumps(final_usage(choices), ensure_ascii=False)}\n\n"
+                yield "data: [DONE]\n\n"
+            except Exception as e:  # mid-stream failure: tell the client in-band, then end
+                err = self._as_api_error(e)
+                yield f"data: {json.dumps(error_body(err.status, err.message, err.param, err.code))}\n\n"
+                yield "data: [DONE]\n\n"
+            finally:
+                await it.aclose()
+
+        return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    # ---- shapes --------------------------------------------------------------------------
+    def token_text(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id])
+
+    def chat_logprobs(self, records: list[TokenLogprob]) -> dict:
+        def entry(tid: int, lp: float) -> dict:
+            s = self.token_text(tid)
+            return {"token": s, "logprob": max(lp, -9999.0), "bytes": list(s.encode("utf-8"))}
+
+        return {"content": [{**entry(r.token_id, r.logprob), "top_logprobs": [entry(t, lp) for t, lp in r.top]} for r in records]}
+
+    def completion_logprobs(self, records: list[TokenLogprob], offset: int) -> dict:
+        tokens, token_lps, tops, offsets = [], [], [], []
+        for r in records:
+            s = self.token_text(r.token_id)
+            tokens.append(s)
+            unscored = r.logprob != r.logprob  # NaN: the first prompt token has no context to score it
+            token_lps.append(None if unscored else max(r.logprob, -9999.0))
+            tops.append(None if unscored else {self.token_text(t): max(lp, -9999.0) for t, lp in r.top})
+            offsets.append(offset)
+            offset += len(s)
+        return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
+
+    @staticmethod
+    def usage(choices: list[ChoiceState], prompt_tokens: int) -> dict:
+        completion = sum(c.output_tokens for c in choices)
+        usage: dict[str, Any] = {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion,
+            "total_tokens": prompt_tokens + completion,
+        }
+        stats: dict[str, dict[str, Any]] = {}
+        for c in choices:
+            for method, values in (c.method_stats or {}).items():
+                agg = stats.setdefault(method, {})
+                for k, v in values.items():
+                    agg[k] = agg.get(k, 0) + v if isinstance(v, (int, float)) and not isinstance(v, bool) else v
+        if stats:
+            usage["method_stats"] = stats
+        return usage
+
+
+def created() -> int:
+    return now()
+
+
+__all__ = ["Serving", "ChoiceState", "new_id", "created", "ChatCompletionRequest", "CompletionRequest"]
