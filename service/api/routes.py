@@ -54,7 +54,7 @@ async def chat_completions(body: ChatCompletionRequest, raw: Request, serving: S
     top = body.top_logprobs if body.logprobs else None
     if body.top_logprobs is not None and not body.logprobs:
         top = None
-    params = serving.sampling_params(body, max_tokens, len(prompt), (top or 0) if body.logprobs else None, None)
+    params = serving.sampling_params(body, max_tokens, len(prompt), (top or 0) if body.logprobs else None, None, "messages")
     methods = body.method_options()
     if body.negative_messages is not None:
         methods.setdefault("guidance", {})["negative_messages"] = [m.model_dump() for m in body.negative_messages]
@@ -118,7 +118,11 @@ async def completions(body: CompletionRequest, raw: Request, serving: ServingDep
     if body.best_of is not None and body.best_of != body.n:
         return error_response(400, "best_of is not supported (use n)", "best_of")
     prompt_lp = body.logprobs if body.echo and body.logprobs is not None else None
-    params = [serving.sampling_params(body, body.max_tokens if body.max_tokens is not None else 16, len(p), body.logprobs, prompt_lp) for p in prompts]
+    max_tokens = body.max_tokens if body.max_tokens is not None else 16
+    params = [
+        serving.sampling_params(body, max_tokens, len(p), body.logprobs, prompt_lp, "prompt")
+        for p in prompts
+    ]
     rid = new_id("cmpl")
     requests = serving.engine_requests(rid, prompts, params, body.n, body.method_options(), model)
     created = now()

@@ -85,12 +85,18 @@ class Serving:
         return [list(x) for x in p]
 
     def sampling_params(
-        self, req: SamplingFields, max_tokens: int | None, prompt_len: int, logprobs: int | None, prompt_logprobs: int | None
+        self,
+        req: SamplingFields,
+        max_tokens: int | None,
+        prompt_len: int,
+        logprobs: int | None,
+        prompt_logprobs: int | None,
+        prompt_param: str,
     ) -> SamplingParams:
         limit = self.pool.max_model_len
         if prompt_len >= limit:
             raise APIError(
-                400, f"the prompt has {prompt_len} tokens; this model's maximum context length is {limit}", "messages"
+                400, f"the prompt has {prompt_len} tokens; this model's maximum context length is {limit}", prompt_param
             )
         if max_tokens is None:
             max_tokens = limit - prompt_len

@@ -1,0 +1,216 @@
+"""The OpenAI API end to end: a real uvicorn server on loopback, driven by the official SDK."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+import httpx
+import pytest
+import uvicorn
+from openai import BadRequestError, NotFoundError, OpenAI
+
+from freelunch.api.app import create_app
+from freelunch.config import EngineConfig
+from freelunch.pool.pool import WorkerPool
+from freelunch.pool.worker import EngineWorker
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_llama):
+    folder, hf_model = tiny_llama
+    worker = EngineWorker.load(EngineConfig(model=str(folder), dtype="float32", max_model_len=512, kv_cache_gib=0.05))
+    app = create_app(WorkerPool([worker]))
+    port = _free_port()
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        try:
+            if httpx.get(base + "/ready").status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    yield base, folder.name, hf_model, worker
+    srv.should_exit = True
+    thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    base, *_ = server
+    return OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0)
+
+
+def _hf_greedy(hf_model, ids: list[int], n: int) -> list[int]:
+    import torch
+
+    out = hf_model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
+    return out[0, len(ids) :].tolist()
+
+
+def test_models_health_ready(server, client):
+    base, name, *_ = server
+    assert [m.id for m in client.models.list().data] == [name]
+    assert httpx.get(base + "/health").json() == {"status": "ok"}
+    assert httpx.get(base + "/ready").status_code == 200
+
+
+def test_completion_greedy_matches_transformers(server, client):
+    _, name, hf_model, worker = server
+    tok = worker.engine.tokenizer
+    prompt = "The quick brown fox"
+    r = client.completions.create(model=name, prompt=prompt, max_tokens=12, temperature=0, extra_body={"ignore_eos": True})
+    expected = tok.decode(_hf_greedy(hf_model, tok.encode(prompt), 12), skip_special_tokens=True)
+    assert r.choices[0].text == expected
+    assert r.choices[0].finish_reason == "length"
+    assert r.usage.completion_tokens == 12 and r.usage.prompt_tokens == len(tok.encode(prompt))
+    assert r.object == "text_completion" and r.id.startswith("cmpl-")
+
+
+def test_chat_stream_equals_non_stream(client, server):
+    _, name, *_ = server
+    msgs = [{"role": "user", "content": "Say something."}]
+    full = client.chat.completions.create(model=name, messages=msgs, max_tokens=10, temperature=0, extra_body={"ignore_eos": True})
+    stream = client.chat.completions.create(
+        model=name, messages=msgs, max_tokens=10, temperature=0, stream=True,
+        stream_options={"include_usage": True}, extra_body={"ignore_eos": True},
+    )
+    text, usage, finish, roles = "", None, None, 0
+    for chunk in stream:
+        if chunk.usage is not None:
+            usage = chunk.usage
+        for c in chunk.choices:
+            roles += c.delta.role == "assistant"
+            text += c.delta.content or ""
+            finish = c.finish_reason or finish
+    assert text == full.choices[0].message.content
+    assert finish == "length" and roles == 1
+    assert usage.completion_tokens == 10 == full.usage.completion_tokens
+
+
+def test_seeded_sampling_reproducible_and_n(client, server):
+    _, name, *_ = server
+    kw = dict(model=name, prompt="Once upon a time", max_tokens=8, temperature=1.0, top_p=0.9, seed=7, n=3, extra_body={"ignore_eos": True})
+    a = client.completions.create(**kw)
+    b = client.completions.create(**kw)
+    assert [c.text for c in a.choices] == [c.text for c in b.choices]
+    assert sorted(c.index for c in a.choices) == [0, 1, 2]
+    assert len({c.text for c in a.choices}) > 1  # each choice its own stream
+    assert a.usage.completion_tokens == 24
+
+
+def test_stop_string_and_stop_token(client, server):
+    _, name, hf_model, worker = server
+    tok = worker.engine.tokenizer
+    ids = tok.encode("Hello there")
+    greedy = _hf_greedy(hf_model, ids, 10)
+    text = tok.decode(greedy, skip_special_tokens=True)
+    stop = text[3:6]
+    r = client.completions.create(model=name, prompt="Hello there", max_tokens=10, temperature=0, stop=[stop], extra_body={"ignore_eos": True})
+    assert r.choices[0].finish_reason == "stop"
+    assert r.choices[0].text == text[: text.index(stop)]
+    r = client.completions.create(
+        model=name, prompt="Hello there", max_tokens=10, temperature=0, extra_body={"stop_token_ids": [greedy[2]], "ignore_eos": True}
+    )
+    assert r.choices[0].finish_reason == "stop" and r.usage.completion_tokens == greedy.index(greedy[2]) + 1
+
+
+def test_logprobs_and_echo(client, server):
+    _, name, hf_model, worker = server
+    import torch
+
+    tok = worker.engine.tokenizer
+    prompt = "a b c d"
+    ids = tok.encode(prompt)
+    r = client.completions.create(model=name, prompt=prompt, max_tokens=3, temperature=0, echo=True, logprobs=2, extra_body={"ignore_eos": True})
+    lp = r.choices[0].logprobs
+    assert r.choices[0].text.startswith(prompt)
+    assert len(lp.tokens) == len(ids) + 3 and lp.token_logprobs[0] is None
+    with torch.no_grad():
+        logits = hf_model(torch.tensor([ids])).logits[0].log_softmax(-1)
+    expected = [float(logits[i, ids[i + 1]]) for i in range(len(ids) - 1)]
+    assert lp.token_logprobs[1 : len(ids)] == pytest.approx(expected, abs=1e-4)
+    assert all(len(t) == 2 for t in lp.top_logprobs[1:])
+    chat = client.chat.completions.create(model=name, messages=[{"role": "user", "content": "hi"}], max_tokens=3, temperature=0, logprobs=True, top_logprobs=3)
+    content = chat.choices[0].logprobs.content
+    assert len(content) == chat.usage.completion_tokens and all(len(c.top_logprobs) == 3 for c in content)
+    assert all(c.logprob <= 0 and c.top_logprobs[0].logprob >= c.logprob - 1e-6 for c in content)
+
+
+def test_penalties_and_extensions_accepted(client, server):
+    _, name, *_ = server
+    r = client.completions.create(
+        model=name, prompt="x y x y", max_tokens=6, temperature=0, presence_penalty=1.0, frequency_penalty=0.5,
+        extra_body={"repetition_penalty": 1.3, "min_tokens": 6, "top_k": 5}, user="tester",
+    )
+    assert r.usage.completion_tokens == 6
+
+
+@pytest.mark.parametrize(
+    "body,param",
+    [
+        ({"prompt": "x", "max_tokens": -1}, "max_tokens"),
+        ({"prompt": "x", "temperature": "hot"}, "temperature"),
+        ({"prompt": "x", "n": 1000}, "n"),
+        ({"prompt": "x", "stop": ["s"] * 100}, "stop"),
+        ({"prompt": "x", "logprobs": 50}, "logprobs"),
+        ({"prompt": "x", "max_tokens": 100000}, "max_tokens"),
+        ({"prompt": "x " * 600}, "prompt"),
+        ({"prompt": [99999999]}, "prompt"),
+        ({}, "prompt"),
+    ],
+)
+def test_bad_requests_get_openai_errors(server, body, param):
+    base, name, *_ = server
+    r = httpx.post(base + "/v1/completions", json={"model": name, **body})
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["type"] == "invalid_request_error" and err["message"]
+    assert err["param"] is None or param in err["param"]
+    assert httpx.get(base + "/health").status_code == 200
+
+
+def test_invalid_json_and_unknown_model(server, client):
+    base, *_ = server
+    r = httpx.post(base + "/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+    with pytest.raises(NotFoundError):
+        client.chat.completions.create(model="../../etc/passwd", messages=[{"role": "user", "content": "x"}])
+    with pytest.raises(BadRequestError):
+        client.chat.completions.create(model=server[1], messages=[])
+
+
+def test_metrics_exported(server, client):
+    base, name, *_ = server
+    client.completions.create(model=name, prompt="metrics", max_tokens=2, temperature=0)
+    text = httpx.get(base + "/metrics").text
+    for metric in (
+        "freelunch_requests_running", "freelunch_requests_waiting", "freelunch_request_success_total",
+        "freelunch_prompt_tokens_total", "freelunch_generation_tokens_total",
+        "freelunch_time_to_first_token_seconds_bucket", "freelunch_time_per_output_token_seconds_bucket",
+        "freelunch_e2e_request_latency_seconds_bucket", "freelunch_kv_cache_usage_ratio",
+    ):
+        assert metric in text, metric
+
+
+def test_stream_disconnect_frees_kv(server):
+    base, name, _, worker = server
+    with httpx.stream("POST", base + "/v1/completions", json={"model": name, "prompt": "go", "max_tokens": 400, "stream": True, "ignore_eos": True}) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                break
+    deadline = time.time() + 10
+    while time.time() < deadline and worker.engine.requests:
+        time.sleep(0.05)
+    assert not worker.engine.requests
+    assert worker.engine.blocks.usage == 0.0
