@@ -69,13 +69,13 @@ def resolve_source(model: str | None, served_name: str | None = None) -> ModelSo
     return ModelSource(path, name)
 
 
-def resolve_dtype(dtype: str, hf_config, source: ModelSource) -> torch.dtype:
+def resolve_dtype(dtype: str, hf_config, from_gguf: bool) -> torch.dtype:
     table = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     if dtype != "auto":
         if dtype not in table:
             raise ModelLoadError(f"unknown dtype {dtype!r}: choose auto, float32, bfloat16 or float16")
         return table[dtype]
-    if source.is_gguf:
+    if from_gguf:
         return torch.float32  # dequantised GGUF weights are float32
     declared = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
     if isinstance(declared, str):
@@ -110,6 +110,39 @@ def _read_gguf(path: Path, hf_config) -> dict[str, torch.Tensor]:
     return load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=skeleton)["tensors"]
 
 
+def cache_dir() -> Path:
+    return Path(os.environ.get("FREELUNCH_CACHE_DIR", Path.home() / ".cache" / "freelunch"))
+
+
+def gguf_to_folder(path: Path) -> Path:
+    """Dequantise a GGUF once into a safetensors folder (config + tokenizer + float32 weights), cached.
+
+    Parsing and dequantising a GGUF takes ~30 s on 2 cores; the folder loads in ~2 s. The vLLM
+    backend needs such a folder too. The cache key is the file's name, size and mtime.
+    """
+    from safetensors.torch import save_file
+
+    stat = path.stat()
+    target = cache_dir() / f"{path.stem}-{stat.st_size}-{int(stat.st_mtime)}"
+    if (target / "model.safetensors").exists():
+        return target
+    source = ModelSource(path, path.stem)
+    hf_config = load_hf_config(source)
+    tensors = {k: v.contiguous() for k, v in _read_gguf(path, hf_config).items()}
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    tmp.mkdir(parents=True, exist_ok=True)
+    hf_config.save_pretrained(tmp)
+    load_tokenizer(source).save_pretrained(tmp)
+    if getattr(hf_config, "tie_word_embeddings", False):
+        tensors.pop("lm_head.weight", None)
+    save_file(tensors, str(tmp / "model.safetensors"))
+    try:
+        tmp.rename(target)
+    except OSError:  # another process won the race
+        pass
+    return target
+
+
 def load_hf_config(source: ModelSource):
     from transformers import AutoConfig
 
@@ -134,12 +167,18 @@ def load_model(source: ModelSource, dtype: str = "auto", device: str = "cpu") ->
     from freelunch.models import ARCHITECTURES
     from freelunch.models.llama import DecoderConfig
 
+    from_gguf = source.is_gguf
+    if from_gguf:
+        try:
+            source = ModelSource(gguf_to_folder(source.path), source.served_name)
+        except OSError:  # read-only cache: load the GGUF directly every time
+            pass
     hf_config = load_hf_config(source)
     archs = getattr(hf_config, "architectures", None) or ["LlamaForCausalLM"]
     cls = ARCHITECTURES.get(archs[0])
     if cls is None:
         raise ModelLoadError(f"unsupported architecture {archs[0]}; supported: {sorted(ARCHITECTURES)}")
-    torch_dtype = resolve_dtype(dtype, hf_config, source)
+    torch_dtype = resolve_dtype(dtype, hf_config, from_gguf)
     tensors = _read_gguf(source.path, hf_config) if source.is_gguf else _read_safetensors(source.path)
     cfg = DecoderConfig.from_hf(hf_config)
     model = cls(cfg, hf_config)
