@@ -54,8 +54,10 @@ class BlockManager:
             self._release(seq.block_table.pop(), seq)
 
     def _release(self, block: int, seq: Sequence) -> None:
-        if self._owner.pop(block, None) != seq.seq_id:
+        # check before forgetting the owner, so that a refused release changes nothing
+        if self._owner.get(block) != seq.seq_id:
             raise RuntimeError(f"block {block} released by a sequence that does not own it")
+        del self._owner[block]
         self._free.append(block)
 
     def slots(self, seq: Sequence, start: int, end: int) -> torch.Tensor:

@@ -43,6 +43,8 @@ class ModelInfo:
     hf_config: object
     tokenizer: object
     eos_token_ids: tuple[int, ...]
+    max_model_len: int
+    device: str
     shared_state: dict = field(default_factory=dict)  # per-model method state (e.g. draft tables)
 
 
@@ -86,7 +88,9 @@ class Engine:
         eos = set(cfg.eos_token_ids)
         if getattr(loaded.tokenizer, "eos_token_id", None) is not None:
             eos.add(loaded.tokenizer.eos_token_id)
-        self.info = ModelInfo(loaded.name, cfg, loaded.hf_config, loaded.tokenizer, tuple(sorted(eos)))
+        self.info = ModelInfo(
+            loaded.name, cfg, loaded.hf_config, loaded.tokenizer, tuple(sorted(eos)), self.max_model_len, config.device
+        )
         self.requests: dict[str, RequestState] = {}
         self._aborted: list[RequestState] = []
         self.stats = {"steps": 0, "preemptions": 0, "prompt_tokens": 0, "generation_tokens": 0}
@@ -113,9 +117,9 @@ class Engine:
             strategy = build_strategy(request, main, self.info)
         except ValueError as e:
             raise EngineError(str(e)) from e
-        capacity = self.blocks.num_blocks * self.blocks.block_size
-        need = sum(seq.num_tokens + strategy.tokens_needed() for seq in strategy.rows)
-        if need > capacity:
+        if not self._fits_in_cache(strategy):
+            capacity = self.blocks.num_blocks * self.blocks.block_size
+            need = sum(seq.num_tokens + strategy.tokens_needed() for seq in strategy.rows)
             raise EngineError(f"the request needs {need} KV slots; the cache holds {capacity}", "messages")
         p = request.params
         generator = None
@@ -220,8 +224,17 @@ class Engine:
         state.text.add(tok.token_id)
         if state.text.stopped and state.num_output_tokens >= p.min_tokens:
             state.finish_reason = FinishReason.STOP.value
-        elif state.num_output_tokens >= p.max_tokens or state.main.num_tokens >= self.max_model_len:
+        elif (
+            state.num_output_tokens >= p.max_tokens
+            or state.main.num_tokens >= self.max_model_len
+            or not self._fits_in_cache(state.strategy)  # could never be scheduled again
+        ):
             state.finish_reason = FinishReason.LENGTH.value
+
+    def _fits_in_cache(self, strategy: DecodingStrategy) -> bool:
+        """Whether the request's next step fits in the whole KV cache (the scheduler's admission test)."""
+        need = sum(self.blocks.blocks_for(seq.num_tokens + strategy.tokens_needed()) for seq in strategy.rows)
+        return need <= self.blocks.num_blocks
 
     def _collect_prompt_logprobs(self, state: RequestState, plan, logits: dict[int, torch.Tensor]) -> None:
         """Logprob of each prompt token under the model given the tokens before it (echo)."""

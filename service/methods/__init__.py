@@ -22,7 +22,13 @@ def register(option: str):
     return wrap
 
 
+def load_builtin_methods() -> None:
+    """Import the methods shipped with freelunch so that they register themselves."""
+    from freelunch.methods import token_recycling  # noqa: F401
+
+
 def build_strategy(request: GenerationRequest, main: Sequence, model_info: Any) -> DecodingStrategy:
+    load_builtin_methods()
     chosen = [name for name in request.methods if name in STRATEGIES]
     unknown = [name for name in request.methods if name not in STRATEGIES]
     if unknown:

@@ -1,0 +1,194 @@
+"""Token Recycling (Luo et al. 2024): lossless speculative decoding from recycled candidates.
+
+State: an adjacency table A [vocab, k], A[t] = the top-k next tokens last seen after token t,
+shared by every request of the model (the paper's "inherit"). Each step:
+  draft   tree[n] = A[tree[parent[n]], rank[n]], from the last accepted token (the root);
+  verify  one forward over the tree, each node seeing the committed context + its ancestors,
+          at position = context length + depth;
+  accept  walk from the root taking the child equal to the model's argmax; the argmax at the
+          last accepted node is the bonus token; only the accepted path's KV is kept;
+  update  A[tree[n]] = top-k of the model's logits at node n, for every node.
+Greedy acceptance is exact: the output equals plain greedy decoding token for token. Requests
+that sample (or use penalties / min_tokens, which make the target depend on the path) fall
+back to plain decoding and say so in `usage.method_stats.speculative.fallback`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from freelunch.engine.request import GenerationRequest, Sequence
+from freelunch.engine.sampler import top_logprobs
+from freelunch.engine.strategy import DecodingStrategy, RowPlan, Sampled, StepContext
+from freelunch.methods import register
+from freelunch.methods.tree_templates import TEMPLATE_222, DraftTree, sub_template
+
+DEFAULT_K = 8
+# Nodes per verify step on CPUs: verifying T tokens costs far more than one there (see
+# bench/bench_token_recycling.py); GPUs take the paper's full 2.2.2 tree (80 nodes).
+DEFAULT_TREE_SIZE_CPU = 12
+
+
+class SpeculativeOptionsError(ValueError):
+    pass
+
+
+def parse_options(raw: dict[str, Any], on_gpu: bool) -> tuple[DraftTree, int]:
+    """Validate `speculative: {"method": "token_recycling", "tree": "2.2.2" | size, "k": 8}`."""
+    if not isinstance(raw, dict):
+        raise SpeculativeOptionsError("speculative must be an object")
+    unknown = set(raw) - {"method", "tree", "k"}
+    if unknown:
+        raise SpeculativeOptionsError(f"speculative: unknown field(s) {sorted(unknown)}")
+    if raw.get("method", "token_recycling") != "token_recycling":
+        raise SpeculativeOptionsError(f"speculative.method must be 'token_recycling', not {raw.get('method')!r}")
+    k = raw.get("k", DEFAULT_K)
+    if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= 32:
+        raise SpeculativeOptionsError("speculative.k must be an integer in [1, 32]")
+    tree = raw.get("tree")
+    if tree is None:
+        template = TEMPLATE_222 if on_gpu else sub_template(DEFAULT_TREE_SIZE_CPU)
+    elif tree == "2.2.2":
+        template = TEMPLATE_222
+    elif isinstance(tree, int) and not isinstance(tree, bool):
+        try:
+            template = sub_template(tree)
+        except ValueError as e:
+            raise SpeculativeOptionsError(f"speculative.tree: {e}") from e
+    else:
+        raise SpeculativeOptionsError("speculative.tree must be '2.2.2' or a node count in [1, 80]")
+    template = [p for p in template if max(p) < k]  # ranks beyond k have no candidate
+    if not template:
+        raise SpeculativeOptionsError("speculative: the tree is empty for this k")
+    return DraftTree.from_template(template), k
+
+
+class AdjacencyTable:
+    """A [vocab, k] of candidate next tokens; one per model (and k), shared across requests.
+
+    The engine runs one step at a time on one thread, so updates from concurrent requests are
+    applied one after another, never torn.
+    """
+
+    def __init__(self, vocab: int, k: int) -> None:
+        self.table = torch.zeros(vocab, k, dtype=torch.long)
+
+    def update(self, tokens: torch.Tensor, logits: torch.Tensor) -> None:
+        """tokens [N], logits [N, vocab]: A[tokens[i]] = top-k of logits[i] (later nodes win)."""
+        self.table[tokens] = torch.topk(logits, self.table.shape[1], dim=-1).indices
+
+    def fill(self, root: int, tree: DraftTree) -> torch.Tensor:
+        """Draft tokens [N+1] for the tree, breadth-first; node 0 is the root."""
+        tokens = torch.empty(tree.size, dtype=torch.long)
+        tokens[0] = root
+        parent, rank = tree.parent.tolist(), tree.rank.tolist()
+        rows = self.table
+        for n in range(1, tree.size):  # parents precede children in the template
+            tokens[n] = rows[tokens[parent[n]], rank[n]]
+        return tokens
+
+
+def fallback_reason(request: GenerationRequest) -> str | None:
+    p = request.params
+    if not p.greedy:
+        return "sampling (temperature > 0): plain decoding keeps the distribution exact"
+    if p.penalised:
+        return "penalties make the target token depend on the draft path"
+    if p.min_tokens > 0:
+        return "min_tokens masks stop tokens per position"
+    return None
+
+
+class TokenRecycling(DecodingStrategy):
+    name = "speculative"
+
+    def __init__(self, request: GenerationRequest, main: Sequence, model_info: Any) -> None:
+        super().__init__(request, main)
+        on_gpu = str(getattr(model_info, "device", "cpu")).startswith("cuda")
+        self.tree, k = parse_options(request.methods["speculative"], on_gpu)
+        tables = model_info.shared_state.setdefault("token_recycling", {})
+        key = (request.methods.get("_scope"), k)
+        if key not in tables:
+            tables[key] = AdjacencyTable(model_info.config.vocab_size, k)
+        self.table: AdjacencyTable = tables[key]
+        self.max_len = model_info.max_model_len
+        self.fallback = fallback_reason(request)
+        self._draft: torch.Tensor | None = None
+        self.steps = self.draft_tokens = self.accepted_tokens = self.plain_steps = 0
+
+    def tokens_needed(self) -> int:
+        return self.tree.size
+
+    def plan(self, token_budget: int) -> list[RowPlan]:
+        seq = self.main
+        self._draft = None
+        deepest = int(self.tree.depth.max())
+        if (
+            self.fallback is not None
+            or seq.pending != 1  # still prefilling (or recomputing after preemption)
+            or token_budget < self.tree.size
+            or seq.num_computed + deepest + 1 >= self.max_len
+        ):
+            return super().plan(token_budget)
+        start = seq.num_computed
+        self._draft = self.table.fill(seq.token_ids[-1], self.tree)
+        n = self.tree.size
+        mask = torch.cat([torch.ones(n, start, dtype=torch.bool), self.tree.ancestor_mask], dim=1)
+        return [
+            RowPlan(
+                seq,
+                self._draft.tolist(),
+                logits_at=list(range(n)),
+                positions=(start + self.tree.depth).tolist(),
+                mask=mask,
+                advance=False,
+            )
+        ]
+
+    def on_logits(self, logits: dict[int, torch.Tensor], ctx: StepContext) -> torch.Tensor | list[Sampled] | None:
+        out = logits.get(self.main.seq_id)
+        if self._draft is None:
+            if out is not None and self.main.pending == 0:
+                self.plain_steps += 1
+            return super().on_logits(logits, ctx)
+        draft, tree = self._draft, self.tree
+        target = out.argmax(-1)  # [N+1] the model's greedy choice after each node
+        path = [0]
+        node = 0
+        while True:
+            want = int(target[node])
+            node = next((c for c in tree.children[node] if int(draft[c]) == want), -1)
+            if node < 0:
+                break
+            path.append(node)
+        self.table.update(draft, out)
+        start = self.main.num_computed
+        ctx.commit_kv(self.main, [start + i for i in path])
+        tokens = [int(draft[i]) for i in path[1:]] + [int(target[path[-1]])]
+        self.steps += 1
+        self.draft_tokens += tree.size - 1
+        self.accepted_tokens += len(path) - 1
+        k = self.request.params.logprobs
+        if k is None:
+            return [Sampled(t) for t in tokens]
+        return [Sampled(t, top_logprobs(torch.log_softmax(out[i], -1), t, k)) for i, t in zip(path, tokens)]
+
+    def stats(self) -> dict[str, Any]:
+        stats: dict[str, Any] = {
+            "method": "token_recycling",
+            "steps": self.steps,
+            "draft_tokens": self.draft_tokens,
+            "accepted_tokens": self.accepted_tokens,
+            "mean_accepted_tokens_per_step": (self.accepted_tokens + self.steps) / self.steps if self.steps else 0.0,
+            "plain_steps": self.plain_steps,
+        }
+        if self.fallback:
+            stats["fallback"] = self.fallback
+        return stats
+
+
+@register("speculative")
+def build(request: GenerationRequest, main: Sequence, model_info: Any) -> DecodingStrategy:
+    return TokenRecycling(request, main, model_info)

@@ -1,0 +1,92 @@
+"""Static draft-tree templates for Token Recycling.
+
+A template is a list of nodes, each the path of child ranks from the root: `[0, 2]` is the
+third-ranked candidate after the top candidate of the root. Nodes are ordered so a parent
+always comes before its children (breadth-first), which lets a tree be filled in one pass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+# "2.2.2" from the reference code (Luo et al. 2024): 80 nodes + root, depth 6,
+# nodes per depth 8/21/25/15/8/3.
+TEMPLATE_222: list[tuple[int, ...]] = [
+    (0,), (1,), (2,), (3,), (4,), (5,), (6,), (7,),
+    (0, 0), (0, 1), (0, 2), (0, 3), (0, 4), (0, 5), (0, 6), (0, 7), (1, 0), (1, 1), (1, 2), (1, 3),
+    (2, 0), (2, 1), (2, 2), (3, 0), (3, 1), (4, 0), (5, 0), (6, 0), (7, 0),
+    (0, 0, 0), (0, 0, 1), (0, 0, 2), (0, 0, 3), (0, 0, 4), (0, 0, 5), (0, 0, 6), (0, 0, 7), (0, 1, 0),
+    (0, 1, 1), (0, 1, 2), (0, 2, 0), (0, 2, 1), (0, 3, 0), (0, 4, 0), (0, 5, 0), (0, 6, 0), (0, 7, 0),
+    (1, 0, 0), (1, 0, 1), (1, 1, 0), (2, 0, 0), (3, 0, 0), (4, 0, 0), (5, 0, 0),
+    (0, 0, 0, 0), (0, 0, 0, 1), (0, 0, 0, 2), (0, 0, 0, 3), (0, 0, 0, 4), (0, 0, 1, 0), (0, 0, 1, 1),
+    (0, 0, 2, 0), (0, 0, 3, 0), (0, 0, 4, 0), (0, 1, 0, 0), (0, 2, 0, 0), (1, 0, 0, 0), (2, 0, 0, 0),
+    (3, 0, 0, 0),
+    (0, 0, 0, 0, 0), (0, 0, 0, 0, 1), (0, 0, 0, 0, 2), (0, 0, 0, 1, 0), (0, 0, 0, 2, 0), (0, 0, 1, 0, 0),
+    (0, 1, 0, 0, 0), (1, 0, 0, 0, 0),
+    (0, 0, 0, 0, 0, 0), (0, 0, 0, 0, 0, 1), (0, 0, 0, 1, 0, 0),
+]  # fmt: skip
+
+# Acceptance rate of the candidate at each rank, used only to rank nodes when a smaller tree
+# is cut from 2.2.2 (a node's score is the product over its path; children never outrank parents).
+_RANK_PRIOR = (0.55, 0.15, 0.07, 0.04, 0.03, 0.02, 0.015, 0.01)
+
+
+def sub_template(size: int) -> list[tuple[int, ...]]:
+    """The `size` most promising nodes of 2.2.2, parents before children."""
+    if not 1 <= size <= len(TEMPLATE_222):
+        raise ValueError(f"tree size must be in [1, {len(TEMPLATE_222)}]")
+
+    def score(path: tuple[int, ...]) -> float:
+        s = 1.0
+        for r in path:
+            s *= _RANK_PRIOR[r]
+        return s
+
+    order = sorted(range(len(TEMPLATE_222)), key=lambda i: (-score(TEMPLATE_222[i]), i))
+    chosen = sorted(order[:size], key=lambda i: (len(TEMPLATE_222[i]), i))
+    return [TEMPLATE_222[i] for i in chosen]
+
+
+@dataclass(frozen=True, slots=True)
+class DraftTree:
+    """Index form of a template; node 0 is the root (the last accepted token)."""
+
+    parent: torch.Tensor  # [N+1] parent node index (-1 for the root)
+    rank: torch.Tensor  # [N+1] child rank within the parent (0 for the root)
+    depth: torch.Tensor  # [N+1]
+    ancestor_mask: torch.Tensor  # [N+1, N+1] bool: node i may see node j (j is i or an ancestor)
+    children: list[list[int]]  # node -> child node indices, by rank
+    max_rank: int
+
+    @property
+    def size(self) -> int:
+        return int(self.parent.numel())
+
+    @classmethod
+    def from_template(cls, template: list[tuple[int, ...]]) -> "DraftTree":
+        index = {(): 0}
+        parent, rank, depth = [-1], [0], [0]
+        for path in template:
+            if path[:-1] not in index:
+                raise ValueError(f"tree node {list(path)} comes before its parent")
+            if path in index:
+                raise ValueError(f"tree node {list(path)} appears twice")
+            index[path] = len(parent)
+            parent.append(index[path[:-1]])
+            rank.append(path[-1])
+            depth.append(len(path))
+        n = len(parent)
+        mask = torch.zeros(n, n, dtype=torch.bool)
+        children: list[list[int]] = [[] for _ in range(n)]
+        for i in range(n):
+            j = i
+            while j >= 0:
+                mask[i, j] = True
+                j = parent[j]
+            if parent[i] >= 0:
+                children[parent[i]].append(i)
+        for c in children:
+            c.sort(key=lambda i: rank[i])
+        return cls(torch.tensor(parent), torch.tensor(rank), torch.tensor(depth), mask, children, max(rank) + 1)

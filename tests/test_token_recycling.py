@@ -1,0 +1,205 @@
+"""Token Recycling is lossless: the same tokens as plain greedy decoding, whatever the drafts."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from freelunch.config import EngineConfig
+from freelunch.engine.engine import Engine, EngineError
+from freelunch.engine.request import GenerationRequest, SamplingParams
+from freelunch.methods.token_recycling import AdjacencyTable
+from freelunch.methods.tree_templates import TEMPLATE_222, DraftTree, sub_template
+from freelunch.models.loader import load_model, resolve_source
+from tiny_models import build_tiny_model
+
+PROMPTS = [
+    "def add(a, b):\n    return a + b\n\ndef add(a, b):",
+    "The quick brown fox jumps over the lazy dog. The quick brown fox",
+    "1, 2, 3, 4, 5, 6, 7,",
+    "Translate to French: I like cheese.",
+    "x",
+]
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_llama):
+    folder, _ = tiny_llama
+    return load_model(resolve_source(str(folder)), "float32")
+
+
+def _engine(loaded, **kw) -> Engine:
+    return Engine(loaded, EngineConfig(kv_cache_gib=0.05, max_model_len=1024, **kw))
+
+
+def _run(engine: Engine, requests: list[GenerationRequest], join_every: int = 0) -> dict[str, list[int]]:
+    """Run to completion; with join_every > 0, add one request every that many steps."""
+    pending = list(requests)
+    out: dict[str, list[int]] = {}
+    stats: dict[str, dict] = {}
+    steps = 0
+    while pending or engine.has_work():
+        if pending and (join_every == 0 or steps % join_every == 0):
+            for r in pending if join_every == 0 else pending[:1]:
+                engine.add_request(r)
+            pending = [] if join_every == 0 else pending[1:]
+        for o in engine.step():
+            out.setdefault(o.request_id, []).extend(o.new_token_ids)
+            if o.finished and o.method_stats:
+                stats[o.request_id] = o.method_stats
+        steps += 1
+    engine.check_no_leaks()
+    _run.stats = stats
+    return out
+
+
+def _requests(tok, spec: dict | None, max_tokens: int = 40, **params) -> list[GenerationRequest]:
+    methods = {"speculative": spec} if spec is not None else {}
+    return [
+        GenerationRequest(f"r{i}", tok.encode(p), SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True, **params), dict(methods))
+        for i, p in enumerate(PROMPTS)
+    ]
+
+
+@pytest.mark.parametrize("tree", [None, "2.2.2", 3])
+def test_lossless_alone_and_batched(loaded, tree):
+    tok = loaded.tokenizer
+    plain = _run(_engine(loaded), _requests(tok, None))
+    spec = {"method": "token_recycling"} if tree is None else {"method": "token_recycling", "tree": tree}
+    engine = _engine(loaded)
+    for r in _requests(tok, spec):  # one at a time: the shared table warms up across requests
+        assert _run(engine, [r])[r.request_id] == plain[r.request_id]
+    # all at once, joining mid-flight, beside plain requests that must not change either
+    mixed = _requests(tok, spec) + [
+        GenerationRequest(f"p{i}", r.prompt_token_ids, r.params, {}) for i, r in enumerate(_requests(tok, None))
+    ]
+    out = _run(engine, mixed, join_every=2)
+    for i in range(len(PROMPTS)):
+        assert out[f"r{i}"] == plain[f"r{i}"]
+        assert out[f"p{i}"] == plain[f"r{i}"]
+
+
+def test_max_tokens_and_stop_strings_never_overshoot(loaded):
+    tok = loaded.tokenizer
+    engine = _engine(loaded)
+    spec = {"method": "token_recycling", "tree": "2.2.2"}
+    for max_tokens in (1, 2, 7):
+        plain = _run(_engine(loaded), _requests(tok, None, max_tokens=max_tokens))
+        got = _run(engine, _requests(tok, spec, max_tokens=max_tokens))
+        assert got == plain
+        assert all(len(v) == max_tokens for v in got.values())
+    plain_text = tok.decode(_run(_engine(loaded), _requests(tok, None, max_tokens=30))["r1"])
+    stop = plain_text[10:14]
+    req = _requests(tok, spec, max_tokens=30, stop=[stop])[1]
+    texts = []
+    engine.add_request(req)
+    while engine.has_work():
+        for o in engine.step():
+            texts.append(o.new_text)
+            if o.finished:
+                assert o.finish_reason == "stop"
+    assert "".join(texts) == plain_text[: plain_text.index(stop)]
+
+
+def test_sampling_falls_back_and_says_so(loaded):
+    tok = loaded.tokenizer
+    reqs = [
+        GenerationRequest("s", tok.encode("hello"), SamplingParams(max_tokens=8, temperature=0.8, seed=3), {"speculative": {}}),
+        GenerationRequest("p", tok.encode("hello"), SamplingParams(max_tokens=8, temperature=0.8, seed=3), {}),
+    ]
+    out = _run(_engine(loaded), reqs)
+    assert out["s"] == out["p"]  # same seed, same distribution, same tokens
+    assert "sampling" in _run.stats["s"]["fallback"]
+
+
+def test_bad_options_are_refused(loaded):
+    engine = _engine(loaded)
+    for bad in ({"method": "eagle"}, {"k": 0}, {"tree": "9.9.9"}, {"tree": 500}, {"bogus": 1}):
+        with pytest.raises(EngineError):
+            engine.add_request(GenerationRequest("b", [1, 2, 3], SamplingParams(), {"speculative": bad}))
+
+
+def test_always_right_tree_reaches_full_depth(tmp_path):
+    """A model whose next token depends only on the current one: after one pass the table is exact."""
+    folder = tmp_path / "markov"
+    hf = build_tiny_model(folder, "llama", seed=3)
+    with torch.no_grad():
+        for layer in hf.model.layers:  # no attention or MLP output: logits = f(current token)
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+    hf.save_pretrained(folder, safe_serialization=True)
+    loaded = load_model(resolve_source(str(folder)), "float32")
+    engine = _engine(loaded)
+    prompt = loaded.tokenizer.encode("a b c")
+    spec = {"method": "token_recycling", "tree": "2.2.2"}
+    req = lambda rid: GenerationRequest(rid, prompt, SamplingParams(max_tokens=60, temperature=0, ignore_eos=True), {"speculative": dict(spec)})  # noqa: E731
+    plain = _run(_engine(loaded), [GenerationRequest("x", prompt, SamplingParams(max_tokens=60, temperature=0, ignore_eos=True))])["x"]
+    assert _run(engine, [req("warm")])["warm"] == plain
+    assert _run(engine, [req("hot")])["hot"] == plain
+    stats = _run.stats["hot"]
+    depth = max(len(p) for p in TEMPLATE_222)
+    assert stats["mean_accepted_tokens_per_step"] > depth  # ~depth + 1 tokens per forward
+
+
+def test_rarely_right_tree_still_lossless(loaded):
+    """A fresh table drafts token 0 everywhere: nothing is accepted, output is still exact."""
+    tok = loaded.tokenizer
+    engine = _engine(loaded)
+    req = _requests(tok, {"tree": 5}, max_tokens=6)[3]
+    plain = _run(_engine(loaded), [GenerationRequest("p", req.prompt_token_ids, req.params)])["p"]
+    assert _run(engine, [req])[req.request_id] == plain
+    assert _run.stats[req.request_id]["steps"] >= 1
+
+
+def test_kv_after_commit_equals_plain_decoding(loaded):
+    tok = loaded.tokenizer
+    prompt = tok.encode(PROMPTS[1])
+    params = SamplingParams(max_tokens=200, temperature=0, ignore_eos=True)
+    spec_engine, plain_engine = _engine(loaded), _engine(loaded)
+    _run(spec_engine, [GenerationRequest("warm", prompt, SamplingParams(max_tokens=40, temperature=0, ignore_eos=True), {"speculative": {"tree": "2.2.2"}})])
+    spec_engine.add_request(GenerationRequest("s", prompt, params, {"speculative": {"tree": "2.2.2"}}))
+    plain_engine.add_request(GenerationRequest("p", prompt, params))
+    for _ in range(6):
+        spec_engine.step()
+    s = spec_engine.requests["s"].main
+    assert _run.stats.get("s") is None and spec_engine.requests["s"].strategy.accepted_tokens > 0
+    p = plain_engine.requests["p"].main
+    while p.num_computed < s.num_computed:
+        plain_engine.step()
+    n = s.num_computed
+    assert p.token_ids[:n] == s.token_ids[:n]
+    s_slots = spec_engine.blocks.slots(s, 0, n)
+    p_slots = plain_engine.blocks.slots(p, 0, n)
+    for (sk, sv), (pk, pv) in zip(spec_engine.kv.layers, plain_engine.kv.layers):
+        torch.testing.assert_close(sk[s_slots], pk[p_slots], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(sv[s_slots], pv[p_slots], atol=1e-4, rtol=1e-4)
+
+
+def test_tree_templates():
+    full = DraftTree.from_template(TEMPLATE_222)
+    assert full.size == 81 and int(full.depth.max()) == 6
+    counts = torch.bincount(full.depth)[1:].tolist()
+    assert counts == [8, 21, 25, 15, 8, 3]
+    for size in (1, 5, 12, 30, 80):
+        t = sub_template(size)
+        assert len(t) == size and all(p[:-1] == () or p[:-1] in t[: t.index(p)] for p in t)
+    tree = DraftTree.from_template(sub_template(6))
+    # ancestor mask: a node sees itself and its ancestors only
+    for i in range(tree.size):
+        seen = tree.ancestor_mask[i].nonzero().flatten().tolist()
+        chain, j = [], i
+        while j >= 0:
+            chain.append(j)
+            j = int(tree.parent[j])
+        assert sorted(seen) == sorted(chain)
+
+
+def test_adjacency_fill_and_update():
+    table = AdjacencyTable(vocab=10, k=2)
+    logits = torch.full((2, 10), -5.0)
+    logits[0, 7], logits[0, 3] = 2.0, 1.0
+    logits[1, 4], logits[1, 1] = 2.0, 1.0
+    table.update(torch.tensor([5, 7]), logits)
+    assert table.table[5].tolist() == [7, 3] and table.table[7].tolist() == [4, 1]
+    tree = DraftTree.from_template([(0,), (1,), (0, 0)])
+    assert table.fill(5, tree).tolist() == [5, 7, 3, 4]
