@@ -24,6 +24,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-num-batched-tokens", type=int, default=int(env("FREELUNCH_MAX_NUM_BATCHED_TOKENS", "1024")))
     serve.add_argument("--kv-cache-gib", type=float, default=float(env("FREELUNCH_KV_CACHE_GIB", "2")))
     serve.add_argument("--threads", type=int, default=int(env("FREELUNCH_THREADS", "0")) or None, help="torch CPU threads")
+    serve.add_argument(
+        "--speculative",
+        default=env("FREELUNCH_SPECULATIVE", "none"),
+        choices=["none", "token_recycling"],
+        help="speculative decoding for every eligible request (a request may opt out with speculative.method=none)",
+    )
     serve.add_argument("--log-level", default=env("FREELUNCH_LOG_LEVEL", "info"))
     return parser
 
@@ -54,7 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, ModelLoadError) as e:
         print(f"freelunch: {e}", file=sys.stderr)
         return 2
-    app = create_app(WorkerPool([worker]))
+    defaults = {"speculative": {"method": args.speculative}} if args.speculative != "none" else {}
+    app = create_app(WorkerPool([worker]), defaults)
     logging.getLogger("freelunch").info("serving %s on http://%s:%d", worker.engine.info.name, args.host, args.port)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level.lower())
     return 0

@@ -214,3 +214,22 @@ def test_stream_disconnect_frees_kv(server):
         time.sleep(0.05)
     assert not worker.engine.requests
     assert worker.engine.blocks.usage == 0.0
+
+
+def test_speculative_option_over_http(server, client):
+    base, name, *_ = server
+    kw = dict(model=name, prompt="1, 2, 3, 4, 5, 6,", max_tokens=24, temperature=0)
+    plain = client.completions.create(**kw, extra_body={"ignore_eos": True})
+    spec = client.completions.create(**kw, extra_body={"ignore_eos": True, "speculative": {"method": "token_recycling"}})
+    assert spec.choices[0].text == plain.choices[0].text
+    stats = spec.usage.model_extra["method_stats"]["speculative"]
+    assert stats["steps"] >= 1 and stats["mean_accepted_tokens_per_step"] >= 1.0
+    streamed = "".join(
+        c.choices[0].text
+        for c in client.completions.create(**kw, stream=True, extra_body={"ignore_eos": True, "speculative": {}})
+        if c.choices
+    )
+    assert streamed == plain.choices[0].text
+    assert "freelunch_spec_decode_num_draft_tokens_total" in httpx.get(base + "/metrics").text
+    r = httpx.post(base + "/v1/completions", json={"model": name, "prompt": "x", "speculative": {"method": "medusa"}})
+    assert r.status_code == 400 and "speculative" in r.json()["error"]["message"]

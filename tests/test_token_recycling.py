@@ -46,7 +46,7 @@ def _run(engine: Engine, requests: list[GenerationRequest], join_every: int = 0)
         for o in engine.step():
             out.setdefault(o.request_id, []).extend(o.new_token_ids)
             if o.finished and o.method_stats:
-                stats[o.request_id] = o.method_stats
+                stats[o.request_id] = o.method_stats["speculative"]
         steps += 1
     engine.check_no_leaks()
     _run.stats = stats

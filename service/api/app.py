@@ -14,7 +14,8 @@ from freelunch.api.serving import Serving
 from freelunch.pool.pool import WorkerPool
 
 
-def create_app(pool: WorkerPool) -> FastAPI:
+def create_app(pool: WorkerPool, default_methods: dict[str, dict] | None = None) -> FastAPI:
+    """`default_methods`: method options applied to every request that does not set them."""
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         pool.start()
@@ -25,7 +26,7 @@ def create_app(pool: WorkerPool) -> FastAPI:
 
     app = FastAPI(title="freelunch", version=__version__, lifespan=lifespan)
     metrics = Metrics(pool.stats)
-    app.state.serving = Serving(pool, metrics)
+    app.state.serving = Serving(pool, metrics, default_methods)
     install_error_handlers(app)
     app.include_router(router)
     return app

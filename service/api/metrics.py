@@ -30,6 +30,12 @@ class Metrics:
         self.request_failure = Counter("freelunch_request_failure", "Requests that ended in an error", ["reason"], registry=r)
         self.prompt_tokens = Counter("freelunch_prompt_tokens", "Prompt tokens processed", registry=r)
         self.generation_tokens = Counter("freelunch_generation_tokens", "Tokens generated", registry=r)
+        self.spec_draft_tokens = Counter(
+            "freelunch_spec_decode_num_draft_tokens", "Draft tokens proposed by speculative decoding", registry=r
+        )
+        self.spec_accepted_tokens = Counter(
+            "freelunch_spec_decode_num_accepted_tokens", "Draft tokens accepted by speculative decoding", registry=r
+        )
         self.ttft = Histogram(
             "freelunch_time_to_first_token_seconds", "Time to first token", buckets=_LATENCY_BUCKETS, registry=r
         )
@@ -41,7 +47,13 @@ class Metrics:
         )
 
     def observe_finished(
-        self, finish_reason: str, prompt_tokens: int, output_tokens: int, ttft: float | None, e2e: float
+        self,
+        finish_reason: str,
+        prompt_tokens: int,
+        output_tokens: int,
+        ttft: float | None,
+        e2e: float,
+        method_stats: dict | None = None,
     ) -> None:
         self.request_success.labels(finished_reason=finish_reason).inc()
         self.prompt_tokens.inc(prompt_tokens)
@@ -51,3 +63,7 @@ class Metrics:
             if output_tokens > 1:
                 self.tpot.observe((e2e - ttft) / (output_tokens - 1))
         self.e2e.observe(e2e)
+        spec = (method_stats or {}).get("speculative")
+        if spec:
+            self.spec_draft_tokens.inc(spec.get("draft_tokens", 0))
+            self.spec_accepted_tokens.inc(spec.get("accepted_tokens", 0))

@@ -55,7 +55,7 @@ async def chat_completions(body: ChatCompletionRequest, raw: Request, serving: S
     if body.top_logprobs is not None and not body.logprobs:
         top = None
     params = serving.sampling_params(body, max_tokens, len(prompt), (top or 0) if body.logprobs else None, None, "messages")
-    methods = body.method_options()
+    methods = serving.methods_for(body)
     if body.negative_messages is not None:
         methods.setdefault("guidance", {})["negative_messages"] = [m.model_dump() for m in body.negative_messages]
     rid = new_id("chatcmpl")
@@ -124,7 +124,7 @@ async def completions(body: CompletionRequest, raw: Request, serving: ServingDep
         for p in prompts
     ]
     rid = new_id("cmpl")
-    requests = serving.engine_requests(rid, prompts, params, body.n, body.method_options(), model)
+    requests = serving.engine_requests(rid, prompts, params, body.n, serving.methods_for(body), model)
     created = now()
     prompt_tokens = sum(len(p) for p in prompts) * body.n
     prompt_texts = [serving.tokenizer.decode(p) for p in prompts] if body.echo else None

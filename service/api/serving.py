@@ -37,10 +37,17 @@ class ChoiceState:
 
 
 class Serving:
-    def __init__(self, pool: WorkerPool, metrics: Metrics) -> None:
+    def __init__(self, pool: WorkerPool, metrics: Metrics, default_methods: dict[str, dict] | None = None) -> None:
         self.pool = pool
         self.metrics = metrics
         self.tokenizer = pool.tokenizer
+        self.default_methods = default_methods or {}
+
+    def methods_for(self, req: SamplingFields) -> dict[str, dict]:
+        """The request's method options over the server's defaults; `{"method": "none"}` opts out."""
+        methods = {name: dict(opts) for name, opts in self.default_methods.items()}
+        methods.update(req.method_options())
+        return {name: opts for name, opts in methods.items() if opts.get("method") != "none"}
 
     # ---- request building ----------------------------------------------------------------
     def check_model(self, model: str | None) -> str:
@@ -184,7 +191,12 @@ class Serving:
             choice.method_stats = out.method_stats
             ttft = None if choice.first_token_at is None else choice.first_token_at - started
             self.metrics.observe_finished(
-                choice.finish_reason, choice.prompt_tokens, choice.output_tokens, ttft, time.monotonic() - started
+                choice.finish_reason,
+                choice.prompt_tokens,
+                choice.output_tokens,
+                ttft,
+                time.monotonic() - started,
+                out.method_stats,
             )
 
     async def collect(
@@ -289,12 +301,20 @@ class Serving:
             "completion_tokens": completion,
             "total_tokens": prompt_tokens + completion,
         }
+        # counts add up over choices; means are averaged
         stats: dict[str, dict[str, Any]] = {}
+        per_method: dict[str, int] = {}
         for c in choices:
             for method, values in (c.method_stats or {}).items():
                 agg = stats.setdefault(method, {})
+                per_method[method] = per_method.get(method, 0) + 1
                 for k, v in values.items():
-                    agg[k] = agg.get(k, 0) + v if isinstance(v, (int, float)) and not isinstance(v, bool) else v
+                    numeric = isinstance(v, (int, float)) and not isinstance(v, bool)
+                    agg[k] = agg.get(k, 0) + v if numeric else v
+        for method, agg in stats.items():
+            for k in agg:
+                if k.startswith("mean_"):
+                    agg[k] /= per_method[method]
         if stats:
             usage["method_stats"] = stats
         return usage

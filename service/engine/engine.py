@@ -263,12 +263,17 @@ class Engine:
             logprobs=state.new_logprobs if state.request.params.logprobs is not None else None,
             num_prompt_tokens=state.main.num_prompt,
             num_output_tokens=state.num_output_tokens,
-            method_stats=state.strategy.stats() if finished else None,
+            method_stats=self._method_stats(state) if finished else None,
         )
         if state.prompt_logprobs is not None and not state.pending_prompt_logprobs:
             out.prompt_logprobs, state.prompt_logprobs = state.prompt_logprobs, None
         state.new_tokens, state.new_logprobs = [], []
         return out
+
+    @staticmethod
+    def _method_stats(state: RequestState) -> dict | None:
+        stats = state.strategy.stats()
+        return {state.strategy.name: stats} if stats is not None and state.strategy.name else None
 
     # ---- StepContext ---------------------------------------------------------------------
     def commit_kv(self, seq: Sequence, kept_offsets: list[int]) -> None:
