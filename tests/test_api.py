@@ -233,3 +233,15 @@ def test_speculative_option_over_http(server, client):
     assert "freelunch_spec_decode_num_draft_tokens_total" in httpx.get(base + "/metrics").text
     r = httpx.post(base + "/v1/completions", json={"model": name, "prompt": "x", "speculative": {"method": "medusa"}})
     assert r.status_code == 400 and "speculative" in r.json()["error"]["message"]
+
+
+def test_echo_with_zero_max_tokens_scores_the_prompt(server):
+    """What evaluation harnesses send for log-likelihoods: echo, logprobs, max_tokens 0."""
+    base, name, *_ = server
+    r = httpx.post(base + "/v1/completions", json={"model": name, "prompt": "one two three", "max_tokens": 0, "echo": True, "logprobs": 0})
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    assert choice["text"] == "one two three" and choice["finish_reason"] == "length"
+    lp = choice["logprobs"]["token_logprobs"]
+    assert lp[0] is None and all(x <= 0 for x in lp[1:]) and len(lp) == r.json()["usage"]["prompt_tokens"]
+    assert r.json()["usage"]["completion_tokens"] == 0

@@ -181,6 +181,10 @@ class Engine:
         for state in batch.requests:
             if state.pending_prompt_logprobs:
                 self._collect_prompt_logprobs(state, plans_by_seq.get(state.main.seq_id), logits)
+            if state.request.params.max_tokens == 0:  # scoring only (echo + logprobs)
+                if not state.pending_prompt_logprobs and state.main.pending == 0:
+                    state.finish_reason = FinishReason.LENGTH.value
+                continue
             result = state.strategy.on_logits(logits, self)
             if isinstance(result, torch.Tensor):
                 to_sample.append((state, result))

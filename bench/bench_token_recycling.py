@@ -1,0 +1,202 @@
+"""Token Recycling vs plain decoding vs transformers' prompt-lookup decoding, by prompt category.
+
+    python bench/bench_token_recycling.py [--max-tokens 128] [--trees 8,12,20,2.2.2] [--skip-hf]
+
+Also measures what verifying T tokens in one forward costs relative to one token (the number
+that decides the tree size on this hardware). Single stream, greedy, float32, same model for
+all. Writes JSON (default bench/results/token_recycling.json) and prints tables. Run it on an
+idle machine: two heavy processes on 2 cores slow each other 10-35x.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+# Spec-Bench's categories, one or two prompts each, as chat turns.
+PROMPTS: dict[str, list[list[dict]]] = {
+    "multi-turn": [
+        [
+            {"role": "user", "content": "Give me three tips for learning a new language."},
+            {"role": "assistant", "content": "1. Practice every day. 2. Speak with native speakers. 3. Read simple books."},
+            {"role": "user", "content": "Expand the second tip into a short paragraph."},
+        ]
+    ],
+    "translation": [
+        [{"role": "user", "content": "Translate to French: The weather is nice today, so we will walk to the park and eat lunch there."}],
+        [{"role": "user", "content": "Translate to German: I would like to book a table for two people at seven o'clock."}],
+    ],
+    "summarization": [
+        [
+            {
+                "role": "user",
+                "content": "Summarize this text: The city council met on Tuesday to discuss the new park. "
+                "The park will have a playground, a small lake and a running track. Construction starts in "
+                "spring and should end before winter. The council said the park will cost two million dollars "
+                "and will be paid for by a local tax. Many residents support the plan, but some worry about noise.",
+            }
+        ]
+    ],
+    "qa": [
+        [{"role": "user", "content": "What is the capital of Japan, and what is it famous for?"}],
+        [{"role": "user", "content": "Why is the sky blue?"}],
+    ],
+    "math": [
+        [{"role": "user", "content": "A shop sells pens at 3 dollars each. Tom buys 7 pens and pays with a 50 dollar bill. How much change does he get? Explain step by step."}]
+    ],
+    "rag": [
+        [
+            {
+                "role": "user",
+                "content": "Context: Marie Curie was a physicist and chemist who conducted pioneering research on "
+                "radioactivity. She was the first woman to win a Nobel Prize and the only person to win Nobel "
+                "Prizes in two different sciences, physics and chemistry.\n\nQuestion: In which sciences did "
+                "Marie Curie win Nobel Prizes? Answer using the context.",
+            }
+        ]
+    ],
+    "code": [
+        [
+            {
+                "role": "user",
+                "content": "Add type hints and a docstring to this function:\n\ndef fib(n):\n    a, b = 0, 1\n"
+                "    for _ in range(n):\n        a, b = b, a + b\n    return a\n",
+            }
+        ]
+    ],
+}
+
+
+def verify_cost(engine, prompt: list[int], sizes: list[int], repeats: int = 5) -> dict[int, float]:
+    """Seconds for one forward feeding T tokens after a committed prompt, for each T."""
+    from freelunch.engine.request import Sequence
+    from freelunch.engine.strategy import RowPlan
+
+    seq = Sequence(list(prompt), len(prompt))
+    engine.blocks.allocate(seq, len(prompt) + max(sizes))
+    engine.runner.run([RowPlan(seq, list(prompt), [len(prompt) - 1])])
+    seq.num_computed = len(prompt)
+    out = {}
+    for t in sizes:
+        mask = torch.ones(t, len(prompt) + t, dtype=torch.bool)
+        plan = RowPlan(seq, [prompt[-1]] * t, list(range(t)), mask=mask, advance=False)
+        engine.runner.run([plan])
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            engine.runner.run([plan])
+            times.append(time.perf_counter() - start)
+        out[t] = statistics.median(times)
+    engine.blocks.free(seq)
+    return out
+
+
+def run_engine(engine, prompts: list[list[int]], max_tokens: int, spec: dict | None) -> dict:
+    from freelunch.engine.request import GenerationRequest, SamplingParams
+
+    tokens, seconds, accepted = 0, 0.0, []
+    for i, ids in enumerate(prompts):
+        methods = {"speculative": dict(spec)} if spec is not None else {}
+        engine.add_request(GenerationRequest(f"b{time.monotonic_ns()}-{i}", ids, SamplingParams(max_tokens=max_tokens, temperature=0), methods))
+        start = time.perf_counter()
+        while engine.has_work():
+            for out in engine.step():
+                tokens += len(out.new_token_ids)
+                if out.finished and out.method_stats:
+                    accepted.append(out.method_stats["speculative"]["mean_accepted_tokens_per_step"])
+        seconds += time.perf_counter() - start
+    return {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds, "mean_accepted": statistics.mean(accepted) if accepted else 1.0}
+
+
+def run_prompt_lookup(hf_model, prompts: list[list[int]], max_tokens: int) -> dict:
+    tokens, seconds = 0, 0.0
+    for ids in prompts:
+        x = torch.tensor([ids])
+        start = time.perf_counter()
+        out = hf_model.generate(x, max_new_tokens=max_tokens, do_sample=False, prompt_lookup_num_tokens=10)
+        seconds += time.perf_counter() - start
+        tokens += out.shape[1] - len(ids)
+    return {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=None, help="default: the embedded SmolLM2-135M-Instruct")
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--trees", default="8,12,20,2.2.2", help="comma-separated tree sizes or 2.2.2")
+    parser.add_argument("--skip-hf", action="store_true")
+    parser.add_argument("--out", default="bench/results/token_recycling.json")
+    args = parser.parse_args(argv)
+
+    from freelunch.config import EngineConfig
+    from freelunch.engine.engine import Engine
+    from freelunch.models.loader import load_model, resolve_source
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    if os.getloadavg()[0] > 0.5:
+        print(f"warning: load average {os.getloadavg()[0]:.2f}; benchmark on an idle machine")
+    source = resolve_source(args.model)
+    loaded = load_model(source, "float32")
+    tok = loaded.tokenizer
+    encoded = {
+        cat: [tok.apply_chat_template(m, tokenize=True, add_generation_prompt=True) for m in convs] for cat, convs in PROMPTS.items()
+    }
+    encoded = {c: [e if isinstance(e, list) else list(e["input_ids"]) for e in v] for c, v in encoded.items()}
+    trees: list = [t if t == "2.2.2" else int(t) for t in args.trees.split(",")]
+
+    engine = Engine(loaded, EngineConfig(kv_cache_gib=0.5))
+    cost = verify_cost(engine, encoded["code"][0], [1, 2, 4, 8, 12, 16, 20, 32, 48, 81])
+    results: dict = {"verify_cost_s": cost, "categories": {}}
+    hf_model = None
+    if not args.skip_hf:
+        from transformers import AutoModelForCausalLM
+
+        folder = source.path if not source.is_gguf else None
+        from freelunch.models.loader import gguf_to_folder
+
+        folder = gguf_to_folder(source.path) if source.is_gguf else source.path
+        hf_model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+    for cat, prompts in encoded.items():
+        row: dict = {}
+        # warm the shared table on this category once (the paper's "inherit"), then measure
+        row["plain"] = run_engine(engine, prompts, args.max_tokens, None)
+        for tree in trees:
+            spec = {"method": "token_recycling", "tree": tree}
+            run_engine(engine, prompts, args.max_tokens, spec)
+            row[f"tr-{tree}"] = run_engine(engine, prompts, args.max_tokens, spec)
+        if hf_model is not None:
+            with torch.inference_mode():
+                row["hf-prompt-lookup"] = run_prompt_lookup(hf_model, prompts, args.max_tokens)
+        results["categories"][cat] = row
+        print(cat, {k: round(v["tokens_per_s"], 1) for k, v in row.items()}, flush=True)
+
+    methods = list(next(iter(results["categories"].values())))
+    speedups = {m: statistics.mean(r[m]["tokens_per_s"] / r["plain"]["tokens_per_s"] for r in results["categories"].values()) for m in methods}
+    results["mean_speedup_vs_plain"] = speedups
+    results["machine"] = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
+
+    print("\nverify cost (forward of T tokens / forward of 1):")
+    print("  " + "  ".join(f"T={t}: {c / cost[1]:.2f}" for t, c in cost.items()))
+    print(f"\n{'category':<14}" + "".join(f"{m:>22}" for m in methods))
+    for cat, row in results["categories"].items():
+        cells = []
+        for m in methods:
+            r = row[m]
+            extra = f" ({r['mean_accepted']:.2f})" if m.startswith("tr-") else ""
+            cells.append(f"{r['tokens_per_s']:.1f} tok/s{extra}")
+        print(f"{cat:<14}" + "".join(f"{c:>22}" for c in cells))
+    print(f"{'speed-up':<14}" + "".join(f"{speedups[m]:>21.2f}x" for m in methods))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=2))
+    return results
+
+
+if __name__ == "__main__":
+    main()
