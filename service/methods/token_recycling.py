@@ -28,7 +28,7 @@ from freelunch.methods.tree_templates import TEMPLATE_222, DraftTree, sub_templa
 DEFAULT_K = 8
 # Nodes per verify step on CPUs: verifying T tokens costs far more than one there (see
 # bench/bench_token_recycling.py); GPUs take the paper's full 2.2.2 tree (80 nodes).
-DEFAULT_TREE_SIZE_CPU = 12
+DEFAULT_TREE_SIZE_CPU = 4
 
 
 class SpeculativeOptionsError(ValueError):
@@ -83,10 +83,8 @@ class AdjacencyTable:
         """Draft tokens [N+1] for the tree, breadth-first; node 0 is the root."""
         tokens = torch.empty(tree.size, dtype=torch.long)
         tokens[0] = root
-        parent, rank = tree.parent.tolist(), tree.rank.tolist()
-        rows = self.table
-        for n in range(1, tree.size):  # parents precede children in the template
-            tokens[n] = rows[tokens[parent[n]], rank[n]]
+        for nodes in tree.levels:  # one gather per depth: a level's parents are all filled
+            tokens[nodes] = self.table[tokens[tree.parent[nodes]], tree.rank[nodes]]
         return tokens
 
 

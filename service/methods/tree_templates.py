@@ -58,6 +58,7 @@ class DraftTree:
     depth: torch.Tensor  # [N+1]
     ancestor_mask: torch.Tensor  # [N+1, N+1] bool: node i may see node j (j is i or an ancestor)
     children: list[list[int]]  # node -> child node indices, by rank
+    levels: list[torch.Tensor]  # node indices at depth 1, 2, ...
     max_rank: int
 
     @property
@@ -89,4 +90,6 @@ class DraftTree:
                 children[parent[i]].append(i)
         for c in children:
             c.sort(key=lambda i: rank[i])
-        return cls(torch.tensor(parent), torch.tensor(rank), torch.tensor(depth), mask, children, max(rank) + 1)
+        depth_t = torch.tensor(depth)
+        levels = [(depth_t == d).nonzero().flatten() for d in range(1, int(depth_t.max()) + 1)]
+        return cls(torch.tensor(parent), torch.tensor(rank), depth_t, mask, children, levels, max(rank) + 1)
