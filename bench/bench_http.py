@@ -1,0 +1,189 @@
+"""freelunch over HTTP vs transformers `generate` (and llama.cpp if installed), same model, one run.
+
+    python bench/bench_http.py [--dtype float32] [--max-tokens 128] [--levels 1,4,16,64] [--skip-hf]
+
+Measures single-stream decode tokens/s and time to first token through the streaming API, and
+aggregate throughput at several concurrency levels; then transformers `generate` on the same
+weights (single stream, and batched with left padding), and llama.cpp through
+llama-cpp-python on the GGUF when it is installed. Writes JSON (default
+bench/results/http.json) and prints a table of ratios. Run on an idle machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import torch
+
+PROMPTS = [
+    "Write a short story about a robot who learns to paint.",
+    "Explain how a bicycle works to a ten-year-old.",
+    "List ten ideas for a weekend trip and say why each is fun.",
+    "Describe the water cycle in detail.",
+    "Write a letter to a friend about your favourite book.",
+    "What are the pros and cons of remote work?",
+    "Explain recursion with an example in Python.",
+    "Give a recipe for pancakes, step by step.",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(port: int, dtype: str, extra: list[str]) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "freelunch.cli", "serve", "--port", str(port), "--dtype", dtype, "--log-level", "warning", *extra]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited: {proc.stderr.read().decode()[-2000:]}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=1).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    proc.kill()
+    raise RuntimeError("server did not become ready")
+
+
+async def one_stream(client: httpx.AsyncClient, prompt: str, max_tokens: int) -> dict:
+    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True, "ignore_eos": True,
+            "stream_options": {"include_usage": True}}
+    start = time.perf_counter()
+    first = None
+    tokens = 0
+    async with client.stream("POST", "/v1/completions", json=body) as r:
+        async for line in r.aiter_lines():
+            if not line.startswith("data: {"):
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+            elif first is None and chunk["choices"] and chunk["choices"][0]["text"]:
+                first = time.perf_counter()
+    end = time.perf_counter()
+    first = first or end
+    return {"ttft": first - start, "tokens": tokens, "decode_tps": (tokens - 1) / (end - first) if end > first else 0.0, "end": end}
+
+
+async def http_levels(base: str, levels: list[int], max_tokens: int) -> dict:
+    out = {}
+    async with httpx.AsyncClient(base_url=base, timeout=None, limits=httpx.Limits(max_connections=256)) as client:
+        await one_stream(client, PROMPTS[0], 8)  # warm-up
+        for c in levels:
+            start = time.perf_counter()
+            runs = await asyncio.gather(*(one_stream(client, PROMPTS[i % len(PROMPTS)], max_tokens) for i in range(c)))
+            wall = max(r["end"] for r in runs) - start
+            out[c] = {
+                "throughput_tps": sum(r["tokens"] for r in runs) / wall,
+                "ttft_median_s": statistics.median(r["ttft"] for r in runs),
+                "decode_tps_median": statistics.median(r["decode_tps"] for r in runs),
+            }
+            print(f"  freelunch c={c}: {out[c]['throughput_tps']:.1f} tok/s, TTFT {out[c]['ttft_median_s'] * 1e3:.0f} ms", flush=True)
+    return out
+
+
+def hf_bench(folder: Path, dtype: torch.dtype, max_tokens: int, batches: list[int]) -> dict:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(folder))
+    tok.padding_side = "left"
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype).eval()
+    out: dict = {}
+    with torch.inference_mode():
+        ids = tok(PROMPTS[0], return_tensors="pt")
+        model.generate(**ids, max_new_tokens=4, do_sample=False)
+        t0 = time.perf_counter()
+        model.generate(**ids, max_new_tokens=1, do_sample=False)
+        ttft = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        model.generate(**ids, max_new_tokens=max_tokens, min_new_tokens=max_tokens, do_sample=False)
+        total = time.perf_counter() - t0
+        out["ttft_s"] = ttft
+        out["decode_tps"] = (max_tokens - 1) / (total - ttft)
+        print(f"  transformers single: {out['decode_tps']:.1f} tok/s", flush=True)
+        for b in batches:
+            prompts = [PROMPTS[i % len(PROMPTS)] for i in range(b)]
+            enc = tok(prompts, return_tensors="pt", padding=True)
+            t0 = time.perf_counter()
+            model.generate(**enc, max_new_tokens=max_tokens, min_new_tokens=max_tokens, do_sample=False, pad_token_id=tok.pad_token_id or 0)
+            out[f"batch{b}_tps"] = b * max_tokens / (time.perf_counter() - t0)
+            print(f"  transformers batch {b}: {out[f'batch{b}_tps']:.1f} tok/s", flush=True)
+    return out
+
+
+def llamacpp_bench(gguf: Path, max_tokens: int) -> dict:
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        return {"status": "llama-cpp-python not installed"}
+    llm = Llama(model_path=str(gguf), n_threads=os.cpu_count(), n_ctx=2048, verbose=False, use_extra_bufts=False)
+    t0 = time.perf_counter()
+    r = llm(PROMPTS[0], max_tokens=max_tokens, temperature=0)
+    n = r["usage"]["completion_tokens"]
+    return {"decode_tps": n / (time.perf_counter() - t0)}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--levels", default="1,4,16,64")
+    parser.add_argument("--hf-batches", default="4,16")
+    parser.add_argument("--skip-hf", action="store_true")
+    parser.add_argument("--out", default="bench/results/http.json")
+    parser.add_argument("--server-args", default="", help="extra flags for freelunch serve")
+    args = parser.parse_args(argv)
+    from freelunch.models.loader import default_model_path, gguf_to_folder
+
+    load = os.getloadavg()[0]
+    if load > 0.5:
+        print(f"warning: load average {load:.2f}: benchmark on an idle machine")
+    levels = [int(x) for x in args.levels.split(",")]
+    port = free_port()
+    proc = start_server(port, args.dtype, args.server_args.split())
+    try:
+        ours = asyncio.run(http_levels(f"http://127.0.0.1:{port}", levels, args.max_tokens))
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    gguf = default_model_path()
+    hf = {} if args.skip_hf else hf_bench(gguf_to_folder(gguf), getattr(torch, args.dtype), args.max_tokens, [int(b) for b in args.hf_batches.split(",")])
+    lcpp = llamacpp_bench(gguf, args.max_tokens)
+    result = {
+        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "torch": torch.__version__,
+                    "date": time.strftime("%Y-%m-%d"), "load_average_at_start": load},
+        "dtype": args.dtype, "max_tokens": args.max_tokens, "freelunch": ours, "transformers": hf, "llama_cpp": lcpp,
+    }
+    single = ours[levels[0]]["decode_tps_median"]
+    print(f"\n{'metric':<34}{'freelunch':>12}{'transformers':>14}{'ratio':>8}")
+    if hf:
+        print(f"{'single-stream decode tok/s':<34}{single:>12.1f}{hf['decode_tps']:>14.1f}{single / hf['decode_tps']:>7.2f}x")
+        print(f"{'time to first token ms (c=1)':<34}{ours[levels[0]]['ttft_median_s'] * 1e3:>12.0f}{hf['ttft_s'] * 1e3:>14.0f}")
+    for c in levels:
+        ref = hf.get(f"batch{c}_tps")
+        cells = f"{ours[c]['throughput_tps']:>12.1f}" + (f"{ref:>14.1f}{ours[c]['throughput_tps'] / ref:>7.2f}x" if ref else f"{'':>14}")
+        print(f"{f'throughput @ {c} concurrent tok/s':<34}{cells}")
+    print(f"llama.cpp: {lcpp}")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main()
