@@ -58,6 +58,7 @@ async def chat_completions(body: ChatCompletionRequest, raw: Request, serving: S
     methods = serving.methods_for(body)
     if body.negative_messages is not None:
         methods.setdefault("guidance", {})["negative_messages"] = [m.model_dump() for m in body.negative_messages]
+    serving.resolve_guidance(methods)
     rid = new_id("chatcmpl")
     requests = serving.engine_requests(rid, [prompt], [params], body.n, methods, model)
     created = now()
@@ -124,7 +125,9 @@ async def completions(body: CompletionRequest, raw: Request, serving: ServingDep
         for p in prompts
     ]
     rid = new_id("cmpl")
-    requests = serving.engine_requests(rid, prompts, params, body.n, serving.methods_for(body), model)
+    methods = serving.methods_for(body)
+    serving.resolve_guidance(methods)
+    requests = serving.engine_requests(rid, prompts, params, body.n, methods, model)
     created = now()
     prompt_tokens = sum(len(p) for p in prompts) * body.n
     prompt_texts = [serving.tokenizer.decode(p) for p in prompts] if body.echo else None

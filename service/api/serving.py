@@ -11,10 +11,11 @@ from typing import Any
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import TypeAdapter, ValidationError
 
 from freelunch.api.errors import APIError, error_body
 from freelunch.api.metrics import Metrics
-from freelunch.api.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields, new_id, now
+from freelunch.api.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest, SamplingFields, new_id, now
 from freelunch.engine.engine import EngineError
 from freelunch.engine.request import GenerationRequest, RequestOutput, SamplingParams, TokenLogprob
 from freelunch.pool.pool import WorkerPool
@@ -57,27 +58,63 @@ class Serving:
         return model or served
 
     def render_chat(self, req: ChatCompletionRequest) -> list[int]:
+        return self.chat_ids(
+            req.messages, req.add_generation_prompt and not req.continue_final_message, req.continue_final_message, "messages"
+        )
+
+    def chat_ids(
+        self, chat: list[ChatMessage], add_generation_prompt: bool, continue_final_message: bool, param: str
+    ) -> list[int]:
+        """Messages rendered with the model's chat template, as token ids."""
         messages = []
-        for m in req.messages:
+        for m in chat:
             if isinstance(m.content, list):
                 if any(p.type == "image_url" for p in m.content):
-                    raise APIError(400, f"the model `{self.pool.model_name}` does not accept images", "messages")
+                    raise APIError(400, f"the model `{self.pool.model_name}` does not accept images", param)
                 content = "".join(p.text for p in m.content)
             else:
                 content = m.content or ""
             messages.append({"role": "system" if m.role == "developer" else m.role, "content": content})
         if getattr(self.tokenizer, "chat_template", None) is None:
-            raise APIError(400, "this model has no chat template; use /v1/completions", "messages")
+            raise APIError(400, "this model has no chat template; use /v1/completions", param)
         try:
             text = self.tokenizer.apply_chat_template(
                 messages,
                 tokenize=False,
-                add_generation_prompt=req.add_generation_prompt and not req.continue_final_message,
-                continue_final_message=req.continue_final_message,
+                add_generation_prompt=add_generation_prompt,
+                continue_final_message=continue_final_message,
             )
         except Exception as e:  # template errors are the request's fault (e.g. role order)
-            raise APIError(400, f"the chat template rejected these messages: {e}", "messages") from e
+            raise APIError(400, f"the chat template rejected these messages: {e}", param) from e
         return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def resolve_guidance(self, methods: dict[str, dict]) -> None:
+        """Turn `guidance.negative_prompt` (text, tokenised like a completions prompt) or
+        `guidance.negative_messages` (chat, rendered with add_generation_prompt) into the
+        `guidance.negative_prompt_ids` the engine takes. Empty = the default unconditional prompt."""
+        opts = methods.get("guidance")
+        if opts is None:
+            return
+        text = opts.pop("negative_prompt", None)
+        chat = opts.pop("negative_messages", None)
+        given = [name for name, v in (("negative_prompt", text), ("negative_messages", chat)) if v is not None]
+        if "negative_prompt_ids" in opts:
+            given.append("negative_prompt_ids")
+        if len(given) > 1:
+            raise APIError(400, f"give only one of guidance.{', guidance.'.join(given)}", f"guidance.{given[1]}")
+        if text is not None:
+            if not isinstance(text, str):
+                raise APIError(400, "guidance.negative_prompt must be a string or null", "guidance.negative_prompt")
+            if text:
+                opts["negative_prompt_ids"] = self.tokenizer.encode(text)
+        elif chat is not None:
+            param = "guidance.negative_messages"
+            try:
+                parsed = TypeAdapter(list[ChatMessage]).validate_python(chat)
+            except ValidationError as e:
+                raise APIError(400, f"{param} must be a list of chat messages: {e.errors()[0]['msg']}", param) from e
+            if parsed:
+                opts["negative_prompt_ids"] = self.chat_ids(parsed, True, False, param)
 
     def completion_prompts(self, req: CompletionRequest) -> list[list[int]]:
         p = req.prompt
@@ -309,8 +346,8 @@ class Serving:
                 agg = stats.setdefault(method, {})
                 per_method[method] = per_method.get(method, 0) + 1
                 for k, v in values.items():
-                    numeric = isinstance(v, (int, float)) and not isinstance(v, bool)
-                    agg[k] = agg.get(k, 0) + v if numeric else v
+                    additive = isinstance(v, (int, float)) and not isinstance(v, bool) and not _is_setting(k)
+                    agg[k] = agg.get(k, 0) + v if additive else agg.get(k, v)
         for method, agg in stats.items():
             for k in agg:
                 if k.startswith("mean_"):
@@ -318,6 +355,11 @@ class Serving:
         if stats:
             usage["method_stats"] = stats
         return usage
+
+
+def _is_setting(key: str) -> bool:
+    """Stats that describe a setting (e.g. guidance scale) or a mean are not summed over choices."""
+    return not (key.endswith(("_tokens", "_rows", "steps")) or key.startswith("mean_"))
 
 
 def created() -> int:
