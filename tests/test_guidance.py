@@ -2,24 +2,17 @@
 
 from __future__ import annotations
 
-import socket
-import threading
-import time
 
 import httpx
 import pytest
 import torch
-import uvicorn
 from transformers import LogitsProcessor, LogitsProcessorList, UnbatchedClassifierFreeGuidanceLogitsProcessor
 
-from freelunch.api.app import create_app
 from freelunch.config import EngineConfig
 from freelunch.engine.engine import Engine, EngineError
 from freelunch.engine.request import GenerationRequest, SamplingParams
 from freelunch.methods.guidance import guide
 from freelunch.models.loader import load_model, resolve_source
-from freelunch.pool.pool import WorkerPool
-from freelunch.pool.worker import EngineWorker
 
 PROMPTS = [
     "The quick brown fox jumps over the lazy dog. The quick brown fox",
@@ -283,28 +276,6 @@ def test_not_combined_with_speculative(loaded):
 
 
 # ---- over HTTP ---------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def server(tiny_llama):
-    folder, hf_model = tiny_llama
-    worker = EngineWorker.load(EngineConfig(model=str(folder), dtype="float32", max_model_len=512, kv_cache_gib=0.05))
-    app = create_app(WorkerPool([worker]))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        try:
-            if httpx.get(base + "/ready").status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.1)
-    yield base, folder.name, hf_model, worker
-    srv.should_exit = True
-    thread.join(timeout=10)
 
 
 def _post(base: str, path: str, body: dict) -> httpx.Response:
