@@ -16,7 +16,7 @@ The engine never imports a concrete method: they are built from `freelunch.metho
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -33,8 +33,8 @@ class RowPlan:
     positions: list[int] | None = None  # default: num_computed + i
     mask: torch.Tensor | None = None  # [n, num_computed + n] bool; None = causal
     advance: bool = True  # False: the strategy moves num_computed itself (after verification)
-    # Prefill transform: before layer `prune_layer`, `prune_select` picks the token offsets (into
-    # `tokens`) to keep; it receives that layer's input hidden states of this row [n, hidden].
+    # Prefill transform: from layer `prune_layer` on, only the token offsets (into `tokens`) in
+    # `prune_keep` remain; the dropped tokens' KV stays invisible to later layers afterwards.
     prune_layer: int | None = None
     prune_keep: torch.Tensor | None = None
     # Extra per-row model inputs a model may understand (e.g. a routing override for MoE).
@@ -112,5 +112,3 @@ class DecodingStrategy:
     def stats(self) -> dict[str, Any] | None:
         return None
 
-
-StrategyFactory = Callable[[GenerationRequest, Sequence, Any], DecodingStrategy]
