@@ -24,6 +24,11 @@ ServingDep = Annotated[Serving, Depends(get_serving)]
 router = APIRouter()
 
 
+def envelope(rid: str, obj: str, created: int, model: str, choices: list[dict], **extra: Any) -> dict:
+    """The fields every completion response and stream chunk carries."""
+    return {"id": rid, "object": obj, "created": created, "model": model, "choices": choices, **extra}
+
+
 @router.get("/health")
 async def health() -> dict:
     return {"status": "ok"}
@@ -43,7 +48,9 @@ async def metrics(serving: ServingDep) -> Response:
 
 @router.get("/v1/models")
 async def list_models(serving: ServingDep) -> ModelList:
-    return ModelList(data=[ModelCard(id=m, max_model_len=serving.pool.max_model_len) for m in serving.pool.models()])
+    return ModelList(
+        data=[ModelCard(id=m, max_model_len=serving.pool.max_model_len) for m in serving.pool.models()]
+    )
 
 
 @router.post("/v1/chat/completions", response_model=None)
@@ -54,10 +61,14 @@ async def chat_completions(body: ChatCompletionRequest, raw: Request, serving: S
     top = body.top_logprobs if body.logprobs else None
     if body.top_logprobs is not None and not body.logprobs:
         top = None
-    params = serving.sampling_params(body, max_tokens, len(prompt), (top or 0) if body.logprobs else None, None, "messages")
+    params = serving.sampling_params(
+        body, max_tokens, len(prompt), (top or 0) if body.logprobs else None, None, "messages"
+    )
     methods = serving.methods_for(body)
     if body.negative_messages is not None:
-        methods.setdefault("guidance", {})["negative_messages"] = [m.model_dump() for m in body.negative_messages]
+        methods.setdefault("guidance", {})["negative_messages"] = [
+            m.model_dump() for m in body.negative_messages
+        ]
     serving.resolve_guidance(methods)
     rid = new_id("chatcmpl")
     requests = serving.engine_requests(rid, [prompt], [params], body.n, methods, model)
@@ -74,35 +85,57 @@ async def chat_completions(body: ChatCompletionRequest, raw: Request, serving: S
     if not body.stream:
         choices = await serving.collect(requests, raw)
         return JSONResponse(
-            {
-                "id": rid,
-                "object": "chat.completion",
-                "created": created,
-                "model": model,
-                "choices": [choice_json(c) for c in choices],
-                "usage": Serving.usage(choices, len(prompt)),
-            }
+            envelope(
+                rid,
+                "chat.completion",
+                created,
+                model,
+                [choice_json(c) for c in choices],
+                usage=Serving.usage(choices, len(prompt)),
+            )
         )
 
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     sent_role: set[int] = set()
 
     def chunk(choices: list[dict[str, Any]], usage: dict | None = None) -> dict:
-        out = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model, "choices": choices}
-        if include_usage:
-            out["usage"] = usage
-        return out
+        extra = {"usage": usage} if include_usage else {}
+        return envelope(rid, "chat.completion.chunk", created, model, choices, **extra)
 
     def render(c: ChoiceState, out: RequestOutput) -> list[dict]:
         chunks = []
         if c.index not in sent_role:
             sent_role.add(c.index)
-            chunks.append(chunk([{"index": c.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}]))
+            chunks.append(
+                chunk(
+                    [
+                        {
+                            "index": c.index,
+                            "delta": {"role": "assistant", "content": ""},
+                            "logprobs": None,
+                            "finish_reason": None,
+                        }
+                    ]
+                )
+            )
         if out.new_text or out.logprobs:
             lp = serving.chat_logprobs(out.logprobs) if body.logprobs and out.logprobs else None
-            chunks.append(chunk([{"index": c.index, "delta": {"content": out.new_text}, "logprobs": lp, "finish_reason": None}]))
+            chunks.append(
+                chunk(
+                    [
+                        {
+                            "index": c.index,
+                            "delta": {"content": out.new_text},
+                            "logprobs": lp,
+                            "finish_reason": None,
+                        }
+                    ]
+                )
+            )
         if out.finished:
-            chunks.append(chunk([{"index": c.index, "delta": {}, "logprobs": None, "finish_reason": c.finish_reason}]))
+            chunks.append(
+                chunk([{"index": c.index, "delta": {}, "logprobs": None, "finish_reason": c.finish_reason}])
+            )
         return chunks
 
     return await serving.sse(
@@ -121,8 +154,7 @@ async def completions(body: CompletionRequest, raw: Request, serving: ServingDep
     prompt_lp = body.logprobs if body.echo and body.logprobs is not None else None
     max_tokens = body.max_tokens if body.max_tokens is not None else 16
     params = [
-        serving.sampling_params(body, max_tokens, len(p), body.logprobs, prompt_lp, "prompt")
-        for p in prompts
+        serving.sampling_params(body, max_tokens, len(p), body.logprobs, prompt_lp, "prompt") for p in prompts
     ]
     rid = new_id("cmpl")
     methods = serving.methods_for(body)
@@ -147,12 +179,12 @@ async def completions(body: CompletionRequest, raw: Request, serving: ServingDep
     if not body.stream:
         choices = await serving.collect(requests, raw)
         return JSONResponse(
-            {
-                "id": rid,
-                "object": "text_completion",
-                "created": created,
-                "model": model,
-                "choices": [
+            envelope(
+                rid,
+                "text_completion",
+                created,
+                model,
+                [
                     {
                         "index": c.index,
                         "text": (prompt_texts[c.index // body.n] if body.echo else "") + c.text,
@@ -161,18 +193,16 @@ async def completions(body: CompletionRequest, raw: Request, serving: ServingDep
                     }
                     for c in choices
                 ],
-                "usage": Serving.usage(choices, prompt_tokens),
-            }
+                usage=Serving.usage(choices, prompt_tokens),
+            )
         )
 
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     echoed: set[int] = set()
 
     def chunk(choices: list[dict], usage: dict | None = None) -> dict:
-        out = {"id": rid, "object": "text_completion", "created": created, "model": model, "choices": choices}
-        if include_usage:
-            out["usage"] = usage
-        return out
+        extra = {"usage": usage} if include_usage else {}
+        return envelope(rid, "text_completion", created, model, choices, **extra)
 
     def render(c: ChoiceState, out: RequestOutput) -> list[dict]:
         text = out.new_text
@@ -196,4 +226,6 @@ async def completions(body: CompletionRequest, raw: Request, serving: ServingDep
             )
         ]
 
-    return await serving.sse(requests, render, lambda cs: chunk([], Serving.usage(cs, prompt_tokens)), include_usage)
+    return await serving.sse(
+        requests, render, lambda cs: chunk([], Serving.usage(cs, prompt_tokens)), include_usage
+    )
