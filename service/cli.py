@@ -31,7 +31,33 @@ def build_parser() -> argparse.ArgumentParser:
         help="speculative decoding for every eligible request (a request may opt out with speculative.method=none)",
     )
     serve.add_argument("--log-level", default=env("FREELUNCH_LOG_LEVEL", "info"))
+    pool = serve.add_argument_group("worker pool and admission")
+    pool.add_argument(
+        "--workers",
+        type=int,
+        default=int(env("FREELUNCH_WORKERS", "1")),
+        help="engine worker processes, each with its own model copy (0: the engine on a thread of the API process)",
+    )
+    pool.add_argument("--max-queue", type=int, default=int(env("FREELUNCH_MAX_QUEUE", "256")), help="requests queued beyond what the workers run; then 429")
+    pool.add_argument("--request-timeout", type=float, default=float(env("FREELUNCH_REQUEST_TIMEOUT", "600")), help="seconds; a request may ask for less")
+    pool.add_argument("--drain-timeout", type=float, default=float(env("FREELUNCH_DRAIN_TIMEOUT", "30")), help="seconds to finish in-flight requests after SIGTERM")
+    sec = serve.add_argument_group("security and limits")
+    sec.add_argument("--api-key", action="append", default=None, help="required as `Authorization: Bearer KEY` on /v1/* (repeatable; env FREELUNCH_API_KEY, comma-separated)")
+    sec.add_argument("--api-key-file", default=env("FREELUNCH_API_KEY_FILE"), help="a file with one API key per line")
+    sec.add_argument("--metrics-require-key", action="store_true", default=env("FREELUNCH_METRICS_REQUIRE_KEY", "") == "1", help="protect /metrics with the API keys too")
+    sec.add_argument("--max-body-bytes", type=int, default=int(env("FREELUNCH_MAX_BODY_BYTES", str(8 << 20))))
+    sec.add_argument("--rate-limit-rpm", type=int, default=int(env("FREELUNCH_RATE_LIMIT_RPM", "0")) or None, help="requests per minute per API key")
+    sec.add_argument("--rate-limit-tpm", type=int, default=int(env("FREELUNCH_RATE_LIMIT_TPM", "0")) or None, help="tokens (prompt + max_tokens) per minute per API key")
     return parser
+
+
+def read_api_keys(args: argparse.Namespace) -> tuple[str, ...]:
+    keys = list(args.api_key or [])
+    keys += [k.strip() for k in os.environ.get("FREELUNCH_API_KEY", "").split(",") if k.strip()]
+    if args.api_key_file:
+        with open(args.api_key_file, encoding="utf-8") as f:
+            keys += [line.strip() for line in f if line.strip() and not line.startswith("#")]
+    return tuple(dict.fromkeys(keys))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,10 +66,11 @@ def main(argv: list[str] | None = None) -> int:
     import uvicorn
 
     from freelunch.api.app import create_app
-    from freelunch.config import EngineConfig
+    from freelunch.config import EngineConfig, ServerConfig
     from freelunch.models.loader import ModelLoadError
     from freelunch.pool.pool import WorkerPool
-    from freelunch.pool.worker import EngineWorker
+    from freelunch.pool.process_worker import start_process_workers
+    from freelunch.pool.worker import ThreadWorker
 
     try:
         config = EngineConfig(
@@ -56,14 +83,51 @@ def main(argv: list[str] | None = None) -> int:
             kv_cache_gib=args.kv_cache_gib,
             num_threads=args.threads,
         )
-        worker = EngineWorker.load(config)
-    except (ValueError, ModelLoadError) as e:
+        server = ServerConfig(
+            workers=args.workers,
+            max_queue=args.max_queue,
+            request_timeout=args.request_timeout,
+            drain_timeout=args.drain_timeout,
+            max_body_bytes=args.max_body_bytes,
+            api_keys=read_api_keys(args),
+            metrics_require_key=args.metrics_require_key,
+            rate_limit_rpm=args.rate_limit_rpm,
+            rate_limit_tpm=args.rate_limit_tpm,
+        )
+        if server.workers == 0:
+            workers = [ThreadWorker.load(config)]
+        else:
+            workers = start_process_workers(config, server.workers, args.log_level)
+    except (ValueError, OSError, ModelLoadError, RuntimeError, TimeoutError) as e:
         print(f"freelunch: {e}", file=sys.stderr)
         return 2
     defaults = {"speculative": {"method": args.speculative}} if args.speculative != "none" else {}
-    app = create_app(WorkerPool([worker]), defaults)
-    logging.getLogger("freelunch").info("serving %s on http://%s:%d", worker.engine.info.name, args.host, args.port)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level.lower())
+    capacity = max(1, len(workers)) * config.max_num_seqs + server.max_queue
+    pool = WorkerPool(workers, max_in_flight=capacity)
+    app = create_app(pool, defaults, server)
+    log = logging.getLogger("freelunch")
+    log.info("serving %s on http://%s:%d with %d worker(s)", pool.model_name, args.host, args.port, len(workers))
+    if not server.api_keys and args.host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("no --api-key: anyone who can reach %s:%d can use this server", args.host, args.port)
+
+    class DrainingServer(uvicorn.Server):
+        """On SIGTERM/SIGINT: /ready turns 503 and new requests get 503 at once, while uvicorn
+        lets in-flight requests finish for up to --drain-timeout seconds."""
+
+        def handle_exit(self, sig: int, frame) -> None:
+            if not pool.draining:
+                log.info("draining: finishing %d in-flight generation(s), up to %.0f s", pool.in_flight, server.drain_timeout)
+            pool.draining = True
+            super().handle_exit(sig, frame)
+
+    uv_config = uvicorn.Config(
+        app,
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level.lower(),
+        timeout_graceful_shutdown=server.drain_timeout,
+    )
+    DrainingServer(uv_config).run()
     return 0
 
 

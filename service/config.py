@@ -27,3 +27,29 @@ class EngineConfig:
             raise ValueError("max_num_seqs, max_num_batched_tokens and block_size must be positive")
         if self.kv_cache_gib <= 0:
             raise ValueError("kv_cache_gib must be positive")
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    """API-process settings: admission, limits, authentication."""
+
+    workers: int = 1  # engine worker processes; 0 = the engine on a thread of the API process
+    max_queue: int = 256  # choices waiting beyond what the workers run at once; then 429
+    request_timeout: float = 600.0  # seconds; a request may ask for less with `timeout`
+    drain_timeout: float = 30.0  # seconds to finish in-flight requests after SIGTERM
+    max_body_bytes: int = 8 << 20
+    api_keys: tuple[str, ...] = ()  # empty = no authentication
+    metrics_require_key: bool = False
+    rate_limit_rpm: int | None = None  # per API key (or client address without keys)
+    rate_limit_tpm: int | None = None  # prompt + max_tokens, per minute
+
+    def __post_init__(self) -> None:
+        if self.workers < 0 or self.max_queue < 0:
+            raise ValueError("workers and max_queue must not be negative")
+        if self.request_timeout <= 0 or self.drain_timeout < 0 or self.max_body_bytes < 1024:
+            raise ValueError("request_timeout must be positive, drain_timeout not negative, max_body_bytes >= 1024")
+        if any(not k or k != k.strip() for k in self.api_keys):
+            raise ValueError("API keys must be non-empty and have no surrounding whitespace")
+        for limit in (self.rate_limit_rpm, self.rate_limit_tpm):
+            if limit is not None and limit < 1:
+                raise ValueError("rate limits must be positive")

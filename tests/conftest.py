@@ -28,10 +28,10 @@ def server(tiny_llama):
     from freelunch.api.app import create_app
     from freelunch.config import EngineConfig
     from freelunch.pool.pool import WorkerPool
-    from freelunch.pool.worker import EngineWorker
+    from freelunch.pool.worker import ThreadWorker
 
     folder, hf_model = tiny_llama
-    worker = EngineWorker.load(EngineConfig(model=str(folder), dtype="float32", max_model_len=512, kv_cache_gib=0.05))
+    worker = ThreadWorker.load(EngineConfig(model=str(folder), dtype="float32", max_model_len=512, kv_cache_gib=0.05))
     app = create_app(WorkerPool([worker]))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -11,10 +11,11 @@ _TOKEN_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5,
 
 
 class Metrics:
-    def __init__(self, stats: Callable[[], object]) -> None:
+    def __init__(self, stats: Callable[[], object], workers_alive: Callable[[], int]) -> None:
         """`stats()` returns an object with running, waiting and kv_usage (the pool's)."""
         self.registry = CollectorRegistry()
         r = self.registry
+        Gauge("freelunch_workers_alive", "Engine workers serving requests", registry=r).set_function(workers_alive)
         Gauge("freelunch_requests_running", "Requests in the running batch", registry=r).set_function(
             lambda: stats().running
         )
@@ -27,7 +28,12 @@ class Metrics:
         self.request_success = Counter(
             "freelunch_request_success", "Finished requests by finish reason", ["finished_reason"], registry=r
         )
-        self.request_failure = Counter("freelunch_request_failure", "Requests that ended in an error", ["reason"], registry=r)
+        self.request_failure = Counter(
+            "freelunch_request_failure",
+            "Requests refused or ended in an error (overloaded, rate_limited, timeout, worker_died, engine)",
+            ["reason"],
+            registry=r,
+        )
         self.prompt_tokens = Counter("freelunch_prompt_tokens", "Prompt tokens processed", registry=r)
         self.generation_tokens = Counter("freelunch_generation_tokens", "Tokens generated", registry=r)
         self.spec_draft_tokens = Counter(

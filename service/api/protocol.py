@@ -43,6 +43,7 @@ class SamplingFields(BaseModel):
     ignore_eos: bool = False
     include_stop_str_in_output: bool = False
     user: str | None = Field(default=None, max_length=256)
+    timeout: float | None = Field(default=None, gt=0, le=86400, description="seconds; at most the server's limit")
     # method options (validated by the method that owns them)
     speculative: dict[str, Any] | None = None
     guidance: dict[str, Any] | None = None

@@ -36,9 +36,18 @@ async def health() -> dict:
 
 @router.get("/ready")
 async def ready(serving: ServingDep) -> Response:
-    if serving.pool.ready:
-        return JSONResponse({"status": "ready", "model": serving.pool.model_name})
-    return error_response(503, "the model is not ready")
+    """200 while any worker serves ("degraded" if some are restarting); 503 when none does or
+    the server is draining, so that a load balancer sends traffic elsewhere."""
+    pool = serving.pool
+    workers = [
+        {"name": w.name, "alive": w.alive, "in_flight": w.in_flight, "restarts": w.restarts}
+        for w in pool.worker_states()
+    ]
+    if not pool.ready:
+        reason = "the server is shutting down" if pool.draining else "no engine worker is ready"
+        return JSONResponse({"status": "unavailable", "reason": reason, "workers": workers}, status_code=503)
+    status = "degraded" if pool.degraded else "ready"
+    return JSONResponse({"status": status, "model": pool.model_name, "workers": workers})
 
 
 @router.get("/metrics")
@@ -71,7 +80,7 @@ async def chat_completions(body: ChatCompletionRequest, raw: Request, serving: S
         ]
     serving.resolve_guidance(methods)
     rid = new_id("chatcmpl")
-    requests = serving.engine_requests(rid, [prompt], [params], body.n, methods, model)
+    call = serving.start_call(raw, body, serving.engine_requests(rid, [prompt], [params], body.n, methods, model))
     created = now()
 
     def choice_json(c: ChoiceState) -> dict:
@@ -83,7 +92,7 @@ async def chat_completions(body: ChatCompletionRequest, raw: Request, serving: S
         }
 
     if not body.stream:
-        choices = await serving.collect(requests, raw)
+        choices = await serving.collect(call, raw)
         return JSONResponse(
             envelope(
                 rid,
@@ -92,7 +101,8 @@ async def chat_completions(body: ChatCompletionRequest, raw: Request, serving: S
                 model,
                 [choice_json(c) for c in choices],
                 usage=Serving.usage(choices, len(prompt)),
-            )
+            ),
+            headers=call.headers,
         )
 
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -139,7 +149,7 @@ async def chat_completions(body: ChatCompletionRequest, raw: Request, serving: S
         return chunks
 
     return await serving.sse(
-        requests, render, lambda cs: chunk([], Serving.usage(cs, len(prompt))), include_usage
+        call, render, lambda cs: chunk([], Serving.usage(cs, len(prompt))), include_usage
     )
 
 
@@ -159,7 +169,8 @@ async def completions(body: CompletionRequest, raw: Request, serving: ServingDep
     rid = new_id("cmpl")
     methods = serving.methods_for(body)
     serving.resolve_guidance(methods)
-    requests = serving.engine_requests(rid, prompts, params, body.n, methods, model)
+    call = serving.start_call(raw, body, serving.engine_requests(rid, prompts, params, body.n, methods, model))
+    requests = call.requests
     created = now()
     prompt_tokens = sum(len(p) for p in prompts) * body.n
     prompt_texts = [serving.tokenizer.decode(p) for p in prompts] if body.echo else None
@@ -177,7 +188,7 @@ async def completions(body: CompletionRequest, raw: Request, serving: ServingDep
         return serving.completion_logprobs(prefix + records, offset)
 
     if not body.stream:
-        choices = await serving.collect(requests, raw)
+        choices = await serving.collect(call, raw)
         return JSONResponse(
             envelope(
                 rid,
@@ -194,7 +205,8 @@ async def completions(body: CompletionRequest, raw: Request, serving: ServingDep
                     for c in choices
                 ],
                 usage=Serving.usage(choices, prompt_tokens),
-            )
+            ),
+            headers=call.headers,
         )
 
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -227,5 +239,5 @@ async def completions(body: CompletionRequest, raw: Request, serving: ServingDep
         ]
 
     return await serving.sse(
-        requests, render, lambda cs: chunk([], Serving.usage(cs, prompt_tokens)), include_usage
+        call, render, lambda cs: chunk([], Serving.usage(cs, prompt_tokens)), include_usage
     )

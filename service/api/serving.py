@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -15,10 +16,13 @@ from pydantic import TypeAdapter, ValidationError
 
 from freelunch.api.errors import APIError, error_body
 from freelunch.api.metrics import Metrics
-from freelunch.api.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest, SamplingFields, new_id, now
+from freelunch.api.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest, SamplingFields
+from freelunch.api.rate_limit import RateLimited, RateLimiter
+from freelunch.config import ServerConfig
 from freelunch.engine.engine import EngineError
 from freelunch.engine.request import GenerationRequest, RequestOutput, SamplingParams, TokenLogprob
-from freelunch.pool.pool import WorkerPool
+from freelunch.pool.pool import PoolOverloaded, PoolUnavailable, WorkerPool
+from freelunch.pool.worker import WorkerDied
 
 
 @dataclass(slots=True)
@@ -37,12 +41,30 @@ class ChoiceState:
     first_token_at: float | None = None
 
 
+@dataclass(slots=True)
+class Call:
+    """One admitted API request: its engine requests (one per choice), deadline, response headers."""
+
+    requests: list[GenerationRequest]
+    timeout: float
+    deadline: float
+    headers: dict[str, str]
+
+
 class Serving:
-    def __init__(self, pool: WorkerPool, metrics: Metrics, default_methods: dict[str, dict] | None = None) -> None:
+    def __init__(
+        self,
+        pool: WorkerPool,
+        metrics: Metrics,
+        default_methods: dict[str, dict] | None = None,
+        server: ServerConfig | None = None,
+    ) -> None:
         self.pool = pool
         self.metrics = metrics
         self.tokenizer = pool.tokenizer
         self.default_methods = default_methods or {}
+        self.server = server or ServerConfig()
+        self.limiter = RateLimiter(self.server.rate_limit_rpm, self.server.rate_limit_tpm)
 
     def methods_for(self, req: SamplingFields) -> dict[str, dict]:
         """The request's method options over the server's defaults; `{"method": "none"}` opts out."""
@@ -152,7 +174,7 @@ class Serving:
             )
         if req.min_tokens > max_tokens:
             raise APIError(400, "min_tokens must not exceed max_tokens", "min_tokens")
-        vocab = self.pool.model_info.config.vocab_size
+        vocab = self.pool.served.vocab_size
         if req.stop_token_ids and any(not 0 <= t < vocab for t in req.stop_token_ids):
             raise APIError(400, f"stop_token_ids must be in [0, {vocab})", "stop_token_ids")
         return SamplingParams(
@@ -187,8 +209,40 @@ class Serving:
         return out
 
     # ---- running -------------------------------------------------------------------------
-    async def stream_choices(self, requests: list[GenerationRequest]) -> AsyncIterator[tuple[int, RequestOutput]]:
-        """Merge the choices' output streams; leaving early aborts every choice still running."""
+    def start_call(self, raw: Request, req: SamplingFields, requests: list[GenerationRequest]) -> Call:
+        """Apply the caller's rate limit and fix the deadline. Admission to the pool happens when
+        the generation starts (`stream_choices`)."""
+        headers: dict[str, str] = {}
+        if self.limiter.enabled:
+            state = raw.scope.get("state", {})
+            bucket = state.get("api_key_id") or f"addr-{raw.client.host if raw.client else 'unknown'}"
+            tokens = sum(len(r.prompt_token_ids) + r.params.max_tokens for r in requests)
+            try:
+                headers = self.limiter.acquire(bucket, tokens)
+            except RateLimited as e:
+                self.metrics.request_failure.labels(reason="rate_limited").inc()
+                raise APIError(429, str(e), None, "rate_limit_exceeded", e.headers) from e
+            except ValueError as e:
+                raise APIError(400, str(e), "max_tokens", "request_too_large") from e
+        timeout = min(self.server.request_timeout, req.timeout or math.inf)
+        return Call(requests, timeout, time.monotonic() + timeout, headers)
+
+    def _admit(self, count: int) -> None:
+        try:
+            self.pool.admit(count)
+        except PoolOverloaded as e:
+            self.metrics.request_failure.labels(reason="overloaded").inc()
+            raise APIError(429, str(e), None, "server_overloaded", {"Retry-After": "1"}) from e
+        except PoolUnavailable as e:
+            raise APIError(503, str(e), None, "unavailable", {"Retry-After": "5"}) from e
+        except ValueError as e:
+            raise APIError(400, str(e), "n") from e
+
+    async def stream_choices(self, call: Call) -> AsyncIterator[tuple[int, RequestOutput]]:
+        """Merge the choices' output streams; leaving early (client gone, timeout, error) aborts
+        every choice still running."""
+        requests = call.requests
+        self._admit(len(requests))
         queue: asyncio.Queue = asyncio.Queue()
 
         async def pump(index: int, request: GenerationRequest) -> None:
@@ -202,7 +256,13 @@ class Serving:
         remaining = len(requests)
         try:
             while remaining:
-                index, item = await queue.get()
+                try:
+                    index, item = await asyncio.wait_for(queue.get(), max(0.0, call.deadline - time.monotonic()))
+                except asyncio.TimeoutError:
+                    self.metrics.request_failure.labels(reason="timeout").inc()
+                    raise APIError(
+                        408, f"the request did not finish within {call.timeout:g} s", "timeout", "request_timeout"
+                    ) from None
                 if isinstance(item, Exception):
                     raise item
                 if item.finished:
@@ -212,6 +272,7 @@ class Serving:
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            self.pool.release(len(requests))
 
     def _record(self, choice: ChoiceState, out: RequestOutput, started: float) -> None:
         if out.new_token_ids and choice.first_token_at is None:
@@ -236,20 +297,18 @@ class Serving:
                 out.method_stats,
             )
 
-    async def collect(
-        self, requests: list[GenerationRequest], raw: Request
-    ) -> list[ChoiceState]:
+    async def collect(self, call: Call, raw: Request) -> list[ChoiceState]:
         """Run to completion; a client that disconnects cancels the generation."""
         started = time.monotonic()
-        choices = [ChoiceState(i, len(r.prompt_token_ids)) for i, r in enumerate(requests)]
+        choices = [ChoiceState(i, len(r.prompt_token_ids)) for i, r in enumerate(call.requests)]
 
         async def run() -> None:
-            async for index, out in self.stream_choices(requests):
+            async for index, out in self.stream_choices(call):
                 self._record(choices[index], out, started)
 
         task = asyncio.create_task(run())
         while not task.done():
-            done, _ = await asyncio.wait({task}, timeout=0.5)
+            done, _ = await asyncio.wait({task}, timeout=0.25)
             if not done and await raw.is_disconnected():
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
@@ -264,24 +323,28 @@ class Serving:
             return e
         if isinstance(e, EngineError):
             return APIError(400, str(e), e.param)
+        if isinstance(e, WorkerDied):
+            self.metrics.request_failure.labels(reason="worker_died").inc()
+            return APIError(503, str(e), None, "worker_died", {"Retry-After": "5"})
         self.metrics.request_failure.labels(reason="engine").inc()
-        return APIError(503 if "no engine worker" in str(e) else 500, str(e) or "engine error")
+        return APIError(500, str(e) or "engine error", None, "engine_error")
 
-    async def sse(
-        self, requests: list[GenerationRequest], render, final_usage, include_usage: bool
-    ) -> StreamingResponse | JSONResponse:
+    async def sse(self, call: Call, render, final_usage, include_usage: bool) -> StreamingResponse | JSONResponse:
         """Stream rendered chunks as SSE. The first output is awaited first, so that a request the
         engine refuses still gets a proper JSON error status instead of a broken stream."""
         started = time.monotonic()
-        choices = [ChoiceState(i, len(r.prompt_token_ids)) for i, r in enumerate(requests)]
-        it = self.stream_choices(requests).__aiter__()
+        choices = [ChoiceState(i, len(r.prompt_token_ids)) for i, r in enumerate(call.requests)]
+        it = self.stream_choices(call).__aiter__()
         try:
             first = await it.__anext__()
         except StopAsyncIteration:
             first = None
         except Exception as e:
             err = self._as_api_error(e)
-            return JSONResponse(error_body(err.status, err.message, err.param, err.code), status_code=err.status)
+            headers = {**call.headers, **(err.headers or {})}
+            return JSONResponse(
+                error_body(err.status, err.message, err.param, err.code), status_code=err.status, headers=headers
+            )
 
         async def events() -> AsyncIterator[str]:
             try:
@@ -305,7 +368,9 @@ class Serving:
             finally:
                 await it.aclose()
 
-        return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        return StreamingResponse(
+            events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", **call.headers}
+        )
 
     # ---- shapes --------------------------------------------------------------------------
     def token_text(self, token_id: int) -> str:
@@ -361,9 +426,3 @@ def _is_setting(key: str) -> bool:
     """Stats that describe a setting (e.g. guidance scale) or a mean are not summed over choices."""
     return not (key.endswith(("_tokens", "_rows", "steps")) or key.startswith("mean_"))
 
-
-def created() -> int:
-    return now()
-
-
-__all__ = ["Serving", "ChoiceState", "new_id", "created", "ChatCompletionRequest", "CompletionRequest"]

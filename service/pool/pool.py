@@ -1,23 +1,52 @@
-"""The pool the API talks to: dispatch to the least-loaded worker, stream outputs, abort on exit."""
+"""The pool the API talks to: admission (a bounded queue), dispatch to the least-loaded live
+worker, output streaming, abort when the caller leaves."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 from freelunch.engine.request import GenerationRequest, RequestOutput
-from freelunch.pool.worker import EngineWorker, WorkerStats
+from freelunch.pool.engine_loop import WorkerStats
+from freelunch.pool.worker import ServedModel, Worker, WorkerDied
+
+
+class PoolOverloaded(RuntimeError):
+    """More requests in flight than the workers run plus the queue holds (the API answers 429)."""
+
+
+class PoolUnavailable(RuntimeError):
+    """No live worker, or the server is shutting down (the API answers 503)."""
+
+
+@dataclass(slots=True)
+class WorkerState:
+    name: str
+    alive: bool
+    in_flight: int
+    running: int
+    waiting: int
+    restarts: int
+    pid: int | None
 
 
 class WorkerPool:
-    def __init__(self, workers: list[EngineWorker]) -> None:
+    def __init__(self, workers: list[Worker], max_in_flight: int | None = None) -> None:
+        """`max_in_flight`: engine requests (choices) admitted at once, running or queued;
+        None = unbounded."""
         if not workers:
             raise ValueError("a pool needs at least one worker")
+        served = workers[0].served
+        if served is None:
+            raise ValueError("start the workers and wait until they have loaded before building the pool")
         self.workers = workers
-        first = workers[0].engine
-        self.model_name = first.info.name
-        self.tokenizer = first.tokenizer
-        self.max_model_len = first.max_model_len
-        self.model_info = first.info
+        self.served: ServedModel = served
+        self.model_name = served.name
+        self.tokenizer = served.tokenizer
+        self.max_model_len = served.max_model_len
+        self.max_in_flight = max_in_flight
+        self.in_flight = 0
+        self.draining = False
 
     def start(self) -> None:
         for w in self.workers:
@@ -29,7 +58,11 @@ class WorkerPool:
 
     @property
     def ready(self) -> bool:
-        return any(w.alive for w in self.workers)
+        return not self.draining and any(w.alive for w in self.workers)
+
+    @property
+    def degraded(self) -> bool:
+        return not all(w.alive for w in self.workers)
 
     def models(self) -> list[str]:
         return [self.model_name]
@@ -38,15 +71,45 @@ class WorkerPool:
         parts = [w.stats() for w in self.workers]
         return WorkerStats(
             sum(p.running for p in parts),
-            sum(p.waiting for p in parts),
+            sum(p.waiting for p in parts) + self.queued(),
             sum(p.kv_usage for p in parts) / len(parts),
         )
+
+    def queued(self) -> int:
+        """Admitted choices not yet known to an engine (in the pipe, or between steps)."""
+        engine_side = sum(p.running + p.waiting for p in (w.stats() for w in self.workers))
+        return max(0, self.in_flight - engine_side)
+
+    def worker_states(self) -> list[WorkerState]:
+        out = []
+        for w in self.workers:
+            s = w.stats()
+            out.append(
+                WorkerState(w.name, w.alive, w.load_score, s.running, s.waiting, getattr(w, "restarts", 0), getattr(w, "pid", None))
+            )
+        return out
+
+    def admit(self, count: int) -> None:
+        """Reserve room for `count` choices, or refuse. Pair with `release(count)`."""
+        if self.draining:
+            raise PoolUnavailable("the server is shutting down; retry on another replica")
+        if not any(w.alive for w in self.workers):
+            raise PoolUnavailable("no engine worker is available (restarting); retry shortly")
+        if self.max_in_flight is not None:
+            if count > self.max_in_flight:
+                raise ValueError(f"the request asks for {count} generations; this server runs at most {self.max_in_flight} at once")
+            if self.in_flight + count > self.max_in_flight:
+                raise PoolOverloaded(f"the server is at capacity ({self.in_flight} generations in flight); retry shortly")
+        self.in_flight += count
+
+    def release(self, count: int) -> None:
+        self.in_flight -= count
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[RequestOutput]:
         """Stream a request's outputs. Leaving early (client gone, error) aborts it on its worker."""
         worker = min((w for w in self.workers if w.alive), key=lambda w: w.load_score, default=None)
         if worker is None:
-            raise RuntimeError("no engine worker is available")
+            raise WorkerDied("no engine worker is available (restarting); retry shortly")
         queue = worker.submit(request)
         finished = False
         try:

@@ -1,88 +1,53 @@
-"""An engine worker: one engine driven by a background thread, fed through a thread-safe inbox.
+"""Engine workers as the pool sees them: submit a request, get its outputs on an asyncio queue.
 
-The asyncio side submits requests and receives `RequestOutput`s on a per-request queue.
+`ThreadWorker` runs the engine in this process (tests, `--workers 0`); `ProcessWorker`
+(process_worker.py) runs it in a child process that can die without taking the server down.
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
 import threading
-import traceback
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 from freelunch.config import EngineConfig
-from freelunch.engine.engine import Engine, EngineError
+from freelunch.engine.engine import Engine
 from freelunch.engine.request import GenerationRequest, RequestOutput
-
-log = logging.getLogger("freelunch.worker")
-
-
-@dataclass(slots=True)
-class WorkerStats:
-    running: int
-    waiting: int
-    kv_usage: float
+from freelunch.pool.engine_loop import EngineLoop, WorkerStats
 
 
-class EngineWorker:
-    """Runs `Engine.step()` in a thread while there is work; idle otherwise."""
+class WorkerDied(RuntimeError):
+    """The worker serving a request went away; the request cannot finish (the API answers 503)."""
 
-    def __init__(self, engine: Engine, name: str = "worker-0") -> None:
-        self.engine = engine
-        self.name = name
+
+@dataclass(frozen=True, slots=True)
+class ServedModel:
+    """What the API process needs to know about the model a worker serves."""
+
+    name: str
+    tokenizer: object
+    max_model_len: int
+    vocab_size: int
+
+
+class Mailboxes:
+    """Per-request asyncio queues, filled from any thread."""
+
+    def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._wake = threading.Event()
-        self._inbox: list[tuple[str, object]] = []
         self._queues: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
-        self._stop = False
-        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
-        self.alive = False
 
-    @classmethod
-    def load(cls, config: EngineConfig, name: str = "worker-0") -> "EngineWorker":
-        import torch
-
-        from freelunch.models.loader import load_model, resolve_source
-
-        if config.num_threads:
-            torch.set_num_threads(config.num_threads)
-        loaded = load_model(resolve_source(config.model, config.served_model_name), config.dtype, config.device)
-        return cls(Engine(loaded, config), name)
-
-    def start(self) -> None:
-        self.alive = True
-        self._thread.start()
-
-    def shutdown(self) -> None:
-        self._stop = True
-        self._wake.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout=10)
-
-    @property
-    def load_score(self) -> int:
+    def __len__(self) -> int:
         return len(self._queues)
 
-    def stats(self) -> WorkerStats:
-        return WorkerStats(self.engine.num_running, self.engine.num_waiting, self.engine.blocks.usage)
-
-    def submit(self, request: GenerationRequest) -> asyncio.Queue:
-        """Queue a request; its outputs (or an exception) arrive on the returned queue."""
+    def open(self, request_id: str) -> asyncio.Queue:
         queue: asyncio.Queue = asyncio.Queue()
         with self._lock:
-            self._queues[request.request_id] = (asyncio.get_running_loop(), queue)
-            self._inbox.append(("add", request))
-        self._wake.set()
+            self._queues[request_id] = (asyncio.get_running_loop(), queue)
         return queue
 
-    def abort(self, request_id: str) -> None:
-        with self._lock:
-            self._inbox.append(("abort", request_id))
-        self._wake.set()
-
-    # ---- the thread ----------------------------------------------------------------------
-    def _deliver(self, request_id: str, item: RequestOutput | Exception, last: bool) -> None:
+    def deliver(self, request_id: str, item: RequestOutput | Exception, last: bool) -> None:
         with self._lock:
             entry = self._queues.pop(request_id, None) if last else self._queues.get(request_id)
         if entry is not None:
@@ -92,45 +57,114 @@ class EngineWorker:
             except RuntimeError:  # the event loop is gone (shutdown)
                 pass
 
-    def _drain_inbox(self) -> None:
-        with self._lock:
-            inbox, self._inbox = self._inbox, []
-        for kind, item in inbox:
-            if kind == "add":
-                try:
-                    self.engine.add_request(item)
-                except EngineError as e:
-                    self._deliver(item.request_id, e, last=True)
-            elif not self.engine.abort(item):
-                self._deliver(item, RequestOutput(item, [], "", True, "abort"), last=True)
-
-    def _loop(self) -> None:
-        while not self._stop:
-            self._drain_inbox()
-            if not self.engine.has_work():
-                self._wake.wait(timeout=0.5)
-                self._wake.clear()
-                continue
-            try:
-                outputs = self.engine.step()
-            except Exception as e:  # a bug must fail the requests in flight, not hang them
-                log.error("engine step failed: %s", traceback.format_exc())
-                self._fail_all(e)
-                continue
-            for out in outputs:
-                self._deliver(out.request_id, out, last=out.finished)
-        self.alive = False
-
-    def _fail_all(self, error: Exception) -> None:
-        for request_id in list(self.engine.requests):
-            self.engine.abort(request_id)
-        try:
-            self.engine.step()  # frees the aborted requests' blocks
-        except Exception:
-            log.error("engine could not recover: %s", traceback.format_exc())
-            self.alive = False
-            self._stop = True
+    def fail_all(self, error: Exception) -> None:
         with self._lock:
             ids = list(self._queues)
         for request_id in ids:
-            self._deliver(request_id, RuntimeError(f"engine error: {error}"), last=True)
+            self.deliver(request_id, error, last=True)
+
+
+class Worker(ABC):
+    """One engine, in this process or another."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.mailboxes = Mailboxes()
+
+    @property
+    @abstractmethod
+    def alive(self) -> bool:
+        """Accepting requests now."""
+
+    @property
+    @abstractmethod
+    def served(self) -> ServedModel | None:
+        """The model, once loaded."""
+
+    @abstractmethod
+    def start(self) -> None: ...
+
+    @abstractmethod
+    def shutdown(self) -> None: ...
+
+    @abstractmethod
+    def stats(self) -> WorkerStats: ...
+
+    @abstractmethod
+    def _send_add(self, request: GenerationRequest) -> None: ...
+
+    @abstractmethod
+    def abort(self, request_id: str) -> None: ...
+
+    @property
+    def load_score(self) -> int:
+        return len(self.mailboxes)
+
+    def submit(self, request: GenerationRequest) -> asyncio.Queue:
+        """Queue a request; its outputs (or an exception, last) arrive on the returned queue."""
+        queue = self.mailboxes.open(request.request_id)
+        try:
+            self._send_add(request)
+        except (OSError, ValueError) as e:  # the worker's pipe broke between the check and now
+            self.mailboxes.deliver(request.request_id, WorkerDied(f"engine worker {self.name} is gone: {e}"), True)
+        return queue
+
+
+class ThreadWorker(Worker):
+    """The engine on a thread of this process."""
+
+    def __init__(self, engine: Engine, name: str = "worker-0") -> None:
+        super().__init__(name)
+        self.engine = engine
+        self._loop = EngineLoop(engine, self, name)
+        self._started = False
+        info = engine.info
+        self._served = ServedModel(info.name, engine.tokenizer, engine.max_model_len, info.config.vocab_size)
+
+    @classmethod
+    def load(cls, config: EngineConfig, name: str = "worker-0") -> "ThreadWorker":
+        return cls(load_engine(config), name)
+
+    @property
+    def alive(self) -> bool:
+        return self._started and not self._loop.broken
+
+    @property
+    def served(self) -> ServedModel:
+        return self._served
+
+    def start(self) -> None:
+        if not self._started:
+            self._started = True
+            self._loop.start()
+
+    def shutdown(self) -> None:
+        self._loop.stop()
+
+    def stats(self) -> WorkerStats:
+        return self._loop.stats()
+
+    def _send_add(self, request: GenerationRequest) -> None:
+        self._loop.add(request)
+
+    def abort(self, request_id: str) -> None:
+        self._loop.abort(request_id)
+
+    # Sink: called from the engine thread
+    def outputs(self, outputs: list[RequestOutput], stats: WorkerStats) -> None:
+        for out in outputs:
+            self.mailboxes.deliver(out.request_id, out, last=out.finished)
+
+    def failed(self, request_id: str, error: Exception) -> None:
+        self.mailboxes.deliver(request_id, error, last=True)
+
+
+def load_engine(config: EngineConfig) -> Engine:
+    import torch
+
+    from freelunch.models.loader import load_model, resolve_source
+
+    if config.num_threads:
+        torch.set_num_threads(config.num_threads)
+    loaded = load_model(resolve_source(config.model, config.served_model_name), config.dtype, config.device)
+    return Engine(loaded, config)

@@ -1,0 +1,112 @@
+"""ASGI middleware in front of the routes: API-key authentication and the request-body limit."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+from collections.abc import Sequence
+
+from starlette.datastructures import Headers
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from freelunch.api.errors import error_body
+
+OPEN_PATHS = ("/health", "/ready")
+
+
+async def send_error(
+    send: Send, status: int, message: str, code: str | None, param: str | None = None, headers: dict[str, str] | None = None
+) -> None:
+    body = json.dumps(error_body(status, message, param, code)).encode()
+    raw_headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    raw_headers += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
+    await send({"type": "http.response.start", "status": status, "headers": raw_headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+def key_id(key: str) -> str:
+    """A name for a key that is safe to log and to use as a rate-limit bucket."""
+    return "key-" + hashlib.sha256(key.encode()).hexdigest()[:12]
+
+
+class APIKeyAuth:
+    """Requires `Authorization: Bearer <key>` on `/v1/*` (and `/metrics` if asked). The key is
+    compared in constant time against every configured key, so timing reveals nothing."""
+
+    def __init__(self, app: ASGIApp, keys: Sequence[str], protect_metrics: bool = False) -> None:
+        self.app = app
+        self._digests = [(hashlib.sha256(k.encode()).digest(), key_id(k)) for k in keys]
+        self.protect_metrics = protect_metrics
+
+    def _protected(self, path: str) -> bool:
+        return path.startswith("/v1/") or path == "/v1" or (self.protect_metrics and path == "/metrics")
+
+    def match(self, authorization: str | None) -> str | None:
+        scheme, _, token = (authorization or "").partition(" ")
+        digest = hashlib.sha256(token.strip().encode()).digest()
+        found = None
+        for known, name in self._digests:  # no early exit: every key is compared
+            if hmac.compare_digest(known, digest) and scheme.lower() == "bearer":
+                found = name
+        return found
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not self._digests or not self._protected(scope["path"]):
+            await self.app(scope, receive, send)
+            return
+        name = self.match(Headers(scope=scope).get("authorization"))
+        if name is None:
+            await send_error(
+                send,
+                401,
+                "Incorrect or missing API key: send `Authorization: Bearer <key>`",
+                "invalid_api_key",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+            return
+        scope.setdefault("state", {})["api_key_id"] = name
+        await self.app(scope, receive, send)
+
+
+class BodySizeLimit:
+    """Refuses request bodies over `max_bytes` with 413 before any parsing. The body is read
+    here (the routes need all of it anyway) and replayed to the app."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
+            await self.app(scope, receive, send)
+            return
+        declared = Headers(scope=scope).get("content-length")
+        too_large = f"the request body is larger than {self.max_bytes} bytes"
+        if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
+            await send_error(send, 413, too_large, "request_too_large")
+            return
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # disconnected while sending
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_bytes:
+                await send_error(send, 413, too_large, "request_too_large")
+                return
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            return await receive()  # later calls wait for the disconnect, as the app expects
+
+        await self.app(scope, replay, send)

@@ -1,0 +1,114 @@
+"""Drive one engine from a background thread: an inbox of adds and aborts in, outputs out.
+
+The same loop runs inside a worker process (outputs go down a pipe) and in-process (outputs go to
+asyncio queues); `Sink` is the only difference.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import traceback
+from dataclasses import dataclass
+from typing import Protocol
+
+from freelunch.engine.engine import Engine, EngineError
+from freelunch.engine.request import GenerationRequest, RequestOutput
+
+log = logging.getLogger("freelunch.worker")
+
+
+@dataclass(slots=True)
+class WorkerStats:
+    running: int = 0
+    waiting: int = 0
+    kv_usage: float = 0.0
+
+
+class Sink(Protocol):
+    def outputs(self, outputs: list[RequestOutput], stats: WorkerStats) -> None:
+        """One step's outputs (possibly none) and the engine's state after it."""
+
+    def failed(self, request_id: str, error: Exception) -> None:
+        """The request ended in an error; nothing more will come for it."""
+
+
+class EngineLoop:
+    """Runs `Engine.step()` in a thread while there is work; sleeps otherwise."""
+
+    def __init__(self, engine: Engine, sink: Sink, name: str = "engine") -> None:
+        self.engine = engine
+        self.sink = sink
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._inbox: list[tuple[str, GenerationRequest | str]] = []
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self.broken = False  # the engine could not recover from an error
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop = True
+        self._wake.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=timeout)
+
+    def add(self, request: GenerationRequest) -> None:
+        self._post("add", request)
+
+    def abort(self, request_id: str) -> None:
+        self._post("abort", request_id)
+
+    def stats(self) -> WorkerStats:
+        e = self.engine
+        return WorkerStats(e.num_running, e.num_waiting, e.blocks.usage)
+
+    def _post(self, kind: str, item: GenerationRequest | str) -> None:
+        with self._lock:
+            self._inbox.append((kind, item))
+        self._wake.set()
+
+    def _drain_inbox(self) -> bool:
+        with self._lock:
+            inbox, self._inbox = self._inbox, []
+        for kind, item in inbox:
+            if kind == "add":
+                try:
+                    self.engine.add_request(item)
+                except EngineError as e:
+                    self.sink.failed(item.request_id, e)
+            elif not self.engine.abort(item):  # unknown or already finished: still answer the waiter
+                self.sink.outputs([RequestOutput(item, [], "", True, "abort")], self.stats())
+        return bool(inbox)
+
+    def _run(self) -> None:
+        while not self._stop:
+            changed = self._drain_inbox()
+            if not self.engine.has_work():
+                if changed:
+                    self.sink.outputs([], self.stats())
+                self._wake.wait(timeout=0.5)
+                self._wake.clear()
+                continue
+            try:
+                outputs = self.engine.step()
+            except Exception as e:  # a bug must fail the requests in flight, not hang them
+                log.error("engine step failed: %s", traceback.format_exc())
+                self._fail_all(e)
+                continue
+            self.sink.outputs(outputs, self.stats())
+
+    def _fail_all(self, error: Exception) -> None:
+        ids = list(self.engine.requests)
+        for request_id in ids:
+            self.engine.abort(request_id)
+        try:
+            self.engine.step()  # frees the aborted requests' blocks
+        except Exception:
+            log.error("engine could not recover: %s", traceback.format_exc())
+            self.broken = True
+            self._stop = True
+        for request_id in ids:
+            self.sink.failed(request_id, RuntimeError(f"engine error: {error}"))
