@@ -294,3 +294,19 @@ def test_empirical_distribution_matches_softmax(params, dof):
         wrong = _softmax(logits.double().numpy())
         assert _chi2(counts, wrong) > 3 * _CHI2_CRIT[dof]
     assert math.isclose(counts.sum(), n)
+
+
+@pytest.mark.parametrize(
+    "extreme",
+    [{"top_p": 5e-324}, {"repetition_penalty": 5e-324}, {"temperature": 5e-324}, {"temperature": 1e-7, "top_p": 1e-30}],
+)
+def test_extreme_but_valid_settings_still_sample_a_token(extreme):
+    """Values the API accepts must never make the distribution NaN (found by the API fuzzer)."""
+    torch.manual_seed(0)
+    logits = torch.randn(64) * 5
+    p = SamplingParams(**{"temperature": 1.0, **extreme})
+    gen = torch.Generator().manual_seed(1)
+    ((tok, _),) = sample([SampleRow(logits, p, gen, [1, 2, 3], [4, 5], ())])
+    if p.top_p < 1e-20 or p.temperature < 1e-5:
+        assert tok == int(torch.argmax(logits))  # the limit of both is the argmax
+    assert 0 <= tok < 64

@@ -20,6 +20,17 @@ _TYPES = {
 }
 
 
+_TYPE_NAMES = {"str", "int", "float", "bool", "list", "dict", "none", "bytes"}
+
+
+def _is_union_tag(part: object) -> bool:
+    """pydantic puts the tried union member into `loc` (`stop.str`, `content.list[...]`,
+    `messages.0.content.TextPart`): not a field the client sent."""
+    if isinstance(part, int):
+        return False
+    return part in _TYPE_NAMES or not part.replace("_", "a").isalnum() or not part[:1].islower()
+
+
 class APIError(Exception):
     def __init__(
         self,
@@ -56,7 +67,7 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, e: RequestValidationError) -> JSONResponse:
         first = e.errors()[0] if e.errors() else {}
-        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+        loc = [str(p) for p in first.get("loc", ()) if p != "body" and not _is_union_tag(p)]
         param = ".".join(loc) or None
         msg = first.get("msg", "invalid request")
         if first.get("type") == "json_invalid":

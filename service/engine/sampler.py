@@ -28,7 +28,9 @@ def apply_penalties(logits: torch.Tensor, p: SamplingParams, prompt_ids: list[in
     if p.repetition_penalty != 1.0 and (prompt_ids or output_ids):
         seen = torch.tensor(sorted(set(prompt_ids) | set(output_ids)), dtype=torch.long)
         vals = logits[seen]
-        logits[seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
+        limit = torch.finfo(logits.dtype).max  # a tiny penalty must not turn logits into inf (then NaN)
+        penalised = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
+        logits[seen] = penalised.clamp(-limit, limit)
     if output_ids and (p.presence_penalty or p.frequency_penalty):
         ids, counts = torch.tensor(output_ids, dtype=torch.long).unique(return_counts=True)
         logits[ids] -= p.frequency_penalty * counts.to(logits.dtype) + p.presence_penalty
@@ -46,6 +48,7 @@ def filter_logits(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
         probs = sorted_logits.softmax(-1)
         # drop a token when the mass before it already reaches top_p (the first token always stays)
         drop = (probs.cumsum(-1) - probs) >= p.top_p
+        drop[0] = False  # a top_p that rounds to 0 in the logits' dtype would drop everything
         logits = logits.scatter(0, order, sorted_logits.masked_fill(drop, float("-inf")))
     if p.min_p > 0.0:
         probs = logits.softmax(-1)
