@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 
 
@@ -127,7 +128,12 @@ def main(argv: list[str] | None = None) -> int:
         log_level=args.log_level.lower(),
         timeout_graceful_shutdown=server.drain_timeout,
     )
-    DrainingServer(uv_config).run()
+    # uvicorn re-raises the signal it drained on once it is done: exit 0 then, without a traceback.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    try:
+        DrainingServer(uv_config).run()
+    except KeyboardInterrupt:
+        pass
     return 0
 
 

@@ -1,0 +1,238 @@
+"""`freelunch serve --workers N` as real processes over loopback: load, a worker killed mid-stream,
+client disconnects, SIGTERM drain."""
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+MAX_LEN = 2048
+LONG = {"prompt": "hello", "max_tokens": MAX_LEN - 8, "ignore_eos": True}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(folder: Path, workers: int, *extra: str) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    cmd = [
+        sys.executable, "-m", "freelunch.cli", "serve", "--model", str(folder), "--port", str(port),
+        "--workers", str(workers), "--threads", "1", "--max-model-len", str(MAX_LEN), "--kv-cache-gib", "0.05",
+        "--log-level", "warning", *extra,
+    ]  # fmt: skip
+    proc = subprocess.Popen(cmd, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        assert proc.poll() is None, "the server exited during start-up"
+        try:
+            if httpx.get(base + "/ready").status_code == 200:
+                return proc, base
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    proc.kill()
+    raise TimeoutError("the server did not become ready")
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def worker_pids(server_pid: int) -> list[int]:
+    """The engine worker processes (spawned children, not multiprocessing's resource tracker)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            cmdline = (entry / "cmdline").read_bytes()
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == server_pid and b"spawn_main" in cmdline:
+            pids.append(int(entry.name))
+    return sorted(pids)
+
+
+def metric(base: str, name: str) -> float:
+    total = 0.0
+    for line in httpx.get(base + "/metrics").text.splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def wait_for(predicate, timeout: float, step: float = 0.05) -> float:
+    """Seconds until `predicate()` held; fails after `timeout`."""
+    start = time.monotonic()
+    while not predicate():
+        assert time.monotonic() - start < timeout, "condition not reached in time"
+        time.sleep(step)
+    return time.monotonic() - start
+
+
+async def stream(client: httpx.AsyncClient, path: str, body: dict) -> list[dict | str]:
+    """All SSE events of one streamed request, parsed (the last is the string "[DONE]")."""
+    events: list[dict | str] = []
+    async with client.stream("POST", path, json={**body, "stream": True}) as r:
+        assert r.status_code == 200, await r.aread()
+        async for line in r.aiter_lines():
+            if line.startswith("data: "):
+                data = line[6:]
+                events.append(data if data == "[DONE]" else json.loads(data))
+    return events
+
+
+@pytest.fixture(scope="module")
+def pool_server(tiny_llama):
+    folder, _ = tiny_llama
+    proc, base = start_server(folder, 2)
+    yield proc, base, folder.name
+    stop_server(proc)
+
+
+def test_two_worker_processes_serve_dozens_of_mixed_streaming_clients(pool_server):
+    proc, base, model = pool_server
+    assert len(worker_pids(proc.pid)) == 2
+    chat = [{"role": "user", "content": "Tell me about the sea."}]
+    kinds = [
+        ("/v1/chat/completions", {"messages": chat, "max_tokens": 24, "temperature": 0}),
+        ("/v1/completions", {"prompt": "Once upon a time", "max_tokens": 24, "temperature": 0, "n": 2}),
+        ("/v1/completions", {"prompt": "The cat", "max_tokens": 24, "temperature": 0.8, "seed": 3, "logprobs": 2}),
+        ("/v1/chat/completions", {"messages": chat, "max_tokens": 24, "temperature": 0, "speculative": {"method": "token_recycling"}}),
+        ("/v1/chat/completions", {"messages": chat, "max_tokens": 24, "temperature": 0, "guidance": {"scale": 1.5}}),
+        ("/v1/completions", {"prompt": "One two three", "max_tokens": 24, "stop": ["e"], "stream_options": {"include_usage": True}}),
+    ]
+
+    async def run():
+        async with httpx.AsyncClient(base_url=base, timeout=120) as client:
+            jobs = [stream(client, *kinds[i % len(kinds)]) for i in range(48)]
+            streamed = await asyncio.gather(*jobs)
+            # greedy results under load must equal the same request run alone
+            alone = {}
+            for path, body in kinds[:2] + kinds[3:5]:
+                r = await client.post(path, json=body)
+                alone[json.dumps(body, sort_keys=True)] = r.json()
+            return streamed, alone
+
+    streamed, alone = asyncio.run(run())
+    for i, events in enumerate(streamed):
+        path, body = kinds[i % len(kinds)]
+        assert events[-1] == "[DONE]" and not any("error" in e for e in events[:-1]), events[-3:]
+        chunks = events[:-1]
+        n = body.get("n", 1)
+        finished = {c["choices"][0]["index"]: c["choices"][0]["finish_reason"] for c in chunks if c["choices"] and c["choices"][0]["finish_reason"]}
+        assert sorted(finished) == list(range(n)) and set(finished.values()) <= {"stop", "length"}
+        assert all(c["model"] == model and c["id"] == chunks[0]["id"] for c in chunks)
+        if "include_usage" in json.dumps(body):
+            assert chunks[-1]["usage"]["completion_tokens"] >= 1
+        key = json.dumps(body, sort_keys=True)
+        if key in alone:
+            texts = ["" for _ in range(n)]
+            for c in chunks:
+                for ch in c["choices"]:
+                    texts[ch["index"]] += ch["delta"].get("content", "") if "delta" in ch else ch["text"]
+            reference = alone[key]["choices"]
+            assert texts == [ch["message"]["content"] if "message" in ch else ch["text"] for ch in reference]
+    # nothing leaked: no running requests, no KV blocks held, on either worker
+    wait_for(lambda: metric(base, "freelunch_requests_running") == 0 and metric(base, "freelunch_kv_cache_usage_ratio") == 0, 10)
+
+
+def test_a_client_that_disconnects_stops_its_generation(pool_server):
+    _, base, _ = pool_server
+    started = time.monotonic()
+    httpx.post(base + "/v1/completions", json={**LONG, "max_tokens": 200}, timeout=60)
+    full_estimate = (time.monotonic() - started) * LONG["max_tokens"] / 200
+
+    with httpx.stream("POST", base + "/v1/completions", json={**LONG, "stream": True}, timeout=60) as r:
+        for i, _ in enumerate(r.iter_lines()):
+            if i == 6:
+                break
+    gone = time.monotonic()
+    assert metric(base, "freelunch_requests_running") >= 0  # the server is up and answering
+    idle_after = wait_for(lambda: metric(base, "freelunch_requests_running") == 0, 10)
+    assert idle_after < max(1.0, full_estimate / 4), (idle_after, full_estimate)
+
+    # the same for a non-streaming request whose client times out
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(base + "/v1/completions", json=LONG, timeout=0.5)
+    idle_after = wait_for(lambda: metric(base, "freelunch_requests_running") == 0, 10)
+    assert idle_after < max(1.0, full_estimate / 4), (idle_after, full_estimate)
+    assert gone  # both cancellations happened well before the generations could have finished
+
+
+def test_a_killed_worker_fails_only_its_streams_and_is_replaced(pool_server):
+    proc, base, _ = pool_server
+    pids = worker_pids(proc.pid)
+    assert len(pids) == 2
+
+    async def run():
+        async with httpx.AsyncClient(base_url=base, timeout=120) as client:
+            jobs = [asyncio.create_task(stream(client, "/v1/completions", {**LONG, "max_tokens": 600})) for _ in range(4)]
+            while metric(base, "freelunch_requests_running") < 4:
+                await asyncio.sleep(0.05)
+            os.kill(pids[0], signal.SIGKILL)
+            return await asyncio.gather(*jobs)
+
+    results = asyncio.run(run())
+    died = [ev for ev in results if any(isinstance(e, dict) and "error" in e for e in ev)]
+    finished = [ev for ev in results if ev[-2].get("choices") and ev[-2]["choices"][0]["finish_reason"] == "length"]
+    assert all(ev[-1] == "[DONE]" for ev in results)
+    assert len(died) == 2 and len(finished) == 2, [ev[-2] for ev in results]
+    error = next(e for e in died[0] if isinstance(e, dict) and "error" in e)["error"]
+    assert error["code"] == "worker_died" and error["type"] == "service_unavailable"
+
+    ready = httpx.get(base + "/ready").json()
+    assert ready["status"] in ("degraded", "ready")
+    wait_for(lambda: httpx.get(base + "/ready").json()["status"] == "ready", 120, step=0.5)
+    assert [w["restarts"] for w in httpx.get(base + "/ready").json()["workers"]] == [1, 0]
+    new_pids = worker_pids(proc.pid)
+    assert len(new_pids) == 2 and pids[0] not in new_pids
+    ok = httpx.post(base + "/v1/completions", json={"prompt": "hello", "max_tokens": 4}, timeout=60)
+    assert ok.status_code == 200
+
+
+def test_sigterm_finishes_in_flight_requests_then_exits(tiny_llama):
+    folder, _ = tiny_llama
+    proc, base = start_server(folder, 1, "--drain-timeout", "60")
+    try:
+        workers = worker_pids(proc.pid)
+
+        async def run():
+            async with httpx.AsyncClient(base_url=base, timeout=120) as client:
+                job = asyncio.create_task(stream(client, "/v1/completions", {**LONG, "max_tokens": 1500}))
+                while metric(base, "freelunch_requests_running") < 1:
+                    await asyncio.sleep(0.05)
+                proc.send_signal(signal.SIGTERM)
+                await asyncio.sleep(0.3)
+                try:  # new work is refused: connection refused, or 503 while the socket closes
+                    refused = (await client.get("/ready")).status_code == 503
+                except httpx.ConnectError:
+                    refused = True
+                return await job, refused
+
+        events, refused = asyncio.run(run())
+        assert refused
+        assert events[-1] == "[DONE]" and events[-2]["choices"][0]["finish_reason"] == "length"
+        assert sum(1 for e in events[:-1] if e["choices"] and e["choices"][0]["text"]) > 1000
+        assert proc.wait(60) == 0
+        wait_for(lambda: not any(Path(f"/proc/{p}").exists() for p in workers), 10)
+    finally:
+        stop_server(proc)
