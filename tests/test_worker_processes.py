@@ -159,23 +159,20 @@ def test_a_client_that_disconnects_stops_its_generation(pool_server):
     _, base, _ = pool_server
     started = time.monotonic()
     httpx.post(base + "/v1/completions", json={**LONG, "max_tokens": 200}, timeout=60)
-    full_estimate = (time.monotonic() - started) * LONG["max_tokens"] / 200
+    full_run = (time.monotonic() - started) * LONG["max_tokens"] / 200  # what the long request would take
 
     with httpx.stream("POST", base + "/v1/completions", json={**LONG, "stream": True}, timeout=60) as r:
         for i, _ in enumerate(r.iter_lines()):
             if i == 6:
                 break
-    gone = time.monotonic()
-    assert metric(base, "freelunch_requests_running") >= 0  # the server is up and answering
     idle_after = wait_for(lambda: metric(base, "freelunch_requests_running") == 0, 10)
-    assert idle_after < max(1.0, full_estimate / 4), (idle_after, full_estimate)
+    assert idle_after < max(1.0, full_run / 4), (idle_after, full_run)
 
-    # the same for a non-streaming request whose client times out
+    # the same for a non-streaming request whose client gives up
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(base + "/v1/completions", json=LONG, timeout=0.5)
     idle_after = wait_for(lambda: metric(base, "freelunch_requests_running") == 0, 10)
-    assert idle_after < max(1.0, full_estimate / 4), (idle_after, full_estimate)
-    assert gone  # both cancellations happened well before the generations could have finished
+    assert idle_after < max(1.0, full_run / 4), (idle_after, full_run)
 
 
 def test_a_killed_worker_fails_only_its_streams_and_is_replaced(pool_server):
@@ -189,9 +186,16 @@ def test_a_killed_worker_fails_only_its_streams_and_is_replaced(pool_server):
             while metric(base, "freelunch_requests_running") < 4:
                 await asyncio.sleep(0.05)
             os.kill(pids[0], signal.SIGKILL)
-            return await asyncio.gather(*jobs)
+            # the loss is visible at once, long before the replacement has loaded
+            for _ in range(100):
+                status = (await client.get("/ready")).json()["status"]
+                if status == "degraded":
+                    break
+                await asyncio.sleep(0.05)
+            return await asyncio.gather(*jobs), status
 
-    results = asyncio.run(run())
+    results, status_after_kill = asyncio.run(run())
+    assert status_after_kill == "degraded"
     died = [ev for ev in results if any(isinstance(e, dict) and "error" in e for e in ev)]
     finished = [ev for ev in results if ev[-2].get("choices") and ev[-2]["choices"][0]["finish_reason"] == "length"]
     assert all(ev[-1] == "[DONE]" for ev in results)
@@ -199,8 +203,6 @@ def test_a_killed_worker_fails_only_its_streams_and_is_replaced(pool_server):
     error = next(e for e in died[0] if isinstance(e, dict) and "error" in e)["error"]
     assert error["code"] == "worker_died" and error["type"] == "service_unavailable"
 
-    ready = httpx.get(base + "/ready").json()
-    assert ready["status"] in ("degraded", "ready")
     wait_for(lambda: httpx.get(base + "/ready").json()["status"] == "ready", 120, step=0.5)
     assert [w["restarts"] for w in httpx.get(base + "/ready").json()["workers"]] == [1, 0]
     new_pids = worker_pids(proc.pid)
