@@ -5,7 +5,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,15 +12,10 @@ from pathlib import Path
 
 import httpx
 import pytest
+from live_server import free_port
 
 MAX_LEN = 2048
 LONG = {"prompt": "hello", "max_tokens": MAX_LEN - 8, "ignore_eos": True}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_server(folder: Path, workers: int, *extra: str) -> tuple[subprocess.Popen, str]:
