@@ -19,8 +19,31 @@ def default_tokenizer():
     return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
 
 
+# Sparse MoE variants: 4-8 experts, top-2, so that the router's ranks and a weak single expert are tested.
+MOE_KINDS = {
+    "mixtral": dict(num_local_experts=8, num_experts_per_tok=2),
+    # shared expert, no renormalisation, and layer 1 dense (mlp_only_layers)
+    "qwen2_moe": dict(
+        num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64, shared_expert_intermediate_size=96,
+        norm_topk_prob=False, mlp_only_layers=[1],
+    ),
+    "qwen3_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64, norm_topk_prob=True, head_dim=16),
+    # q/k norms over whole projections, and a clip that bites (OLMoE-1B-7B has none)
+    "olmoe": dict(num_experts=4, num_experts_per_tok=2, intermediate_size=64, norm_topk_prob=False, clip_qkv=1.5),
+}
+
+
 def tiny_llama_config(kind: str = "llama", **overrides):
-    from transformers import LlamaConfig, Qwen2Config, Qwen3Config, MistralConfig
+    from transformers import (
+        LlamaConfig,
+        MistralConfig,
+        MixtralConfig,
+        OlmoeConfig,
+        Qwen2Config,
+        Qwen2MoeConfig,
+        Qwen3Config,
+        Qwen3MoeConfig,
+    )
 
     base = dict(
         vocab_size=49152,
@@ -36,8 +59,18 @@ def tiny_llama_config(kind: str = "llama", **overrides):
         eos_token_id=2,
         pad_token_id=2,
     )
+    base.update(MOE_KINDS.get(kind, {}))
     base.update(overrides)
-    cls = {"llama": LlamaConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config, "mistral": MistralConfig}[kind]
+    cls = {
+        "llama": LlamaConfig,
+        "qwen2": Qwen2Config,
+        "qwen3": Qwen3Config,
+        "mistral": MistralConfig,
+        "mixtral": MixtralConfig,
+        "qwen2_moe": Qwen2MoeConfig,
+        "qwen3_moe": Qwen3MoeConfig,
+        "olmoe": OlmoeConfig,
+    }[kind]
     if kind == "qwen3":
         base.setdefault("head_dim", 16)
     cfg = cls(**base)
@@ -51,11 +84,13 @@ def build_tiny_model(folder: Path, kind: str = "llama", seed: int = 0, **overrid
 
     cfg = tiny_llama_config(kind, **overrides)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    # eager experts: transformers' reference loop over experts
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32, experts_implementation="eager")
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.dim() >= 2:
-                p.normal_(0.0, 0.08 if "embed" not in name else 0.5)
+                # routers a little sharper, so that the experts' ranks are well apart
+                p.normal_(0.0, 0.5 if "embed" in name else 0.3 if name.endswith("mlp.gate.weight") else 0.08)
             elif "bias" in name:
                 p.normal_(0.0, 0.05)
     model.eval()

@@ -16,13 +16,14 @@ from freelunch.engine.model_runner import ModelRunner
 from freelunch.engine.request import (
     FinishReason,
     GenerationRequest,
+    InputEmbeds,
     RequestOutput,
     Sequence,
     TokenLogprob,
 )
 from freelunch.engine.sampler import SampleRow, sample, top_logprobs
 from freelunch.engine.scheduler import Scheduler
-from freelunch.engine.strategy import DecodingStrategy, Sampled
+from freelunch.engine.strategy import DecodingStrategy, ImageEncoder, Sampled
 from freelunch.models.loader import LoadedModel
 
 
@@ -46,6 +47,8 @@ class ModelInfo:
     max_model_len: int
     device: str
     shared_state: dict = field(default_factory=dict)  # per-model method state (e.g. draft tables)
+    vision: ImageEncoder | None = None  # a vision-language model's image side
+    max_num_batched_tokens: int = 0  # tokens one forward may take (a prefill transform needs the whole prompt)
 
 
 @dataclass(slots=True)
@@ -89,7 +92,15 @@ class Engine:
         if getattr(loaded.tokenizer, "eos_token_id", None) is not None:
             eos.add(loaded.tokenizer.eos_token_id)
         self.info = ModelInfo(
-            loaded.name, cfg, loaded.hf_config, loaded.tokenizer, tuple(sorted(eos)), self.max_model_len, config.device
+            loaded.name,
+            cfg,
+            loaded.hf_config,
+            loaded.tokenizer,
+            tuple(sorted(eos)),
+            self.max_model_len,
+            config.device,
+            vision=loaded.model if hasattr(loaded.model, "encode_images") else None,
+            max_num_batched_tokens=config.max_num_batched_tokens,
         )
         self.requests: dict[str, RequestState] = {}
         self._aborted: list[RequestState] = []
@@ -117,6 +128,7 @@ class Engine:
             strategy = build_strategy(request, main, self.info)
         except ValueError as e:
             raise EngineError(str(e)) from e
+        self._place_images(request, strategy)
         if not self._fits_in_cache(strategy):
             capacity = self.blocks.num_blocks * self.blocks.block_size
             need = sum(seq.num_tokens + strategy.tokens_needed() for seq in strategy.rows)
@@ -136,7 +148,41 @@ class Engine:
         )
         self.requests[request.request_id] = state
         self.scheduler.add(state)
-        self.stats["prompt_tokens"] += n_prompt
+        self.stats["prompt_tokens"] += main.num_prompt
+
+    def _place_images(self, request: GenerationRequest, strategy: DecodingStrategy) -> None:
+        """Image features take the place of the prompt's placeholder tokens: the i-th image owns the
+        i-th run of `tokens_per_image` placeholders (as transformers' LLaVA). Where the strategy keeps
+        fewer features for an image, that many of its placeholders leave the prompt."""
+        vision, main = self.info.vision, strategy.main
+        if vision is None:
+            if request.images:
+                raise EngineError(f"the model `{self.info.name}` does not accept images", "messages")
+            return
+        placeholders = [i for i, t in enumerate(main.token_ids) if t == vision.image_token_id]
+        per_image = vision.tokens_per_image
+        if len(placeholders) != len(request.images) * per_image:
+            raise EngineError(
+                f"the prompt holds {len(placeholders)} image placeholder tokens; "
+                f"{len(request.images)} image(s) take {per_image} each",
+                "messages",
+            )
+        if not request.images:
+            return
+        dtype = next(self.model.parameters()).dtype
+        try:
+            pixels = torch.stack([image.tensor() for image in request.images]).to(self.device, dtype)
+            with torch.inference_mode():
+                features = strategy.image_features(vision, pixels)
+        except ValueError as e:
+            raise EngineError(f"bad image input: {e}", "messages") from e
+        dropped = set()
+        for i, image_features in enumerate(features):
+            dropped.update(placeholders[i * per_image + image_features.shape[0] : (i + 1) * per_image])
+        ids = [t for i, t in enumerate(main.token_ids) if i not in dropped]
+        offsets = [i for i, t in enumerate(ids) if t == vision.image_token_id]
+        main.token_ids, main.num_prompt = ids, len(ids)
+        main.input_embeds = InputEmbeds(torch.tensor(offsets), torch.cat(features))
 
     def abort(self, request_id: str) -> bool:
         state = self.requests.get(request_id)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -10,6 +11,7 @@ from freelunch.engine.block_manager import BlockManager
 from freelunch.engine.kv_cache import KVCache
 from freelunch.engine.strategy import RowPlan
 from freelunch.models.attention import AttentionBatch, AttentionGroup, PrunePlan
+from freelunch.models.expert_routing import EXPERT_RANK, ExpertRouting
 
 
 @dataclass(slots=True)
@@ -44,6 +46,8 @@ class ModelRunner:
         slot_parts: list[torch.Tensor] = []
         layouts: list[_RowLayout] = []
         logit_rows: list[int] = []
+        embed_index: list[torch.Tensor] = []
+        embed_values: list[torch.Tensor] = []
         offset = 0
         for plan in plans:
             seq, n = plan.seq, len(plan.tokens)
@@ -53,19 +57,27 @@ class ModelRunner:
             slot_parts.append(self.blocks.slots(seq, start, start + n))
             layouts.append(self._layout(plan, offset))
             logit_rows.extend(offset + i for i in plan.logits_at)
+            if seq.input_embeds is not None:
+                local, values = seq.input_embeds.between(start, start + n)
+                embed_index.append(local + offset)
+                embed_values.append(values)
             offset += n
         slot_mapping = torch.cat(slot_parts)
         attn = AttentionBatch(
             self.kv.layers, slot_mapping.to(self.device), self._groups(layouts, offset), self.scale
         )
-        prune = [p for p in plans if p.prune_layer is not None]
-        keep_map = None
-        if prune:
-            attn.prune, keep_map = self._prune_plan(plans, layouts, slot_mapping, offset)
+        if any(p.prune_layer is not None for p in plans):
+            attn.prune = self._prune_plan(plans, layouts, slot_mapping)
+        row_ranks = [(p.extras.get(EXPERT_RANK, 0), len(p.tokens)) for p in plans]
+        attn.routing = ExpertRouting.from_rows(row_ranks, self.device)  # MoE routing overrides, if any
+        inputs = {}
+        if embed_index:  # only models that take images get the keyword
+            inputs["input_embeds"] = (torch.cat(embed_index).to(self.device), torch.cat(embed_values))
         hidden = self.model(
-            torch.tensor(ids, device=self.device), torch.tensor(positions, device=self.device), attn
+            torch.tensor(ids, device=self.device), torch.tensor(positions, device=self.device), attn, **inputs
         )
-        if keep_map is not None:  # packed indices changed at the pruning layer
+        if attn.prune is not None:  # packed indices changed at the pruning layer
+            keep_map = {int(old): new for new, old in enumerate(attn.prune.keep.tolist())}
             logit_rows = [keep_map[r] for r in logit_rows]
         logits = self.model.logits(hidden[torch.tensor(logit_rows, dtype=torch.long, device=self.device)])
         out: dict[int, torch.Tensor] = {}
@@ -127,25 +139,46 @@ class ModelRunner:
             groups[0].q_index = None  # one group covering the batch in order: no gather/scatter
         return groups
 
-    def _prune_plan(
-        self, plans: list[RowPlan], layouts: list[_RowLayout], slot_mapping: torch.Tensor, total: int
-    ) -> tuple[PrunePlan, dict[int, int]]:
-        """Metadata for the layers after a prefill transform drops tokens (one pruning layer per step)."""
+    def _prune_plan(self, plans: list[RowPlan], layouts: list[_RowLayout], slot_mapping: torch.Tensor) -> PrunePlan:
+        """A prefill transform (one pruning layer per step); rows that select in the forward get a probe:
+        their last token's attention over the row at the layer before."""
         layers = {p.prune_layer for p in plans if p.prune_layer is not None}
         if len(layers) != 1:
             raise ValueError("rows of one step must prune at the same layer")
         layer = layers.pop()
+        probes = []
+        for plan, lay in zip(plans, layouts):
+            if plan.prune_layer is None:
+                continue
+            if plan.seq.num_computed != 0 or plan.mask is not None:
+                raise ValueError("pruning applies to a whole prompt prefilled in one step")
+            if plan.prune_select is not None:
+                if layer < 1:
+                    raise ValueError("a selection from attention prunes at layer 1 or later")
+                probes.append((int(lay.q_index[-1]), lay.q_index.to(self.device)))
+        resolve = functools.partial(self._after_prune, plans, layouts, slot_mapping, layer)
+        return PrunePlan(layer, resolve, probes)
+
+    def _after_prune(
+        self,
+        plans: list[RowPlan],
+        layouts: list[_RowLayout],
+        slot_mapping: torch.Tensor,
+        layer: int,
+        observed: list[torch.Tensor],
+    ) -> tuple[torch.Tensor, AttentionBatch]:
+        """Kept packed indices, and the metadata for the layers after the pruning layer."""
         keep_parts: list[torch.Tensor] = []
         after_layouts: list[_RowLayout] = []
+        selections = iter(observed)
         new_offset = 0
         for plan, lay in zip(plans, layouts):
             n = lay.q_index.numel()
             if plan.prune_layer is None:
                 local_keep = torch.arange(n)
             else:
-                if plan.seq.num_computed != 0 or plan.mask is not None:
-                    raise ValueError("pruning applies to a whole prompt prefilled in one step")
-                local_keep = plan.prune_keep.sort().values
+                chosen = plan.prune_keep if plan.prune_select is None else plan.prune_select(next(selections))
+                local_keep = chosen.cpu().sort().values
                 dropped = torch.ones(n, dtype=torch.bool)
                 dropped[local_keep] = False
                 plan.seq.masked_from = layer
@@ -164,5 +197,4 @@ class ModelRunner:
         after = AttentionBatch(
             self.kv.layers, slot_mapping[keep].to(self.device), self._groups(after_layouts, new_offset), self.scale
         )
-        keep_map = {int(old): new for new, old in enumerate(keep.tolist())}
-        return PrunePlan(layer, keep.to(self.device), after), keep_map
+        return keep.to(self.device), after

@@ -49,6 +49,54 @@ class FinishReason(str, enum.Enum):
 
 _seq_ids = itertools.count()
 
+# dtypes an image's pixel values may arrive in (what image processors return)
+_PIXEL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(slots=True)
+class ImageInput:
+    """One image as the checkpoint's image processor left it: pixel values [C, H, W], carried as
+    raw bytes so that a request crosses the worker pipe as msgpack (no tensors, no pickle)."""
+
+    pixel_values: bytes
+    shape: list[int]
+    dtype: str = "float32"
+
+    @classmethod
+    def from_tensor(cls, pixels: torch.Tensor) -> ImageInput:
+        dtype = str(pixels.dtype).removeprefix("torch.")
+        if dtype not in _PIXEL_DTYPES:
+            raise ValueError(f"pixel values must be one of {sorted(_PIXEL_DTYPES)}, not {dtype}")
+        flat = pixels.detach().cpu().contiguous().view(-1).view(torch.uint8)
+        return cls(flat.numpy().tobytes(), list(pixels.shape), dtype)
+
+    def tensor(self) -> torch.Tensor:
+        """The pixel values; ValueError when the bytes do not match the declared shape and dtype."""
+        dtype = _PIXEL_DTYPES.get(self.dtype)
+        if dtype is None or not self.shape or any(d <= 0 for d in self.shape):
+            raise ValueError(f"bad image tensor: dtype {self.dtype!r}, shape {self.shape}")
+        count = 1
+        for d in self.shape:
+            count *= d
+        if count * dtype.itemsize != len(self.pixel_values):
+            raise ValueError(f"image tensor of shape {self.shape} ({self.dtype}) has {len(self.pixel_values)} bytes")
+        return torch.frombuffer(bytearray(self.pixel_values), dtype=dtype).view(self.shape)
+
+
+@dataclass(slots=True)
+class InputEmbeds:
+    """Embeddings that replace a row's token embeddings at some offsets (image features at their
+    placeholder tokens). Kept on the row, so a recompute after preemption feeds them again."""
+
+    offsets: torch.Tensor  # [k] ascending token offsets
+    values: torch.Tensor  # [k, hidden]
+
+    def between(self, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(offsets - start, values) of the entries in [start, end)."""
+        lo, hi = torch.searchsorted(self.offsets, torch.tensor([start, end])).tolist()
+        return self.offsets[lo:hi] - start, self.values[lo:hi]
+
+
 
 @dataclass(slots=True)
 class Sequence:
@@ -62,6 +110,7 @@ class Sequence:
     # KV entries of tokens pruned at prefill: from layer `masked_from` on, these offsets are invisible.
     masked_from: int | None = None
     masked_offsets: torch.Tensor | None = None
+    input_embeds: InputEmbeds | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -99,6 +148,7 @@ class GenerationRequest:
     methods: dict[str, Any] = field(default_factory=dict)  # option name -> validated options
     arrival_time: float = field(default_factory=time.monotonic)
     model: str | None = None
+    images: list[ImageInput] = field(default_factory=list)  # in the order of their placeholders
 
 
 @dataclass(slots=True)

@@ -9,13 +9,17 @@ The shapes every method needs are expressible here:
 - extra rows: `rows` may hold shadow sequences with their own prompt and KV cache (CFG, SCMoE);
 - draft and verify: a `RowPlan` may feed tokens that are not (yet) part of the sequence, with
   a custom attention mask and positions; `StepContext.commit_kv` then keeps the accepted ones;
-- prefill transform: a `RowPlan` may ask to drop some of its tokens from a layer on.
+- prefill transform: a `RowPlan` may ask to drop some of its tokens from a layer on, chosen
+  beforehand or from the attention of the layer before;
+- image inputs: `image_features` turns a request's images into embeddings for its placeholder
+  tokens, and may keep fewer of them (pruning before the language model).
 The engine never imports a concrete method: they are built from `freelunch.methods` registries.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import torch
@@ -37,7 +41,12 @@ class RowPlan:
     # `prune_keep` remain; the dropped tokens' KV stays invisible to later layers afterwards.
     prune_layer: int | None = None
     prune_keep: torch.Tensor | None = None
-    # Extra per-row model inputs a model may understand (e.g. a routing override for MoE).
+    # ... or decided in the forward itself (FastV): called with the attention of the row's last token
+    # at layer `prune_layer - 1` (probabilities over the row's tokens, mean over heads, [n]), it
+    # returns the offsets to keep. Whole prompt in one step, prune_layer >= 1.
+    prune_select: Callable[[torch.Tensor], torch.Tensor] | None = None
+    # Extra per-row model inputs a model may understand: `expert_rank` r >= 1 (models/expert_routing.py)
+    # routes the row's tokens in every MoE layer to the expert its router ranks r-th, alone.
     extras: dict[str, Any] = field(default_factory=dict)
 
 
@@ -45,6 +54,28 @@ class RowPlan:
 class Sampled:
     token_id: int
     logprob: TokenLogprob | None = None
+
+
+class ImageEncoder(Protocol):
+    """What a vision-language model offers methods: its vision tower and projector, apart."""
+
+    image_token_id: int
+    tokens_per_image: int  # placeholder tokens (= features) per image
+    has_cls_token: bool  # the vision tower prepends a [CLS] token
+    num_vision_layers: int
+    cls_band_end: int  # vision layers before this one produce the features
+
+    def encode_images(
+        self, pixel_values: torch.Tensor, cls_attention_from: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """pixel_values [N, C, H, W] -> vision features [N, tokens_per_image, D] before the projector,
+        and with `cls_attention_from` = s each feature's [CLS] attention (mean over heads) summed over
+        the tower's layers [s, cls_band_end) ([N, tokens_per_image]; +inf for a [CLS] feature)."""
+        ...
+
+    def project(self, features: torch.Tensor) -> torch.Tensor:
+        """Vision features [..., D] -> language-model embeddings [..., hidden]."""
+        ...
 
 
 class StepContext(Protocol):
@@ -88,6 +119,13 @@ class DecodingStrategy:
             # every prompt position in this chunk (the logits at i score token i + 1)
             logits_at = sorted(set(range(min(n, seq.num_prompt - start))) | set(logits_at))
         return RowPlan(seq, tokens, logits_at)
+
+    def image_features(self, encoder: ImageEncoder, pixel_values: torch.Tensor) -> list[torch.Tensor]:
+        """Language-model embeddings of the request's images ([k, hidden] each, k <= tokens_per_image).
+
+        A method may keep fewer than `tokens_per_image` (pruning before the projector); the engine
+        then drops that many of the image's placeholder tokens from the prompt."""
+        return list(encoder.project(encoder.encode_images(pixel_values)[0]))
 
     def tokens_needed(self) -> int:
         """KV slots to reserve per row at admission beyond the prompt (drafts need more)."""

@@ -23,8 +23,9 @@ from typing import Any
 import torch
 
 from freelunch.engine.request import GenerationRequest, Sequence
-from freelunch.engine.strategy import DecodingStrategy, RowPlan, StepContext
+from freelunch.engine.strategy import DecodingStrategy
 from freelunch.methods import register
+from freelunch.methods.shadow_row import ShadowRowStrategy
 
 DEFAULT_SCALE = 1.5
 MAX_SCALE = 30.0
@@ -93,66 +94,29 @@ def guide(cond: torch.Tensor, uncond: torch.Tensor, scale: float, rescale: float
     return guided
 
 
-class ClassifierFreeGuidance(DecodingStrategy):
+class ClassifierFreeGuidance(ShadowRowStrategy):
     name = "guidance"
 
     def __init__(self, request: GenerationRequest, main: Sequence, model_info: Any) -> None:
         super().__init__(request, main)
         opts = parse_options(request.methods["guidance"], model_info.config.vocab_size, model_info.max_model_len)
         self.options = opts
-        self.shadow: Sequence | None = None
         # Scale 1 is plain decoding (transformers adds no CFG processor then); a scoring-only
         # request (max_tokens 0) samples nothing to guide. Neither runs a shadow row.
         if opts.scale != 1 and request.params.max_tokens > 0:
             uncond = opts.negative_prompt_ids or [main.token_ids[-1]]
-            self.shadow = Sequence(list(uncond), len(uncond))
-            self.rows.append(self.shadow)
+            self.add_shadow(Sequence(list(uncond), len(uncond)))
             # The shadow row appends every output token too: the request ends (`length`) when
             # either row would pass the context limit.
             room = model_info.max_model_len - len(uncond)
             if request.params.max_tokens > room:
                 request.params = dataclasses.replace(request.params, max_tokens=room)
-        # Chunked prefill (or a tight token budget) may give one row its last-token logits a
-        # step before the other. Rather than holding a row back in `plan`, each row's logits for
-        # its current last token are kept here until the other row's arrive; appending the
-        # sampled token (which both rows get) empties it. A row recomputed after preemption has
-        # the same tokens, so a kept entry stays valid (and is overwritten when it comes again).
-        self._last: dict[int, torch.Tensor] = {}  # seq_id -> logits [vocab]
-        self._shadow_planned = 0
-        self.extra_tokens = 0
 
-    def plan(self, token_budget: int) -> list[RowPlan]:
-        plans = super().plan(token_budget)
-        # counted when the step runs (on_logits): a plan dropped by preemption never ran
-        self._shadow_planned = sum(len(p.tokens) for p in plans if p.seq is self.shadow)
-        return plans
-
-    def on_logits(self, logits: dict[int, torch.Tensor], ctx: StepContext) -> torch.Tensor | None:
-        if self.shadow is None:
-            return super().on_logits(logits, ctx)
-        self.extra_tokens += self._shadow_planned
-        self._shadow_planned = 0
-        for seq in self.rows:
-            out = logits.get(seq.seq_id)
-            if out is not None and seq.pending == 0:  # this step fed the row's last token
-                self._last[seq.seq_id] = out[-1]
-        if any(seq.pending > 0 or seq.seq_id not in self._last for seq in self.rows):
-            return None  # a row is still prefilling
-        cond = self._last.pop(self.main.seq_id)
-        uncond = self._last.pop(self.shadow.seq_id)
-        return guide(cond, uncond, self.options.scale, self.options.rescale)
-
-    def append(self, token_id: int) -> None:
-        self._last.clear()
-        super().append(token_id)
+    def combine(self, main_logits: torch.Tensor, shadow_logits: torch.Tensor) -> torch.Tensor:
+        return guide(main_logits, shadow_logits, self.options.scale, self.options.rescale)
 
     def stats(self) -> dict[str, Any]:
-        return {
-            "scale": self.options.scale,
-            "extra_rows": len(self.rows) - 1,
-            "extra_prompt_tokens": self.shadow.num_prompt if self.shadow is not None else 0,
-            "extra_tokens": self.extra_tokens,  # tokens the shadow row ran through the model
-        }
+        return {"scale": self.options.scale} | self.shadow_stats()
 
 
 @register("guidance")

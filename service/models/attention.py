@@ -7,11 +7,13 @@ share a shape: all single-token decode rows form one padded batch; each multi-to
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
 from freelunch.kernels.paged_attention_ref import paged_attention_ref, sdpa_gqa
+from freelunch.models.expert_routing import ExpertRouting
 
 
 @dataclass(slots=True)
@@ -33,13 +35,29 @@ class AttentionGroup:
         return self.mask
 
 
+def query_attention(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+    """One query's attention probabilities over keys it sees, mean over heads: q [H, D], k [L, Hkv, D] -> [L].
+
+    float32 softmax like transformers' eager attention (FastV reads these weights from it)."""
+    k = k.repeat_interleave(q.shape[0] // k.shape[1], dim=1)  # GQA: each kv head serves a group of q heads
+    scores = torch.einsum("hd,lhd->hl", q.float(), k.float()) * scale
+    return scores.softmax(dim=-1).mean(dim=0)
+
+
 @dataclass(slots=True)
 class PrunePlan:
-    """Drop packed tokens before `layer`; later layers use the `after` metadata."""
+    """Drop packed tokens before `layer`; later layers use the metadata that `resolve` builds then.
+
+    `resolve` runs when the layer is reached, so that a selection may depend on this very forward:
+    each probe (packed index of a query, packed indices of the keys it sees) records that query's
+    attention (`query_attention`) at layer - 1, and `resolve` gets them in probe order.
+    """
 
     layer: int
-    keep: torch.Tensor  # [T'] packed indices kept
-    after: "AttentionBatch"
+    resolve: Callable[[list[torch.Tensor]], tuple[torch.Tensor, AttentionBatch]]
+    probes: list[tuple[int, torch.Tensor]] = field(default_factory=list)
+    observed: list[torch.Tensor] = field(default_factory=list)
+    keep: torch.Tensor | None = None  # [T'] packed indices kept, once resolved
 
 
 @dataclass(slots=True)
@@ -49,18 +67,24 @@ class AttentionBatch:
     groups: list[AttentionGroup]
     scale: float
     prune: PrunePlan | None = None
-    _pruned: bool = field(default=False)
+    routing: ExpertRouting | None = None  # per-token MoE routing override (None: every token routes by default)
 
     def keep_before_layer(self, layer: int) -> torch.Tensor | None:
         """Packed indices to keep from `layer` on, when a prefill transform prunes there."""
-        if self.prune is None or layer != self.prune.layer:
+        prune = self.prune
+        if prune is None or layer != prune.layer:
             return None
-        after = self.prune.after
-        self.slot_mapping, self.groups, self._pruned = after.slot_mapping, after.groups, True
-        return self.prune.keep
+        prune.keep, after = prune.resolve(prune.observed)
+        self.slot_mapping, self.groups = after.slot_mapping, after.groups
+        if self.routing is not None:
+            self.routing = self.routing.select(prune.keep)
+        return prune.keep
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q [T, H, D], k/v [T, Hkv, D] for the packed tokens -> attention output [T, H*D]."""
+        prune = self.prune
+        if prune is not None and prune.probes and layer == prune.layer - 1:
+            prune.observed = [query_attention(q[query], k[keys], self.scale) for query, keys in prune.probes]
         k_cache, v_cache = self.kv_caches[layer]
         k_cache.index_copy_(0, self.slot_mapping, k.to(k_cache.dtype))
         v_cache.index_copy_(0, self.slot_mapping, v.to(v_cache.dtype))

@@ -4,6 +4,7 @@ All rows of a step are packed into one token dimension [T]; the linear layers se
 matrix, attention goes through `AttentionBatch`, which reads and writes the paged KV cache.
 Numerics follow transformers' modeling_llama (RMSNorm in float32, RoPE tables from
 transformers' own rope init functions) so greedy tokens match it exactly in float32.
+MoE models (moe.py) reuse it with sparse feed-forward blocks (`feed_forward`, `load_feed_forward`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from freelunch.models.attention import AttentionBatch
+from freelunch.models.moe_config import MoeConfig
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,10 +33,15 @@ class DecoderConfig:
     rms_norm_eps: float
     max_position_embeddings: int
     tie_word_embeddings: bool
-    attention_bias: bool
+    attention_bias: bool  # biases on q, k and v
+    o_proj_bias: bool
     mlp_bias: bool
-    qk_norm: bool  # Qwen3: RMSNorm on each head of q and k before RoPE
+    # RMSNorm of q and k before RoPE: "head" on each head (Qwen3), "projection" over all heads
+    # at once (OLMoE), None for none
+    qk_norm: str | None
+    clip_qkv: float | None  # OLMoE: q, k, v clamped to [-clip, clip]
     eos_token_ids: tuple[int, ...]
+    moe: MoeConfig | None = None  # sparse MoE feed-forward layers (moe.py), None for a dense model
 
     @classmethod
     def from_hf(cls, hf_config) -> "DecoderConfig":
@@ -44,6 +51,9 @@ class DecoderConfig:
         eos = getattr(c, "eos_token_id", None)
         eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())
         model_type = getattr(c, "model_type", "llama")
+        max_positions = getattr(c, "max_position_embeddings", 4096)
+        window = _sliding_window(c)
+        bias = bool(getattr(c, "attention_bias", False))  # Llama, Qwen3, OLMoE: q, k, v and o
         return cls(
             vocab_size=c.vocab_size,
             hidden_size=c.hidden_size,
@@ -53,14 +63,26 @@ class DecoderConfig:
             num_kv_heads=getattr(c, "num_key_value_heads", None) or heads,
             head_dim=head_dim,
             rms_norm_eps=c.rms_norm_eps,
-            max_position_embeddings=getattr(c, "max_position_embeddings", 4096),
+            # Within its window, sliding-window attention is full attention: serve no longer contexts.
+            max_position_embeddings=max_positions if window is None else min(max_positions, window),
             tie_word_embeddings=bool(getattr(hf_config, "tie_word_embeddings", False)),
-            # Qwen2 always has q/k/v biases; Llama exposes `attention_bias`.
-            attention_bias=bool(getattr(c, "attention_bias", False)) or model_type == "qwen2",
+            # Qwen2 always has q/k/v biases; Qwen2-MoE says so in `qkv_bias`.
+            attention_bias=bias or model_type == "qwen2" or bool(getattr(c, "qkv_bias", False)),
+            o_proj_bias=bias,
             mlp_bias=bool(getattr(c, "mlp_bias", False)),
-            qk_norm=model_type == "qwen3",
+            qk_norm={"qwen3": "head", "qwen3_moe": "head", "olmoe": "projection"}.get(model_type),
+            clip_qkv=getattr(c, "clip_qkv", None),
             eos_token_ids=eos_ids,
+            moe=MoeConfig.from_hf(c),
         )
+
+
+def _sliding_window(c) -> int | None:
+    """The attention window of a config that uses one (Mistral, Mixtral, Qwen2 with use_sliding_window)."""
+    window = getattr(c, "sliding_window", None)
+    if not window or getattr(c, "use_sliding_window", True) is False:
+        return None
+    return window
 
 
 class RMSNorm(nn.Module):
@@ -117,17 +139,26 @@ class Attention(nn.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
         self.qkv_proj = nn.Linear(cfg.hidden_size, q + 2 * kv, bias=cfg.attention_bias)
-        self.o_proj = nn.Linear(q, cfg.hidden_size, bias=False)
-        self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
-        self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.o_proj = nn.Linear(q, cfg.hidden_size, bias=cfg.o_proj_bias)
+        self.qk_norm = cfg.qk_norm
+        q_norm_dim, k_norm_dim = (q, kv) if cfg.qk_norm == "projection" else (cfg.head_dim, cfg.head_dim)
+        self.q_norm = RMSNorm(q_norm_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(k_norm_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.clip_qkv = cfg.clip_qkv
         self.split = (q, kv, kv)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: AttentionBatch) -> torch.Tensor:
         t = x.shape[0]
         heads = self.num_heads + 2 * self.num_kv_heads
-        qkv = self.qkv_proj(x).view(t, heads, self.head_dim)  # [T, H + 2*Hkv, D]
+        qkv = self.qkv_proj(x)
+        if self.qk_norm == "projection":  # OLMoE: one norm over all q heads, one over all k heads
+            q, k, v = qkv.split(self.split, dim=-1)
+            qkv = torch.cat([self.q_norm(q), self.k_norm(k), v], dim=-1)
+        if self.clip_qkv is not None:  # OLMoE clamps after the norms
+            qkv = qkv.clamp(-self.clip_qkv, self.clip_qkv)
+        qkv = qkv.view(t, heads, self.head_dim)  # [T, H + 2*Hkv, D]
         qk, v = qkv[:, : self.num_heads + self.num_kv_heads], qkv[:, self.num_heads + self.num_kv_heads :]
-        if self.q_norm is not None:
+        if self.qk_norm == "head":
             qk = torch.cat([self.q_norm(qk[:, : self.num_heads]), self.k_norm(qk[:, self.num_heads :])], dim=1)
         # RoPE on q and k heads at once (half the elementwise ops of doing them apart)
         qk = qk * cos[:, None, :] + rotate_half(qk) * sin[:, None, :]
@@ -137,11 +168,13 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: DecoderConfig) -> None:
+    """SwiGLU feed-forward, gate and up in one matmul (also each expert of a MoE layer)."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, bias: bool = False) -> None:
         super().__init__()
-        self.intermediate = cfg.intermediate_size
-        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=cfg.mlp_bias)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+        self.intermediate = intermediate_size
+        self.gate_up_proj = nn.Linear(hidden_size, 2 * intermediate_size, bias=bias)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).split(self.intermediate, dim=-1)
@@ -149,16 +182,18 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: DecoderConfig, layer_idx: int) -> None:
+    def __init__(self, cfg: DecoderConfig, layer_idx: int, feed_forward: nn.Module) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_attn = Attention(cfg, layer_idx)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = MLP(cfg)
+        self.mlp = feed_forward
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: AttentionBatch) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        h = self.post_attention_layernorm(x)
+        # a dense MLP sees only hidden states; a MoE block also the batch's per-token routing override
+        return x + (self.mlp(h) if isinstance(self.mlp, MLP) else self.mlp(h, attn.routing))
 
 
 class LlamaForCausalLM(nn.Module):
@@ -168,16 +203,28 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.config = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i, self.feed_forward(i)) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.rotary = RotaryTable(hf_config, cfg.head_dim, cfg.max_position_embeddings)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionBatch) -> torch.Tensor:
-        """input_ids, positions: [T] -> final hidden states [T', hidden] (T' < T if tokens were pruned)."""
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        attn: AttentionBatch,
+        input_embeds: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """input_ids, positions: [T] -> final hidden states [T', hidden] (T' < T if tokens were pruned).
+
+        `input_embeds` (packed indices [k], values [k, hidden]) replace those tokens' embeddings
+        (image features at their placeholder tokens)."""
         x = self.embed_tokens(input_ids)
+        if input_embeds is not None:
+            index, values = input_embeds
+            x = x.index_copy(0, index, values.to(x.dtype))
         cos, sin = self.rotary(positions, x.dtype)
         for i, layer in enumerate(self.layers):
             keep = attn.keep_before_layer(i)
@@ -190,23 +237,16 @@ class LlamaForCausalLM(nn.Module):
         """hidden [N, hidden] -> float32 logits [N, vocab]."""
         return self.lm_head(hidden).float()
 
+    def feed_forward(self, layer_idx: int) -> nn.Module:
+        """The feed-forward block of a layer (MoE models override this)."""
+        cfg = self.config
+        return MLP(cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias)
+
     # ---- weights -------------------------------------------------------------------------
     def load_hf_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
         """Load transformers-named weights, fusing q/k/v and gate/up into one matmul each."""
-        own = self.state_dict()
-        loaded: set[str] = set()
-
-        def put(name: str, value: torch.Tensor) -> None:
-            if name not in own:
-                raise KeyError(f"unexpected weight {name}")
-            if own[name].shape != value.shape:
-                raise ValueError(f"weight {name}: shape {tuple(value.shape)} != {tuple(own[name].shape)}")
-            own[name].copy_(value)
-            loaded.add(name)
-
-        def get(name: str) -> torch.Tensor:
-            return tensors[name]
-
+        weights = CheckpointWeights(self, tensors)
+        get, put = weights.get, weights.put
         prefix = "model." if any(k.startswith("model.") for k in tensors) else ""
         put("embed_tokens.weight", get(f"{prefix}embed_tokens.weight"))
         put("norm.weight", get(f"{prefix}norm.weight"))
@@ -219,16 +259,60 @@ class LlamaForCausalLM(nn.Module):
             if self.config.attention_bias:
                 put(dst + "self_attn.qkv_proj.bias", torch.cat([get(a + f"{p}_proj.bias") for p in "qkv"]))
             put(dst + "self_attn.o_proj.weight", get(a + "o_proj.weight"))
+            if self.config.o_proj_bias:
+                put(dst + "self_attn.o_proj.bias", get(a + "o_proj.bias"))
             if self.config.qk_norm:
                 put(dst + "self_attn.q_norm.weight", get(a + "q_norm.weight"))
                 put(dst + "self_attn.k_norm.weight", get(a + "k_norm.weight"))
-            m = src + "mlp."
-            put(dst + "mlp.gate_up_proj.weight", torch.cat([get(m + "gate_proj.weight"), get(m + "up_proj.weight")]))
-            if self.config.mlp_bias:
-                put(dst + "mlp.gate_up_proj.bias", torch.cat([get(m + "gate_proj.bias"), get(m + "up_proj.bias")]))
-            put(dst + "mlp.down_proj.weight", get(m + "down_proj.weight"))
+            self.load_feed_forward(weights, i, src, dst + "mlp.")
             put(dst + "input_layernorm.weight", get(src + "input_layernorm.weight"))
             put(dst + "post_attention_layernorm.weight", get(src + "post_attention_layernorm.weight"))
-        missing = {k for k in own if k not in loaded and not (k == "lm_head.weight" and self.config.tie_word_embeddings)}
+        missing = {k for k in weights.missing() if not (k == "lm_head.weight" and self.config.tie_word_embeddings)}
         if missing:
             raise KeyError(f"weights not found in checkpoint: {sorted(missing)[:5]}")
+
+    def load_feed_forward(self, weights: CheckpointWeights, layer_idx: int, src: str, dst: str) -> None:
+        """Layer `layer_idx`'s feed-forward weights; `src` is the checkpoint's layer prefix, `dst` our block's."""
+        load_gated_mlp(weights, src + "mlp.", dst, bias=self.config.mlp_bias)
+
+
+class CheckpointWeights:
+    """Checkpoint tensors copied into a module's state dict by name, shapes checked, the copied ones counted."""
+
+    def __init__(self, module: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+        self.own = module.state_dict()
+        self.tensors = tensors
+        self.loaded: set[str] = set()
+
+    def has(self, name: str) -> bool:
+        return name in self.tensors
+
+    def get(self, name: str) -> torch.Tensor:
+        return self.tensors[name]
+
+    def put(self, name: str, value: torch.Tensor) -> None:
+        if name not in self.own:
+            raise KeyError(f"unexpected weight {name}")
+        if self.own[name].shape != value.shape:
+            raise ValueError(f"weight {name}: shape {tuple(value.shape)} != {tuple(self.own[name].shape)}")
+        self.own[name].copy_(value)
+        self.loaded.add(name)
+
+    def missing(self) -> set[str]:
+        return set(self.own) - self.loaded
+
+
+def load_gated_mlp(
+    weights: CheckpointWeights,
+    src: str,
+    dst: str,
+    names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj"),
+    bias: bool = False,
+) -> None:
+    """One `MLP` at `dst` from the checkpoint's separate gate / up / down projections at `src`."""
+    gate, up, down = (src + n for n in names)
+    weights.put(dst + "gate_up_proj.weight", torch.cat([weights.get(gate + ".weight"), weights.get(up + ".weight")]))
+    weights.put(dst + "down_proj.weight", weights.get(down + ".weight"))
+    if bias:
+        weights.put(dst + "gate_up_proj.bias", torch.cat([weights.get(gate + ".bias"), weights.get(up + ".bias")]))
+        weights.put(dst + "down_proj.bias", weights.get(down + ".bias"))

@@ -189,7 +189,7 @@ def load_model(source: ModelSource, dtype: str = "auto", device: str = "cpu") ->
     # Convert parameters only: RoPE tables stay float32 like transformers' own.
     for p in model.parameters():
         p.data = p.data.to(device=device, dtype=torch_dtype)
-    model.rotary.to(device)
+    model.to(device)  # buffers (RoPE tables, a vision tower's position ids) keep their dtypes
     model.eval().requires_grad_(False)
     if torch_dtype == torch.float32 and torch.device(device).type == "cpu":
         pack_linears(model)

@@ -1,0 +1,124 @@
+"""SCMoE self-contrast decoding for Mixture-of-Experts models (Shi et al. 2024), as a per-request option.
+
+Reference: DavidFanzz/SCMoE, `decodingmethod/moe_utils.py` (see METHODS.md). A request owns two
+rows of the same prompt, decoded in the same batch, each with its own KV cache:
+  main    the strong branch: the model's own routing (top-2 for Mixtral);
+  shadow  the weak branch: in every MoE layer each token uses only the expert its router ranks
+          `weak_rank`-th (1-based, so the paper's k = 2 is the second choice), with weight 1.
+          A shared expert (Qwen2-MoE) stays on: it is not routed.
+Each step, with s and w the two rows' log-softmax values (temperature 1):
+  d = (1 + beta) * s - beta * w   on the plausible tokens {x : s(x) >= log(alpha) + max s}, -inf elsewhere.
+d goes to the engine's sampler, so greedy picks its argmax and sampling parameters apply after the
+contrast (reported logprobs are d's distribution). EOS is never blocked (the reference code blocks
+it; a server must let a request end). beta = 0 is plain decoding: no shadow row is run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import torch
+
+from freelunch.engine.request import GenerationRequest, Sequence
+from freelunch.engine.strategy import DecodingStrategy, RowPlan
+from freelunch.methods import register
+from freelunch.methods.shadow_row import ShadowRowStrategy
+from freelunch.models.expert_routing import EXPERT_RANK
+
+DEFAULT_BETA = 0.5
+DEFAULT_ALPHA = 0.1
+DEFAULT_WEAK_RANK = 2
+MAX_BETA = 10.0
+FIELDS = ("beta", "alpha", "weak_rank")
+
+
+class MoeContrastOptionsError(ValueError):
+    pass
+
+
+@dataclasses.dataclass(slots=True, frozen=True)
+class MoeContrastOptions:
+    beta: float
+    alpha: float
+    weak_rank: int  # 1-based router rank of the weak branch's single expert
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def parse_options(raw: Any, model_info: Any) -> MoeContrastOptions:
+    """Validate `moe_contrast: {"beta": 0.5, "alpha": 0.1, "weak_rank": 2}` against the served model."""
+    moe = model_info.config.moe
+    if moe is None:
+        raise MoeContrastOptionsError(
+            f"moe_contrast needs a Mixture-of-Experts model; the model `{model_info.name}` is dense"
+        )
+    if not isinstance(raw, dict):
+        raise MoeContrastOptionsError("moe_contrast must be an object")
+    for name in raw:
+        if name not in FIELDS:
+            raise MoeContrastOptionsError(
+                f"moe_contrast.{name} is not a known field (known: {', '.join(FIELDS)})"
+            )
+    beta = raw.get("beta", DEFAULT_BETA)
+    if not _number(beta) or not 0 <= beta <= MAX_BETA:
+        raise MoeContrastOptionsError(
+            f"moe_contrast.beta must be a number in [0, {MAX_BETA:g}], not {beta!r}"
+        )
+    alpha = raw.get("alpha", DEFAULT_ALPHA)
+    if not _number(alpha) or not 0 <= alpha <= 1:
+        raise MoeContrastOptionsError(f"moe_contrast.alpha must be a number in [0, 1], not {alpha!r}")
+    rank = raw.get("weak_rank", DEFAULT_WEAK_RANK)
+    if not isinstance(rank, int) or isinstance(rank, bool) or not 1 <= rank <= moe.num_experts:
+        raise MoeContrastOptionsError(
+            f"moe_contrast.weak_rank must be an integer in [1, {moe.num_experts}] "
+            f"(this model has {moe.num_experts} experts), not {rank!r}"
+        )
+    return MoeContrastOptions(float(beta), float(alpha), rank)
+
+
+def contrast(strong: torch.Tensor, weak: torch.Tensor, beta: float, alpha: float) -> torch.Tensor:
+    """SCMoE scores [vocab] from the strong and weak rows' logits [vocab]; implausible tokens -inf.
+
+    alpha = 0 keeps every token plausible. The strong argmax is always plausible."""
+    s = torch.log_softmax(strong, dim=-1)
+    w = torch.log_softmax(weak, dim=-1)
+    scores = (1 + beta) * s - beta * w
+    if alpha > 0:
+        scores = scores.masked_fill(s < s.max() + math.log(alpha), -math.inf)
+    return scores
+
+
+class MoeContrast(ShadowRowStrategy):
+    name = "moe_contrast"
+
+    def __init__(self, request: GenerationRequest, main: Sequence, model_info: Any) -> None:
+        super().__init__(request, main)
+        self.options = parse_options(request.methods["moe_contrast"], model_info)
+        # beta 0 is plain decoding; a scoring-only request (max_tokens 0) samples nothing.
+        # The weak row has the main row's length, so it needs no room of its own.
+        if self.options.beta != 0 and request.params.max_tokens > 0:
+            self.add_shadow(Sequence(list(main.token_ids), main.num_prompt))
+
+    def plain_plan(self, seq: Sequence, token_budget: int) -> RowPlan | None:
+        plan = super().plain_plan(seq, token_budget)
+        # The weak row's prompt is routed weakly too: its KV cache is the weak model's (never
+        # shareable with the main row's, although the tokens are the same).
+        if plan is not None and seq is self.shadow:
+            plan.extras[EXPERT_RANK] = self.options.weak_rank
+        return plan
+
+    def combine(self, main_logits: torch.Tensor, shadow_logits: torch.Tensor) -> torch.Tensor:
+        return contrast(main_logits, shadow_logits, self.options.beta, self.options.alpha)
+
+    def stats(self) -> dict[str, Any]:
+        opts = self.options
+        return {"beta": opts.beta, "alpha": opts.alpha, "weak_rank": opts.weak_rank} | self.shadow_stats()
+
+
+@register("moe_contrast")
+def build(request: GenerationRequest, main: Sequence, model_info: Any) -> DecodingStrategy:
+    return MoeContrast(request, main, model_info)

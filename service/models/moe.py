@@ -1,0 +1,99 @@
+"""Sparse Mixture-of-Experts decoders: Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE.
+
+Attention, norms, RoPE and the packed batch are the Llama family's (llama.py); only the
+feed-forward differs. A MoE block routes each token (expert_routing.py), then runs its experts
+grouped by expert: each expert gathers its tokens, runs one matmul pair over them, and its
+weighted output is added back in place (`index_add_`). Experts are `MLP`s (nn.Linear), so the
+CPU float32 path packs them for oneDNN like every other linear. Experts accumulate into a token
+in ascending expert order, as transformers' eager experts do.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from freelunch.models.expert_routing import ExpertRouting, route
+from freelunch.models.llama import MLP, CheckpointWeights, DecoderConfig, LlamaForCausalLM, load_gated_mlp
+from freelunch.models.moe_config import MoeConfig
+
+
+class SparseMoeBlock(nn.Module):
+    """Router + experts (+ Qwen2-MoE's shared expert, gated by a sigmoid)."""
+
+    def __init__(self, hidden_size: int, moe: MoeConfig) -> None:
+        super().__init__()
+        self.top_k, self.normalize_top_k = moe.top_k, moe.normalize_top_k
+        self.gate = nn.Linear(hidden_size, moe.num_experts, bias=False)
+        self.experts = nn.ModuleList(
+            MLP(hidden_size, moe.expert_intermediate_size) for _ in range(moe.num_experts)
+        )
+        self.shared_expert = self.shared_expert_gate = None
+        if moe.shared_expert_intermediate_size:
+            self.shared_expert = MLP(hidden_size, moe.shared_expert_intermediate_size)
+            self.shared_expert_gate = nn.Linear(hidden_size, 1, bias=False)
+
+    def forward(self, x: torch.Tensor, routing: ExpertRouting | None = None) -> torch.Tensor:
+        """x [T, hidden] -> [T, hidden]."""
+        experts, weights = route(self.gate(x), self.top_k, self.normalize_top_k, routing)
+        out = self._run_experts(x, experts, weights)
+        if self.shared_expert is not None:
+            out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+        return out
+
+    def _run_experts(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Each token's weighted sum of its experts' outputs; experts [T, k] (-1 = unused slot)."""
+        flat_experts = experts.flatten()
+        order = torch.argsort(flat_experts, stable=True)  # slots grouped by expert, unused (-1) first
+        tokens = order // experts.shape[1]
+        slot_weights = weights.flatten()[order]
+        # one host sync per layer: how many slots each expert got (index 0 counts the unused ones)
+        counts = torch.bincount(flat_experts + 1, minlength=len(self.experts) + 1).tolist()
+        out = torch.zeros_like(x)
+        start = counts[0]
+        for expert, count in zip(self.experts, counts[1:]):
+            if count:
+                rows = tokens[start : start + count]
+                y = expert(x[rows]) * slot_weights[start : start + count, None]
+                out.index_add_(0, rows, y.to(out.dtype))
+            start += count
+        return out
+
+
+class MoeForCausalLM(LlamaForCausalLM):
+    """Llama-family decoder whose feed-forward layers are sparse MoE blocks (where the config says so)."""
+
+    def __init__(self, cfg: DecoderConfig, hf_config) -> None:
+        if cfg.moe is None:
+            raise ValueError(f"{type(hf_config).__name__} describes no Mixture-of-Experts model")
+        super().__init__(cfg, hf_config)
+
+    def feed_forward(self, layer_idx: int) -> nn.Module:
+        if not self.config.moe.sparse_layers[layer_idx]:
+            return super().feed_forward(layer_idx)
+        return SparseMoeBlock(self.config.hidden_size, self.config.moe)
+
+    def load_feed_forward(self, weights: CheckpointWeights, layer_idx: int, src: str, dst: str) -> None:
+        """Experts as transformers saves them (one gate / up / down per expert, Mixtral's w1 / w3 / w2),
+        or fused 3-D as transformers holds them in memory (`experts.gate_up_proj` [E, 2I, H],
+        `experts.down_proj` [E, H, I], e.g. a saved `model.state_dict()`)."""
+        moe = self.config.moe
+        if not moe.sparse_layers[layer_idx]:
+            return super().load_feed_forward(weights, layer_idx, src, dst)
+        fused = src + "mlp.experts."
+        if weights.has(fused + "gate_up_proj"):
+            block = src + "mlp."
+            gate_up, down = weights.get(fused + "gate_up_proj"), weights.get(fused + "down_proj")
+            for e in range(moe.num_experts):
+                weights.put(f"{dst}experts.{e}.gate_up_proj.weight", gate_up[e])
+                weights.put(f"{dst}experts.{e}.down_proj.weight", down[e])
+        else:
+            block = f"{src}{moe.checkpoint_prefix}."
+            for e in range(moe.num_experts):
+                load_gated_mlp(
+                    weights, f"{block}experts.{e}.", f"{dst}experts.{e}.", moe.checkpoint_expert_names
+                )
+        weights.put(dst + "gate.weight", weights.get(block + "gate.weight"))
+        if moe.shared_expert_intermediate_size:
+            load_gated_mlp(weights, block + "shared_expert.", dst + "shared_expert.")
+            weights.put(dst + "shared_expert_gate.weight", weights.get(block + "shared_expert_gate.weight"))
