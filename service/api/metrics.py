@@ -42,6 +42,12 @@ class Metrics:
         self.spec_accepted_tokens = Counter(
             "freelunch_spec_decode_num_accepted_tokens", "Draft tokens accepted by speculative decoding", registry=r
         )
+        self.pruned_image_tokens = Counter(
+            "freelunch_visual_pruning_pruned_tokens",
+            "Image tokens that visual token pruning kept from the language model",
+            ["method"],
+            registry=r,
+        )
         self.ttft = Histogram(
             "freelunch_time_to_first_token_seconds", "Time to first token", buckets=_LATENCY_BUCKETS, registry=r
         )
@@ -73,3 +79,7 @@ class Metrics:
         if spec:
             self.spec_draft_tokens.inc(spec.get("draft_tokens", 0))
             self.spec_accepted_tokens.inc(spec.get("accepted_tokens", 0))
+        pruning = (method_stats or {}).get("visual_pruning")
+        if pruning:
+            pruned = pruning.get("image_tokens", 0) - pruning.get("kept_image_tokens", 0)
+            self.pruned_image_tokens.labels(method=pruning.get("method", "")).inc(pruned)

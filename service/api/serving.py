@@ -10,19 +10,38 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import anyio
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
+from PIL import Image
 from pydantic import TypeAdapter, ValidationError
 
 from freelunch.api.errors import APIError, error_body
+from freelunch.api.images import MAX_IMAGES_PER_REQUEST, VisionPrompts, decode_image
 from freelunch.api.metrics import Metrics
-from freelunch.api.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest, SamplingFields
+from freelunch.api.protocol import (
+    ChatCompletionRequest,
+    ChatMessage,
+    CompletionRequest,
+    ImagePart,
+    SamplingFields,
+    TextPart,
+)
 from freelunch.api.rate_limit import RateLimited, RateLimiter
 from freelunch.config import ServerConfig
 from freelunch.engine.engine import EngineError
-from freelunch.engine.request import GenerationRequest, RequestOutput, SamplingParams, TokenLogprob
+from freelunch.engine.request import GenerationRequest, ImageInput, RequestOutput, SamplingParams, TokenLogprob
 from freelunch.pool.pool import PoolOverloaded, PoolUnavailable, WorkerPool
 from freelunch.pool.worker import WorkerDied
+
+
+class ChatPrompt(list):
+    """A rendered chat prompt's token ids, with the images its placeholder tokens stand for: a list,
+    so that the route hands it on like any prompt, and `engine_requests` finds the images on it."""
+
+    def __init__(self, token_ids: list[int], images: list[ImageInput]) -> None:
+        super().__init__(token_ids)
+        self.images = images
 
 
 @dataclass(slots=True)
@@ -65,6 +84,7 @@ class Serving:
         self.default_methods = default_methods or {}
         self.server = server or ServerConfig()
         self.limiter = RateLimiter(self.server.rate_limit_rpm, self.server.rate_limit_tpm)
+        self.vision = VisionPrompts.for_tokenizer(self.tokenizer)  # None: the model takes no images
 
     def methods_for(self, req: SamplingFields) -> dict[str, dict]:
         """The request's method options over the server's defaults; `{"method": "none"}` opts out."""
@@ -79,36 +99,66 @@ class Serving:
             raise APIError(404, f"the model `{model}` does not exist; this server serves `{served}`", "model", "model_not_found")
         return model or served
 
-    def render_chat(self, req: ChatCompletionRequest) -> list[int]:
+    def render_chat(self, req: ChatCompletionRequest) -> ChatPrompt:
         return self.chat_ids(
             req.messages, req.add_generation_prompt and not req.continue_final_message, req.continue_final_message, "messages"
         )
 
     def chat_ids(
-        self, chat: list[ChatMessage], add_generation_prompt: bool, continue_final_message: bool, param: str
-    ) -> list[int]:
-        """Messages rendered with the model's chat template, as token ids."""
+        self,
+        chat: list[ChatMessage],
+        add_generation_prompt: bool,
+        continue_final_message: bool,
+        param: str,
+        allow_images: bool = True,
+    ) -> ChatPrompt:
+        """Messages rendered with the model's chat template, as token ids (image placeholders expanded)."""
         messages = []
-        for m in chat:
+        images: list[Image.Image] = []
+        for i, m in enumerate(chat):
             if isinstance(m.content, list):
-                if any(p.type == "image_url" for p in m.content):
-                    raise APIError(400, f"the model `{self.pool.model_name}` does not accept images", param)
-                content = "".join(p.text for p in m.content)
+                content = self._chat_content(m.content, param, f"{param}.{i}.content", images, allow_images)
             else:
                 content = m.content or ""
             messages.append({"role": "system" if m.role == "developer" else m.role, "content": content})
-        if getattr(self.tokenizer, "chat_template", None) is None:
+        template = (self.vision and self.vision.chat_template) or getattr(self.tokenizer, "chat_template", None)
+        if template is None:
             raise APIError(400, "this model has no chat template; use /v1/completions", param)
         try:
             text = self.tokenizer.apply_chat_template(
                 messages,
+                chat_template=template,
                 tokenize=False,
                 add_generation_prompt=add_generation_prompt,
                 continue_final_message=continue_final_message,
             )
         except Exception as e:  # template errors are the request's fault (e.g. role order)
             raise APIError(400, f"the chat template rejected these messages: {e}", param) from e
-        return self.tokenizer.encode(text, add_special_tokens=False)
+        if self.vision is None:
+            return ChatPrompt(self.tokenizer.encode(text, add_special_tokens=False), [])
+        return ChatPrompt(*self.vision.encode(text, images, param))
+
+    def _chat_content(
+        self, parts: list[TextPart | ImagePart], param: str, parts_param: str, images: list[Image.Image], allow_images: bool
+    ) -> str | list[dict[str, str]]:
+        """Text parts joined; with images, the content list chat templates take ({"type": "image"}
+        where each image goes), the decoded images appended to `images`."""
+        if not any(p.type == "image_url" for p in parts):
+            return "".join(p.text for p in parts)
+        if self.vision is None:
+            raise APIError(400, f"the model `{self.pool.model_name}` does not accept images", param)
+        if not allow_images:
+            raise APIError(400, f"{param} cannot hold images", parts_param)
+        content: list[dict[str, str]] = []
+        for j, p in enumerate(parts):
+            if p.type == "text":
+                content.append({"type": "text", "text": p.text})
+                continue
+            if len(images) == MAX_IMAGES_PER_REQUEST:
+                raise APIError(400, f"at most {MAX_IMAGES_PER_REQUEST} images per request", f"{parts_param}.{j}")
+            images.append(decode_image(p.image_url.url, f"{parts_param}.{j}.image_url.url"))
+            content.append({"type": "image"})
+        return content
 
     def resolve_guidance(self, methods: dict[str, dict]) -> None:
         """Turn `guidance.negative_prompt` (text, tokenised like a completions prompt) or
@@ -136,7 +186,7 @@ class Serving:
             except ValidationError as e:
                 raise APIError(400, f"{param} must be a list of chat messages: {e.errors()[0]['msg']}", param) from e
             if parsed:
-                opts["negative_prompt_ids"] = self.chat_ids(parsed, True, False, param)
+                opts["negative_prompt_ids"] = list(self.chat_ids(parsed, True, False, param, allow_images=False))
 
     def completion_prompts(self, req: CompletionRequest) -> list[list[int]]:
         p = req.prompt
@@ -201,11 +251,13 @@ class Serving:
     ) -> list[GenerationRequest]:
         out = []
         for p_idx, (prompt, sp) in enumerate(zip(prompts, params)):
+            images = prompt.images if isinstance(prompt, ChatPrompt) else []
             for j in range(n):
                 choice_params = SamplingParams(**{f: getattr(sp, f) for f in SamplingParams.__slots__})
                 if sp.seed is not None:
                     choice_params.seed = sp.seed + j  # each choice its own, reproducible stream
-                out.append(GenerationRequest(f"{base_id}-{p_idx * n + j}", prompt, choice_params, methods, model=model))
+                rid = f"{base_id}-{p_idx * n + j}"
+                out.append(GenerationRequest(rid, list(prompt), choice_params, methods, model=model, images=images))
         return out
 
     # ---- running -------------------------------------------------------------------------
@@ -269,10 +321,11 @@ class Serving:
                     remaining -= 1
                 yield index, item
         finally:
-            for t in tasks:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            # Release first: this may run under a cancelled scope (client gone), where every await raises.
             self.pool.release(len(requests))
+            for t in tasks:
+                t.cancel()  # each pump's exit aborts its generation on the worker
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     def _record(self, choice: ChoiceState, out: RequestOutput, started: float) -> None:
         if out.new_token_ids and choice.first_token_at is None:
@@ -366,7 +419,10 @@ class Serving:
                 yield f"data: {json.dumps(error_body(err.status, err.message, err.param, err.code))}\n\n"
                 yield "data: [DONE]\n\n"
             finally:
-                await it.aclose()
+                # Starlette cancels this generator when the client disconnects; shielded, the cleanup
+                # (abort on the worker, admission released) still runs instead of being cancelled too.
+                with anyio.CancelScope(shield=True):
+                    await it.aclose()
 
         return StreamingResponse(
             events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", **call.headers}

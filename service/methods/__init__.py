@@ -24,7 +24,7 @@ def register(option: str):
 
 def load_builtin_methods() -> None:
     """Import the methods shipped with freelunch so that they register themselves."""
-    from freelunch.methods import guidance, token_recycling  # noqa: F401
+    from freelunch.methods import guidance, moe_contrast, token_recycling, visual_pruning  # noqa: F401
 
 
 def build_strategy(request: GenerationRequest, main: Sequence, model_info: Any) -> DecodingStrategy:

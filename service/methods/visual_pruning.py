@@ -1,0 +1,168 @@
+"""Visual token pruning as a per-request option: `visual_pruning: {"method": "fastv" | "cls", "keep": 0.5, "layer": K}`.
+
+fastv (Chen et al. 2024; reference pkunlp-icler/FastV). The whole prompt is prefilled in one
+forward; at decoder layer K - 1 the last prompt token's attention, averaged over heads, scores
+the image tokens; from layer K on only the top round(N * keep) of them remain, with every text
+token, at their original positions, in the hidden states and in what later layers see of the
+KV cache. The image tokens of all the prompt's images compete together. A recompute after
+preemption keeps the same tokens. Defaults K = 2, keep = 0.5.
+
+cls (VTC-CLS; reference THU-MIG/VTC-CLS). Each image's features are scored by the vision tower's
+[CLS] attention (mean over heads) summed over its layers from `layer` to the last feature layer;
+the top round(T * keep) of each image stay in their original order, the rest never reach the
+projector nor the language model (the prompt loses their placeholders, so positions close up, as
+in the reference). Default band start: two thirds into the tower (16 of CLIP ViT-L's 24 layers).
+
+keep = 1 prunes nothing: the request decodes exactly as a plain one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import torch
+
+from freelunch.engine.request import GenerationRequest, Sequence
+from freelunch.engine.strategy import DecodingStrategy, ImageEncoder, RowPlan
+from freelunch.methods import register
+
+METHODS = ("fastv", "cls")
+FIELDS = ("method", "keep", "layer")
+DEFAULT_KEEP = 0.5
+DEFAULT_FASTV_LAYER = 2
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class PruningOptions:
+    method: str
+    keep: float
+    layer: int  # fastv: decoder layer K; cls: first vision layer of the [CLS] attention band
+
+
+def parse_options(raw: Any, model_info: Any) -> PruningOptions:
+    """Validate `visual_pruning` against the served model; ValueError (a 400) when it cannot apply."""
+    if not isinstance(raw, dict):
+        raise ValueError("visual_pruning must be an object")
+    unknown = sorted(set(raw) - set(FIELDS))
+    if unknown:
+        raise ValueError(f"visual_pruning.{unknown[0]} is not a known field (known: {', '.join(FIELDS)})")
+    vision: ImageEncoder | None = model_info.vision
+    if vision is None:
+        raise ValueError(f"visual_pruning needs a vision-language model; `{model_info.name}` takes no images")
+    method = raw.get("method")
+    if method not in METHODS:
+        raise ValueError(f"visual_pruning.method must be one of {', '.join(METHODS)}, not {method!r}")
+    keep = raw.get("keep", DEFAULT_KEEP)
+    if isinstance(keep, bool) or not isinstance(keep, (int, float)) or not math.isfinite(keep) or not 0 < keep <= 1:
+        raise ValueError(f"visual_pruning.keep must be a number in (0, 1], not {keep!r}")
+    if method == "fastv":
+        low, high = 1, model_info.config.num_layers - 1
+        default = min(DEFAULT_FASTV_LAYER, high)
+        what = "decoder layer"
+    else:
+        if not vision.has_cls_token:
+            raise ValueError("visual_pruning.method cls needs a vision tower with a [CLS] token (this one has none)")
+        low, high = 0, vision.cls_band_end - 1
+        default = min(round(vision.num_vision_layers * 2 / 3), high)
+        what = "vision layer"
+    layer = raw.get("layer", default)
+    if isinstance(layer, bool) or not isinstance(layer, int) or not low <= layer <= high:
+        raise ValueError(f"visual_pruning.layer ({what}) must be an integer in [{low}, {high}] for this model, not {layer!r}")
+    return PruningOptions(method, float(keep), layer)
+
+
+class VisualPruning(DecodingStrategy):
+    name = "visual_pruning"
+
+    def __init__(self, request: GenerationRequest, main: Sequence, options: PruningOptions) -> None:
+        super().__init__(request, main)
+        self.options = options
+        self.image_tokens = 0
+        self.kept_image_tokens = 0
+
+    def token_counts(self) -> tuple[int, int]:
+        """(image tokens of the prompt, image tokens the language model kept)."""
+        return self.image_tokens, self.kept_image_tokens
+
+    def stats(self) -> dict[str, Any]:
+        image_tokens, kept = self.token_counts()
+        return {
+            "method": self.options.method,
+            "keep": self.options.keep,
+            "layer": self.options.layer,
+            "image_tokens": image_tokens,
+            "kept_image_tokens": kept,
+        }
+
+
+class ClsPruning(VisualPruning):
+    """VTC-CLS: the language model only ever sees the kept features."""
+
+    def image_features(self, encoder: ImageEncoder, pixel_values: torch.Tensor) -> list[torch.Tensor]:
+        count, per_image = pixel_values.shape[0], encoder.tokens_per_image
+        kept = round(per_image * self.options.keep)
+        self.image_tokens += count * per_image
+        self.kept_image_tokens += count * kept
+        if kept == per_image:
+            return super().image_features(encoder, pixel_values)
+        features, scores = encoder.encode_images(pixel_values, cls_attention_from=self.options.layer)
+        top = scores.topk(kept, dim=1).indices.sort(dim=1).values  # [N, kept], original order
+        selected = features.gather(1, top[..., None].expand(-1, -1, features.shape[-1]))
+        return list(encoder.project(selected))
+
+
+class FastV(VisualPruning):
+    """FastV: the prune is decided inside the prefill forward (`RowPlan.prune_select`)."""
+
+    def __init__(self, request: GenerationRequest, main: Sequence, options: PruningOptions, max_batch_tokens: int) -> None:
+        super().__init__(request, main, options)
+        if options.keep < 1 and main.num_prompt > max_batch_tokens:
+            raise ValueError(
+                f"visual_pruning fastv prefills the whole prompt ({main.num_prompt} tokens) in one forward; "
+                f"this server runs at most {max_batch_tokens} tokens per forward (use method cls)"
+            )
+        self.kept_offsets: torch.Tensor | None = None  # prompt offsets kept from layer K on, once chosen
+
+    def _image_offsets(self) -> torch.Tensor:
+        embeds = self.main.input_embeds
+        return embeds.offsets if embeds is not None else torch.empty(0, dtype=torch.long)
+
+    def plan(self, token_budget: int) -> list[RowPlan]:
+        main = self.main
+        if self.options.keep == 1 or main.num_computed > 0 or self._image_offsets().numel() == 0:
+            return super().plan(token_budget)
+        if token_budget < main.num_prompt:
+            return []  # wait for a step with room for the whole prompt
+        # from offset 0: the prompt, and after a preemption the generated tokens too
+        plan = self.plain_plan(main, token_budget)
+        plan.prune_layer = self.options.layer
+        if self.kept_offsets is None:
+            plan.prune_select = self._select
+        else:
+            plan.prune_keep = torch.cat([self.kept_offsets, torch.arange(main.num_prompt, len(plan.tokens))])
+        return [plan]
+
+    def _select(self, attention: torch.Tensor) -> torch.Tensor:
+        """The last prompt token's attention over the prompt [n] -> offsets to keep (FastV's top-k)."""
+        image = self._image_offsets().to(attention.device)
+        self.kept_image_tokens = round(image.numel() * self.options.keep)
+        keep = torch.ones(attention.numel(), dtype=torch.bool, device=attention.device)
+        keep[image] = False
+        keep[image[attention[image].topk(self.kept_image_tokens).indices]] = True
+        self.kept_offsets = keep.nonzero().flatten().cpu()
+        return self.kept_offsets
+
+    def token_counts(self) -> tuple[int, int]:
+        image_tokens = self._image_offsets().numel()
+        pruned = self.kept_offsets is not None  # not when keep = 1 or without images
+        return image_tokens, self.kept_image_tokens if pruned else image_tokens
+
+
+@register("visual_pruning")
+def build(request: GenerationRequest, main: Sequence, model_info: Any) -> DecodingStrategy:
+    options = parse_options(request.methods["visual_pruning"], model_info)
+    if options.method == "cls":
+        return ClsPruning(request, main, options)
+    return FastV(request, main, options, model_info.max_num_batched_tokens)
