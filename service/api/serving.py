@@ -359,13 +359,23 @@ class Serving:
             async for index, out in self.stream_choices(call):
                 self._record(choices[index], out, started)
 
+        async def client_gone() -> None:
+            # Wait on the ASGI channel itself (as Starlette's streaming responses do): the body is
+            # read, so the next message is the disconnect. Polling `is_disconnected()` missed some.
+            while (await raw.receive())["type"] != "http.disconnect":
+                pass
+
         task = asyncio.create_task(run())
-        while not task.done():
-            done, _ = await asyncio.wait({task}, timeout=0.25)
-            if not done and await raw.is_disconnected():
+        watcher = asyncio.create_task(client_gone())
+        try:
+            await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watcher.cancel()
+            if not task.done():  # the client left (or this handler was cancelled): stop generating
                 task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
-                raise APIError(499, "client disconnected")
+        if task.cancelled() or not task.done():
+            await asyncio.gather(task, return_exceptions=True)
+            raise APIError(499, "client disconnected")
         exc = task.exception()
         if exc is not None:
             raise self._as_api_error(exc)

@@ -5,6 +5,7 @@ The engine asks this registry for a request's strategy; it never imports a metho
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
 from freelunch.engine.request import GenerationRequest, Sequence
@@ -12,6 +13,11 @@ from freelunch.engine.strategy import DecodingStrategy
 
 # option name -> factory(request, main_row, model_info) -> strategy
 STRATEGIES: dict[str, Callable[[GenerationRequest, Sequence, Any], DecodingStrategy]] = {}
+
+
+def is_finite_number(value: Any) -> bool:
+    """An int or float option value that is finite (JSON `true` is not a number here)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def register(option: str):

@@ -17,14 +17,13 @@ and the request decodes exactly as a plain one.
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any
 
 import torch
 
 from freelunch.engine.request import GenerationRequest, Sequence
 from freelunch.engine.strategy import DecodingStrategy
-from freelunch.methods import register
+from freelunch.methods import is_finite_number, register
 from freelunch.methods.shadow_row import ShadowRowStrategy
 
 DEFAULT_SCALE = 1.5
@@ -41,10 +40,6 @@ class GuidanceOptions:
     scale: float
     rescale: float | None
     negative_prompt_ids: list[int] | None  # None: the last prompt token alone
-
-
-def _number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def parse_options(raw: Any, vocab: int, max_model_len: int) -> GuidanceOptions:
@@ -66,10 +61,10 @@ def parse_options(raw: Any, vocab: int, max_model_len: int) -> GuidanceOptions:
                 "(known: scale, rescale, negative_prompt, negative_messages, negative_prompt_ids)"
             )
     scale = raw.get("scale", DEFAULT_SCALE)
-    if not _number(scale) or not 0 < scale <= MAX_SCALE:
+    if not is_finite_number(scale) or not 0 < scale <= MAX_SCALE:
         raise GuidanceOptionsError(f"guidance.scale must be a number in (0, {MAX_SCALE:g}], not {scale!r}")
     rescale = raw.get("rescale")
-    if rescale is not None and (not _number(rescale) or not 0 <= rescale <= 1):
+    if rescale is not None and (not is_finite_number(rescale) or not 0 <= rescale <= 1):
         raise GuidanceOptionsError(f"guidance.rescale must be a number in [0, 1] or null, not {rescale!r}")
     ids = raw.get("negative_prompt_ids")
     if ids is not None:

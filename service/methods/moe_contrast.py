@@ -23,7 +23,7 @@ import torch
 
 from freelunch.engine.request import GenerationRequest, Sequence
 from freelunch.engine.strategy import DecodingStrategy, RowPlan
-from freelunch.methods import register
+from freelunch.methods import is_finite_number, register
 from freelunch.methods.shadow_row import ShadowRowStrategy
 from freelunch.models.expert_routing import EXPERT_RANK
 
@@ -45,10 +45,6 @@ class MoeContrastOptions:
     weak_rank: int  # 1-based router rank of the weak branch's single expert
 
 
-def _number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
 def parse_options(raw: Any, model_info: Any) -> MoeContrastOptions:
     """Validate `moe_contrast: {"beta": 0.5, "alpha": 0.1, "weak_rank": 2}` against the served model."""
     moe = model_info.config.moe
@@ -64,12 +60,12 @@ def parse_options(raw: Any, model_info: Any) -> MoeContrastOptions:
                 f"moe_contrast.{name} is not a known field (known: {', '.join(FIELDS)})"
             )
     beta = raw.get("beta", DEFAULT_BETA)
-    if not _number(beta) or not 0 <= beta <= MAX_BETA:
+    if not is_finite_number(beta) or not 0 <= beta <= MAX_BETA:
         raise MoeContrastOptionsError(
             f"moe_contrast.beta must be a number in [0, {MAX_BETA:g}], not {beta!r}"
         )
     alpha = raw.get("alpha", DEFAULT_ALPHA)
-    if not _number(alpha) or not 0 <= alpha <= 1:
+    if not is_finite_number(alpha) or not 0 <= alpha <= 1:
         raise MoeContrastOptionsError(f"moe_contrast.alpha must be a number in [0, 1], not {alpha!r}")
     rank = raw.get("weak_rank", DEFAULT_WEAK_RANK)
     if not isinstance(rank, int) or isinstance(rank, bool) or not 1 <= rank <= moe.num_experts:

@@ -19,14 +19,13 @@ keep = 1 prunes nothing: the request decodes exactly as a plain one.
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any
 
 import torch
 
 from freelunch.engine.request import GenerationRequest, Sequence
 from freelunch.engine.strategy import DecodingStrategy, ImageEncoder, RowPlan
-from freelunch.methods import register
+from freelunch.methods import is_finite_number, register
 
 METHODS = ("fastv", "cls")
 FIELDS = ("method", "keep", "layer")
@@ -55,7 +54,7 @@ def parse_options(raw: Any, model_info: Any) -> PruningOptions:
     if method not in METHODS:
         raise ValueError(f"visual_pruning.method must be one of {', '.join(METHODS)}, not {method!r}")
     keep = raw.get("keep", DEFAULT_KEEP)
-    if isinstance(keep, bool) or not isinstance(keep, (int, float)) or not math.isfinite(keep) or not 0 < keep <= 1:
+    if not is_finite_number(keep) or not 0 < keep <= 1:
         raise ValueError(f"visual_pruning.keep must be a number in (0, 1], not {keep!r}")
     if method == "fastv":
         low, high = 1, model_info.config.num_layers - 1
