@@ -8,6 +8,7 @@ import openai
 import pytest
 from live_server import live_server, tiny_app
 
+from freelunch.api.security import key_id
 from freelunch.config import ServerConfig
 
 KEY_A, KEY_B = "sk-test-alpha-0123456789", "sk-test-beta-9876543210"
@@ -161,3 +162,15 @@ def test_a_draining_server_refuses_new_work_and_reports_unready(tiny_llama):
         r = httpx.post(base + "/v1/completions", json={"prompt": "hi", "max_tokens": 1})
         assert_error(r, 503, "service_unavailable", "unavailable")
         assert "shutting down" in r.json()["error"]["message"]
+
+
+def test_token_recycling_tables_are_per_api_key(guarded):
+    """One tenant's text must not shape another's drafts; a body cannot pick another's table."""
+    base, _, worker = guarded
+    spec = {"method": "token_recycling", "scope": "key-someone-else"}
+    for key in (KEY_A, KEY_B):
+        body = {"prompt": "one two three one two three", "max_tokens": 6, "temperature": 0, "speculative": spec}
+        r = httpx.post(base + "/v1/completions", json=body, headers={"Authorization": f"Bearer {key}"})
+        assert r.status_code == 200 and r.json()["usage"]["method_stats"]["speculative"]["steps"] >= 1
+    scopes = {scope for scope, _ in worker.engine.info.shared_state["token_recycling"]}
+    assert scopes == {key_id(KEY_A), key_id(KEY_B)}

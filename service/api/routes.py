@@ -73,7 +73,7 @@ async def chat_completions(body: ChatCompletionRequest, raw: Request, serving: S
     params = serving.sampling_params(
         body, max_tokens, len(prompt), (top or 0) if body.logprobs else None, None, "messages"
     )
-    methods = serving.methods_for(body)
+    methods = serving.methods_for(body, raw)
     if body.negative_messages is not None:
         methods.setdefault("guidance", {})["negative_messages"] = [
             m.model_dump() for m in body.negative_messages
@@ -167,7 +167,7 @@ async def completions(body: CompletionRequest, raw: Request, serving: ServingDep
         serving.sampling_params(body, max_tokens, len(p), body.logprobs, prompt_lp, "prompt") for p in prompts
     ]
     rid = new_id("cmpl")
-    methods = serving.methods_for(body)
+    methods = serving.methods_for(body, raw)
     serving.resolve_guidance(methods)
     call = serving.start_call(raw, body, serving.engine_requests(rid, prompts, params, body.n, methods, model))
     requests = call.requests

@@ -86,11 +86,15 @@ class Serving:
         self.limiter = RateLimiter(self.server.rate_limit_rpm, self.server.rate_limit_tpm)
         self.vision = VisionPrompts.for_tokenizer(self.tokenizer)  # None: the model takes no images
 
-    def methods_for(self, req: SamplingFields) -> dict[str, dict]:
-        """The request's method options over the server's defaults; `{"method": "none"}` opts out."""
+    def methods_for(self, req: SamplingFields, raw: Request) -> dict[str, dict]:
+        """The request's method options over the server's defaults; `{"method": "none"}` opts out.
+        Speculative tables are scoped to the caller's API key, whatever the body says."""
         methods = {name: dict(opts) for name, opts in self.default_methods.items()}
         methods.update(req.method_options())
-        return {name: opts for name, opts in methods.items() if opts.get("method") != "none"}
+        methods = {name: opts for name, opts in methods.items() if opts.get("method") != "none"}
+        if isinstance(methods.get("speculative"), dict):
+            methods["speculative"] = {**methods["speculative"], "scope": raw.scope.get("state", {}).get("api_key_id")}
+        return methods
 
     # ---- request building ----------------------------------------------------------------
     def check_model(self, model: str | None) -> str:

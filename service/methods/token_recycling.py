@@ -36,10 +36,11 @@ class SpeculativeOptionsError(ValueError):
 
 
 def parse_options(raw: dict[str, Any], on_gpu: bool) -> tuple[DraftTree, int]:
-    """Validate `speculative: {"method": "token_recycling", "tree": "2.2.2" | size, "k": 8}`."""
+    """Validate `speculative: {"method": "token_recycling", "tree": "2.2.2" | size, "k": 8}`
+    (`scope` is set by the server, never taken from the client: see `table_scope`)."""
     if not isinstance(raw, dict):
         raise SpeculativeOptionsError("speculative must be an object")
-    unknown = set(raw) - {"method", "tree", "k"}
+    unknown = set(raw) - {"method", "tree", "k", "scope"}
     if unknown:
         raise SpeculativeOptionsError(f"speculative: unknown field(s) {sorted(unknown)}")
     if raw.get("method", "token_recycling") != "token_recycling":
@@ -107,7 +108,9 @@ class TokenRecycling(DecodingStrategy):
         on_gpu = str(getattr(model_info, "device", "cpu")).startswith("cuda")
         self.tree, k = parse_options(request.methods["speculative"], on_gpu)
         tables = model_info.shared_state.setdefault("token_recycling", {})
-        key = (request.methods.get("_scope"), k)
+        # One table per API key (the server sets `scope`): another tenant's text never shapes a
+        # tenant's drafts, so acceptance rates (and latency) reveal nothing about it.
+        key = (request.methods["speculative"].get("scope"), k)
         if key not in tables:
             tables[key] = AdjacencyTable(model_info.config.vocab_size, k)
         self.table: AdjacencyTable = tables[key]
