@@ -24,10 +24,7 @@ class WorkerState:
     name: str
     alive: bool
     in_flight: int
-    running: int
-    waiting: int
     restarts: int
-    pid: int | None
 
 
 class WorkerPool:
@@ -69,25 +66,13 @@ class WorkerPool:
 
     def stats(self) -> WorkerStats:
         parts = [w.stats() for w in self.workers]
-        return WorkerStats(
-            sum(p.running for p in parts),
-            sum(p.waiting for p in parts) + self.queued(),
-            sum(p.kv_usage for p in parts) / len(parts),
-        )
-
-    def queued(self) -> int:
-        """Admitted choices not yet known to an engine (in the pipe, or between steps)."""
-        engine_side = sum(p.running + p.waiting for p in (w.stats() for w in self.workers))
-        return max(0, self.in_flight - engine_side)
+        running, waiting = sum(p.running for p in parts), sum(p.waiting for p in parts)
+        # admitted choices no engine knows of yet (in the pipe, or between steps) wait too
+        queued = max(0, self.in_flight - running - waiting)
+        return WorkerStats(running, waiting + queued, sum(p.kv_usage for p in parts) / len(parts))
 
     def worker_states(self) -> list[WorkerState]:
-        out = []
-        for w in self.workers:
-            s = w.stats()
-            out.append(
-                WorkerState(w.name, w.alive, w.load_score, s.running, s.waiting, getattr(w, "restarts", 0), getattr(w, "pid", None))
-            )
-        return out
+        return [WorkerState(w.name, w.alive, w.load_score, w.restarts) for w in self.workers]
 
     def admit(self, count: int) -> None:
         """Reserve room for `count` choices, or refuse. Pair with `release(count)`."""

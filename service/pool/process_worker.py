@@ -32,8 +32,6 @@ class ProcessWorker(Worker):
         self.config = config
         self.tokenizer = tokenizer
         self.log_level = log_level
-        self.restarts = 0
-        self.pid: int | None = None
         self._ctx = mp.get_context("spawn")  # fork would copy the parent's threads and torch state
         self._send_lock = threading.Lock()
         self._conn: Connection | None = None
@@ -89,7 +87,7 @@ class ProcessWorker(Worker):
         )
         proc.start()
         child_conn.close()  # the child holds its end; ours closing would hide its death
-        self._conn, self._proc, self.pid = parent_conn, proc, proc.pid
+        self._conn, self._proc = parent_conn, proc
         threading.Thread(target=self._read, args=(parent_conn, proc), name=f"{self.name}-reader", daemon=True).start()
 
     # ---- requests ------------------------------------------------------------------------

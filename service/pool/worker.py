@@ -70,6 +70,7 @@ class Worker(ABC):
     def __init__(self, name: str) -> None:
         self.name = name
         self.mailboxes = Mailboxes()
+        self.restarts = 0  # replacements started after the worker died
 
     @property
     @abstractmethod
