@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+from dataclasses import replace
 import os
 import signal
 import sys
@@ -20,7 +21,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=int(env("FREELUNCH_PORT", "8000")))
     serve.add_argument("--dtype", default=env("FREELUNCH_DTYPE", "auto"), choices=["auto", "float32", "bfloat16", "float16"])
     serve.add_argument("--max-model-len", type=int, default=int(env("FREELUNCH_MAX_MODEL_LEN", "0")) or None)
-    serve.add_argument("--engine", default=env("FREELUNCH_ENGINE", "native"), choices=["native"])
+    serve.add_argument(
+        "--engine",
+        default=env("FREELUNCH_ENGINE", "native"),
+        choices=["native", "vllm"],
+        help="decoding engine: ours, or vLLM (needs the vllm extra; options vLLM cannot run go to --native-workers)",
+    )
     serve.add_argument("--max-num-seqs", type=int, default=int(env("FREELUNCH_MAX_NUM_SEQS", "64")))
     serve.add_argument("--max-num-batched-tokens", type=int, default=int(env("FREELUNCH_MAX_NUM_BATCHED_TOKENS", "1024")))
     serve.add_argument("--kv-cache-gib", type=float, default=float(env("FREELUNCH_KV_CACHE_GIB", "2")))
@@ -39,6 +45,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=int(env("FREELUNCH_WORKERS", "1")),
         help="engine worker processes, each with its own model copy (0: the engine on a thread of the API process)",
     )
+    pool.add_argument(
+        "--native-workers",
+        type=int,
+        default=int(env("FREELUNCH_NATIVE_WORKERS", "0")),
+        help="with --engine vllm: native engine processes beside vLLM for the options vLLM cannot run",
+    )
     pool.add_argument("--max-queue", type=int, default=int(env("FREELUNCH_MAX_QUEUE", "256")), help="requests queued beyond what the workers run; then 429")
     pool.add_argument("--request-timeout", type=float, default=float(env("FREELUNCH_REQUEST_TIMEOUT", "600")), help="seconds; a request may ask for less")
     pool.add_argument("--drain-timeout", type=float, default=float(env("FREELUNCH_DRAIN_TIMEOUT", "30")), help="seconds to finish in-flight requests after SIGTERM")
@@ -49,6 +61,14 @@ def build_parser() -> argparse.ArgumentParser:
     sec.add_argument("--max-body-bytes", type=int, default=int(env("FREELUNCH_MAX_BODY_BYTES", str(8 << 20))))
     sec.add_argument("--rate-limit-rpm", type=int, default=int(env("FREELUNCH_RATE_LIMIT_RPM", "0")) or None, help="requests per minute per API key")
     sec.add_argument("--rate-limit-tpm", type=int, default=int(env("FREELUNCH_RATE_LIMIT_TPM", "0")) or None, help="tokens (prompt + max_tokens) per minute per API key")
+    sec.add_argument(
+        "--allowed-image-hosts",
+        action="append",
+        default=None,
+        help="hosts whose http(s) image URLs may be fetched: exact names or *.domain (repeatable or comma-separated; "
+        "env FREELUNCH_ALLOWED_IMAGE_HOSTS, comma-separated); default: none, data: URLs only",
+    )
+    sec.add_argument("--image-fetch-timeout", type=float, default=float(env("FREELUNCH_IMAGE_FETCH_TIMEOUT", "10")), help="seconds for one image fetch")
     return parser
 
 
@@ -59,6 +79,12 @@ def read_api_keys(args: argparse.Namespace) -> tuple[str, ...]:
         with open(args.api_key_file, encoding="utf-8") as f:
             keys += [line.strip() for line in f if line.strip() and not line.startswith("#")]
     return tuple(dict.fromkeys(keys))
+
+
+def read_image_hosts(args: argparse.Namespace) -> tuple[str, ...]:
+    hosts = [h.strip() for value in args.allowed_image_hosts or [] for h in value.split(",")]
+    hosts += [h.strip() for h in os.environ.get("FREELUNCH_ALLOWED_IMAGE_HOSTS", "").split(",")]
+    return tuple(dict.fromkeys(h for h in hosts if h))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -83,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
             max_num_batched_tokens=args.max_num_batched_tokens,
             kv_cache_gib=args.kv_cache_gib,
             num_threads=args.threads,
+            engine=args.engine,
         )
         server = ServerConfig(
             workers=args.workers,
@@ -94,11 +121,20 @@ def main(argv: list[str] | None = None) -> int:
             metrics_require_key=args.metrics_require_key,
             rate_limit_rpm=args.rate_limit_rpm,
             rate_limit_tpm=args.rate_limit_tpm,
+            allowed_image_hosts=read_image_hosts(args),
+            image_fetch_timeout=args.image_fetch_timeout,
         )
+        if args.native_workers and config.engine != "vllm":
+            raise ValueError("--native-workers goes with --engine vllm (the native engine's workers are --workers)")
+        if args.speculative != "none" and config.engine == "vllm" and not args.native_workers:
+            raise ValueError("--speculative runs on native workers: with --engine vllm, add --native-workers N")
         if server.workers == 0:
             workers = [ThreadWorker.load(config)]
         else:
             workers = start_process_workers(config, server.workers, args.log_level)
+        if args.native_workers:
+            native = replace(config, engine="native", num_threads=None)
+            workers += start_process_workers(native, args.native_workers, args.log_level, name_prefix="native-")
     except (ValueError, OSError, ModelLoadError, RuntimeError, TimeoutError) as e:
         print(f"freelunch: {e}", file=sys.stderr)
         return 2

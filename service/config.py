@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass
 
 
@@ -17,6 +18,7 @@ class EngineConfig:
     block_size: int = 16
     kv_cache_gib: float = 2.0
     num_threads: int | None = None  # torch intra-op threads; None = all cores
+    engine: str = "native"  # "native" (ours) or "vllm" (backends/vllm_engine.py)
 
     def __post_init__(self) -> None:
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
@@ -25,6 +27,8 @@ class EngineConfig:
             raise ValueError("max_model_len must be at least 16")
         if self.max_num_seqs < 1 or self.max_num_batched_tokens < 16 or self.block_size < 1:
             raise ValueError("max_num_seqs, max_num_batched_tokens and block_size must be positive")
+        if self.engine not in ("native", "vllm"):
+            raise ValueError(f"engine must be native or vllm, not {self.engine!r}")
         if self.kv_cache_gib <= 0:
             raise ValueError("kv_cache_gib must be positive")
 
@@ -42,6 +46,9 @@ class ServerConfig:
     metrics_require_key: bool = False
     rate_limit_rpm: int | None = None  # per API key (or client address without keys)
     rate_limit_tpm: int | None = None  # prompt + max_tokens, per minute
+    # hosts image_url parts may be fetched from (exact names, or *.domain); empty = data: URLs only
+    allowed_image_hosts: tuple[str, ...] = ()
+    image_fetch_timeout: float = 10.0  # seconds for one image fetch, redirects included
 
     def __post_init__(self) -> None:
         if self.workers < 0 or self.max_queue < 0:
@@ -53,3 +60,25 @@ class ServerConfig:
         for limit in (self.rate_limit_rpm, self.rate_limit_tpm):
             if limit is not None and limit < 1:
                 raise ValueError("rate limits must be positive")
+        if not self.image_fetch_timeout > 0:
+            raise ValueError("image_fetch_timeout must be positive")
+        for host in self.allowed_image_hosts:
+            image_host_pattern(host)
+
+
+def image_host_pattern(entry: str) -> str:
+    """An `--allowed-image-hosts` entry, normalised: a host name or IP address (`[v6]` or bare),
+    or `*.example.com` for every subdomain of example.com (not example.com itself). Lower case;
+    IDN host names in their ASCII (xn--) form. ValueError for anything else (schemes, ports, paths)."""
+    host = entry.strip().lower()
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    name = host[2:] if host.startswith("*.") else host
+    try:
+        ipv6 = bool(ipaddress.IPv6Address(host))
+    except ValueError:
+        ipv6 = False
+    hostname = all(c.isascii() and (c.isalnum() or c in ".-_") for c in name) and "" not in name.split(".")
+    if not name or not (ipv6 or hostname):
+        raise ValueError(f"an allowed image host is a host name, an IP address or *.domain, not {entry!r}")
+    return host

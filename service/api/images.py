@@ -1,27 +1,36 @@
-"""Image inputs of chat requests: inline `data:` URLs decoded with Pillow under deliberate limits,
-then preprocessed by the checkpoint's own transformers processor, so that the pixel values and
-the number of image tokens are exactly what transformers would compute.
+"""Image inputs of chat requests: inline `data:` URLs, or http(s) URLs on the hosts the server
+allows (`--allowed-image-hosts`), decoded with Pillow under deliberate limits, then preprocessed by
+the checkpoint's own transformers processor, so that the pixel values and the number of image
+tokens are exactly what transformers would compute. Decoding and preprocessing run on worker
+threads, never on the event loop.
 
 Every refusal is a 400 whose `param` points at the offending content part.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import io
+import ipaddress
 import json
+import threading
 import warnings
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import anyio
+import httpx
 from PIL import Image
 
 from freelunch.api.errors import APIError
+from freelunch.config import image_host_pattern
 from freelunch.engine.request import ImageInput
 
 MAX_IMAGES_PER_REQUEST = 8
-MAX_IMAGE_BYTES = 6 << 20  # decoded; the request body limit bounds it too
+MAX_IMAGE_BYTES = 6 << 20  # an image file, inline (decoded base64) or fetched
 MAX_IMAGE_PIXELS = 4096 * 4096
 # Pillow decoders tried, and the MIME types a data URL may declare (image/jpg: a common misspelling)
 FORMATS = ("PNG", "JPEG", "WEBP", "GIF")
@@ -29,13 +38,19 @@ MIME_TYPES = ("image/png", "image/jpeg", "image/jpg", "image/webp", "image/gif")
 
 # Set deliberately: Pillow's own decompression-bomb limit, which `decode_image` enforces strictly.
 Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+_OPEN_LOCK = threading.Lock()  # held while Pillow reads a header, not while it decodes
+MAX_REDIRECTS = 3  # each hop's host must be allowed too
+NO_FETCH = (
+    "fetching images from URLs is not enabled on this server (see --allowed-image-hosts): "
+    "send the image inline as a data: URL (base64)"
+)
 
 
 def decode_image(url: str, param: str) -> Image.Image:
     """A `data:image/...;base64,...` URL -> an RGB image; APIError(400, param) for anything else."""
     scheme = url.split(":", 1)[0].lower() if ":" in url else ""
     if scheme in ("http", "https"):
-        raise APIError(400, "fetching images from URLs is not supported: send the image inline as a data: URL (base64)", param)
+        raise APIError(400, NO_FETCH, param)
     if scheme != "data":
         raise APIError(400, "an image must be a data: URL (data:image/png;base64,...)", param)
     header, _, payload = url[5:].partition(",")
@@ -48,8 +63,14 @@ def decode_image(url: str, param: str) -> Image.Image:
         data = base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError) as e:
         raise APIError(400, f"the image is not valid base64: {e}", param) from e
+    return open_image(data, param)
+
+
+def open_image(data: bytes, param: str) -> Image.Image:
+    """An image file's bytes -> an RGB image (its first frame); APIError(400, param) if Pillow cannot."""
     try:
-        with warnings.catch_warnings():
+        # The lock: this runs on worker threads, and warnings' filters are process-wide.
+        with _OPEN_LOCK, warnings.catch_warnings():
             # Pillow checks the size from the header, before decoding: above the limit it warns
             # (an error here) and above twice the limit it refuses
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -60,6 +81,118 @@ def decode_image(url: str, param: str) -> Image.Image:
         raise APIError(400, f"the image has more than {MAX_IMAGE_PIXELS} pixels: {e}", param) from e
     except Exception as e:  # Pillow raises many types for corrupt or unsupported data
         raise APIError(400, f"the image cannot be decoded (accepted: {', '.join(FORMATS)}): {e}", param) from e
+
+
+class ImageLoader:
+    """Content parts' image URLs -> RGB images. `data:` URLs are decoded; http(s) URLs are fetched
+    only from the allowed hosts (exact host names, or `*.domain` subdomain rules), without
+    credentials, within `timeout` seconds for the whole fetch and `max_bytes` of body, following
+    at most MAX_REDIRECTS redirects and only to allowed hosts. Decoding runs on a worker thread."""
+
+    def __init__(self, allowed_hosts: Iterable[str] = (), timeout: float = 10.0, max_bytes: int = MAX_IMAGE_BYTES) -> None:
+        patterns = {image_host_pattern(h) for h in allowed_hosts}
+        self.exact = frozenset(h for h in patterns if not h.startswith("*."))
+        self.suffixes = tuple(sorted(h[1:] for h in patterns if h.startswith("*.")))  # ".example.com"
+        self.timeout = timeout
+        self.max_bytes = max_bytes
+
+    def host_allowed(self, host: str) -> bool:
+        """Exact names (and IP addresses) match exactly; `*.domain` rules match host names only."""
+        host = host.lower()
+        if host in self.exact:
+            return True
+        try:
+            ipaddress.ip_address(host)
+            return False
+        except ValueError:
+            return any(host.endswith(s) for s in self.suffixes)
+
+    def check(self, url: str, param: str) -> httpx.URL | None:
+        """Refusals that need no I/O, so that a request fails before anything is fetched: the
+        parsed URL for http(s) ones on allowed hosts, None for data: URLs (decoded by `load`)."""
+        scheme = url.split(":", 1)[0].lower() if ":" in url else ""
+        if scheme not in ("http", "https"):
+            return None  # data: URLs, and decode_image's refusal of any other scheme
+        if not self.exact and not self.suffixes:
+            raise APIError(400, NO_FETCH, param)
+        return self._checked(url, param)
+
+    def _checked(self, url: str | httpx.URL, param: str, redirected: bool = False) -> httpx.URL:
+        try:
+            parsed = httpx.URL(url)
+        except (httpx.InvalidURL, ValueError, TypeError) as e:
+            raise APIError(400, f"the image URL is not a valid URL: {e}", param) from e
+        via = " (redirect target)" if redirected else ""
+        if parsed.scheme not in ("http", "https"):
+            raise APIError(400, f"image URLs must be http(s) or data: URLs, not `{parsed.scheme}:`{via}", param)
+        if parsed.userinfo:
+            raise APIError(400, f"image URLs must not carry credentials (user:password@){via}", param)
+        host = parsed.raw_host.decode("ascii", "replace").lower()
+        if not host:
+            raise APIError(400, f"the image URL has no host{via}", param)
+        if not self.host_allowed(host):
+            if redirected:
+                raise APIError(400, f"the image URL redirects to '{host}', a host not in --allowed-image-hosts", param)
+            raise APIError(400, f"image host '{host}' is not in --allowed-image-hosts", param)
+        return parsed
+
+    async def load(self, url: str, param: str) -> Image.Image:
+        """One image, decoded on a worker thread (a big image must not stall other requests)."""
+        checked = self.check(url, param)
+        if checked is None:
+            return await anyio.to_thread.run_sync(decode_image, url, param)
+        data = await self.fetch(checked, param)
+        return await anyio.to_thread.run_sync(open_image, data, param)
+
+    async def load_all(self, refs: list[tuple[str, str]]) -> list[Image.Image]:
+        """(url, param) pairs -> images, loaded concurrently; the first failure in order is raised."""
+        if not refs:
+            return []
+        results = await asyncio.gather(*(self.load(u, p) for u, p in refs), return_exceptions=True)
+        for r in results:
+            if isinstance(r, BaseException):
+                raise r
+        return results  # type: ignore[return-value]
+
+    async def fetch(self, url: httpx.URL, param: str) -> bytes:
+        """An allowed URL's body: status 200 only, redirects re-checked hop by hop, at most
+        `max_bytes` (checked while streaming), within `timeout` seconds in all."""
+        host = url.raw_host.decode("ascii", "replace")
+        try:
+            with anyio.fail_after(self.timeout):
+                # trust_env=False: no proxies or .netrc credentials from the server's environment
+                async with httpx.AsyncClient(follow_redirects=False, timeout=self.timeout, trust_env=False) as client:
+                    for _ in range(MAX_REDIRECTS + 1):
+                        host = url.raw_host.decode("ascii", "replace")
+                        body, location = await self._get(client, url, host, param)
+                        if location is None:
+                            return body
+                        url = self._checked(url.join(location), param, redirected=True)
+            raise APIError(400, f"the image URL redirects more than {MAX_REDIRECTS} times", param)
+        except (TimeoutError, httpx.TimeoutException) as e:
+            raise APIError(400, f"fetching the image from '{host}' took longer than {self.timeout:g} s", param) from e
+        except (httpx.HTTPError, httpx.InvalidURL, httpx.StreamError, OSError, ValueError) as e:
+            raise APIError(400, f"fetching the image from '{host}' failed: {type(e).__name__}: {e}", param) from e
+
+    async def _get(self, client: httpx.AsyncClient, url: httpx.URL, host: str, param: str) -> tuple[bytes, str | None]:
+        """One hop: (body, None), or (b"", the Location) for a redirect."""
+        size = f"{self.max_bytes >> 20} MiB" if self.max_bytes % (1 << 20) == 0 else f"{self.max_bytes} bytes"
+        too_big = f"the image is larger than {size}"
+        headers = {"Accept": "image/*", "Accept-Encoding": "identity"}
+        async with client.stream("GET", url, headers=headers) as response:
+            if response.is_redirect:
+                return b"", response.headers["location"]
+            if response.status_code != 200:
+                raise APIError(400, f"fetching the image from '{host}' failed: HTTP {response.status_code}", param)
+            length = response.headers.get("content-length", "")
+            if length.isdigit() and int(length) > self.max_bytes:
+                raise APIError(400, too_big, param)
+            body = bytearray()
+            async for chunk in response.aiter_bytes():
+                body += chunk
+                if len(body) > self.max_bytes:
+                    raise APIError(400, too_big, param)
+            return bytes(body), None
 
 
 class VisionPrompts:

@@ -48,6 +48,12 @@ class Metrics:
             ["method"],
             registry=r,
         )
+        self.method_requests = Counter(
+            "freelunch_method_requests",
+            "Finished generations (one per choice) that used a decoding method, by method",
+            ["method"],
+            registry=r,
+        )
         self.ttft = Histogram(
             "freelunch_time_to_first_token_seconds", "Time to first token", buckets=_LATENCY_BUCKETS, registry=r
         )
@@ -75,6 +81,8 @@ class Metrics:
             if output_tokens > 1:
                 self.tpot.observe((e2e - ttft) / (output_tokens - 1))
         self.e2e.observe(e2e)
+        for method in method_stats or {}:
+            self.method_requests.labels(method=method).inc()
         spec = (method_stats or {}).get("speculative")
         if spec:
             self.spec_draft_tokens.inc(spec.get("draft_tokens", 0))

@@ -65,7 +65,7 @@ async def list_models(serving: ServingDep) -> ModelList:
 @router.post("/v1/chat/completions", response_model=None)
 async def chat_completions(body: ChatCompletionRequest, raw: Request, serving: ServingDep) -> Response:
     model = serving.check_model(body.model)
-    prompt = serving.render_chat(body)
+    prompt = await serving.render_chat(body)
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     top = body.top_logprobs if body.logprobs else None
     if body.top_logprobs is not None and not body.logprobs:

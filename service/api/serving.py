@@ -13,11 +13,10 @@ from typing import Any
 import anyio
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
-from PIL import Image
 from pydantic import TypeAdapter, ValidationError
 
 from freelunch.api.errors import APIError, error_body
-from freelunch.api.images import MAX_IMAGES_PER_REQUEST, VisionPrompts, decode_image
+from freelunch.api.images import MAX_IMAGES_PER_REQUEST, ImageLoader, VisionPrompts
 from freelunch.api.metrics import Metrics
 from freelunch.api.protocol import (
     ChatCompletionRequest,
@@ -85,6 +84,7 @@ class Serving:
         self.server = server or ServerConfig()
         self.limiter = RateLimiter(self.server.rate_limit_rpm, self.server.rate_limit_tpm)
         self.vision = VisionPrompts.for_tokenizer(self.tokenizer)  # None: the model takes no images
+        self.images = ImageLoader(self.server.allowed_image_hosts, self.server.image_fetch_timeout)
 
     def methods_for(self, req: SamplingFields, raw: Request) -> dict[str, dict]:
         """The request's method options over the server's defaults; `{"method": "none"}` opts out.
@@ -103,10 +103,18 @@ class Serving:
             raise APIError(404, f"the model `{model}` does not exist; this server serves `{served}`", "model", "model_not_found")
         return model or served
 
-    def render_chat(self, req: ChatCompletionRequest) -> ChatPrompt:
-        return self.chat_ids(
-            req.messages, req.add_generation_prompt and not req.continue_final_message, req.continue_final_message, "messages"
+    async def render_chat(self, req: ChatCompletionRequest) -> ChatPrompt:
+        """The request's messages as token ids, image placeholders expanded: images are fetched
+        and decoded, and the processor runs, off the event loop."""
+        param = "messages"
+        messages, refs = self._chat_messages(req.messages, param, True)
+        images = await self.images.load_all(refs)
+        text = self._chat_text(
+            messages, req.add_generation_prompt and not req.continue_final_message, req.continue_final_message, param
         )
+        if self.vision is not None and images:
+            return ChatPrompt(*await anyio.to_thread.run_sync(self.vision.encode, text, images, param))
+        return self._encode_chat(text, param)
 
     def chat_ids(
         self,
@@ -114,17 +122,30 @@ class Serving:
         add_generation_prompt: bool,
         continue_final_message: bool,
         param: str,
-        allow_images: bool = True,
     ) -> ChatPrompt:
-        """Messages rendered with the model's chat template, as token ids (image placeholders expanded)."""
+        """Messages without images rendered with the model's chat template, as token ids (image
+        parts are refused here: requests with images go through `render_chat`)."""
+        messages, _ = self._chat_messages(chat, param, False)
+        return self._encode_chat(self._chat_text(messages, add_generation_prompt, continue_final_message, param), param)
+
+    def _chat_messages(
+        self, chat: list[ChatMessage], param: str, allow_images: bool
+    ) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
+        """The messages as chat templates take them, and each image's (url, param), checked
+        (count, scheme, host) but not loaded."""
         messages = []
-        images: list[Image.Image] = []
+        refs: list[tuple[str, str]] = []
         for i, m in enumerate(chat):
             if isinstance(m.content, list):
-                content = self._chat_content(m.content, param, f"{param}.{i}.content", images, allow_images)
+                content = self._chat_content(m.content, param, f"{param}.{i}.content", refs, allow_images)
             else:
                 content = m.content or ""
             messages.append({"role": "system" if m.role == "developer" else m.role, "content": content})
+        return messages, refs
+
+    def _chat_text(
+        self, messages: list[dict[str, Any]], add_generation_prompt: bool, continue_final_message: bool, param: str
+    ) -> str:
         template = (self.vision and self.vision.chat_template) or getattr(self.tokenizer, "chat_template", None)
         if template is None:
             raise APIError(400, "this model has no chat template; use /v1/completions", param)
@@ -138,15 +159,20 @@ class Serving:
             )
         except Exception as e:  # template errors are the request's fault (e.g. role order)
             raise APIError(400, f"the chat template rejected these messages: {e}", param) from e
+        return text
+
+    def _encode_chat(self, text: str, param: str) -> ChatPrompt:
+        """Rendered chat text without images -> token ids (a vision model's processor checks that
+        the text holds no image placeholders)."""
         if self.vision is None:
             return ChatPrompt(self.tokenizer.encode(text, add_special_tokens=False), [])
-        return ChatPrompt(*self.vision.encode(text, images, param))
+        return ChatPrompt(*self.vision.encode(text, [], param))
 
     def _chat_content(
-        self, parts: list[TextPart | ImagePart], param: str, parts_param: str, images: list[Image.Image], allow_images: bool
+        self, parts: list[TextPart | ImagePart], param: str, parts_param: str, refs: list[tuple[str, str]], allow_images: bool
     ) -> str | list[dict[str, str]]:
         """Text parts joined; with images, the content list chat templates take ({"type": "image"}
-        where each image goes), the decoded images appended to `images`."""
+        where each image goes), each image's (url, param) appended to `refs` once checked."""
         if not any(p.type == "image_url" for p in parts):
             return "".join(p.text for p in parts)
         if self.vision is None:
@@ -158,9 +184,11 @@ class Serving:
             if p.type == "text":
                 content.append({"type": "text", "text": p.text})
                 continue
-            if len(images) == MAX_IMAGES_PER_REQUEST:
+            if len(refs) == MAX_IMAGES_PER_REQUEST:
                 raise APIError(400, f"at most {MAX_IMAGES_PER_REQUEST} images per request", f"{parts_param}.{j}")
-            images.append(decode_image(p.image_url.url, f"{parts_param}.{j}.image_url.url"))
+            url_param = f"{parts_param}.{j}.image_url.url"
+            self.images.check(p.image_url.url, url_param)
+            refs.append((p.image_url.url, url_param))
             content.append({"type": "image"})
         return content
 
@@ -190,7 +218,7 @@ class Serving:
             except ValidationError as e:
                 raise APIError(400, f"{param} must be a list of chat messages: {e.errors()[0]['msg']}", param) from e
             if parsed:
-                opts["negative_prompt_ids"] = list(self.chat_ids(parsed, True, False, param, allow_images=False))
+                opts["negative_prompt_ids"] = list(self.chat_ids(parsed, True, False, param))
 
     def completion_prompts(self, req: CompletionRequest) -> list[list[int]]:
         p = req.prompt
@@ -262,6 +290,16 @@ class Serving:
                     choice_params.seed = sp.seed + j  # each choice its own, reproducible stream
                 rid = f"{base_id}-{p_idx * n + j}"
                 out.append(GenerationRequest(rid, list(prompt), choice_params, methods, model=model, images=images))
+        missing = self.pool.unsupported(out[0]) if out else None
+        if missing is not None:
+            backends = sorted({w.served.backend for w in self.pool.workers if w.served is not None})
+            what = "image inputs are" if missing == "images" else f"`{missing}` is"
+            raise APIError(
+                400,
+                f"{what} not available on this server's {' and '.join(backends)} engine; "
+                "with --engine vllm, start native workers for it with --native-workers N",
+                "messages" if missing == "images" else missing,
+            )
         return out
 
     # ---- running -------------------------------------------------------------------------

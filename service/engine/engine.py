@@ -195,6 +195,27 @@ class Engine:
     def has_work(self) -> bool:
         return bool(self.requests)
 
+    # ---- what the worker and pool read (the same surface as backends/vllm_engine.py) ----------
+    @property
+    def model_name(self) -> str:
+        return self.info.name
+
+    @property
+    def vocab_size(self) -> int:
+        return self.info.config.vocab_size
+
+    @property
+    def capabilities(self) -> frozenset[str]:
+        """Request options and inputs this engine serves."""
+        from freelunch.methods import STRATEGIES, load_builtin_methods
+
+        load_builtin_methods()
+        return frozenset(STRATEGIES) | ({"images"} if self.info.vision is not None else frozenset())
+
+    @property
+    def kv_usage(self) -> float:
+        return self.blocks.usage
+
     @property
     def num_running(self) -> int:
         return self.scheduler.num_running

@@ -12,7 +12,7 @@ import traceback
 from dataclasses import dataclass
 from typing import Protocol
 
-from freelunch.engine.engine import Engine, EngineError
+from freelunch.engine.engine import EngineError
 from freelunch.engine.request import GenerationRequest, RequestOutput
 
 log = logging.getLogger("freelunch.worker")
@@ -33,10 +33,32 @@ class Sink(Protocol):
         """The request ended in an error; nothing more will come for it."""
 
 
-class EngineLoop:
-    """Runs `Engine.step()` in a thread while there is work; sleeps otherwise."""
+class EngineBackend(Protocol):
+    """What a worker drives: the native `Engine`, or `backends.vllm_engine.VllmEngine`."""
 
-    def __init__(self, engine: Engine, sink: Sink, name: str = "engine") -> None:
+    model_name: str
+    tokenizer: object
+    max_model_len: int
+    vocab_size: int
+    capabilities: frozenset[str]  # request options (and "images") it serves
+    requests: dict  # live requests by id
+    num_running: int
+    num_waiting: int
+    kv_usage: float
+
+    def add_request(self, request: GenerationRequest) -> None: ...
+
+    def step(self) -> list[RequestOutput]: ...
+
+    def abort(self, request_id: str) -> bool: ...
+
+    def has_work(self) -> bool: ...
+
+
+class EngineLoop:
+    """Runs `engine.step()` in a thread while there is work; sleeps otherwise."""
+
+    def __init__(self, engine: EngineBackend, sink: Sink, name: str = "engine") -> None:
         self.engine = engine
         self.sink = sink
         self._lock = threading.Lock()
@@ -63,7 +85,7 @@ class EngineLoop:
 
     def stats(self) -> WorkerStats:
         e = self.engine
-        return WorkerStats(e.num_running, e.num_waiting, e.blocks.usage)
+        return WorkerStats(e.num_running, e.num_waiting, e.kv_usage)
 
     def _post(self, kind: str, item: GenerationRequest | str) -> None:
         with self._lock:

@@ -1,5 +1,9 @@
 """The pool the API talks to: admission (a bounded queue), dispatch to the least-loaded live
-worker, output streaming, abort when the caller leaves."""
+worker that serves the request's options, output streaming, abort when the caller leaves.
+
+A mixed pool (`--engine vllm --native-workers N`) holds workers of two backends: requests go to
+the primary backend (the first worker's) when it serves all their options, else to a worker of
+the other backend that does."""
 
 from __future__ import annotations
 
@@ -9,6 +13,11 @@ from dataclasses import dataclass
 from freelunch.engine.request import GenerationRequest, RequestOutput
 from freelunch.pool.engine_loop import WorkerStats
 from freelunch.pool.worker import ServedModel, Worker, WorkerDied
+
+
+def request_needs(request: GenerationRequest) -> frozenset[str]:
+    """What a worker must serve to run `request`: its method options, and images if it has any."""
+    return frozenset(request.methods) | ({"images"} if request.images else frozenset())
 
 
 class PoolOverloaded(RuntimeError):
@@ -74,6 +83,19 @@ class WorkerPool:
     def worker_states(self) -> list[WorkerState]:
         return [WorkerState(w.name, w.alive, w.load_score, w.restarts) for w in self.workers]
 
+    def unsupported(self, request: GenerationRequest) -> str | None:
+        """The first option (or "images") of `request` that no worker of this pool serves."""
+        needs = request_needs(request)
+        served = set().union(*(w.served.capabilities for w in self.workers if w.served is not None))
+        return next((need for need in sorted(needs) if need not in served), None)
+
+    def pick(self, request: GenerationRequest) -> Worker | None:
+        """The least-loaded live worker that serves the request, primary backend first."""
+        needs = request_needs(request)
+        able = [w for w in self.workers if w.alive and w.served is not None and needs <= w.served.capabilities]
+        primary = [w for w in able if w.served.backend == self.served.backend]
+        return min(primary or able, key=lambda w: w.load_score, default=None)
+
     def admit(self, count: int) -> None:
         """Reserve room for `count` choices, or refuse. Pair with `release(count)`."""
         if self.draining:
@@ -92,7 +114,7 @@ class WorkerPool:
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[RequestOutput]:
         """Stream a request's outputs. Leaving early (client gone, error) aborts it on its worker."""
-        worker = min((w for w in self.workers if w.alive), key=lambda w: w.load_score, default=None)
+        worker = self.pick(request)
         if worker is None:
             raise WorkerDied("no engine worker is available (restarting); retry shortly")
         queue = worker.submit(request)

@@ -128,8 +128,8 @@ class ProcessWorker(Worker):
                 error = EngineError(text, param) if invalid else RuntimeError(text)
                 self.mailboxes.deliver(request_id, error, last=True)
             elif kind == wire.READY:
-                max_len, vocab = message[2], message[3]
-                self._served = ServedModel(message[1], self.tokenizer, max_len, vocab)
+                _, name, max_len, vocab, capabilities = message
+                self._served = ServedModel(name, self.tokenizer, max_len, vocab, frozenset(capabilities), self.config.engine)
                 self._failures_in_a_row = 0
                 self._ready.set()
                 log.info("%s ready (pid %d)", self.name, proc.pid)
@@ -197,7 +197,7 @@ def run_worker_process(config: EngineConfig, conn: Connection, name: str, log_le
         return
     loop = EngineLoop(engine, sink, name)
     loop.start()
-    sink.send(wire.encode(wire.READY, engine.info.name, engine.max_model_len, engine.info.config.vocab_size))
+    sink.send(wire.encode(wire.READY, engine.model_name, engine.max_model_len, engine.vocab_size, sorted(engine.capabilities)))
     while not loop.broken:
         try:
             if not conn.poll(1.0):
@@ -216,7 +216,9 @@ def run_worker_process(config: EngineConfig, conn: Connection, name: str, log_le
         os._exit(1)  # the parent sees the exit and starts a clean replacement
 
 
-def start_process_workers(config: EngineConfig, count: int, log_level: str = "INFO", timeout: float = 900.0) -> list[ProcessWorker]:
+def start_process_workers(
+    config: EngineConfig, count: int, log_level: str = "INFO", timeout: float = 900.0, name_prefix: str = ""
+) -> list[ProcessWorker]:
     """Resolve the model once here (a GGUF is converted to a folder before any worker starts, so
     they do not race to convert it), load the tokenizer for the API process, start `count`
     workers and wait until all have loaded. CPU threads are split between the workers."""
@@ -235,7 +237,7 @@ def start_process_workers(config: EngineConfig, count: int, log_level: str = "IN
     threads = config.num_threads or max(1, ((os.cpu_count() or 1) - 1) // count)
     config = replace(config, model=str(source.path), served_model_name=source.served_name, num_threads=threads)
     tokenizer = load_tokenizer(source)
-    workers = [ProcessWorker(config, tokenizer, f"worker-{i}", log_level) for i in range(count)]
+    workers = [ProcessWorker(config, tokenizer, f"{name_prefix}worker-{i}", log_level) for i in range(count)]
     for w in workers:
         w.start()
     try:

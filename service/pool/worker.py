@@ -12,9 +12,8 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 from freelunch.config import EngineConfig
-from freelunch.engine.engine import Engine
 from freelunch.engine.request import GenerationRequest, RequestOutput
-from freelunch.pool.engine_loop import EngineLoop, WorkerStats
+from freelunch.pool.engine_loop import EngineBackend, EngineLoop, WorkerStats
 
 
 class WorkerDied(RuntimeError):
@@ -29,6 +28,12 @@ class ServedModel:
     tokenizer: object
     max_model_len: int
     vocab_size: int
+    capabilities: frozenset[str] = frozenset()  # request options (and "images") its engine serves
+    backend: str = "native"
+
+    @classmethod
+    def of(cls, engine: EngineBackend, backend: str) -> "ServedModel":
+        return cls(engine.model_name, engine.tokenizer, engine.max_model_len, engine.vocab_size, frozenset(engine.capabilities), backend)
 
 
 class Mailboxes:
@@ -114,17 +119,16 @@ class Worker(ABC):
 class ThreadWorker(Worker):
     """The engine on a thread of this process."""
 
-    def __init__(self, engine: Engine, name: str = "worker-0") -> None:
+    def __init__(self, engine: EngineBackend, name: str = "worker-0", backend: str = "native") -> None:
         super().__init__(name)
         self.engine = engine
         self._loop = EngineLoop(engine, self, name)
         self._started = False
-        info = engine.info
-        self._served = ServedModel(info.name, engine.tokenizer, engine.max_model_len, info.config.vocab_size)
+        self._served = ServedModel.of(engine, backend)
 
     @classmethod
     def load(cls, config: EngineConfig, name: str = "worker-0") -> "ThreadWorker":
-        return cls(load_engine(config), name)
+        return cls(load_engine(config), name, config.engine)
 
     @property
     def alive(self) -> bool:
@@ -160,11 +164,16 @@ class ThreadWorker(Worker):
         self.mailboxes.deliver(request_id, error, last=True)
 
 
-def load_engine(config: EngineConfig) -> Engine:
+def load_engine(config: EngineConfig) -> EngineBackend:
     import torch
 
+    from freelunch.engine.engine import Engine
     from freelunch.models.loader import load_model, resolve_source
 
+    if config.engine == "vllm":
+        from freelunch.backends.vllm_engine import VllmEngine
+
+        return VllmEngine(config)
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
     loaded = load_model(resolve_source(config.model, config.served_model_name), config.dtype, config.device)

