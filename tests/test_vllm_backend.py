@@ -256,8 +256,8 @@ def test_default_model_greedy_matches_native_engine():
     vllm_engine = VllmEngine(config)
     tok = vllm_engine.tokenizer
     chats = ["What is the capital of France?", "Write a haiku about the sea.", "List three prime numbers."]
-    ids = [tok.apply_chat_template([{"role": "user", "content": c}], add_generation_prompt=True) for c in chats]
-    ids = [list(i["input_ids"]) if isinstance(i, dict) else list(i) for i in ids]
+    texts = [tok.apply_chat_template([{"role": "user", "content": c}], add_generation_prompt=True, tokenize=False) for c in chats]
+    ids = [tok.encode(t, add_special_tokens=False) for t in texts]
     reqs = lambda: [GenerationRequest(f"c{i}", p, greedy(24)) for i, p in enumerate(ids)]  # noqa: E731
     got = run_all(vllm_engine, reqs())
     want = run_all(load_engine(config), reqs())

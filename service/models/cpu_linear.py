@@ -44,6 +44,8 @@ def pack_linears(model: nn.Module) -> int:
         return 0
     count = 0
     for parent in list(model.modules()):
+        if isinstance(parent, nn.MultiheadAttention):  # reads its out_proj's .weight directly (SigLIP's pooling head)
+            continue
         for name, child in list(parent.named_children()):
             if isinstance(child, nn.Linear) and child.weight.dtype == torch.float32 and child.weight.device.type == "cpu":
                 setattr(parent, name, PackedLinear(child))
