@@ -1,0 +1,178 @@
+"""vLLM (CPU build) vs our native engine vs transformers `generate`, on the default model.
+
+    python bench/bench_engines.py [--max-tokens 128] [--concurrency 16] [--backends native,vllm,hf,native-tr]
+
+Each backend runs in its own subprocess, one after another (vLLM changes process-wide torch
+threading, and two heavy processes on 2 cores would slow each other 10-35x): the same chat
+prompts, greedy, `ignore_eos` so that every request decodes exactly --max-tokens tokens, float32.
+Two numbers per backend: single-stream decode tokens/s (one request at a time) and throughput
+with --concurrency requests admitted together. `native-tr` is our engine with Token Recycling,
+which the vLLM backend routes to native workers: its single-stream number is the one to compare
+with vLLM's plain decoding. Writes JSON (bench/results/engines.json) and prints a table of
+ratios against transformers. Run it on an idle machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+CHATS = [
+    "Give me three tips for learning a new language.",
+    "Translate to French: The weather is nice today, so we will walk to the park.",
+    "Why is the sky blue?",
+    "Write a short story about a robot who learns to paint.",
+    "Explain what a hash table is to a beginner.",
+    "A shop sells pens at 3 dollars each. Tom buys 7 pens. How much does he pay?",
+    "List five fruits and their colours.",
+    "Summarize the plot of Romeo and Juliet in two sentences.",
+]
+
+
+def prompts(tokenizer, count: int) -> list[list[int]]:
+    out = []
+    for i in range(count):
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": CHATS[i % len(CHATS)]}], add_generation_prompt=True, tokenize=False
+        )
+        out.append(tokenizer.encode(text, add_special_tokens=False))
+    return out
+
+
+def run_engine(engine, requests) -> tuple[float, int, float]:
+    """(seconds, tokens, seconds to the first token of the first request)."""
+    start = time.perf_counter()
+    for r in requests:
+        engine.add_request(r)
+    total, first = 0, None
+    while engine.has_work():
+        for o in engine.step():
+            total += len(o.new_token_ids)
+            if first is None and o.new_token_ids:
+                first = time.perf_counter() - start
+    return time.perf_counter() - start, total, first or 0.0
+
+
+def measure_engine(backend: str, args) -> dict:
+    from freelunch.config import EngineConfig
+    from freelunch.engine.request import GenerationRequest, SamplingParams
+
+    config = EngineConfig(
+        dtype=args.dtype, max_model_len=2048, max_num_seqs=max(16, args.concurrency), kv_cache_gib=1.0,
+        engine="vllm" if backend.startswith("vllm") else "native",
+    )  # fmt: skip
+    t0 = time.perf_counter()
+    if backend.startswith("vllm"):
+        from freelunch.backends.vllm_engine import VllmEngine
+
+        engine = VllmEngine(config)
+    else:
+        from freelunch.pool.worker import load_engine
+
+        engine = load_engine(config)
+    startup = time.perf_counter() - t0
+    methods = {"speculative": {"method": "token_recycling"}} if backend == "native-tr" else {}
+    params = lambda: SamplingParams(max_tokens=args.max_tokens, temperature=0.0, ignore_eos=True)  # noqa: E731
+    ids = prompts(engine.tokenizer, max(args.concurrency, args.single))
+    run_engine(engine, [GenerationRequest("warm", ids[0], SamplingParams(max_tokens=8, temperature=0.0))])
+    if backend == "native-tr":  # the shared table learns from earlier outputs, as a server's does
+        run_engine(engine, [GenerationRequest(f"learn{i}", p, params(), dict(methods)) for i, p in enumerate(ids[: args.single])])
+    single_s, single_tok, ttft = 0.0, 0, []
+    for i in range(args.single):
+        s, n, first = run_engine(engine, [GenerationRequest(f"s{i}", ids[i], params(), dict(methods))])
+        single_s, single_tok = single_s + s, single_tok + n
+        ttft.append(first)
+    result = {"startup_s": startup, "single_tok_s": single_tok / single_s, "ttft_s": sorted(ttft)[len(ttft) // 2]}
+    if backend != "native-tr":
+        s, n, _ = run_engine(engine, [GenerationRequest(f"c{i}", p, params()) for i, p in enumerate(ids[: args.concurrency])])
+        result["concurrent_tok_s"] = n / s
+    return result
+
+
+def measure_hf(args) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from freelunch.models.loader import default_model_path, gguf_to_folder
+
+    t0 = time.perf_counter()
+    folder = gguf_to_folder(default_model_path())
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(folder))
+    startup = time.perf_counter() - t0
+    ids = prompts(tok, max(args.concurrency, args.single))
+    gen = dict(max_new_tokens=args.max_tokens, min_new_tokens=args.max_tokens, do_sample=False, pad_token_id=tok.pad_token_id or 0)
+    with torch.inference_mode():
+        model.generate(torch.tensor([ids[0]]), max_new_tokens=8, do_sample=False)
+        single_s = 0.0
+        for i in range(args.single):
+            t = time.perf_counter()
+            model.generate(torch.tensor([ids[i]]), **gen)
+            single_s += time.perf_counter() - t
+        batch = ids[: args.concurrency]
+        width = max(len(p) for p in batch)
+        inputs = torch.tensor([[gen["pad_token_id"]] * (width - len(p)) + p for p in batch])
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch])
+        t = time.perf_counter()
+        model.generate(inputs, attention_mask=mask, **gen)
+        batch_s = time.perf_counter() - t
+    return {
+        "startup_s": startup,
+        "single_tok_s": args.single * args.max_tokens / single_s,
+        "concurrent_tok_s": len(batch) * args.max_tokens / batch_s,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--backends", default="hf,native,native-tr,vllm")
+    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--single", type=int, default=3, help="single-stream requests (run one after another)")
+    ap.add_argument("--concurrency", type=int, default=16)
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "engines.json"))
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:  # one backend, in this subprocess: print its JSON
+        result = measure_hf(args) if args.child == "hf" else measure_engine(args.child, args)
+        print("RESULT " + json.dumps(result), flush=True)
+        return
+    results: dict[str, dict] = {}
+    for backend in args.backends.split(","):
+        cmd = [sys.executable, __file__, "--child", backend, "--max-tokens", str(args.max_tokens), "--single", str(args.single),
+               "--concurrency", str(args.concurrency), "--dtype", args.dtype]  # fmt: skip
+        print(f"... {backend}", file=sys.stderr, flush=True)
+        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+        if line is None:
+            print(proc.stderr[-3000:], file=sys.stderr)
+            results[backend] = {"error": f"exit {proc.returncode}"}
+            continue
+        results[backend] = json.loads(line[7:])
+    ref = results.get("hf", {})
+    print(f"\nSmolLM2-135M-Instruct, {args.dtype}, {args.max_tokens} tokens per request, {os.cpu_count()} cores\n")
+    print("| backend | start-up s | single-stream tok/s | vs HF | TTFT ms | %d concurrent tok/s | vs HF |" % args.concurrency)
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for name, r in results.items():
+        if "error" in r:
+            print(f"| {name} | {r['error']} | | | | | |")
+            continue
+        ratio = lambda k: f"{r[k] / ref[k]:.2f}x" if k in r and k in ref else ""  # noqa: E731
+        conc = f"{r['concurrent_tok_s']:.1f}" if "concurrent_tok_s" in r else ""
+        ttft = f"{1000 * r['ttft_s']:.0f}" if "ttft_s" in r else ""
+        print(f"| {name} | {r['startup_s']:.1f} | {r['single_tok_s']:.1f} | {ratio('single_tok_s')} | {ttft} | {conc} | {ratio('concurrent_tok_s')} |")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    meta = {"machine": platform.processor() or platform.machine(), "cores": os.cpu_count(), "args": vars(args)}
+    Path(args.out).write_text(json.dumps({"meta": meta, "results": results}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
