@@ -211,15 +211,62 @@ def test_route_override_and_prune_selection():
     experts, weights = route(logits, 2, True)
     assert experts.tolist() == [[1, 2], [0, 3], [3, 2]]
     torch.testing.assert_close(weights.sum(-1), torch.ones(3))
-    routing = ExpertRouting.from_rows([(0, 1), (3, 1), (1, 1)], torch.device("cpu"))
+    routing = ExpertRouting.from_rows([(0, 0, 1), (3, 0, 1), (1, 0, 1)], torch.device("cpu"))
     experts, weights = route(logits, 2, False, routing)
     assert experts.tolist() == [[1, 2], [2, -1], [3, -1]]
     assert weights[1:].tolist() == [[1.0, 0.0], [1.0, 0.0]]
     assert routing.select(torch.tensor([1])).rank.tolist() == [3]
-    assert ExpertRouting.from_rows([(0, 5)], torch.device("cpu")) is None
+    assert ExpertRouting.from_rows([(0, 0, 5)], torch.device("cpu")) is None
+    # own top-k per token: 3 experts, 1 expert, the model's 2; renormalised over each token's own
+    routing = ExpertRouting.from_rows([(0, 3, 1), (0, 1, 1), (0, 0, 1)], torch.device("cpu"))
+    experts, weights = route(logits, 2, True, routing)
+    assert experts.tolist() == [[1, 2, 0], [0, -1, -1], [3, 2, -1]]
+    torch.testing.assert_close(weights.sum(-1), torch.ones(3))
+    torch.testing.assert_close(weights[0], route(logits[:1], 3, True)[1][0])
+
+
+@contextlib.contextmanager
+def hf_top_k(hf, k: int):
+    """transformers' model with every router's top-k set to `k`."""
+    routers = [m for m in hf.modules() if type(m).__name__.endswith("TopKRouter")]
+    assert routers and all(hasattr(r, "top_k") for r in routers)
+    saved = [r.top_k for r in routers]
+    for r in routers:
+        r.top_k = k
+    try:
+        yield
+    finally:
+        for r, old in zip(routers, saved):
+            r.top_k = old
 
 
 # ---- SCMoE -------------------------------------------------------------------------------------
+def test_strong_top_k_matches_transformers_with_that_top_k(mixtral):
+    """A row with its own top-k (3 of 8 experts) beside rows with the model's top-2, in one batch."""
+    with hf_top_k(mixtral.hf, 3):
+        top3 = {f"k{i}": hf_greedy(mixtral.hf, mixtral.ids(p)) for i, p in enumerate(PROMPTS)}
+        s_ref = reference_scmoe(mixtral.hf, mixtral.ids(PROMPTS[0]), 0.0, 0.1, 2)
+    assert top3["k0"] == s_ref
+    plain = {f"p{i}": hf_greedy(mixtral.hf, mixtral.ids(p)) for i, p in enumerate(PROMPTS)}
+    assert plain != {k.replace("k", "p"): v for k, v in top3.items()}, "top-3 should change some output"
+    reqs = [_req(f"k{i}", mixtral.ids(p), {"beta": 0, "strong_top_k": 3}) for i, p in enumerate(PROMPTS)]
+    reqs += [_req(f"p{i}", mixtral.ids(p), None) for i, p in enumerate(PROMPTS)]
+    assert _run(mixtral.engine(), reqs) == top3 | plain
+    assert _run.stats["k0"]["strong_top_k"] == 3
+
+
+def test_scmoe_with_strong_top_k_matches_reference(mixtral):
+    ids = mixtral.ids(PROMPTS[1])
+    out: list[int] = []
+    for _ in range(MAX_TOKENS):  # the reference, with the strong branch at top-3
+        with hf_top_k(mixtral.hf, 3):
+            s = torch.log_softmax(hf_logits(mixtral.hf, ids + out)[-1], -1)
+        w = torch.log_softmax(hf_logits(mixtral.hf, ids + out, 2)[-1], -1)
+        d = 1.5 * s - 0.5 * w
+        d[s < s.max() + math.log(0.1)] = -math.inf
+        out.append(int(d.argmax()))
+    got = _run(mixtral.engine(), [_req("c", ids, {"beta": 0.5, "strong_top_k": 3})])
+    assert got["c"] == out
 @pytest.mark.parametrize("beta,weak_rank", [(0.5, 2), (1.0, 3)])
 def test_scmoe_greedy_matches_reference(model, beta, weak_rank):
     options = {"beta": beta, "alpha": 0.1, "weak_rank": weak_rank}
@@ -307,6 +354,9 @@ def test_stats_and_eos_not_blocked(mixtral):
         ({"weak_rank": 9}, "weak_rank"),  # the tiny Mixtral has 8 experts
         ({"weak_rank": 2.0}, "weak_rank"),
         ({"weak_rank": True}, "weak_rank"),
+        ({"strong_top_k": 0}, "strong_top_k"),
+        ({"strong_top_k": 9}, "strong_top_k"),
+        ({"strong_top_k": "3"}, "strong_top_k"),
         ({"temperature": 1}, "temperature"),
     ],
 )

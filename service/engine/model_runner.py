@@ -11,7 +11,7 @@ from freelunch.engine.block_manager import BlockManager
 from freelunch.engine.kv_cache import KVCache
 from freelunch.engine.strategy import RowPlan
 from freelunch.models.attention import AttentionBatch, AttentionGroup, PrunePlan
-from freelunch.models.expert_routing import EXPERT_RANK, ExpertRouting
+from freelunch.models.expert_routing import EXPERT_RANK, EXPERT_TOP_K, ExpertRouting
 
 
 @dataclass(slots=True)
@@ -68,7 +68,7 @@ class ModelRunner:
         )
         if any(p.prune_layer is not None for p in plans):
             attn.prune = self._prune_plan(plans, layouts, slot_mapping)
-        row_ranks = [(p.extras.get(EXPERT_RANK, 0), len(p.tokens)) for p in plans]
+        row_ranks = [(p.extras.get(EXPERT_RANK, 0), p.extras.get(EXPERT_TOP_K, 0), len(p.tokens)) for p in plans]
         attn.routing = ExpertRouting.from_rows(row_ranks, self.device)  # MoE routing overrides, if any
         inputs = {}
         if embed_index:  # only models that take images get the keyword

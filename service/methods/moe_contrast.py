@@ -2,7 +2,8 @@
 
 Reference: DavidFanzz/SCMoE, `decodingmethod/moe_utils.py` (see METHODS.md). A request owns two
 rows of the same prompt, decoded in the same batch, each with its own KV cache:
-  main    the strong branch: the model's own routing (top-2 for Mixtral);
+  main    the strong branch: the model's own routing (top-2 for Mixtral), or `strong_top_k`
+          experts per token (the router's top choices, renormalised as the model does);
   shadow  the weak branch: in every MoE layer each token uses only the expert its router ranks
           `weak_rank`-th (1-based, so the paper's k = 2 is the second choice), with weight 1.
           A shared expert (Qwen2-MoE) stays on: it is not routed.
@@ -25,13 +26,13 @@ from freelunch.engine.request import GenerationRequest, Sequence
 from freelunch.engine.strategy import DecodingStrategy, RowPlan
 from freelunch.methods import is_finite_number, register
 from freelunch.methods.shadow_row import ShadowRowStrategy
-from freelunch.models.expert_routing import EXPERT_RANK
+from freelunch.models.expert_routing import EXPERT_RANK, EXPERT_TOP_K
 
 DEFAULT_BETA = 0.5
 DEFAULT_ALPHA = 0.1
 DEFAULT_WEAK_RANK = 2
 MAX_BETA = 10.0
-FIELDS = ("beta", "alpha", "weak_rank")
+FIELDS = ("beta", "alpha", "weak_rank", "strong_top_k")
 
 
 class MoeContrastOptionsError(ValueError):
@@ -43,10 +44,12 @@ class MoeContrastOptions:
     beta: float
     alpha: float
     weak_rank: int  # 1-based router rank of the weak branch's single expert
+    strong_top_k: int | None = None  # experts per token of the strong branch; None = the model's
 
 
 def parse_options(raw: Any, model_info: Any) -> MoeContrastOptions:
-    """Validate `moe_contrast: {"beta": 0.5, "alpha": 0.1, "weak_rank": 2}` against the served model."""
+    """Validate `moe_contrast: {"beta": 0.5, "alpha": 0.1, "weak_rank": 2, "strong_top_k": null}`
+    against the served model."""
     moe = model_info.config.moe
     if moe is None:
         raise MoeContrastOptionsError(
@@ -73,7 +76,12 @@ def parse_options(raw: Any, model_info: Any) -> MoeContrastOptions:
             f"moe_contrast.weak_rank must be an integer in [1, {moe.num_experts}] "
             f"(this model has {moe.num_experts} experts), not {rank!r}"
         )
-    return MoeContrastOptions(float(beta), float(alpha), rank)
+    top_k = raw.get("strong_top_k")
+    if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or not 1 <= top_k <= moe.num_experts):
+        raise MoeContrastOptionsError(
+            f"moe_contrast.strong_top_k must be null or an integer in [1, {moe.num_experts}], not {top_k!r}"
+        )
+    return MoeContrastOptions(float(beta), float(alpha), rank, None if top_k in (None, moe.top_k) else top_k)
 
 
 def contrast(strong: torch.Tensor, weak: torch.Tensor, beta: float, alpha: float) -> torch.Tensor:
@@ -105,6 +113,8 @@ class MoeContrast(ShadowRowStrategy):
         # shareable with the main row's, although the tokens are the same).
         if plan is not None and seq is self.shadow:
             plan.extras[EXPERT_RANK] = self.options.weak_rank
+        elif plan is not None and self.options.strong_top_k is not None:
+            plan.extras[EXPERT_TOP_K] = self.options.strong_top_k
         return plan
 
     def combine(self, main_logits: torch.Tensor, shadow_logits: torch.Tensor) -> torch.Tensor:
@@ -112,7 +122,8 @@ class MoeContrast(ShadowRowStrategy):
 
     def stats(self) -> dict[str, Any]:
         opts = self.options
-        return {"beta": opts.beta, "alpha": opts.alpha, "weak_rank": opts.weak_rank} | self.shadow_stats()
+        stats = {"beta": opts.beta, "alpha": opts.alpha, "weak_rank": opts.weak_rank} | self.shadow_stats()
+        return stats | ({"strong_top_k": opts.strong_top_k} if opts.strong_top_k is not None else {})
 
 
 @register("moe_contrast")
