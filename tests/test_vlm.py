@@ -208,6 +208,19 @@ def test_siglip_tower_with_two_feature_layers_matches_transformers(siglip_vlm):
         siglip_vlm.engine().add_request(request("c", inputs, pruning={"method": "cls"}))
 
 
+def test_vision_tower_runs_once_for_the_choices_of_a_request(vlm, one_image):
+    """n choices carry the same image: one tower run serves them all, with the same tokens."""
+    engine = vlm.engine()
+    vlm.loaded.model._tower_cache.clear()
+    before = vlm.loaded.model.tower_runs
+    res = run(engine, [request(f"c{i}", one_image) for i in range(3)])
+    assert vlm.loaded.model.tower_runs - before == 1
+    assert res["c0"][0] == res["c1"][0] == res["c2"][0] == vlm.hf_greedy(one_image)
+    other = vlm.inputs(user("What is in this picture?", 1), [random_image(9, (40, 31))])
+    run(engine, [request("o", other), request("p", one_image, pruning={"method": "cls", "keep": 0.5})])
+    assert vlm.loaded.model.tower_runs - before == 3  # a new image, and cls needs the tower's attention
+
+
 def test_image_inputs_cross_the_worker_pipe(one_image):
     req = request("w", one_image)
     back = wire.as_request(wire.decode(wire.encode(wire.ADD, req))[1])

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
+from collections import OrderedDict
 from collections.abc import Iterator
 
 import torch
@@ -56,6 +58,11 @@ class LlavaForConditionalGeneration(nn.Module):
         # layers before this one produce the features: a [CLS] attention band ends here
         self.cls_band_end: int = max(i % (self.num_vision_layers + 1) for i in self.feature_layers)
         self.pixel_shape = (vision_config.num_channels, vision_config.image_size, vision_config.image_size)
+        # The n choices of a request (and retries of one prompt) carry the same images: the tower
+        # runs once for them. Keyed by the pixel bytes; a few entries are enough for that.
+        self._tower_cache: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor | None]] = OrderedDict()
+        self.tower_cache_size = 4  # 0: no cache (benchmarks that time the tower)
+        self.tower_runs = 0
 
     def forward(self, *args, **kwargs) -> torch.Tensor:
         return self.language_model(*args, **kwargs)
@@ -87,6 +94,22 @@ class LlavaForConditionalGeneration(nn.Module):
         want_attention = cls_attention_from is not None
         if want_attention and not self.has_cls_token:
             raise ValueError("this vision tower has no [CLS] token")
+        if not self.tower_cache_size:
+            return self._run_tower(pixel_values, cls_attention_from)
+        flat = pixel_values.detach().contiguous().view(-1).view(torch.uint8).cpu().numpy()
+        key = (hashlib.sha256(flat).digest(), tuple(pixel_values.shape), pixel_values.dtype, cls_attention_from)
+        if key in self._tower_cache:
+            self._tower_cache.move_to_end(key)
+            return self._tower_cache[key]
+        result = self._run_tower(pixel_values, cls_attention_from)
+        self._tower_cache[key] = result
+        if len(self._tower_cache) > self.tower_cache_size:
+            self._tower_cache.popitem(last=False)
+        return result
+
+    def _run_tower(self, pixel_values: torch.Tensor, cls_attention_from: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        want_attention = cls_attention_from is not None
+        self.tower_runs += 1
         with self._eager_vision_attention(want_attention):
             out = self.vision_tower(pixel_values, output_hidden_states=True, output_attentions=want_attention)
         first = 1 if self.drop_cls else 0
