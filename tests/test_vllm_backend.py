@@ -100,7 +100,7 @@ def test_logprobs_and_prompt_logprobs_match_native_engine(tiny):
 def test_guidance_matches_native_engine_with_pairs_out_of_lockstep(tiny, scale, negative):
     """Six guided requests (twelve rows) at once into five batch slots: pairs are split by the
     scheduler and restarted, and the greedy guided tokens still equal the native engine's."""
-    _, _, vllm_engine, native = tiny
+    _, hf, vllm_engine, native = tiny
     opts = {"scale": scale, "negative_prompt_ids": negative}
     prompts = PROMPTS + PROMPTS[:2]
 
@@ -114,6 +114,12 @@ def test_guidance_matches_native_engine_with_pairs_out_of_lockstep(tiny, scale, 
         stats = got[f"g{i}"][-1].method_stats["guidance"]
         assert stats["scale"] == scale and stats["extra_tokens"] == 10
     assert tokens(got["g0"]) != tokens(plain), "guidance should change this output"
+    neg = torch.tensor([negative]) if negative else None
+    ref = hf.generate(
+        torch.tensor([prompts[2]]), max_new_tokens=10, do_sample=False, guidance_scale=scale, negative_prompt_ids=neg,
+        eos_token_id=None, pad_token_id=0,
+    )[0, len(prompts[2]) :]  # fmt: skip
+    assert tokens(got["g2"]) == ref.tolist()
     assert sum(got[f"g{i}"][-1].method_stats["guidance"]["resyncs"] for i in range(len(prompts))) > 0
     assert not vllm_engine.requests
 
@@ -282,7 +288,13 @@ def test_cli_serves_vllm_with_native_workers(tiny):
         ).json()  # fmt: skip
         assert spec["choices"][0]["text"] == plain["choices"][0]["text"]
         assert "speculative" in spec["usage"]["method_stats"]
-        metrics = httpx.get(base + "/metrics").text
-        assert "freelunch_request_success_total" in metrics
+        metrics = {
+            line.split(" ")[0]: float(line.split(" ")[1])
+            for line in httpx.get(base + "/metrics").text.splitlines()
+            if line and not line.startswith("#")
+        }
+        assert metrics['freelunch_request_success_total{finished_reason="length"}'] == 2
+        assert metrics["freelunch_generation_tokens_total"] == 12
+        assert metrics["freelunch_workers_alive"] == 2
     finally:
         stop_server(proc)
