@@ -14,7 +14,9 @@ eval/data/arith_word_problems-n{N}-seed{SEED}.json; a later run with the same --
 regenerates it and fails if it differs from the stored one (the templates changed).
 
 Each problem is the user message of the chat template (as the API renders chat), followed by
-an instruction to end with the number. Greedy decoding, at most --max-tokens tokens, stopping
+"Answer with just the number." (of three instructions tried on 24 problems of another seed with
+the dense model, the one whose answers were cut by max_tokens least often; the models still
+often reason in words first). Greedy decoding, at most --max-tokens tokens, stopping
 at EOS. The answer is the LAST number in the output (commas dropped); correct if it equals the
 expected integer. Configurations: the dense model (reference), the MoEfied model plain, and
 the MoEfied model with `moe_contrast` at each --betas (alpha --alpha, weak_rank --weak-rank).
@@ -52,7 +54,7 @@ from freelunch.models.loader import cache_dir, default_model_path, gguf_to_folde
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA_DIR = ROOT / "eval" / "data"
-INSTRUCTION = "Solve the problem and end your answer with the final number."
+INSTRUCTION = "Answer with just the number."
 MOEFIED_NAME = "SmolLM2-135M-Instruct-moefied-e8-k4-s0.5"
 
 
@@ -309,14 +311,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--n", type=int, default=100, help="problems (half one-step, half two-step)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--betas", default="0.5,1.0", help="SCMoE betas; the first is the headline")
+    parser.add_argument("--betas", default="0.25,0.5,1.0", help="SCMoE betas (the method default is 0.5)")
     parser.add_argument("--alpha", type=float, default=0.1)
     parser.add_argument("--weak-rank", type=int, default=2)
     parser.add_argument("--moe-model", type=Path, default=None, help=f"default: ~/.cache/freelunch/{MOEFIED_NAME}")
     parser.add_argument("--problems", type=Path, default=None,
                         help="the set's JSON (default: eval/data/arith_word_problems-n{N}-seed{SEED}.json)")
     parser.add_argument("--no-dense", action="store_true", help="skip the dense reference")
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    # one thread: as fast for this model's small matmuls, and far less hurt by other processes on 2 cores
+    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=ROOT / "bench/results/scmoe_reasoning.json")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)

@@ -69,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
         "env FREELUNCH_ALLOWED_IMAGE_HOSTS, comma-separated); default: none, data: URLs only",
     )
     sec.add_argument("--image-fetch-timeout", type=float, default=float(env("FREELUNCH_IMAGE_FETCH_TIMEOUT", "10")), help="seconds for one image fetch")
+    from freelunch.benchmark import add_arguments as add_bench_arguments
+
+    add_bench_arguments(sub.add_parser("bench", help="measure a server on this machine: tokens/s, TTFT, concurrency, each option vs plain"))
     return parser
 
 
@@ -89,6 +92,10 @@ def read_image_hosts(args: argparse.Namespace) -> tuple[str, ...]:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "bench":
+        from freelunch.benchmark import run as run_bench
+
+        return run_bench(args)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     import uvicorn
 

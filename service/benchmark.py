@@ -1,0 +1,419 @@
+"""`freelunch bench`: how fast is freelunch on this machine, and what does each option cost?
+
+Against a running server (`--url`, `--api-key`) or one it starts itself (`freelunch serve` as a
+subprocess on a free port, `--model` and `--server-args` passed through). It streams greedy
+completions over HTTP with `ignore_eos`, so every request produces exactly `--max-tokens`
+tokens, and measures:
+
+  single stream  decode tokens/s and time to first token (TTFT), median of `--repeats` requests;
+  concurrency    aggregate tokens/s, median TTFT and per-stream decode tokens/s with C requests
+                 sent at once, for each C in `--concurrency`;
+  each option    the same single-stream requests with the option set, interleaved with the
+                 plain ones, and their ratios to plain (speed-up = plain latency / option latency).
+
+An option the served model cannot run (a 400: `moe_contrast` on a dense model, an option the
+backend lacks) is reported as unavailable, not as a failure. `visual_pruning` needs image inputs
+on a vision-language model and is skipped. Writes JSON (`--out`) and prints markdown tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import shlex
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+PROMPTS = [
+    "Write a short story about a robot who learns to paint.",
+    "Explain how a bicycle works to a ten-year-old.",
+    "List ten ideas for a weekend trip and say why each is fun.",
+    "Describe the water cycle in detail.",
+    "Write a letter to a friend about your favourite book.",
+    "What are the pros and cons of remote work?",
+    "Explain recursion with an example in Python.",
+    "Give a recipe for pancakes, step by step.",
+]
+
+# Plain decoding, even on a server started with `--speculative token_recycling` for every request.
+PLAIN: dict[str, Any] = {"speculative": {"method": "none"}}
+# option name -> request fields measured against plain decoding
+OPTIONS: dict[str, dict[str, Any]] = {
+    "speculative": {"speculative": {"method": "token_recycling"}},
+    "guidance": {"guidance": {"scale": 1.5}},
+    "moe_contrast": {"moe_contrast": {"beta": 0.5}},
+}
+SKIPPED = {"visual_pruning": "needs image inputs on a vision-language model; not measured by this benchmark"}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    env = os.environ.get
+    target = parser.add_argument_group("server (default: start `freelunch serve` on a free port)")
+    target.add_argument("--url", help="a running server, e.g. http://127.0.0.1:8000")
+    target.add_argument(
+        "--api-key",
+        default=env("FREELUNCH_API_KEY", "").split(",")[0] or None,
+        help="sent as `Authorization: Bearer KEY` (default: the first of FREELUNCH_API_KEY)",
+    )
+    target.add_argument(
+        "--model", default=None, help="with no --url: the model to serve (default: the embedded one)"
+    )
+    target.add_argument(
+        "--server-args",
+        default="",
+        help='with no --url: more `freelunch serve` flags, e.g. "--engine vllm --native-workers 1"',
+    )
+    target.add_argument(
+        "--ready-timeout", type=float, default=600.0, help="seconds to wait for a started server's /ready"
+    )
+    parser.add_argument(
+        "--max-tokens", type=int, default=64, help="tokens per request (forced with ignore_eos)"
+    )
+    parser.add_argument("--repeats", type=int, default=3, help="single-stream requests per mode (medians)")
+    parser.add_argument("--concurrency", default="1,4,16", help="comma-separated concurrency levels")
+    parser.add_argument(
+        "--options", default=",".join([*OPTIONS, *SKIPPED]), help="method options to compare with plain"
+    )
+    parser.add_argument("--out", default="freelunch-bench.json", help="JSON results file")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+@dataclass(slots=True)
+class Stream:
+    """One streamed request: timings (seconds, perf_counter) and what the server reported."""
+
+    status: int
+    tokens: int = 0
+    start: float = 0.0
+    first: float = 0.0
+    end: float = 0.0
+    error: str | None = None
+    method_stats: dict[str, Any] | None = None
+
+    @property
+    def ttft(self) -> float:
+        return self.first - self.start
+
+    @property
+    def e2e(self) -> float:
+        return self.end - self.start
+
+    @property
+    def decode_tps(self) -> float:
+        # tokens after the first, over the time after the first
+        return (
+            (self.tokens - 1) / (self.end - self.first) if self.end > self.first and self.tokens > 1 else 0.0
+        )
+
+
+async def stream_once(
+    client: httpx.AsyncClient, model: str, prompt: str, max_tokens: int, extra: dict[str, Any]
+) -> Stream:
+    body = {
+        "model": model,
+        "prompt": prompt,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        **PLAIN,
+        **extra,
+    }
+    s = Stream(status=0, start=time.perf_counter())
+    async with client.stream("POST", "/v1/completions", json=body) as r:
+        s.status = r.status_code
+        if r.status_code != 200:
+            raw = (await r.aread()).decode(errors="replace")
+            try:
+                s.error = json.loads(raw)["error"]["message"]
+            except (ValueError, KeyError, TypeError):
+                s.error = raw[:500]
+            s.end = time.perf_counter()
+            return s
+        async for line in r.aiter_lines():
+            if not line.startswith("data: {"):
+                continue
+            chunk = json.loads(line[6:])
+            if "error" in chunk:
+                s.error = chunk["error"].get("message", str(chunk["error"]))
+            elif chunk.get("usage"):
+                s.tokens = chunk["usage"]["completion_tokens"]
+                s.method_stats = chunk["usage"].get("method_stats")
+            elif not s.first and chunk.get("choices") and chunk["choices"][0].get("text"):
+                s.first = time.perf_counter()
+    s.end = time.perf_counter()
+    s.first = s.first or s.end
+    return s
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else 0.0
+
+
+def summarise(runs: list[Stream]) -> dict[str, Any]:
+    return {
+        "decode_tps": median([r.decode_tps for r in runs]),
+        "ttft_s": median([r.ttft for r in runs]),
+        "e2e_s": median([r.e2e for r in runs]),
+        "tokens": median([float(r.tokens) for r in runs]),
+        "runs": len(runs),
+    }
+
+
+async def measure(
+    base: str, headers: dict[str, str], args: argparse.Namespace, progress: Any
+) -> dict[str, Any]:
+    levels, wanted = plan(args)
+    limits = httpx.Limits(max_connections=max(levels, default=1) + 8)
+    async with httpx.AsyncClient(
+        base_url=base, headers=headers, timeout=httpx.Timeout(600.0, connect=30.0), limits=limits
+    ) as client:
+        r = await client.get("/v1/models")
+        r.raise_for_status()
+        model = r.json()["data"][0]["id"]
+
+        warm = await stream_once(client, model, PROMPTS[0], 8, {})
+        progress.update(1)
+        if warm.status != 200 or warm.error:
+            raise RuntimeError(f"a plain request failed ({warm.status}): {warm.error}")
+
+        methods: dict[str, dict[str, Any]] = {}
+        for name in wanted:  # one short request each: warm-up, and is the option available here?
+            progress.set_description(f"probe {name}")
+            if name in SKIPPED:
+                methods[name] = {"status": "skipped", "reason": SKIPPED[name]}
+            else:
+                probe = await stream_once(client, model, PROMPTS[0], 8, OPTIONS[name])
+                if probe.status == 400:
+                    methods[name] = {"status": "unavailable", "reason": probe.error, "options": OPTIONS[name]}
+                elif probe.status != 200 or probe.error:
+                    raise RuntimeError(f"{name}: request failed ({probe.status}): {probe.error}")
+                else:
+                    methods[name] = {"status": "ok", "options": OPTIONS[name]}
+            progress.update(1)
+        measured = [name for name in wanted if methods[name]["status"] == "ok"]
+        progress.total -= args.repeats * (len(wanted) - len(measured))
+        progress.refresh()
+
+        # Single stream: plain and each option, interleaved so that drift hits them alike.
+        runs: dict[str, list[Stream]] = {name: [] for name in ["plain", *measured]}
+        for i in range(args.repeats):
+            for name, done in runs.items():
+                progress.set_description(f"single stream: {name}")
+                s = await stream_once(
+                    client, model, PROMPTS[i % len(PROMPTS)], args.max_tokens, OPTIONS.get(name, {})
+                )
+                if s.status != 200 or s.error:
+                    raise RuntimeError(f"{name}: request failed ({s.status}): {s.error}")
+                done.append(s)
+                progress.update(1)
+        plain = summarise(runs["plain"])
+        for name in measured:
+            row = summarise(runs[name])
+            row["speedup_vs_plain"] = plain["e2e_s"] / row["e2e_s"] if row["e2e_s"] else 0.0
+            row["decode_tps_ratio_vs_plain"] = (
+                row["decode_tps"] / plain["decode_tps"] if plain["decode_tps"] else 0.0
+            )
+            row["ttft_ratio_vs_plain"] = row["ttft_s"] / plain["ttft_s"] if plain["ttft_s"] else 0.0
+            row["method_stats"] = runs[name][-1].method_stats
+            methods[name].update(row)
+
+        concurrency: dict[str, dict[str, Any]] = {}
+        for c in levels:
+            progress.set_description(f"concurrency {c}")
+
+            async def tracked(i: int) -> Stream:
+                s = await stream_once(client, model, PROMPTS[i % len(PROMPTS)], args.max_tokens, {})
+                progress.update(1)
+                return s
+
+            start = time.perf_counter()
+            level = await asyncio.gather(*(tracked(i) for i in range(c)))
+            wall = max(s.end for s in level) - start
+            ok = [s for s in level if s.status == 200 and not s.error]
+            concurrency[str(c)] = {
+                "throughput_tps": sum(s.tokens for s in ok) / wall,
+                "ttft_median_s": median([s.ttft for s in ok]),
+                "decode_tps_median": median([s.decode_tps for s in ok]),
+                "wall_s": wall,
+                "completed": len(ok),
+                "failed": c - len(ok),
+            }
+        progress.set_description("done")
+    return {"model": model, "single_stream": plain, "concurrency": concurrency, "methods": methods}
+
+
+def plan(args: argparse.Namespace) -> tuple[list[int], list[str]]:
+    """(concurrency levels, options to compare) from the arguments; ValueError when malformed."""
+    try:
+        levels = [int(c) for c in args.concurrency.split(",") if c.strip()]
+    except ValueError:
+        raise ValueError(f"--concurrency takes comma-separated integers, not {args.concurrency!r}") from None
+    wanted = [o.strip() for o in args.options.split(",") if o.strip()]
+    unknown = [o for o in wanted if o not in OPTIONS and o not in SKIPPED]
+    if unknown:
+        raise ValueError(f"unknown option(s) {unknown}; known: {', '.join([*OPTIONS, *SKIPPED])}")
+    if any(c < 1 for c in levels) or args.repeats < 1 or args.max_tokens < 2:
+        raise ValueError("--concurrency levels and --repeats must be >= 1, --max-tokens >= 2")
+    return levels, wanted
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(args: argparse.Namespace, log: Any) -> tuple[subprocess.Popen, str]:
+    """`freelunch serve` on a free loopback port; returns once /ready answers 200."""
+    port = free_port()
+    cmd = [
+        sys.executable,
+        "-m",
+        "freelunch.cli",
+        "serve",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--log-level",
+        "warning",
+    ]
+    cmd += ["--model", args.model] if args.model else []
+    cmd += shlex.split(args.server_args)
+    proc = subprocess.Popen(cmd, stdout=log, stderr=log)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + args.ready_timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            log.seek(0)
+            raise RuntimeError(
+                f"`{shlex.join(cmd[2:])}` exited with {proc.returncode}:\n{log.read().decode(errors='replace')[-2000:]}"
+            )
+        try:
+            if httpx.get(base + "/ready", timeout=2).status_code == 200:
+                return proc, base
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    stop_server(proc)
+    raise RuntimeError(f"the server did not become ready within {args.ready_timeout:.0f} s")
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def markdown(result: dict[str, Any]) -> str:
+    single = result["single_stream"]
+    lines = [
+        f"freelunch bench: {result['model']} at {result['server']['url']}, {result['settings']['max_tokens']} tokens per request",
+        "",
+        "| measure | value |",
+        "| --- | ---: |",
+        f"| single-stream decode | {single['decode_tps']:.1f} tok/s |",
+        f"| time to first token (c=1) | {single['ttft_s'] * 1e3:.0f} ms |",
+    ]
+    for c, row in result["concurrency"].items():
+        failed = f" ({row['failed']} failed)" if row["failed"] else ""
+        lines.append(
+            f"| throughput @ {c} concurrent | {row['throughput_tps']:.1f} tok/s, TTFT {row['ttft_median_s'] * 1e3:.0f} ms{failed} |"
+        )
+    lines += [
+        "",
+        "| option | decode tok/s | TTFT ms | latency s | speed vs plain | TTFT vs plain |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    lines.append(
+        f"| plain | {single['decode_tps']:.1f} | {single['ttft_s'] * 1e3:.0f} | {single['e2e_s']:.2f} | 1.00x | 1.00x |"
+    )
+    for name, row in result["methods"].items():
+        if row["status"] != "ok":
+            lines.append(f"| {name} | {row['status']}: {row['reason']} | | | | |")
+            continue
+        lines.append(
+            f"| {name} | {row['decode_tps']:.1f} | {row['ttft_s'] * 1e3:.0f} | {row['e2e_s']:.2f} "
+            f"| {row['speedup_vs_plain']:.2f}x | {row['ttft_ratio_vs_plain']:.2f}x |"
+        )
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    if load is not None and load > 0.5 * (os.cpu_count() or 1):
+        print(
+            f"warning: load average {load:.2f} on {os.cpu_count()} cores: other work will slow the figures",
+            file=sys.stderr,
+        )
+    proc = None
+    with tempfile.TemporaryFile() as log:
+        try:
+            levels, wanted = plan(args)
+            if args.url:
+                base = args.url.rstrip("/")
+            else:
+                print(
+                    "starting freelunch serve (the first start converts the embedded model, ~30 s)...",
+                    file=sys.stderr,
+                )
+                proc, base = start_server(args, log)
+            total = 1 + len(wanted) + args.repeats * (1 + len(wanted)) + sum(levels)
+            with tqdm(total=total, unit="req", file=sys.stderr, disable=args.no_progress) as progress:
+                measured = asyncio.run(measure(base, headers, args, progress))
+        except (RuntimeError, ValueError, httpx.HTTPError) as e:
+            print(f"freelunch bench: {e}", file=sys.stderr)
+            return 1
+        finally:
+            if proc is not None:
+                stop_server(proc)
+    result = {
+        "freelunch_bench": 1,
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "machine": {
+            "platform": platform.platform(),
+            "cpu": platform.processor() or platform.machine(),
+            "cores": os.cpu_count(),
+            "load_average_at_start": load,
+        },
+        "server": {
+            "url": base,
+            "started_by_bench": proc is not None,
+            "model_arg": args.model,
+            "server_args": shlex.split(args.server_args) if proc is not None else None,
+        },
+        "settings": {
+            "max_tokens": args.max_tokens,
+            "repeats": args.repeats,
+            "temperature": 0,
+            "ignore_eos": True,
+            "endpoint": "/v1/completions",
+            "concurrency": levels,
+        },
+        **measured,
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(markdown(result))
+    print(f"\nwrote {args.out}")
+    return 0
