@@ -27,6 +27,12 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["native", "vllm"],
         help="decoding engine: ours, or vLLM (needs the vllm extra; options vLLM cannot run go to --native-workers)",
     )
+    serve.add_argument(
+        "--tensor-parallel-size",
+        type=int,
+        default=int(env("FREELUNCH_TENSOR_PARALLEL_SIZE", "1")),
+        help="with --engine vllm: split one model over this many GPUs (vLLM's tensor parallelism)",
+    )
     serve.add_argument("--max-num-seqs", type=int, default=int(env("FREELUNCH_MAX_NUM_SEQS", "64")))
     serve.add_argument("--max-num-batched-tokens", type=int, default=int(env("FREELUNCH_MAX_NUM_BATCHED_TOKENS", "1024")))
     serve.add_argument("--kv-cache-gib", type=float, default=float(env("FREELUNCH_KV_CACHE_GIB", "2")))
@@ -117,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
             kv_cache_gib=args.kv_cache_gib,
             num_threads=args.threads,
             engine=args.engine,
+            tensor_parallel_size=args.tensor_parallel_size,
         )
         server = ServerConfig(
             workers=args.workers,

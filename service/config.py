@@ -19,6 +19,7 @@ class EngineConfig:
     kv_cache_gib: float = 2.0
     num_threads: int | None = None  # torch intra-op threads; None = all cores
     engine: str = "native"  # "native" (ours) or "vllm" (backends/vllm_engine.py)
+    tensor_parallel_size: int = 1  # vLLM only: GPUs one model is split over
 
     def __post_init__(self) -> None:
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
@@ -29,6 +30,8 @@ class EngineConfig:
             raise ValueError("max_num_seqs, max_num_batched_tokens and block_size must be positive")
         if self.engine not in ("native", "vllm"):
             raise ValueError(f"engine must be native or vllm, not {self.engine!r}")
+        if self.tensor_parallel_size < 1 or (self.tensor_parallel_size > 1 and self.engine != "vllm"):
+            raise ValueError("tensor_parallel_size must be >= 1, and above 1 only with the vllm engine")
         if self.kv_cache_gib <= 0:
             raise ValueError("kv_cache_gib must be positive")
 

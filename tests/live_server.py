@@ -37,7 +37,7 @@ def live_server(app):
         thread.join(timeout=10)
 
 
-def tiny_app(folder, server_config=None, max_in_flight=None, **engine):
+def tiny_app(folder, server_config=None, max_in_flight=None, default_methods=None, **engine):
     """(app, worker): the API over an in-process engine on a tiny model folder."""
     from freelunch.api.app import create_app
     from freelunch.config import EngineConfig
@@ -46,4 +46,4 @@ def tiny_app(folder, server_config=None, max_in_flight=None, **engine):
 
     settings = {"dtype": "float32", "max_model_len": 512, "kv_cache_gib": 0.05, **engine}
     worker = ThreadWorker.load(EngineConfig(model=str(folder), **settings))
-    return create_app(WorkerPool([worker], max_in_flight), server=server_config), worker
+    return create_app(WorkerPool([worker], max_in_flight), default_methods, server=server_config), worker

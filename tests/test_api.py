@@ -6,6 +6,7 @@ import time
 
 import httpx
 import pytest
+from live_server import live_server, tiny_app
 from openai import BadRequestError, NotFoundError, OpenAI
 
 
@@ -212,3 +213,20 @@ def test_echo_with_zero_max_tokens_scores_the_prompt(server):
     lp = choice["logprobs"]["token_logprobs"]
     assert lp[0] is None and all(x <= 0 for x in lp[1:]) and len(lp) == r.json()["usage"]["prompt_tokens"]
     assert r.json()["usage"]["completion_tokens"] == 0
+
+
+def test_server_default_method_gives_way_to_the_request_own(tiny_llama):
+    """`serve --speculative token_recycling`: plain requests get it; a request that asks for another
+    method gets that one instead (not a 400 for combining them); `{"method": "none"}` opts out."""
+    folder, _ = tiny_llama
+    app, _ = tiny_app(folder, default_methods={"speculative": {"method": "token_recycling"}})
+    body = {"model": folder.name, "prompt": "Hello there", "max_tokens": 6, "temperature": 0, "ignore_eos": True}
+    with live_server(app) as base:
+        default = httpx.post(base + "/v1/completions", json=body).json()
+        guided = httpx.post(base + "/v1/completions", json=body | {"guidance": {"scale": 2.0}})
+        off = httpx.post(base + "/v1/completions", json=body | {"speculative": {"method": "none"}}).json()
+    assert set(default["usage"]["method_stats"]) == {"speculative"}
+    assert guided.status_code == 200, guided.text
+    assert set(guided.json()["usage"]["method_stats"]) == {"guidance"}
+    assert not off["usage"].get("method_stats")
+    assert off["choices"][0]["text"] == default["choices"][0]["text"]  # lossless

@@ -87,11 +87,14 @@ class Serving:
         self.images = ImageLoader(self.server.allowed_image_hosts, self.server.image_fetch_timeout)
 
     def methods_for(self, req: SamplingFields, raw: Request) -> dict[str, dict]:
-        """The request's method options over the server's defaults; `{"method": "none"}` opts out.
-        Speculative tables are scoped to the caller's API key, whatever the body says."""
-        methods = {name: dict(opts) for name, opts in self.default_methods.items()}
-        methods.update(req.method_options())
-        methods = {name: opts for name, opts in methods.items() if opts.get("method") != "none"}
+        """The request's own method options, or else the server's defaults (a request that asks for
+        a method of its own does not also get the defaults: one method runs per request);
+        `{"method": "none"}` opts out of a default. Speculative tables are scoped to the caller's
+        API key, whatever the body says."""
+        own = req.method_options()
+        methods = {name: opts for name, opts in own.items() if opts.get("method") != "none"}
+        if not methods:
+            methods = {name: dict(opts) for name, opts in self.default_methods.items() if name not in own}
         if isinstance(methods.get("speculative"), dict):
             methods["speculative"] = {**methods["speculative"], "scope": raw.scope.get("state", {}).get("api_key_id")}
         return methods

@@ -88,7 +88,9 @@ class VllmEngine:
         self.tokenizer = load_tokenizer(source)
         self.vocab_size = int(hf_config.vocab_size)
         self.max_model_len = config.max_model_len or min(int(getattr(hf_config, "max_position_embeddings", 8192)), 8192)
-        self.capabilities = CAPABILITIES
+        # With tensor parallelism the sampler (and the CFG processor in it) runs in vLLM's worker
+        # processes, out of reach of the lockstep table: guided requests go to native workers then.
+        self.capabilities = CAPABILITIES if config.tensor_parallel_size == 1 else frozenset()
         self.eos_token_ids = _eos_ids(hf_config, self.tokenizer)
         args = EngineArgs(
             model=str(source.path),
@@ -96,6 +98,7 @@ class VllmEngine:
             dtype=config.dtype,
             max_model_len=self.max_model_len,
             max_num_seqs=config.max_num_seqs,
+            tensor_parallel_size=config.tensor_parallel_size,
             # Whole prompts in one step: a guided pair must prefill in the same step to stay in
             # lockstep, and a partially prefilled row would still get (discarded) logits.
             max_num_batched_tokens=max(config.max_num_batched_tokens, self.max_model_len),
@@ -144,7 +147,7 @@ class VllmEngine:
             raise EngineError(f"duplicate request id {request.request_id}")
         if request.images:
             raise EngineError("image inputs are not served by the vllm backend", "messages")
-        unsupported = sorted(set(request.methods) - CAPABILITIES)
+        unsupported = sorted(set(request.methods) - self.capabilities)
         if unsupported:
             raise EngineError(f"option(s) not available on the vllm backend: {', '.join(unsupported)}", unsupported[0])
         tracked = _Tracked(request, request.request_id, scoring_only=request.params.max_tokens == 0)
