@@ -16,7 +16,6 @@ import asyncio
 import json
 import os
 import platform
-import socket
 import statistics
 import subprocess
 import sys
@@ -26,22 +25,8 @@ from pathlib import Path
 import httpx
 import torch
 
-PROMPTS = [
-    "Write a short story about a robot who learns to paint.",
-    "Explain how a bicycle works to a ten-year-old.",
-    "List ten ideas for a weekend trip and say why each is fun.",
-    "Describe the water cycle in detail.",
-    "Write a letter to a friend about your favourite book.",
-    "What are the pros and cons of remote work?",
-    "Explain recursion with an example in Python.",
-    "Give a recipe for pancakes, step by step.",
-]
+from freelunch.benchmark import PROMPTS, free_port  # the same prompts as `freelunch bench`
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_server(port: int, dtype: str, extra: list[str]) -> subprocess.Popen:
