@@ -28,7 +28,7 @@ from freelunch.engine.request import GenerationRequest, RequestOutput, SamplingP
 log = logging.getLogger("freelunch.vllm")
 
 CAPABILITIES = frozenset({"guidance"})
-_MAX_RESYNCS = 16  # a pair that keeps falling out of lockstep fails rather than loop
+_MAX_STALLS = 16  # a pair that keeps falling out of lockstep without progress fails rather than loop
 
 
 @dataclass(slots=True)
@@ -41,7 +41,8 @@ class _Guided:
     seed: int
     uncond_id: str = ""
     attempt: int = 0
-    resyncs: int = 0
+    resyncs: int = 0  # restarts after falling out of lockstep
+    stalls: int = 0  # restarts in a row that kept no new token
 
 
 @dataclass(slots=True)
@@ -91,7 +92,6 @@ class VllmEngine:
         # With tensor parallelism the sampler (and the CFG processor in it) runs in vLLM's worker
         # processes, out of reach of the lockstep table: guided requests go to native workers then.
         self.capabilities = CAPABILITIES if config.tensor_parallel_size == 1 else frozenset()
-        self.eos_token_ids = _eos_ids(hf_config, self.tokenizer)
         args = EngineArgs(
             model=str(source.path),
             served_model_name=self.model_name,
@@ -230,7 +230,7 @@ class VllmEngine:
         request, g = tracked.request, tracked.guided
         done = tracked.output_ids
         tracked.base = len(done)
-        params = self._sampling_params(request.params, len(done), tracked.scoring_only)
+        params = self._sampling_params(request.params, len(done))
         if g is not None:
             from freelunch.backends.vllm_guidance import EXTRA_KEY, forget
 
@@ -254,7 +254,9 @@ class VllmEngine:
             self._drop(tracked)
             raise EngineError(str(e)) from e
 
-    def _sampling_params(self, p: SamplingParams, done: int, scoring_only: bool) -> Any:
+    def _sampling_params(self, p: SamplingParams, done: int) -> Any:
+        """vLLM's parameters for the rest of a request, `done` tokens in (a scoring-only request,
+        max_tokens 0, decodes one token that is dropped)."""
         from vllm import SamplingParams as VllmSamplingParams
         from vllm.sampling_params import RequestOutputKind
 
@@ -263,7 +265,7 @@ class VllmEngine:
             min_tokens=max(0, p.min_tokens - done),
             temperature=p.temperature,
             top_p=p.top_p,
-            top_k=p.top_k if p.top_k > 0 else 0,
+            top_k=max(0, p.top_k),  # 0 = off in both
             min_p=p.min_p,
             seed=p.seed,
             stop=list(p.stop),
@@ -333,16 +335,19 @@ class VllmEngine:
         and restart both branches after the kept ones (a re-prefill of both)."""
         g = tracked.guided
         g.resyncs += 1
+        g.stalls = 0 if guided_tokens else g.stalls + 1
         self._drop(tracked)
-        if g.resyncs > _MAX_RESYNCS:
+        if g.stalls > _MAX_STALLS:
             self.requests.pop(tracked.request.request_id, None)
-            return self._output(tracked, [], "", None, "error", error="the guided pair could not be scheduled together")
+            return self._output(
+                tracked, [], "", None, "error", error="vLLM did not schedule the two branches of this guided request together"
+            )
         log.debug("guided pair %s out of lockstep after %d tokens; restarting", tracked.vllm_id, len(tracked.output_ids) + len(guided_tokens))
         text = self.tokenizer.decode(tracked.output_ids + guided_tokens, skip_special_tokens=True)
         before = self.tokenizer.decode(tracked.output_ids, skip_special_tokens=True)
         tracked.output_ids.extend(guided_tokens)
         p = tracked.request.params
-        if len(tracked.output_ids) >= p.max_tokens:
+        if len(tracked.output_ids) >= p.max_tokens or len(tracked.request.prompt_token_ids) + len(tracked.output_ids) >= self.max_model_len:
             self.requests.pop(tracked.request.request_id, None)
             return self._output(tracked, guided_tokens, text[len(before) :], None, "length")
         self._submit(tracked)
@@ -393,10 +398,3 @@ def _token_logprob(token_id: int, entry: dict, k: int) -> TokenLogprob:
     top = sorted(((t, lp) for t, lp in entry.items() if lp.rank is not None and lp.rank <= k), key=lambda x: x[1].rank)
     return TokenLogprob(token_id, float(chosen.logprob) if chosen is not None else float("-inf"), [(t, float(lp.logprob)) for t, lp in top])
 
-
-def _eos_ids(hf_config: Any, tokenizer: Any) -> tuple[int, ...]:
-    eos = getattr(hf_config, "eos_token_id", None)
-    ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-    if getattr(tokenizer, "eos_token_id", None) is not None:
-        ids.add(tokenizer.eos_token_id)
-    return tuple(sorted(ids))

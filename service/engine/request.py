@@ -165,4 +165,4 @@ class RequestOutput:
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0
     method_stats: dict[str, Any] | None = None
-    error: str | None = None
+    error: str | None = None  # the engine gave up on the request: the worker fails it with this message

@@ -120,6 +120,9 @@ class EngineLoop:
                 log.error("engine step failed: %s", traceback.format_exc())
                 self._fail_all(e)
                 continue
+            for failed in [o for o in outputs if o.error is not None]:  # an engine gave up on one request
+                outputs.remove(failed)
+                self.sink.failed(failed.request_id, RuntimeError(failed.error))
             self.sink.outputs(outputs, self.stats())
 
     def _fail_all(self, error: Exception) -> None:
