@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     pool = WorkerPool(workers, max_in_flight=capacity)
     app = create_app(pool, defaults, server)
     log = logging.getLogger("freelunch")
-    log.info("serving %s on http://%s:%d with %d worker(s)", pool.model_name, args.host, args.port, len(workers))
+    log.info("serving %s on http://%s:%d with %d worker(s)", pool.served.name, args.host, args.port, len(workers))
     if not server.api_keys and args.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("no --api-key: anyone who can reach %s:%d can use this server", args.host, args.port)
 

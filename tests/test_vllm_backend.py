@@ -183,7 +183,7 @@ def test_api_plain_requests_run_on_vllm_and_match_native(mixed_server, tiny):
     prompt = "The capital of France is"
     r = complete(base, model=model, prompt=prompt, max_tokens=10, temperature=0, ignore_eos=True)
     assert r.status_code == 200, r.text
-    ids = pool.tokenizer.encode(prompt)
+    ids = pool.served.tokenizer.encode(prompt)
     want = run_all(native, [GenerationRequest("n", ids, greedy(10, ignore_eos=True))])["n"]
     body = r.json()
     assert body["choices"][0]["text"] == "".join(o.new_text for o in want)

@@ -47,7 +47,7 @@ async def ready(serving: ServingDep) -> Response:
         reason = "the server is shutting down" if pool.draining else "no engine worker is ready"
         return JSONResponse({"status": "unavailable", "reason": reason, "workers": workers}, status_code=503)
     status = "degraded" if pool.degraded else "ready"
-    return JSONResponse({"status": status, "model": pool.model_name, "workers": workers})
+    return JSONResponse({"status": status, "model": pool.served.name, "workers": workers})
 
 
 @router.get("/metrics")
@@ -58,7 +58,7 @@ async def metrics(serving: ServingDep) -> Response:
 @router.get("/v1/models")
 async def list_models(serving: ServingDep) -> ModelList:
     return ModelList(
-        data=[ModelCard(id=m, max_model_len=serving.pool.max_model_len) for m in serving.pool.models()]
+        data=[ModelCard(id=m, max_model_len=serving.pool.served.max_model_len) for m in serving.pool.models()]
     )
 
 

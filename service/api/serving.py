@@ -79,7 +79,7 @@ class Serving:
     ) -> None:
         self.pool = pool
         self.metrics = metrics
-        self.tokenizer = pool.tokenizer
+        self.tokenizer = pool.served.tokenizer
         self.default_methods = default_methods or {}
         self.server = server or ServerConfig()
         self.limiter = RateLimiter(self.server.rate_limit_rpm, self.server.rate_limit_tpm)
@@ -101,7 +101,7 @@ class Serving:
 
     # ---- request building ----------------------------------------------------------------
     def check_model(self, model: str | None) -> str:
-        served = self.pool.model_name
+        served = self.pool.served.name
         if model is not None and model not in self.pool.models():
             raise APIError(404, f"the model `{model}` does not exist; this server serves `{served}`", "model", "model_not_found")
         return model or served
@@ -179,7 +179,7 @@ class Serving:
         if not any(p.type == "image_url" for p in parts):
             return "".join(p.text for p in parts)
         if self.vision is None:
-            raise APIError(400, f"the model `{self.pool.model_name}` does not accept images", param)
+            raise APIError(400, f"the model `{self.pool.served.name}` does not accept images", param)
         if not allow_images:
             raise APIError(400, f"{param} cannot hold images", parts_param)
         content: list[dict[str, str]] = []
@@ -244,7 +244,7 @@ class Serving:
         prompt_logprobs: int | None,
         prompt_param: str,
     ) -> SamplingParams:
-        limit = self.pool.max_model_len
+        limit = self.pool.served.max_model_len
         if prompt_len >= limit:
             raise APIError(
                 400, f"the prompt has {prompt_len} tokens; this model's maximum context length is {limit}", prompt_param

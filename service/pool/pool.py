@@ -46,10 +46,7 @@ class WorkerPool:
         if served is None:
             raise ValueError("start the workers and wait until they have loaded before building the pool")
         self.workers = workers
-        self.served: ServedModel = served
-        self.model_name = served.name
-        self.tokenizer = served.tokenizer
-        self.max_model_len = served.max_model_len
+        self.served: ServedModel = served  # the primary backend's; every worker serves the same model
         self.max_in_flight = max_in_flight
         self.in_flight = 0
         self.draining = False
@@ -71,7 +68,7 @@ class WorkerPool:
         return not all(w.alive for w in self.workers)
 
     def models(self) -> list[str]:
-        return [self.model_name]
+        return [self.served.name]
 
     def stats(self) -> WorkerStats:
         parts = [w.stats() for w in self.workers]
