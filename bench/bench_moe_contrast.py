@@ -104,13 +104,19 @@ class TimedRunner:
         return out
 
 
-def run_once(engine, timer: TimedRunner, prompts: list[list[int]], tokens: int, scmoe: bool, tag: str) -> dict:
+def run_once(
+    engine, timer: TimedRunner, prompts: list[list[int]], tokens: int, scmoe: bool, tag: str
+) -> dict:
     from freelunch.engine.request import GenerationRequest, SamplingParams
 
     methods = {"moe_contrast": dict(SCMOE)} if scmoe else {}
     requests = [
-        GenerationRequest(f"{tag}/{i}", list(ids), SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True),
-                          dict(methods))
+        GenerationRequest(
+            f"{tag}/{i}",
+            list(ids),
+            SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True),
+            dict(methods),
+        )
         for i, ids in enumerate(prompts)
     ]
     got: dict[str, int] = {}
@@ -157,8 +163,9 @@ def bench_model(name: str, folder: Path, batches: list[int], tokens: int, repeat
     tok = loaded.tokenizer
 
     def chat(text: str) -> list[int]:
-        rendered = tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
-                                           add_generation_prompt=True)
+        rendered = tok.apply_chat_template(
+            [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
+        )
         return tok.encode(rendered, add_special_tokens=False)
 
     prompts = [chat(p) for p in PROMPTS]
@@ -170,8 +177,10 @@ def bench_model(name: str, folder: Path, batches: list[int], tokens: int, repeat
     wall, (total0, own0) = time.perf_counter(), busy_cpu_s()
     for r in range(repeats):
         for b in batches:
-            for scmoe in ((False, True) if r % 2 == 0 else (True, False)):
-                runs[(b, scmoe)].append(run_once(engine, timer, prompts[:b], tokens, scmoe, f"{r}/{b}/{scmoe}"))
+            for scmoe in (False, True) if r % 2 == 0 else (True, False):
+                runs[(b, scmoe)].append(
+                    run_once(engine, timer, prompts[:b], tokens, scmoe, f"{r}/{b}/{scmoe}")
+                )
     wall, (total1, own1) = time.perf_counter() - wall, busy_cpu_s()
     load_end = os.getloadavg()
 
@@ -183,14 +192,23 @@ def bench_model(name: str, folder: Path, batches: list[int], tokens: int, repeat
         g, s = runs[(b, False)], runs[(b, True)]
         cell: dict[str, Any] = {"batch": b}
         for mode, rs in (("greedy", g), ("scmoe", s)):
-            cell[mode] = {k: med(rs, k) for k in ("e2e_s", "ttft_s", "decode_tok_s", "forward_ms_per_decode_step",
-                                                   "other_ms_per_decode_step")}
+            cell[mode] = {
+                k: med(rs, k)
+                for k in (
+                    "e2e_s",
+                    "ttft_s",
+                    "decode_tok_s",
+                    "forward_ms_per_decode_step",
+                    "other_ms_per_decode_step",
+                )
+            }
             cell[mode]["runs"] = rs
         cell["e2e_ratio"] = cell["scmoe"]["e2e_s"] / cell["greedy"]["e2e_s"]
         cell["e2e_ratio_paired_median"] = statistics.median(y["e2e_s"] / x["e2e_s"] for x, y in zip(g, s))
         cell["decode_slowdown"] = cell["greedy"]["decode_tok_s"] / cell["scmoe"]["decode_tok_s"]
         cell["decode_slowdown_paired_median"] = statistics.median(
-            x["decode_tok_s"] / y["decode_tok_s"] for x, y in zip(g, s))
+            x["decode_tok_s"] / y["decode_tok_s"] for x, y in zip(g, s)
+        )
         cells.append(cell)
     return {
         "model": name,
@@ -212,26 +230,36 @@ def bench_model(name: str, folder: Path, batches: list[int], tokens: int, repeat
 
 def table(res: dict) -> str:
     lines = [
-        f"SCMoE (beta {SCMOE['beta']}, alpha {SCMOE['alpha']}, weak_rank {SCMOE['weak_rank']}) vs greedy, "
-        f"{res['tokens']} tokens per request (ignore_eos), median of {res['repeats']} interleaved repeats, "
-        f"{res['machine']['threads']} torch thread(s) on {res['machine']['cores']} cores. "
-        f"Target: <= {TARGET}x at batch 1.",
+        (
+            f"SCMoE (beta {SCMOE['beta']}, alpha {SCMOE['alpha']}, weak_rank {SCMOE['weak_rank']}) vs "
+            f"greedy, "
+            f"{res['tokens']} tokens per request (ignore_eos), median of {res['repeats']} interleaved "
+            f"repeats, "
+            f"{res['machine']['threads']} torch thread(s) on {res['machine']['cores']} cores. "
+            f"Target: <= {TARGET}x at batch 1."
+        ),
         "",
-        "| model | experts (top-k) | batch | greedy tok/s | SCMoE tok/s | decode slowdown | e2e ratio "
-        "| fwd ms/step greedy -> SCMoE | other ms/step greedy -> SCMoE | load avg | others' cores |",
+        (
+            "| model | experts (top-k) | batch | greedy tok/s | SCMoE tok/s | decode slowdown | e2e ratio "
+            "| fwd ms/step greedy -> SCMoE | other ms/step greedy -> SCMoE | load avg | others' cores |"
+        ),
         "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- | --- | ---: | ---: |",
     ]
     for m in res["models"]:
         experts = f"{m['experts']} ({m['top_k']}{' + shared' if m['shared_expert'] else ''})"
         for c in m["cells"]:
             g, s = c["greedy"], c["scmoe"]
-            flag = "" if c["batch"] != 1 else (" ok" if c["e2e_ratio_paired_median"] <= TARGET else " **over**")
+            flag = (
+                "" if c["batch"] != 1 else (" ok" if c["e2e_ratio_paired_median"] <= TARGET else " **over**")
+            )
             lines.append(
-                f"| {m['model']} | {experts} | {c['batch']} | {g['decode_tok_s']:.1f} | {s['decode_tok_s']:.1f} "
+                f"| {m['model']} | {experts} | {c['batch']} | {g['decode_tok_s']:.1f} | "
+                f"{s['decode_tok_s']:.1f} "
                 f"| {c['decode_slowdown_paired_median']:.2f}x | {c['e2e_ratio_paired_median']:.2f}x{flag} "
                 f"| {g['forward_ms_per_decode_step']:.1f} -> {s['forward_ms_per_decode_step']:.1f} "
                 f"| {g['other_ms_per_decode_step']:.1f} -> {s['other_ms_per_decode_step']:.1f} "
-                f"| {m['loadavg_start'][0]:.1f}-{m['loadavg_end'][0]:.1f} | {m['other_processes_cores_busy']:.2f} |"
+                f"| {m['loadavg_start'][0]:.1f}-{m['loadavg_end'][0]:.1f} | "
+                f"{m['other_processes_cores_busy']:.2f} |"
             )
     return "\n".join(lines) + "\n"
 
@@ -243,7 +271,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--moe-model", type=Path, default=None, help=f"default: ~/.cache/freelunch/{MOEFIED_NAME}")
+    parser.add_argument(
+        "--moe-model", type=Path, default=None, help=f"default: ~/.cache/freelunch/{MOEFIED_NAME}"
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "bench/results/moe_contrast_latency.json")
     args = parser.parse_args(argv)
     batches = [int(b) for b in args.batches.split(",")]
@@ -269,17 +299,26 @@ def main(argv: list[str] | None = None) -> dict:
             t = time.perf_counter()
             results.append(bench_model(name, folder, batches, args.tokens, args.repeats))
             c = results[-1]["cells"][0]
-            print(f"  {name}: batch {c['batch']} e2e ratio {c['e2e_ratio_paired_median']:.2f}x "
-                  f"({time.perf_counter() - t:.0f} s)", flush=True)
+            print(
+                f"  {name}: batch {c['batch']} e2e ratio {c['e2e_ratio_paired_median']:.2f}x "
+                f"({time.perf_counter() - t:.0f} s)",
+                flush=True,
+            )
     res = {
         "measured_at": time.strftime("%Y-%m-%d %H:%M"),
-        "command": "python bench/bench_moe_contrast.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": (
+            "python bench/bench_moe_contrast.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        ).strip(),
         "scmoe": SCMOE,
         "tokens": args.tokens,
         "repeats": args.repeats,
         "target_batch1": TARGET,
-        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                    "threads": args.threads, "torch": torch.__version__},
+        "machine": {
+            "cpu": platform.processor() or platform.machine(),
+            "cores": os.cpu_count(),
+            "threads": args.threads,
+            "torch": torch.__version__,
+        },
         "models": results,
     }
     report = table(res)

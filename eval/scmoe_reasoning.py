@@ -59,8 +59,16 @@ MOEFIED_NAME = "SmolLM2-135M-Instruct-moefied-e8-k4-s0.5"
 
 
 # ---- the problem set -------------------------------------------------------------------------
-PEOPLE = [("Tom", "he"), ("Anna", "she"), ("Ben", "he"), ("Lisa", "she"), ("Sam", "he"), ("Maria", "she"),
-          ("Leo", "he"), ("Emma", "she")]
+PEOPLE = [
+    ("Tom", "he"),
+    ("Anna", "she"),
+    ("Ben", "he"),
+    ("Lisa", "she"),
+    ("Sam", "he"),
+    ("Maria", "she"),
+    ("Leo", "he"),
+    ("Emma", "she"),
+]
 ITEMS = ["apples", "pencils", "stickers", "marbles", "cookies", "books", "cards", "oranges"]
 
 
@@ -96,29 +104,47 @@ def two_step(rng: random.Random) -> dict[str, Any]:
     if kind == "add-sub":
         a, b = rng.randint(2, 15), rng.randint(2, 15)
         c = rng.randint(1, a + b - 1)
-        q = f"{name} has {a} {item}. {He} buys {b} more and then gives {c} to a friend. How many {item} does {he} have now?"
+        q = (
+            f"{name} has {a} {item}. {He} buys {b} more and then gives {c} to a friend. How many {item} "
+            f"does {he} have now?"
+        )
         ans = a + b - c
     elif kind == "sub-add":
         a = rng.randint(5, 20)
         b, c = rng.randint(1, a - 1), rng.randint(2, 15)
-        q = f"{name} has {a} {item}. {He} loses {b} of them and then finds {c} more. How many {item} does {he} have now?"
+        q = (
+            f"{name} has {a} {item}. {He} loses {b} of them and then finds {c} more. How many {item} "
+            f"does {he} have now?"
+        )
         ans = a - b + c
     elif kind == "add-add":
         a, b, c = rng.randint(2, 15), rng.randint(2, 15), rng.randint(2, 15)
-        q = f"{name} has {a} {item}. {He} buys {b} more on Monday and {c} more on Tuesday. How many {item} does {he} have now?"
+        q = (
+            f"{name} has {a} {item}. {He} buys {b} more on Monday and {c} more on Tuesday. How many "
+            f"{item} does {he} have now?"
+        )
         ans = a + b + c
     elif kind == "mul-add":
         a, b, c = rng.randint(2, 6), rng.randint(2, 9), rng.randint(1, 10)
-        q = f"{name} buys {a} boxes with {b} {item} in each box. {He} already had {c} {item}. How many {item} does {he} have now?"
+        q = (
+            f"{name} buys {a} boxes with {b} {item} in each box. {He} already had {c} {item}. How many "
+            f"{item} does {he} have now?"
+        )
         ans = a * b + c
     elif kind == "mul-sub":
         a, b = rng.randint(2, 6), rng.randint(2, 9)
         c = rng.randint(1, a * b - 1)
-        q = f"{name} has {a} bags with {b} {item} in each bag. {He} gives away {c} {item}. How many {item} does {he} have left?"
+        q = (
+            f"{name} has {a} bags with {b} {item} in each bag. {He} gives away {c} {item}. How many "
+            f"{item} does {he} have left?"
+        )
         ans = a * b - c
     else:
         a, b, c = rng.randint(2, 5), rng.randint(2, 8), rng.randint(1, 10)
-        q = f"{name} shares {a * b} {item} equally among {a} friends. One friend already had {c} {item}. How many {item} does that friend have now?"
+        q = (
+            f"{name} shares {a * b} {item} equally among {a} friends. One friend already had {c} {item}. "
+            f"How many {item} does that friend have now?"
+        )
         ans = b + c
     return {"steps": 2, "kind": kind, "question": q, "answer": ans}
 
@@ -137,11 +163,24 @@ def problem_set(n: int, seed: int, path: Path) -> list[dict[str, Any]]:
     if path.exists():
         stored = json.loads(path.read_text())
         if (stored["n"], stored["seed"], stored["problems"]) != (n, seed, problems):
-            raise SystemExit(f"{path} is not what --n {n} --seed {seed} generates now (the templates changed?)")
+            raise SystemExit(
+                f"{path} is not what --n {n} --seed {seed} generates now (the templates changed?)"
+            )
         return problems
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"n": n, "seed": seed, "generator": "eval/scmoe_reasoning.py",
-                                "instruction": INSTRUCTION, "problems": problems}, indent=1) + "\n")
+    path.write_text(
+        json.dumps(
+            {
+                "n": n,
+                "seed": seed,
+                "generator": "eval/scmoe_reasoning.py",
+                "instruction": INSTRUCTION,
+                "problems": problems,
+            },
+            indent=1,
+        )
+        + "\n"
+    )
     return problems
 
 
@@ -236,8 +275,12 @@ class Config:
 def evaluate(engine: Engine, cfg: Config, problems: list[dict], max_tokens: int) -> dict[str, Any]:
     methods = {"moe_contrast": cfg.options} if cfg.options is not None else {}
     requests = [
-        GenerationRequest(f"{cfg.name}/{p['id']}", encode_chat(engine, p["question"]),
-                          SamplingParams(max_tokens=max_tokens, temperature=0.0), dict(methods))
+        GenerationRequest(
+            f"{cfg.name}/{p['id']}",
+            encode_chat(engine, p["question"]),
+            SamplingParams(max_tokens=max_tokens, temperature=0.0),
+            dict(methods),
+        )
         for p in problems
     ]
     start = time.perf_counter()
@@ -247,9 +290,17 @@ def evaluate(engine: Engine, cfg: Config, problems: list[dict], max_tokens: int)
     for p in problems:
         res = results[f"{cfg.name}/{p['id']}"]
         got = last_number(res.text)
-        outputs.append({"id": p["id"], "text": res.text, "tokens": res.tokens, "finish_reason": res.finish_reason,
-                        "extracted": got, "correct": got is not None and got == p["answer"],
-                        "latency_s": round(res.finished - res.started, 3)})
+        outputs.append(
+            {
+                "id": p["id"],
+                "text": res.text,
+                "tokens": res.tokens,
+                "finish_reason": res.finish_reason,
+                "extracted": got,
+                "correct": got is not None and got == p["answer"],
+                "latency_s": round(res.finished - res.started, 3),
+            }
+        )
     correct = sum(o["correct"] for o in outputs)
     by_steps = {}
     for steps in (1, 2):
@@ -257,8 +308,13 @@ def evaluate(engine: Engine, cfg: Config, problems: list[dict], max_tokens: int)
         by_steps[str(steps)] = {"n": len(sub), "correct": sum(o["correct"] for o in sub)}
     lo, hi = wilson(correct, len(outputs))
     return {
-        "name": cfg.name, "model": cfg.model, "moe_contrast": cfg.options,
-        "n": len(outputs), "correct": correct, "accuracy": correct / len(outputs), "ci95": [lo, hi],
+        "name": cfg.name,
+        "model": cfg.model,
+        "moe_contrast": cfg.options,
+        "n": len(outputs),
+        "correct": correct,
+        "accuracy": correct / len(outputs),
+        "ci95": [lo, hi],
         "by_steps": by_steps,
         "mean_tokens": statistics.mean(o["tokens"] for o in outputs),
         "hit_max_tokens": sum(o["finish_reason"] == "length" for o in outputs),
@@ -274,30 +330,47 @@ def compare(base: dict[str, Any], other: dict[str, Any]) -> dict[str, Any]:
     helped = [o["id"] for o in other["outputs"] if o["correct"] and not b[o["id"]]]
     hurt = [o["id"] for o in other["outputs"] if not o["correct"] and b[o["id"]]]
     same_text = sum(o["text"] == ob["text"] for o, ob in zip(other["outputs"], base["outputs"]))
-    return {"helped": helped, "hurt": hurt, "sign_test_p": sign_test(len(helped), len(hurt)),
-            "identical_outputs": same_text}
+    return {
+        "helped": helped,
+        "hurt": hurt,
+        "sign_test_p": sign_test(len(helped), len(hurt)),
+        "identical_outputs": same_text,
+    }
 
 
 # ---- report ----------------------------------------------------------------------------------
 def tables(res: dict[str, Any]) -> str:
+    n, one = res["n"], res["n"] // 2
+    moe = res["moefied"]
     lines = [
-        f"Arithmetic word problems ({res['n']} = {res['n'] // 2} one-step + {res['n'] - res['n'] // 2} two-step, "
-        f"seed {res['seed']}), greedy, max_tokens {res['max_tokens']}, answer = last number in the output. "
-        f"MoEfied = {res['moefied']['num_experts']} experts, top-{res['moefied']['top_k']}, "
-        f"{res['moefied']['shared_fraction']:.0%} shared.",
+        (
+            f"Arithmetic word problems ({n} = {one} one-step + {n - one} two-step, seed {res['seed']}), "
+            f"greedy, max_tokens {res['max_tokens']}, answer = last number in the output. MoEfied = "
+            f"{moe['num_experts']} experts, top-{moe['top_k']}, {moe['shared_fraction']:.0%} shared."
+        ),
         "",
-        "| configuration | correct | accuracy (95% CI) | 1-step | 2-step | mean tokens | hit max | no number "
-        "| batch s | mean latency s |",
+        (
+            "| configuration | correct | accuracy (95% CI) | 1-step | 2-step | mean tokens | hit max "
+            "| no number | batch s | mean latency s |"
+        ),
         "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for c in res["configs"]:
         s1, s2 = c["by_steps"]["1"], c["by_steps"]["2"]
+        lo, hi = c["ci95"]
         lines.append(
-            f"| {c['name']} | {c['correct']}/{c['n']} | {c['accuracy']:.0%} ({c['ci95'][0]:.0%}-{c['ci95'][1]:.0%}) "
-            f"| {s1['correct']}/{s1['n']} | {s2['correct']}/{s2['n']} | {c['mean_tokens']:.1f} | {c['hit_max_tokens']} "
-            f"| {c['no_number']} | {c['batch_wall_s']:.0f} | {c['mean_request_latency_s']:.1f} |"
+            f"| {c['name']} | {c['correct']}/{c['n']} | {c['accuracy']:.0%} ({lo:.0%}-{hi:.0%}) "
+            f"| {s1['correct']}/{s1['n']} | {s2['correct']}/{s2['n']} | {c['mean_tokens']:.1f} "
+            f"| {c['hit_max_tokens']} | {c['no_number']} | {c['batch_wall_s']:.0f} "
+            f"| {c['mean_request_latency_s']:.1f} |"
         )
-    lines.append("")
+    lines += [
+        "",
+        (
+            f"- no model, answering with the question's last number: "
+            f"{res['copy_last_question_number_correct']}/{res['n']} correct"
+        ),
+    ]
     for name, f in res["vs_moefied_greedy"].items():
         lines.append(
             f"- {name} vs moefied greedy: fixed {len(f['helped'])}, broke {len(f['hurt'])} "
@@ -314,9 +387,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--betas", default="0.25,0.5,1.0", help="SCMoE betas (the method default is 0.5)")
     parser.add_argument("--alpha", type=float, default=0.1)
     parser.add_argument("--weak-rank", type=int, default=2)
-    parser.add_argument("--moe-model", type=Path, default=None, help=f"default: ~/.cache/freelunch/{MOEFIED_NAME}")
-    parser.add_argument("--problems", type=Path, default=None,
-                        help="the set's JSON (default: eval/data/arith_word_problems-n{N}-seed{SEED}.json)")
+    parser.add_argument(
+        "--moe-model", type=Path, default=None, help=f"default: ~/.cache/freelunch/{MOEFIED_NAME}"
+    )
+    parser.add_argument(
+        "--problems",
+        type=Path,
+        default=None,
+        help="the set's JSON (default: eval/data/arith_word_problems-n{N}-seed{SEED}.json)",
+    )
     parser.add_argument("--no-dense", action="store_true", help="skip the dense reference")
     # one thread: as fast for this model's small matmuls, and far less hurt by other processes on 2 cores
     parser.add_argument("--threads", type=int, default=1)
@@ -333,10 +412,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     configs.append(Config("moefied greedy", "moefied", None))
     for beta in (float(b) for b in args.betas.split(",") if b):
         opts = {"beta": beta, "alpha": args.alpha, "weak_rank": args.weak_rank}
-        configs.append(Config(f"moefied SCMoE b={beta:g} a={args.alpha:g} r={args.weak_rank}", "moefied", opts))
+        configs.append(
+            Config(f"moefied SCMoE b={beta:g} a={args.alpha:g} r={args.weak_rank}", "moefied", opts)
+        )
 
     # room for every problem at once, two rows each under SCMoE
-    engine_config = dict(kv_cache_gib=1.0, max_num_seqs=2 * len(problems) + 2, max_num_batched_tokens=2048)
+    engine_config = {
+        "kv_cache_gib": 1.0,
+        "max_num_seqs": 2 * len(problems) + 2,
+        "max_num_batched_tokens": 2048,
+    }
     rows: list[dict[str, Any]] = []
     for model in ("dense", "moefied"):
         todo = [c for c in configs if c.model == model]
@@ -344,26 +429,46 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             continue
         source = resolve_source(None if model == "dense" else str(moe_path))
         loaded = load_model(source, "float32")
-        engine = Engine(loaded, EngineConfig(model=None if model == "dense" else str(moe_path), **engine_config))
+        engine = Engine(
+            loaded, EngineConfig(model=None if model == "dense" else str(moe_path), **engine_config)
+        )
         for cfg in todo:
             row = evaluate(engine, cfg, problems, args.max_tokens)
-            print(f"  {cfg.name}: {row['correct']}/{row['n']} correct, {row['mean_tokens']:.1f} tokens, "
-                  f"{row['batch_wall_s']:.0f} s", flush=True)
+            print(
+                f"  {cfg.name}: {row['correct']}/{row['n']} correct, {row['mean_tokens']:.1f} tokens, "
+                f"{row['batch_wall_s']:.0f} s",
+                flush=True,
+            )
             rows.append(row)
         del engine, loaded
 
     base = next(r for r in rows if r["name"] == "moefied greedy")
     result = {
         "measured_at": time.strftime("%Y-%m-%d %H:%M"),
-        "command": "python eval/scmoe_reasoning.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "n": len(problems), "seed": args.seed, "max_tokens": args.max_tokens, "decoding": "greedy",
-        "instruction": INSTRUCTION, "problems_file": str(data.relative_to(ROOT) if data.is_relative_to(ROOT) else data),
+        "command": (
+            "python eval/scmoe_reasoning.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        ).strip(),
+        "n": len(problems),
+        "seed": args.seed,
+        "max_tokens": args.max_tokens,
+        "decoding": "greedy",
+        "instruction": INSTRUCTION,
+        "problems_file": str(data.relative_to(ROOT) if data.is_relative_to(ROOT) else data),
         "dense_model": str(default_model_path().name),
         "moefied": json.loads((moe_path / "moefication.json").read_text()),
-        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                    "threads": args.threads, "torch": torch.__version__, "loadavg_end": os.getloadavg()},
+        "machine": {
+            "cpu": platform.processor() or platform.machine(),
+            "cores": os.cpu_count(),
+            "threads": args.threads,
+            "torch": torch.__version__,
+            "loadavg_end": os.getloadavg(),
+        },
+        # the floor: answering with the last number of the question (no model)
+        "copy_last_question_number_correct": sum(last_number(p["question"]) == p["answer"] for p in problems),
         "configs": rows,
-        "vs_moefied_greedy": {r["name"]: compare(base, r) for r in rows if r["model"] == "moefied" and r is not base},
+        "vs_moefied_greedy": {
+            r["name"]: compare(base, r) for r in rows if r["model"] == "moefied" and r is not base
+        },
     }
     report = tables(result)
     print("\n" + report)
