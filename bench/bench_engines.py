@@ -8,7 +8,9 @@ prompts, greedy, `ignore_eos` so that every request decodes exactly --max-tokens
 Two numbers per backend: single-stream decode tokens/s (one request at a time) and throughput
 with --concurrency requests admitted together. `native-tr` is our engine with Token Recycling,
 which the vLLM backend routes to native workers: its single-stream number is the one to compare
-with vLLM's plain decoding. Writes JSON (bench/results/engines.json) and prints a table of
+with vLLM's plain decoding. `vllm` is our adapter (engine core in-process, all cores for the
+model); `vllm-mp` is vLLM as `vllm serve` runs it (engine core in its own process, which by
+default keeps a core for itself), driven through vLLM's own API, not ours. Writes JSON (bench/results/engines.json) and prints a table of
 ratios against transformers. Run it on an idle machine.
 """
 
@@ -95,6 +97,48 @@ def measure_engine(backend: str, args) -> dict:
     return result
 
 
+def measure_vllm_mp(args) -> dict:
+    """vLLM's own LLMEngine with its default multiprocess engine core, on the same prompts."""
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1"
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    from vllm import EngineArgs, SamplingParams
+    from vllm.inputs import TokensPrompt
+    from vllm.v1.engine.llm_engine import LLMEngine
+
+    from freelunch.models.loader import default_model_path, gguf_to_folder, load_tokenizer, resolve_source
+
+    t0 = time.perf_counter()
+    folder = gguf_to_folder(default_model_path())
+    engine = LLMEngine.from_engine_args(
+        EngineArgs(model=str(folder), dtype=args.dtype, enforce_eager=True, max_model_len=2048, max_num_seqs=max(16, args.concurrency))
+    )
+    startup = time.perf_counter() - t0
+    ids = prompts(load_tokenizer(resolve_source(str(folder))), max(args.concurrency, args.single))
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0, ignore_eos=True)
+
+    def run(batch: list[list[int]]) -> tuple[float, int, float]:
+        start, total, first = time.perf_counter(), 0, None
+        for i, p in enumerate(batch):
+            engine.add_request(f"r{time.perf_counter_ns()}-{i}", TokensPrompt(prompt_token_ids=p), params)
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                if out.finished:
+                    total += len(out.outputs[0].token_ids)
+                elif first is None:
+                    first = time.perf_counter() - start
+        return time.perf_counter() - start, total, first or 0.0
+
+    run([ids[0]])
+    single = [run([ids[i]]) for i in range(args.single)]
+    s, n, _ = run(ids[: args.concurrency])
+    return {
+        "startup_s": startup,
+        "single_tok_s": sum(x[1] for x in single) / sum(x[0] for x in single),
+        "ttft_s": sorted(x[2] for x in single)[len(single) // 2],
+        "concurrent_tok_s": n / s,
+    }
+
+
 def measure_hf(args) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
@@ -133,7 +177,7 @@ def measure_hf(args) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--backends", default="hf,native,native-tr,vllm")
+    ap.add_argument("--backends", default="hf,native,native-tr,vllm,vllm-mp")
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--single", type=int, default=3, help="single-stream requests (run one after another)")
     ap.add_argument("--concurrency", type=int, default=16)
@@ -142,7 +186,8 @@ def main() -> None:
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:  # one backend, in this subprocess: print its JSON
-        result = measure_hf(args) if args.child == "hf" else measure_engine(args.child, args)
+        measure = {"hf": measure_hf, "vllm-mp": measure_vllm_mp}.get(args.child)
+        result = measure(args) if measure else measure_engine(args.child, args)
         print("RESULT " + json.dumps(result), flush=True)
         return
     results: dict[str, dict] = {}
