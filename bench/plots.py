@@ -327,6 +327,24 @@ def plot_moefication(results: Path, out: Path, dpi: int) -> Path:
     return save(fig, out / "moefication.png", dpi)
 
 
+def plot_engines(results: Path, out: Path, dpi: int) -> Path:
+    run = load(results, "engines.json")
+    names = {"hf": "transformers", "native": "native", "native-tr": "native +\nToken Recycling",
+             "vllm": "vLLM-CPU\n(--engine vllm)", "vllm-mp": "vLLM-CPU\n(as vllm serve)"}  # fmt: skip
+    rows = [(k, r) for k, r in run["results"].items() if "error" not in r]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    for ax, key, title in ((axes[0], "single_tok_s", "one stream"), (axes[1], "concurrent_tok_s", "16 concurrent")):
+        shown = [(names.get(k, k), r[key]) for k, r in rows if key in r]
+        bars = ax.bar(range(len(shown)), [v for _, v in shown], color="tab:blue")
+        ax.bar_label(bars, fmt="%.1f", fontsize=8)
+        ax.set_xticks(range(len(shown)), [n for n, _ in shown], fontsize=8)
+        ax.set_ylabel("generated tokens/s")
+        ax.set_title(title, fontsize=10)
+    args = run["meta"]["args"]
+    fig.suptitle(f"SmolLM2-135M, {args['dtype']}, {args['max_tokens']} tokens, {run['meta']['cores']} cores (engines.json)", fontsize=11)
+    return save(fig, out / "engines.png", dpi)
+
+
 def log2_ticks(ax: Any, values: list[int]) -> None:
     ax.set_xscale("log", base=2)
     ax.set_xticks(values, [str(v) for v in values])
@@ -350,7 +368,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
     args.out.mkdir(parents=True, exist_ok=True)
     written = [
         plot(args.results, args.out, args.dpi)
-        for plot in (plot_token_recycling, plot_concurrency, plot_visual_pruning, plot_cfg, plot_moefication)
+        for plot in (plot_token_recycling, plot_concurrency, plot_visual_pruning, plot_cfg, plot_moefication, plot_engines)
     ]
     for path in written:
         print(f"wrote {path} ({path.stat().st_size // 1024} KiB)")
