@@ -37,7 +37,6 @@ import argparse
 import json
 import os
 import platform
-import shutil
 import statistics
 import sys
 import tempfile
@@ -46,10 +45,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from freelunch.models.moefication import DEFAULT_MOEFIED_NAME, cached_default_moefied
 
 ROOT = Path(__file__).resolve().parent.parent
 TARGET = 1.4  # issue 6: SCMoE latency at most 1.4x greedy at batch 1
-MOEFIED_NAME = "SmolLM2-135M-Instruct-moefied-e8-k4-s0.5"
+
 SCMOE = {"beta": 0.5, "alpha": 0.1, "weak_rank": 2}
 PROMPTS = [
     "Tom has 3 apples and buys 5 more. How many apples does he have?",
@@ -61,24 +61,6 @@ PROMPTS = [
     "Why is the sky blue?",
     "List three colors and one thing of each color.",
 ]
-
-
-def moefied_model(path: Path | None) -> Path:
-    """The MoEfied default model (the moefication CLI's defaults), converted once and cached."""
-    from freelunch.models.loader import cache_dir, default_model_path, gguf_to_folder
-    from freelunch.models.moefication import convert
-
-    target = path or cache_dir() / MOEFIED_NAME
-    if (target / "model.safetensors").exists():
-        return target
-    print(f"MoEfying the default model into {target} (about a minute)", flush=True)
-    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
-    convert(gguf_to_folder(default_model_path()), tmp)  # 8 experts, top-4, 50% shared
-    try:
-        tmp.rename(target)
-    except OSError:  # another process won the race
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
 
 
 def busy_cpu_s() -> tuple[float, float]:
@@ -272,7 +254,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument(
-        "--moe-model", type=Path, default=None, help=f"default: ~/.cache/freelunch/{MOEFIED_NAME}"
+        "--moe-model", type=Path, default=None, help=f"default: ~/.cache/freelunch/{DEFAULT_MOEFIED_NAME}"
     )
     parser.add_argument("--out", type=Path, default=ROOT / "bench/results/moe_contrast_latency.json")
     args = parser.parse_args(argv)
@@ -292,7 +274,7 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         for name in names:
             if name == "moefied":
-                folder = moefied_model(args.moe_model)
+                folder = cached_default_moefied(args.moe_model)
             else:
                 folder = Path(tmp) / name
                 build_tiny_model(folder, name, seed=3)  # as tests/test_moe.py

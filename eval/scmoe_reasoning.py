@@ -38,7 +38,6 @@ import os
 import platform
 import random
 import re
-import shutil
 import statistics
 import sys
 import time
@@ -50,13 +49,12 @@ import torch
 from freelunch.config import EngineConfig
 from freelunch.engine.engine import Engine
 from freelunch.engine.request import GenerationRequest, SamplingParams
-from freelunch.models.loader import cache_dir, default_model_path, gguf_to_folder, load_model, resolve_source
+from freelunch.models.loader import default_model_path, load_model, resolve_source
+from freelunch.models.moefication import DEFAULT_MOEFIED_NAME, cached_default_moefied
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA_DIR = ROOT / "eval" / "data"
 INSTRUCTION = "Answer with just the number."
-MOEFIED_NAME = "SmolLM2-135M-Instruct-moefied-e8-k4-s0.5"
-
 
 # ---- the problem set -------------------------------------------------------------------------
 PEOPLE = [
@@ -248,23 +246,6 @@ def run(engine: Engine, requests: list[GenerationRequest]) -> dict[str, Result]:
     return results
 
 
-def moefied_model(path: Path | None) -> Path:
-    """The MoEfied default model (the moefication CLI's defaults), converted once and cached."""
-    from freelunch.models.moefication import convert
-
-    target = path or cache_dir() / MOEFIED_NAME
-    if (target / "model.safetensors").exists():
-        return target
-    print(f"MoEfying the default model into {target} (about a minute)", flush=True)
-    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
-    convert(gguf_to_folder(default_model_path()), tmp)  # 8 experts, top-4, 50% shared
-    try:
-        tmp.rename(target)
-    except OSError:  # another process won the race
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
-
-
 @dataclass(frozen=True, slots=True)
 class Config:
     name: str
@@ -388,7 +369,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--alpha", type=float, default=0.1)
     parser.add_argument("--weak-rank", type=int, default=2)
     parser.add_argument(
-        "--moe-model", type=Path, default=None, help=f"default: ~/.cache/freelunch/{MOEFIED_NAME}"
+        "--moe-model", type=Path, default=None, help=f"default: ~/.cache/freelunch/{DEFAULT_MOEFIED_NAME}"
     )
     parser.add_argument(
         "--problems",
@@ -405,7 +386,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     data = args.problems or DATA_DIR / f"arith_word_problems-n{args.n}-seed{args.seed}.json"
     problems = problem_set(args.n, args.seed, data)
-    moe_path = moefied_model(args.moe_model)
+    moe_path = cached_default_moefied(args.moe_model)
     configs: list[Config] = []
     if not args.no_dense:
         configs.append(Config("dense greedy", "dense", None))

@@ -209,6 +209,29 @@ def convert(
     return out
 
 
+DEFAULT_MOEFIED_NAME = "SmolLM2-135M-Instruct-moefied-e8-k4-s0.5"
+
+
+def cached_default_moefied(path: Path | None = None) -> Path:
+    """The default model MoEfied with `convert`'s defaults (8 experts, top-4, 50% shared), converted
+    once (about a minute) into `path` or the freelunch cache, and reused after that."""
+    import os
+
+    from freelunch.models.loader import cache_dir, default_model_path, gguf_to_folder
+
+    target = path or cache_dir() / DEFAULT_MOEFIED_NAME
+    if (target / "model.safetensors").exists():
+        return target
+    print(f"MoEfying the default model into {target} (about a minute)", flush=True)
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    convert(gguf_to_folder(default_model_path()), tmp)
+    try:
+        tmp.rename(target)
+    except OSError:  # another process won the race
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
 @torch.no_grad()
 def perplexity(model, tokenizer, text: str) -> float:
     ids = tokenizer(text, return_tensors="pt").input_ids
