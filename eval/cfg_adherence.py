@@ -48,6 +48,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from engine_batch import Result, run  # eval/engine_batch.py (the scripts run from eval/)
 from freelunch.config import EngineConfig
 from freelunch.engine.engine import Engine
 from freelunch.engine.request import GenerationRequest, SamplingParams
@@ -453,16 +454,6 @@ ITEMS: list[Item] = [
 
 
 # ---- driving the engine --------------------------------------------------------------------
-@dataclass(slots=True)
-class Result:
-    text: str = ""
-    tokens: int = 0
-    finish_reason: str | None = None
-    started: float = 0.0
-    first_token: float | None = None
-    finished: float | None = None
-
-
 def encode_chat(engine: Engine, messages: Messages) -> list[int]:
     """As the API renders chat (Serving.chat_ids): template text, then encode without specials."""
     text = engine.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
@@ -477,27 +468,6 @@ def guidance_methods(engine: Engine, item: Item, scale: float, negative: bool) -
     if negative:
         opts["negative_prompt_ids"] = encode_chat(engine, item.negative_messages())
     return {"guidance": opts}
-
-
-def run(engine: Engine, requests: list[GenerationRequest]) -> dict[str, Result]:
-    """Add every request at once (continuous batching) and step until all are done."""
-    results: dict[str, Result] = {}
-    for r in requests:
-        results[r.request_id] = Result(started=time.perf_counter())
-        engine.add_request(r)
-    while engine.has_work():
-        for out in engine.step():
-            res = results[out.request_id]
-            if out.error:
-                raise RuntimeError(f"{out.request_id}: {out.error}")
-            if out.new_token_ids and res.first_token is None:
-                res.first_token = time.perf_counter()
-            res.text += out.new_text
-            res.tokens = out.num_output_tokens
-            if out.finished:
-                res.finish_reason = out.finish_reason
-                res.finished = time.perf_counter()
-    return results
 
 
 # ---- adherence -----------------------------------------------------------------------------

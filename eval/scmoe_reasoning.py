@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from engine_batch import run  # eval/engine_batch.py (the scripts run from eval/)
 from freelunch.config import EngineConfig
 from freelunch.engine.engine import Engine
 from freelunch.engine.request import GenerationRequest, SamplingParams
@@ -210,40 +211,11 @@ def sign_test(helped: int, hurt: int) -> float:
 
 
 # ---- running ---------------------------------------------------------------------------------
-@dataclass(slots=True)
-class Result:
-    text: str = ""
-    tokens: int = 0
-    finish_reason: str | None = None
-    started: float = 0.0
-    finished: float = 0.0
-
-
 def encode_chat(engine: Engine, question: str) -> list[int]:
     """As the API renders chat: template text, then encode without special tokens."""
     messages = [{"role": "user", "content": f"{question} {INSTRUCTION}"}]
     text = engine.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     return engine.tokenizer.encode(text, add_special_tokens=False)
-
-
-def run(engine: Engine, requests: list[GenerationRequest]) -> dict[str, Result]:
-    """Add every request at once (continuous batching) and step until all are done."""
-    results: dict[str, Result] = {}
-    for r in requests:
-        results[r.request_id] = Result(started=time.perf_counter())
-        engine.add_request(r)
-    while engine.has_work():
-        for out in engine.step():
-            res = results[out.request_id]
-            if out.error:
-                raise RuntimeError(f"{out.request_id}: {out.error}")
-            res.text += out.new_text
-            res.tokens = out.num_output_tokens
-            if out.finished:
-                res.finish_reason = out.finish_reason
-                res.finished = time.perf_counter()
-    engine.check_no_leaks()
-    return results
 
 
 @dataclass(frozen=True, slots=True)
