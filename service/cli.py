@@ -1,13 +1,13 @@
-"""`freelunch serve`: load the model, start the pool, serve the OpenAI API."""
+"""`freelunch serve` (load the model, start the pool, serve the OpenAI API) and `freelunch bench`."""
 
 from __future__ import annotations
 
 import argparse
 import logging
-from dataclasses import replace
 import os
 import signal
 import sys
+from dataclasses import replace
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -104,7 +104,6 @@ def main(argv: list[str] | None = None) -> int:
         return run_bench(args)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     import uvicorn
-
     from freelunch.api.app import create_app
     from freelunch.config import EngineConfig, ServerConfig
     from freelunch.models.loader import ModelLoadError

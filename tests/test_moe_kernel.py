@@ -7,14 +7,14 @@ import os
 
 os.environ["TRITON_INTERPRET"] = "1"  # before any triton import: kernels become interpreted
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
 pytest.importorskip("triton")
 
-from freelunch.kernels.moe_ref import grouped_expert_mlp_ref  # noqa: E402
-from freelunch.kernels.moe_triton import INTERPRETED, align_slots, grouped_expert_mlp  # noqa: E402
-from freelunch.models.expert_routing import ExpertRouting, route  # noqa: E402
+from freelunch.kernels.moe_ref import grouped_expert_mlp_ref
+from freelunch.kernels.moe_triton import INTERPRETED, align_slots, grouped_expert_mlp
+from freelunch.models.expert_routing import ExpertRouting, route
 
 TOLERANCE = {torch.float32: (1e-4, 1e-4), torch.float16: (2e-2, 2e-2), torch.bfloat16: (6e-2, 6e-2)}
 E, HIDDEN, INTER = 4, 64, 48  # INTER not a multiple of the 32-wide tiles: the masks are exercised
@@ -22,7 +22,7 @@ E, HIDDEN, INTER = 4, 64, 48  # INTER not a multiple of the 32-wide tiles: the m
 
 def weights(dtype: torch.dtype, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    mk = lambda *shape: (torch.randn(*shape, generator=g) * 0.2).to(dtype)  # noqa: E731
+    mk = lambda *shape: (torch.randn(*shape, generator=g) * 0.2).to(dtype)
     return mk(E, 2 * INTER, HIDDEN), mk(E, HIDDEN, INTER)
 
 
@@ -70,7 +70,7 @@ def test_reference_matches_the_engine_moe_block():
     block = SparseMoeBlock(HIDDEN, moe).eval()
     x = torch.randn(11, HIDDEN)
     experts, w = route(block.gate(x), 2, True)
-    stack = lambda name: torch.stack([getattr(e, name).weight for e in block.experts])  # noqa: E731
+    stack = lambda name: torch.stack([getattr(e, name).weight for e in block.experts])
     with torch.no_grad():
         want = block._run_experts(x, experts, w)
         got = grouped_expert_mlp_ref(x, experts, w, stack("gate_up_proj"), stack("down_proj"))

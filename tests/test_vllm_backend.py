@@ -17,17 +17,16 @@ import torch
 pytestmark = pytest.mark.vllm
 vllm = pytest.importorskip("vllm", reason="the vllm extra is not installed")
 
-from live_server import live_server  # noqa: E402
-from tiny_models import build_tiny_model  # noqa: E402
-
-from freelunch.api.app import create_app  # noqa: E402
-from freelunch.config import EngineConfig  # noqa: E402
-from freelunch.engine.request import GenerationRequest, SamplingParams  # noqa: E402
-from freelunch.pool.pool import WorkerPool  # noqa: E402
-from freelunch.pool.worker import ThreadWorker  # noqa: E402
+from freelunch.api.app import create_app
+from freelunch.config import EngineConfig
+from freelunch.engine.request import GenerationRequest, SamplingParams
+from freelunch.pool.pool import WorkerPool
+from freelunch.pool.worker import ThreadWorker
+from live_server import live_server
+from tiny_models import build_tiny_model
 
 # vLLM's CPU attention kernels take head_dim 32 and up: 2 heads of 32 (1 KV head) over hidden 64.
-TINY = dict(num_attention_heads=2, num_key_value_heads=1)
+TINY = {"num_attention_heads": 2, "num_key_value_heads": 1}
 # Odd on purpose: guided pairs added together cannot all be admitted in one step, so some fall out
 # of lockstep and must be restarted, which the parity tests then cover.
 MAX_SEQS = 5
@@ -67,7 +66,7 @@ def tiny(tmp_path_factory):
 
 def test_greedy_tokens_match_native_engine_and_transformers(tiny):
     _, hf, vllm_engine, native = tiny
-    reqs = lambda: [GenerationRequest(f"r{i}", p, greedy(ignore_eos=True)) for i, p in enumerate(PROMPTS)]  # noqa: E731
+    reqs = lambda: [GenerationRequest(f"r{i}", p, greedy(ignore_eos=True)) for i, p in enumerate(PROMPTS)]
     got, want = run_all(vllm_engine, reqs()), run_all(native, reqs())
     for i, prompt in enumerate(PROMPTS):
         ref = hf.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, min_new_tokens=12)[0, len(prompt) :]
@@ -79,7 +78,7 @@ def test_greedy_tokens_match_native_engine_and_transformers(tiny):
 
 def test_logprobs_and_prompt_logprobs_match_native_engine(tiny):
     _, _, vllm_engine, native = tiny
-    params = lambda: greedy(6, logprobs=3, prompt_logprobs=2)  # noqa: E731
+    params = lambda: greedy(6, logprobs=3, prompt_logprobs=2)
     got = run_all(vllm_engine, [GenerationRequest("lp", PROMPTS[0], params())])["lp"]
     want = run_all(native, [GenerationRequest("lp", PROMPTS[0], params())])["lp"]
     g = [r for o in got for r in (o.logprobs or [])]
@@ -126,7 +125,7 @@ def test_guidance_matches_native_engine_with_pairs_out_of_lockstep(tiny, scale, 
 
 def test_seeded_sampling_is_reproducible_and_seeds_differ(tiny):
     _, _, vllm_engine, _ = tiny
-    sample = lambda seed: SamplingParams(max_tokens=8, temperature=1.0, seed=seed, ignore_eos=True)  # noqa: E731
+    sample = lambda seed: SamplingParams(max_tokens=8, temperature=1.0, seed=seed, ignore_eos=True)
     a = run_all(vllm_engine, [GenerationRequest("s1", PROMPTS[0], sample(7)), GenerationRequest("s2", PROMPTS[0], sample(8))])
     b = run_all(vllm_engine, [GenerationRequest("s1", PROMPTS[0], sample(7))])
     assert tokens(a["s1"]) == tokens(b["s1"])
@@ -213,7 +212,7 @@ def test_api_streaming_stop_and_n(mixed_server):
 
 
 def test_api_routes_options_vllm_cannot_run_to_native_workers(mixed_server):
-    base, model, pool = mixed_server
+    base, model, _ = mixed_server
     plain = complete(base, model=model, prompt="Hello there", max_tokens=10, temperature=0, ignore_eos=True).json()
     spec = complete(
         base, model=model, prompt="Hello there", max_tokens=10, temperature=0, ignore_eos=True,
@@ -242,7 +241,7 @@ def test_api_concurrent_mixed_traffic(mixed_server):
     the same request alone."""
     base, model, _ = mixed_server
     bodies = [
-        dict(prompt=f"Story {i}:", max_tokens=8, temperature=0, ignore_eos=True)
+        {"prompt": f"Story {i}:", "max_tokens": 8, "temperature": 0, "ignore_eos": True}
         | ({"guidance": {"scale": 1.5}} if i % 3 == 1 else {"speculative": {"method": "token_recycling"}} if i % 3 == 2 else {})
         for i in range(9)
     ]
@@ -264,7 +263,7 @@ def test_default_model_greedy_matches_native_engine():
     chats = ["What is the capital of France?", "Write a haiku about the sea.", "List three prime numbers."]
     texts = [tok.apply_chat_template([{"role": "user", "content": c}], add_generation_prompt=True, tokenize=False) for c in chats]
     ids = [tok.encode(t, add_special_tokens=False) for t in texts]
-    reqs = lambda: [GenerationRequest(f"c{i}", p, greedy(24)) for i, p in enumerate(ids)]  # noqa: E731
+    reqs = lambda: [GenerationRequest(f"c{i}", p, greedy(24)) for i, p in enumerate(ids)]
     got = run_all(vllm_engine, reqs())
     want = run_all(load_engine(config), reqs())
     for i in range(len(ids)):

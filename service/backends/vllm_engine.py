@@ -76,7 +76,13 @@ class VllmEngine:
             ) from e
 
         from freelunch.backends.vllm_guidance import PairedGuidance
-        from freelunch.models.loader import ModelLoadError, gguf_to_folder, load_hf_config, load_tokenizer, resolve_source
+        from freelunch.models.loader import (
+            ModelLoadError,
+            gguf_to_folder,
+            load_hf_config,
+            load_tokenizer,
+            resolve_source,
+        )
 
         source = resolve_source(config.model, config.served_model_name)
         if source.is_gguf:

@@ -21,10 +21,9 @@ import threading
 from dataclasses import dataclass
 
 import torch
+from freelunch.methods.guidance import guide
 from vllm import SamplingParams
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
-
-from freelunch.methods.guidance import guide
 
 EXTRA_KEY = "freelunch_guidance"
 
