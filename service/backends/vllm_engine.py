@@ -28,7 +28,7 @@ from freelunch.engine.request import GenerationRequest, RequestOutput, SamplingP
 log = logging.getLogger("freelunch.vllm")
 
 CAPABILITIES = frozenset({"guidance"})
-_MAX_STALLS = 16  # a pair that keeps falling out of lockstep without progress fails rather than loop
+_MAX_STALLS = 64  # restarts in a row without progress (each costs one batch slot for one step) before failing
 
 
 @dataclass(slots=True)
