@@ -25,6 +25,17 @@ SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 @triton.jit
+def _block_of_slots(slots_ptr, block_expert_ptr, num_slots, BLOCK_M: tl.constexpr):
+    """This program's block: its rows of the sorted slots, their slot ids, which are real (not
+    padding), and the block's expert."""
+    pid_m = tl.program_id(0)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    slot = tl.load(slots_ptr + rows)
+    expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
+    return rows, slot, slot < num_slots, expert
+
+
+@triton.jit
 def _gate_up_kernel(
     x_ptr, w_ptr, h_ptr, slots_ptr, block_expert_ptr,
     sx_t, sx_h,  # x [T, H]
@@ -35,13 +46,9 @@ def _gate_up_kernel(
     PRECISION: tl.constexpr,  # tl.dot input precision: "ieee" keeps float32 exact (no TF32)
     UPCAST: tl.constexpr,  # interpreter: it has no bf16 arithmetic, so dot in float32
 ):  # fmt: skip
-    pid_m = tl.program_id(0)
+    rows, slot, valid, expert = _block_of_slots(slots_ptr, block_expert_ptr, num_slots, BLOCK_M)
     pid_n = tl.program_id(1)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    slot = tl.load(slots_ptr + rows)
-    valid = slot < num_slots
     token = tl.where(valid, slot // top_k, 0)
-    expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # intermediate features
     col_ok = cols < inter
     acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -76,12 +83,8 @@ def _down_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):  # fmt: skip
-    pid_m = tl.program_id(0)
+    rows, slot, valid, expert = _block_of_slots(slots_ptr, block_expert_ptr, num_slots, BLOCK_M)
     pid_n = tl.program_id(1)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    slot = tl.load(slots_ptr + rows)
-    valid = slot < num_slots
-    expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # hidden features
     col_ok = cols < hidden
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
