@@ -21,6 +21,13 @@ class EngineConfig:
     engine: str = "native"  # "native" (ours) or "vllm" (backends/vllm_engine.py)
     tensor_parallel_size: int = 1  # vLLM only: GPUs one model is split over
 
+    def context_length(self, max_position_embeddings: int) -> int:
+        """The context length served: `max_model_len`, or the model's own capped at 8192."""
+        length = self.max_model_len or min(max_position_embeddings, 8192)
+        if length > max_position_embeddings:
+            raise ValueError(f"max_model_len {length} exceeds the model's {max_position_embeddings}")
+        return length
+
     def __post_init__(self) -> None:
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, not {self.dtype!r}")

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from freelunch.config import EngineConfig
-from freelunch.engine.engine import EngineError
+from freelunch.engine.engine import EngineError, check_new_request
 from freelunch.engine.request import GenerationRequest, RequestOutput, SamplingParams, TokenLogprob
 
 log = logging.getLogger("freelunch.vllm")
@@ -94,7 +94,7 @@ class VllmEngine:
         self.model_name = source.served_name
         self.tokenizer = load_tokenizer(source)
         self.vocab_size = int(hf_config.vocab_size)
-        self.max_model_len = config.max_model_len or min(int(getattr(hf_config, "max_position_embeddings", 8192)), 8192)
+        self.max_model_len = config.context_length(int(getattr(hf_config, "max_position_embeddings", 8192)))
         # With tensor parallelism the sampler (and the CFG processor in it) runs in vLLM's worker
         # processes, out of reach of the lockstep table: guided requests go to native workers then.
         self.capabilities = CAPABILITIES if config.tensor_parallel_size == 1 else frozenset()
@@ -139,18 +139,7 @@ class VllmEngine:
         return bool(self.requests) or bool(self._finished)
 
     def add_request(self, request: GenerationRequest) -> None:
-        prompt = request.prompt_token_ids
-        if not prompt:
-            raise EngineError("the prompt is empty", "prompt")
-        if len(prompt) >= self.max_model_len:
-            raise EngineError(
-                f"the prompt has {len(prompt)} tokens; this model's maximum context length is {self.max_model_len}",
-                "messages",
-            )
-        if any(not 0 <= t < self.vocab_size for t in prompt):
-            raise EngineError(f"prompt token ids must be in [0, {self.vocab_size})", "prompt")
-        if request.request_id in self.requests:
-            raise EngineError(f"duplicate request id {request.request_id}")
+        check_new_request(request, self.requests, self.max_model_len, self.vocab_size)
         if request.images:
             raise EngineError("image inputs are not served by the vllm backend", "messages")
         unsupported = sorted(set(request.methods) - self.capabilities)

@@ -71,6 +71,22 @@ class RequestState:
         return self.strategy.main
 
 
+def check_new_request(request: GenerationRequest, live: dict, max_model_len: int, vocab_size: int) -> None:
+    """What any engine refuses before taking a request (EngineError, with the field): an empty or
+    too long prompt, token ids outside the vocabulary, an id already live."""
+    n_prompt = len(request.prompt_token_ids)
+    if n_prompt == 0:
+        raise EngineError("the prompt is empty", "prompt")
+    if n_prompt >= max_model_len:
+        raise EngineError(
+            f"the prompt has {n_prompt} tokens; this model's maximum context length is {max_model_len}", "messages"
+        )
+    if any(t < 0 or t >= vocab_size for t in request.prompt_token_ids):
+        raise EngineError(f"prompt token ids must be in [0, {vocab_size})", "prompt")
+    if request.request_id in live:
+        raise EngineError(f"duplicate request id {request.request_id}")
+
+
 class Engine:
     def __init__(self, loaded: LoadedModel, config: EngineConfig) -> None:
         self.config = config
@@ -78,9 +94,7 @@ class Engine:
         self.tokenizer = loaded.tokenizer
         self.device = torch.device(config.device)
         cfg = loaded.model.config
-        self.max_model_len = config.max_model_len or min(cfg.max_position_embeddings, 8192)
-        if self.max_model_len > cfg.max_position_embeddings:
-            raise ValueError(f"max_model_len {self.max_model_len} exceeds the model's {cfg.max_position_embeddings}")
+        self.max_model_len = config.context_length(cfg.max_position_embeddings)
         kv_dtype = next(loaded.model.parameters()).dtype
         per_token = KVCache.bytes_per_token(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, kv_dtype)
         num_blocks = max(1, int(config.kv_cache_gib * (1 << 30)) // (per_token * config.block_size))
@@ -110,20 +124,8 @@ class Engine:
     def add_request(self, request: GenerationRequest) -> None:
         from freelunch.methods import build_strategy
 
-        n_prompt = len(request.prompt_token_ids)
-        if n_prompt == 0:
-            raise EngineError("the prompt is empty", "prompt")
-        if n_prompt >= self.max_model_len:
-            raise EngineError(
-                f"the prompt has {n_prompt} tokens; this model's maximum context length is {self.max_model_len}",
-                "messages",
-            )
-        vocab = self.info.config.vocab_size
-        if any(t < 0 or t >= vocab for t in request.prompt_token_ids):
-            raise EngineError(f"prompt token ids must be in [0, {vocab})", "prompt")
-        if request.request_id in self.requests:
-            raise EngineError(f"duplicate request id {request.request_id}")
-        main = Sequence(list(request.prompt_token_ids), n_prompt)
+        check_new_request(request, self.requests, self.max_model_len, self.vocab_size)
+        main = Sequence(list(request.prompt_token_ids), len(request.prompt_token_ids))
         try:
             strategy = build_strategy(request, main, self.info)
         except ValueError as e:
