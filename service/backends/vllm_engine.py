@@ -39,7 +39,6 @@ class _Guided:
     scale: float
     rescale: float | None
     seed: int
-    uncond_id: str = ""
     attempt: int = 0
     resyncs: int = 0  # restarts after falling out of lockstep
     stalls: int = 0  # restarts in a row that kept no new token
@@ -53,6 +52,11 @@ class _Tracked:
     base: int = 0  # output tokens decoded before the current vLLM request started (its prompt has them)
     guided: _Guided | None = None
     scoring_only: bool = False  # max_tokens 0: vLLM decodes one token, which is dropped
+
+    @property
+    def vllm_ids(self) -> list[str]:
+        """The current vLLM request, and a guided request's unconditional branch."""
+        return [self.vllm_id, f"{self.vllm_id}#uncond"] if self.guided is not None else [self.vllm_id]
 
 
 class VllmEngine:
@@ -118,7 +122,6 @@ class VllmEngine:
         self.requests: dict[str, _Tracked] = {}  # our request id -> state
         self._by_vllm_id: dict[str, str] = {}  # vLLM request id -> our request id
         self._finished: list[RequestOutput] = []  # aborts and failures, reported at the next step
-        self.steps = 0
 
     # ---- the engine surface the worker loop drives -------------------------------------------
     @property
@@ -164,14 +167,13 @@ class VllmEngine:
         if not self.llm.has_unfinished_requests():
             return outputs
         self._align_threads()
-        self.steps += 1
         current: dict[str, Any] = {}  # our request id -> this step's vLLM output of its (cond) request
         for vout in self.llm.step():
             rid = self._by_vllm_id.get(vout.request_id)
             tracked = self.requests.get(rid) if rid is not None else None
             if tracked is not None and tracked.vllm_id == vout.request_id:
                 current[rid] = vout  # else: an unconditional branch, or a request we stopped
-        for rid, tracked in list(self.requests.items()):
+        for tracked in list(self.requests.values()):
             if tracked.guided is not None:
                 out = self._check_lockstep(tracked, current)
                 if out is not None:
@@ -231,7 +233,6 @@ class VllmEngine:
 
             g.attempt += 1
             tracked.vllm_id = f"{request.request_id}@{g.attempt}"
-            g.uncond_id = f"{tracked.vllm_id}#uncond"
             forget(tracked.vllm_id)
             tag = {"pair": tracked.vllm_id, "scale": g.scale, "rescale": g.rescale}
             params.seed = g.seed + g.attempt - 1
@@ -239,9 +240,10 @@ class VllmEngine:
             uncond.extra_args = {EXTRA_KEY: tag | {"role": "uncond"}}
             uncond.stop, uncond.detokenize, uncond.prompt_logprobs = [], False, None
             params.extra_args = {EXTRA_KEY: tag | {"role": "cond"}}
-            self._by_vllm_id[g.uncond_id] = request.request_id
+            uncond_id = tracked.vllm_ids[1]
+            self._by_vllm_id[uncond_id] = request.request_id
             # the unconditional branch first: both are admitted in the same scheduler pass
-            self.llm.add_request(g.uncond_id, TokensPrompt(prompt_token_ids=g.uncond_prompt + done), uncond)
+            self.llm.add_request(uncond_id, TokensPrompt(prompt_token_ids=g.uncond_prompt + done), uncond)
         self._by_vllm_id[tracked.vllm_id] = request.request_id
         try:
             self.llm.add_request(tracked.vllm_id, TokensPrompt(prompt_token_ids=request.prompt_token_ids + done), params)
@@ -278,8 +280,8 @@ class VllmEngine:
 
     def _drop(self, tracked: _Tracked) -> None:
         """Stop the vLLM request(s) behind `tracked` and forget their ids."""
-        ids = [tracked.vllm_id] + ([tracked.guided.uncond_id] if tracked.guided else [])
-        self.llm.abort_request([i for i in ids if i])
+        ids = tracked.vllm_ids
+        self.llm.abort_request(ids)
         for i in ids:
             self._by_vllm_id.pop(i, None)
         if tracked.guided is not None:
