@@ -17,33 +17,13 @@ import json
 import os
 import platform
 import statistics
-import subprocess
-import sys
+import tempfile
 import time
 from pathlib import Path
 
 import httpx
 import torch
-
-from freelunch.benchmark import PROMPTS, free_port  # the same prompts as `freelunch bench`
-
-
-
-def start_server(port: int, dtype: str, extra: list[str]) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "freelunch.cli", "serve", "--port", str(port), "--dtype", dtype, "--log-level", "warning", *extra]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited: {proc.stderr.read().decode()[-2000:]}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=1).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    proc.kill()
-    raise RuntimeError("server did not become ready")
+from freelunch.benchmark import PROMPTS, start_server, stop_server  # shared with `freelunch bench`
 
 
 async def one_stream(client: httpx.AsyncClient, prompt: str, max_tokens: int) -> dict:
@@ -140,13 +120,12 @@ def main(argv: list[str] | None = None) -> dict:
     if load > 0.5:
         print(f"warning: load average {load:.2f}: benchmark on an idle machine")
     levels = [int(x) for x in args.levels.split(",")]
-    port = free_port()
-    proc = start_server(port, args.dtype, args.server_args.split())
-    try:
-        ours = asyncio.run(http_levels(f"http://127.0.0.1:{port}", levels, args.max_tokens))
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+    with tempfile.TemporaryFile() as log:
+        proc, base = start_server(["--dtype", args.dtype, *args.server_args.split()], log)
+        try:
+            ours = asyncio.run(http_levels(base, levels, args.max_tokens))
+        finally:
+            stop_server(proc)
     gguf = default_model_path()
     hf = {} if args.skip_hf else hf_bench(gguf_to_folder(gguf), getattr(torch, args.dtype), args.max_tokens, [int(b) for b in args.hf_batches.split(",")])
     lcpp = llamacpp_bench(gguf, args.max_tokens)

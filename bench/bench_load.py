@@ -17,11 +17,12 @@ import asyncio
 import json
 import os
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
 import httpx
-from bench_http import PROMPTS, free_port, start_server
+from freelunch.benchmark import PROMPTS, start_server, stop_server
 
 OPTIONS = [
     {},
@@ -100,18 +101,17 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"warning: load average {load:.2f}: benchmark on an idle machine")
     result: dict = {"load_average_at_start": load, "cores": os.cpu_count(), "max_tokens": args.max_tokens, "runs": {}}
     for workers in [int(w) for w in args.workers.split(",")]:
-        port = free_port()
-        proc = start_server(port, "float32", ["--workers", str(workers), *args.server_args.split()])
-        rows = []
-        try:
-            for c in [int(x) for x in args.levels.split(",")]:
-                row = asyncio.run(level(f"http://127.0.0.1:{port}", c, args.max_tokens))
-                rows.append(row)
-                print(f"workers={workers} c={c}: {row['outcomes']} {row['requests_per_s']:.2f} req/s "
-                      f"{row['tokens_per_s']:.1f} tok/s p50 {row['latency_p50_s']:.1f} s", flush=True)
-        finally:
-            proc.terminate()
-            proc.wait(timeout=60)
+        with tempfile.TemporaryFile() as log:
+            proc, base = start_server(["--dtype", "float32", "--workers", str(workers), *args.server_args.split()], log)
+            rows = []
+            try:
+                for c in [int(x) for x in args.levels.split(",")]:
+                    row = asyncio.run(level(base, c, args.max_tokens))
+                    rows.append(row)
+                    print(f"workers={workers} c={c}: {row['outcomes']} {row['requests_per_s']:.2f} req/s "
+                          f"{row['tokens_per_s']:.1f} tok/s p50 {row['latency_p50_s']:.1f} s", flush=True)
+            finally:
+                stop_server(proc)
         result["runs"][workers] = rows
     print(f"\n{'workers':>7}{'clients':>9}{'completed':>11}{'429':>6}{'other err':>10}{'req/s':>8}{'tok/s':>8}{'p50 s':>7}{'p99 s':>7}")
     for workers, rows in result["runs"].items():

@@ -277,8 +277,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(args: argparse.Namespace, log: Any) -> tuple[subprocess.Popen, str]:
-    """`freelunch serve` on a free loopback port; returns once /ready answers 200."""
+def start_server(serve_args: list[str], log: Any, ready_timeout: float = 600.0) -> tuple[subprocess.Popen, str]:
+    """`freelunch serve *serve_args` on a free loopback port, its output to the file `log`;
+    returns (process, base URL) once /ready answers 200 (also used by bench/bench_http.py)."""
     port = free_port()
     cmd = [
         sys.executable,
@@ -292,11 +293,10 @@ def start_server(args: argparse.Namespace, log: Any) -> tuple[subprocess.Popen, 
         "--log-level",
         "warning",
     ]
-    cmd += ["--model", args.model] if args.model else []
-    cmd += shlex.split(args.server_args)
+    cmd += serve_args
     proc = subprocess.Popen(cmd, stdout=log, stderr=log)
     base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + args.ready_timeout
+    deadline = time.monotonic() + ready_timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             log.seek(0)
@@ -310,7 +310,7 @@ def start_server(args: argparse.Namespace, log: Any) -> tuple[subprocess.Popen, 
             pass
         time.sleep(0.5)
     stop_server(proc)
-    raise RuntimeError(f"the server did not become ready within {args.ready_timeout:.0f} s")
+    raise RuntimeError(f"the server did not become ready within {ready_timeout:.0f} s")
 
 
 def stop_server(proc: subprocess.Popen) -> None:
@@ -377,7 +377,8 @@ def run(args: argparse.Namespace) -> int:
                     "starting freelunch serve (the first start converts the embedded model, ~30 s)...",
                     file=sys.stderr,
                 )
-                proc, base = start_server(args, log)
+                serve_args = (["--model", args.model] if args.model else []) + shlex.split(args.server_args)
+                proc, base = start_server(serve_args, log, args.ready_timeout)
             total = 1 + len(wanted) + args.repeats * (1 + len(wanted)) + sum(levels)
             with tqdm(total=total, unit="req", file=sys.stderr, disable=args.no_progress) as progress:
                 measured = asyncio.run(measure(base, headers, args, progress))
