@@ -23,41 +23,27 @@ from pathlib import Path
 
 import httpx
 import torch
-from freelunch.benchmark import PROMPTS, start_server, stop_server  # shared with `freelunch bench`
-
-
-async def one_stream(client: httpx.AsyncClient, prompt: str, max_tokens: int) -> dict:
-    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True, "ignore_eos": True,
-            "stream_options": {"include_usage": True}}
-    start = time.perf_counter()
-    first = None
-    tokens = 0
-    async with client.stream("POST", "/v1/completions", json=body) as r:
-        async for line in r.aiter_lines():
-            if not line.startswith("data: {"):
-                continue
-            chunk = json.loads(line[6:])
-            if chunk.get("usage"):
-                tokens = chunk["usage"]["completion_tokens"]
-            elif first is None and chunk["choices"] and chunk["choices"][0]["text"]:
-                first = time.perf_counter()
-    end = time.perf_counter()
-    first = first or end
-    return {"ttft": first - start, "tokens": tokens, "decode_tps": (tokens - 1) / (end - first) if end > first else 0.0, "end": end}
+from freelunch.benchmark import (  # shared with `freelunch bench`
+    PROMPTS,
+    start_server,
+    stop_server,
+    stream_once,
+)
 
 
 async def http_levels(base: str, levels: list[int], max_tokens: int) -> dict:
     out = {}
     async with httpx.AsyncClient(base_url=base, timeout=None, limits=httpx.Limits(max_connections=256)) as client:
-        await one_stream(client, PROMPTS[0], 8)  # warm-up
+        await stream_once(client, None, PROMPTS[0], 8, {})  # warm-up
         for c in levels:
             start = time.perf_counter()
-            runs = await asyncio.gather(*(one_stream(client, PROMPTS[i % len(PROMPTS)], max_tokens) for i in range(c)))
-            wall = max(r["end"] for r in runs) - start
+            # {}: the server's own defaults (e.g. --speculative) apply, as for any client
+            runs = await asyncio.gather(*(stream_once(client, None, PROMPTS[i % len(PROMPTS)], max_tokens, {}) for i in range(c)))
+            wall = max(r.end for r in runs) - start
             out[c] = {
-                "throughput_tps": sum(r["tokens"] for r in runs) / wall,
-                "ttft_median_s": statistics.median(r["ttft"] for r in runs),
-                "decode_tps_median": statistics.median(r["decode_tps"] for r in runs),
+                "throughput_tps": sum(r.tokens for r in runs) / wall,
+                "ttft_median_s": statistics.median(r.ttft for r in runs),
+                "decode_tps_median": statistics.median(r.decode_tps for r in runs),
             }
             print(f"  freelunch c={c}: {out[c]['throughput_tps']:.1f} tok/s, TTFT {out[c]['ttft_median_s'] * 1e3:.0f} ms", flush=True)
     return out

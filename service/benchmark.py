@@ -119,8 +119,11 @@ class Stream:
 
 
 async def stream_once(
-    client: httpx.AsyncClient, model: str, prompt: str, max_tokens: int, extra: dict[str, Any]
+    client: httpx.AsyncClient, model: str | None, prompt: str, max_tokens: int, extra: dict[str, Any]
 ) -> Stream:
+    """One greedy streamed completion of exactly `max_tokens` tokens, with the body fields `extra`
+    (method options; `PLAIN` for plain decoding whatever the server's defaults); also used by
+    bench/bench_http.py."""
     body = {
         "model": model,
         "prompt": prompt,
@@ -129,7 +132,6 @@ async def stream_once(
         "ignore_eos": True,
         "stream": True,
         "stream_options": {"include_usage": True},
-        **PLAIN,
         **extra,
     }
     s = Stream(status=0, start=time.perf_counter())
@@ -185,7 +187,7 @@ async def measure(
         r.raise_for_status()
         model = r.json()["data"][0]["id"]
 
-        warm = await stream_once(client, model, PROMPTS[0], 8, {})
+        warm = await stream_once(client, model, PROMPTS[0], 8, PLAIN)
         progress.update(1)
         if warm.status != 200 or warm.error:
             raise RuntimeError(f"a plain request failed ({warm.status}): {warm.error}")
@@ -196,7 +198,7 @@ async def measure(
             if name in SKIPPED:
                 methods[name] = {"status": "skipped", "reason": SKIPPED[name]}
             else:
-                probe = await stream_once(client, model, PROMPTS[0], 8, OPTIONS[name])
+                probe = await stream_once(client, model, PROMPTS[0], 8, PLAIN | OPTIONS[name])
                 if probe.status == 400:
                     methods[name] = {"status": "unavailable", "reason": probe.error, "options": OPTIONS[name]}
                 elif probe.status != 200 or probe.error:
@@ -214,7 +216,7 @@ async def measure(
             for name, done in runs.items():
                 progress.set_description(f"single stream: {name}")
                 s = await stream_once(
-                    client, model, PROMPTS[i % len(PROMPTS)], args.max_tokens, OPTIONS.get(name, {})
+                    client, model, PROMPTS[i % len(PROMPTS)], args.max_tokens, PLAIN | OPTIONS.get(name, {})
                 )
                 if s.status != 200 or s.error:
                     raise RuntimeError(f"{name}: request failed ({s.status}): {s.error}")
@@ -236,7 +238,7 @@ async def measure(
             progress.set_description(f"concurrency {c}")
 
             async def tracked(i: int) -> Stream:
-                s = await stream_once(client, model, PROMPTS[i % len(PROMPTS)], args.max_tokens, {})
+                s = await stream_once(client, model, PROMPTS[i % len(PROMPTS)], args.max_tokens, PLAIN)
                 progress.update(1)
                 return s
 
