@@ -46,12 +46,14 @@ NO_FETCH = (
 )
 
 
+def url_scheme(url: str) -> str:
+    return url.split(":", 1)[0].lower() if ":" in url else ""
+
+
 def decode_image(url: str, param: str) -> Image.Image:
-    """A `data:image/...;base64,...` URL -> an RGB image; APIError(400, param) for anything else."""
-    scheme = url.split(":", 1)[0].lower() if ":" in url else ""
-    if scheme in ("http", "https"):
-        raise APIError(400, NO_FETCH, param)
-    if scheme != "data":
+    """A `data:image/...;base64,...` URL -> an RGB image; APIError(400, param) for anything else
+    (http(s) URLs never get here: `ImageLoader.check` fetches or refuses them first)."""
+    if url_scheme(url) != "data":
         raise APIError(400, "an image must be a data: URL (data:image/png;base64,...)", param)
     header, _, payload = url[5:].partition(",")
     mime, _, encoding = header.partition(";")
@@ -110,8 +112,7 @@ class ImageLoader:
     def check(self, url: str, param: str) -> httpx.URL | None:
         """Refusals that need no I/O, so that a request fails before anything is fetched: the
         parsed URL for http(s) ones on allowed hosts, None for data: URLs (decoded by `load`)."""
-        scheme = url.split(":", 1)[0].lower() if ":" in url else ""
-        if scheme not in ("http", "https"):
+        if url_scheme(url) not in ("http", "https"):
             return None  # data: URLs, and decode_image's refusal of any other scheme
         if not self.exact and not self.suffixes:
             raise APIError(400, NO_FETCH, param)
