@@ -69,6 +69,20 @@ class Call:
     headers: dict[str, str]
 
 
+async def get_within(queue: asyncio.Queue, timeout: float) -> Any:
+    """`queue.get()` that raises TimeoutError after `timeout` seconds. Not `asyncio.wait_for`: before
+    Python 3.12 it swallows a cancellation that lands in the tick an item arrives (cpython#86296),
+    so a client that left mid-stream would not stop its generation."""
+    getter = asyncio.ensure_future(queue.get())
+    try:
+        done, _ = await asyncio.wait({getter}, timeout=max(0.0, timeout))
+    finally:
+        getter.cancel()  # no-op once it has its item
+    if not done:
+        raise TimeoutError
+    return getter.result()
+
+
 class Serving:
     def __init__(
         self,
@@ -354,8 +368,8 @@ class Serving:
         try:
             while remaining:
                 try:
-                    index, item = await asyncio.wait_for(queue.get(), max(0.0, call.deadline - time.monotonic()))
-                except asyncio.TimeoutError:
+                    index, item = await get_within(queue, call.deadline - time.monotonic())
+                except TimeoutError:
                     self.metrics.request_failure.labels(reason="timeout").inc()
                     raise APIError(
                         408, f"the request did not finish within {call.timeout:g} s", "timeout", "request_timeout"
