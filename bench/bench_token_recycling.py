@@ -74,30 +74,6 @@ PROMPTS: dict[str, list[list[dict]]] = {
 }
 
 
-def verify_cost(engine, prompt: list[int], sizes: list[int], repeats: int = 5) -> dict[int, float]:
-    """Seconds for one forward feeding T tokens after a committed prompt, for each T."""
-    from freelunch.engine.request import Sequence
-    from freelunch.engine.strategy import RowPlan
-
-    seq = Sequence(list(prompt), len(prompt))
-    engine.blocks.allocate(seq, len(prompt) + max(sizes))
-    engine.runner.run([RowPlan(seq, list(prompt), [len(prompt) - 1])])
-    seq.num_computed = len(prompt)
-    out = {}
-    for t in sizes:
-        mask = torch.ones(t, len(prompt) + t, dtype=torch.bool)
-        plan = RowPlan(seq, [prompt[-1]] * t, list(range(t)), mask=mask, advance=False)
-        engine.runner.run([plan])
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            engine.runner.run([plan])
-            times.append(time.perf_counter() - start)
-        out[t] = statistics.median(times)
-    engine.blocks.free(seq)
-    return out
-
-
 def run_engine(engine, prompts: list[list[int]], max_tokens: int, spec: dict | None) -> dict:
     from freelunch.engine.request import GenerationRequest, SamplingParams
 
@@ -152,7 +128,7 @@ def main(argv: list[str] | None = None) -> dict:
     trees: list = [t if t == "2.2.2" else int(t) for t in args.trees.split(",")]
 
     engine = Engine(loaded, EngineConfig(kv_cache_gib=0.5))
-    cost = verify_cost(engine, encoded["code"][0], [1, 2, 4, 8, 12, 16, 20, 32, 48, 81])
+    cost = engine.runner.forward_cost(len(encoded["code"][0]), (1, 2, 4, 8, 12, 16, 20, 32, 48, 81), repeats=5)
     results: dict = {"verify_cost_s": cost, "categories": {}}
     hf_model = None
     if not args.skip_hf:

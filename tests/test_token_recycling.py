@@ -203,3 +203,54 @@ def test_adjacency_fill_and_update():
     assert table.table[5].tolist() == [7, 3] and table.table[7].tolist() == [4, 1]
     tree = DraftTree.from_template([(0,), (1,), (0, 0)])
     assert table.fill(5, tree).tolist() == [5, 7, 3, 4]
+
+
+# ---- the default tree size follows what verifying T tokens costs here ------------------------
+
+
+def test_tree_size_follows_the_verify_cost():
+    from freelunch.methods.tree_sizing import best_tree_size
+
+    sizes = (1, 2, 4, 8, 16, 32, 81)
+    flat = best_tree_size({t: 0.02 for t in sizes})  # a GPU: 81 tokens cost what one does
+    proportional = best_tree_size({t: 0.01 * t for t in sizes})  # every token pays in full
+    cpu_like = best_tree_size({t: 0.05 + 0.0025 * t for t in sizes})  # this machine: T=81 is ~5x T=1
+    assert flat == len(TEMPLATE_222)
+    assert proportional == 1
+    assert 2 <= cpu_like <= 12
+    noisy = {t: 0.05 + 0.0025 * t + (0.004 if t == 2 else 0.0) for t in sizes}
+    assert abs(best_tree_size(noisy) - cpu_like) <= 2, "one noisy timing must not swing the choice"
+
+
+def test_the_default_tree_is_measured_once_per_model_and_reported(loaded):
+    engine = _engine(loaded)
+    calls = []
+    measure = engine.info.measure_verify_cost
+    engine.info.measure_verify_cost = lambda: calls.append(1) or measure()
+    tok = loaded.tokenizer
+    sampled = GenerationRequest("s", tok.encode("x"), SamplingParams(max_tokens=4, temperature=0.7), {"speculative": {}})
+    explicit = _requests(tok, {"tree": 3}, max_tokens=4)[0]
+    _run(engine, [sampled, explicit])
+    assert calls == [], "neither a request that falls back nor one with its own tree needs the measurement"
+    assert _run.stats["r0"]["tree_nodes"] == 3
+    _run(engine, _requests(tok, {}, max_tokens=8)[:2])
+    _run(engine, _requests(tok, {}, max_tokens=8)[2:4])
+    assert calls == [1]
+    chosen = engine.info.shared_state["token_recycling_tree"]
+    assert 1 <= chosen <= len(TEMPLATE_222)
+    assert {s["tree_nodes"] for s in _run.stats.values()} == {chosen}
+
+
+def test_a_full_cache_defers_the_measurement(loaded):
+    engine = _engine(loaded)
+    tok = loaded.tokenizer
+
+    def full() -> dict[int, float]:
+        raise MemoryError("no free blocks")
+
+    engine.info.measure_verify_cost = full
+    plain = _run(_engine(loaded), _requests(tok, None, max_tokens=12)[:1])
+    spec = _run(engine, _requests(tok, {}, max_tokens=12)[:1])
+    assert spec == plain
+    assert _run.stats["r0"]["tree_nodes"] == 4  # the CPU fallback, not cached: a later request measures
+    assert "token_recycling_tree" not in engine.info.shared_state

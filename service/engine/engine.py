@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -49,6 +50,8 @@ class ModelInfo:
     shared_state: dict = field(default_factory=dict)  # per-model method state (e.g. draft tables)
     vision: ImageEncoder | None = None  # a vision-language model's image side
     max_num_batched_tokens: int = 0  # tokens one forward may take (a prefill transform needs the whole prompt)
+    # seconds per forward of T tokens after a short context, by T (what verifying a draft tree costs)
+    measure_verify_cost: Callable[[], dict[int, float]] | None = None
 
 
 @dataclass(slots=True)
@@ -115,6 +118,7 @@ class Engine:
             config.device,
             vision=loaded.model if hasattr(loaded.model, "encode_images") else None,
             max_num_batched_tokens=config.max_num_batched_tokens,
+            measure_verify_cost=self.runner.forward_cost,
         )
         self.requests: dict[str, RequestState] = {}
         self._aborted: list[RequestState] = []

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import functools
+import time
 from dataclasses import dataclass
 
 import torch
 
 from freelunch.engine.block_manager import BlockManager
 from freelunch.engine.kv_cache import KVCache
+from freelunch.engine.request import Sequence
 from freelunch.engine.strategy import RowPlan
 from freelunch.models.attention import AttentionBatch, AttentionGroup, PrunePlan
 from freelunch.models.expert_routing import EXPERT_RANK, EXPERT_TOP_K, ExpertRouting
@@ -88,6 +90,36 @@ class ModelRunner:
                 out[plan.seq.seq_id] = logits[i : i + k].cpu()
             i += k
         return out
+
+    @torch.inference_mode()
+    def forward_cost(
+        self, context: int = 64, sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 81), repeats: int = 3
+    ) -> dict[int, float]:
+        """Seconds (best of `repeats`) for one forward of T tokens after `context` cached tokens,
+        by T (what verifying a draft tree of T - 1 nodes costs). Holds KV blocks meanwhile;
+        MemoryError when too few are free."""
+        limit = self.model.config.max_position_embeddings
+        context = min(context, limit // 2)
+        sizes = tuple(t for t in sizes if context + t <= limit)
+        seq = Sequence([0] * context, context)
+        self.blocks.allocate(seq, context + max(sizes))
+        try:
+            self.run([RowPlan(seq, [0] * context, [context - 1])])
+            seq.num_computed = context
+            cost = {}
+            for t in sizes:
+                mask = torch.ones(t, context + t, dtype=torch.bool)
+                plan = RowPlan(seq, [0] * t, list(range(t)), mask=mask, advance=False)
+                self.run([plan])  # warm-up: the first call at a new shape is slower
+                times = []
+                for _ in range(repeats):
+                    start = time.perf_counter()
+                    self.run([plan])  # returns logits on the CPU: the device has finished
+                    times.append(time.perf_counter() - start)
+                cost[t] = min(times)
+            return cost
+        finally:
+            self.blocks.free(seq)
 
     def _layout(self, plan: RowPlan, offset: int) -> _RowLayout:
         seq, n = plan.seq, len(plan.tokens)

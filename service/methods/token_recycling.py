@@ -15,6 +15,8 @@ back to plain decoding and say so in `usage.method_stats.speculative.fallback`.
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -23,21 +25,26 @@ from freelunch.engine.request import GenerationRequest, Sequence
 from freelunch.engine.sampler import top_logprobs
 from freelunch.engine.strategy import DecodingStrategy, RowPlan, Sampled, StepContext
 from freelunch.methods import register
+from freelunch.methods.tree_sizing import best_tree_size
 from freelunch.methods.tree_templates import TEMPLATE_222, DraftTree, sub_template
 
+log = logging.getLogger(__name__)
+
 DEFAULT_K = 8
-# Nodes per verify step on CPUs: verifying T tokens costs far more than one there (see
-# bench/bench_token_recycling.py); GPUs take the paper's full 2.2.2 tree (80 nodes).
-DEFAULT_TREE_SIZE_CPU = 4
+# Nodes per verify step when it cannot be measured (too few free KV blocks at the first request):
+# small on CPUs, where verifying T tokens costs far more than one (bench/bench_token_recycling.py);
+# the paper's full 2.2.2 tree (80 nodes) on GPUs.
+FALLBACK_TREE_SIZE = {"cpu": 4, "gpu": len(TEMPLATE_222)}
 
 
 class SpeculativeOptionsError(ValueError):
     pass
 
 
-def parse_options(raw: dict[str, Any], on_gpu: bool) -> tuple[DraftTree, int]:
+def parse_options(raw: dict[str, Any], default_size: Callable[[], int]) -> tuple[DraftTree, int]:
     """Validate `speculative: {"method": "token_recycling", "tree": "2.2.2" | size, "k": 8}`
-    (`scope` is set by the server, never taken from the client: see `table_scope`)."""
+    (`scope` is set by the server, never taken from the client: see `table_scope`).
+    Without `tree`: `default_size()` nodes."""
     if not isinstance(raw, dict):
         raise SpeculativeOptionsError("speculative must be an object")
     unknown = set(raw) - {"method", "tree", "k", "scope"}
@@ -50,7 +57,7 @@ def parse_options(raw: dict[str, Any], on_gpu: bool) -> tuple[DraftTree, int]:
         raise SpeculativeOptionsError("speculative.k must be an integer in [1, 32]")
     tree = raw.get("tree")
     if tree is None:
-        template = TEMPLATE_222 if on_gpu else sub_template(DEFAULT_TREE_SIZE_CPU)
+        template = sub_template(default_size())
     elif tree == "2.2.2":
         template = TEMPLATE_222
     elif isinstance(tree, int) and not isinstance(tree, bool):
@@ -100,13 +107,36 @@ def fallback_reason(request: GenerationRequest) -> str | None:
     return None
 
 
+def default_tree_size(model_info: Any) -> int:
+    """The model's default node count: chosen from a measured verify cost once, then kept."""
+    state = model_info.shared_state
+    if "token_recycling_tree" not in state:
+        fallback = FALLBACK_TREE_SIZE["gpu" if str(model_info.device).startswith("cuda") else "cpu"]
+        if model_info.measure_verify_cost is None:
+            return fallback
+        try:
+            cost = model_info.measure_verify_cost()
+        except MemoryError:  # the cache is full right now: measure at a later request
+            return fallback
+        state["token_recycling_tree"] = best_tree_size(cost)
+        log.info(
+            "Token Recycling: a forward of T tokens costs %s x one token here; default tree: %d nodes",
+            {t: round(c / cost[1], 2) for t, c in cost.items()},
+            state["token_recycling_tree"],
+        )
+    return state["token_recycling_tree"]
+
+
 class TokenRecycling(DecodingStrategy):
     name = "speculative"
 
     def __init__(self, request: GenerationRequest, main: Sequence, model_info: Any) -> None:
         super().__init__(request, main)
-        on_gpu = str(getattr(model_info, "device", "cpu")).startswith("cuda")
-        self.tree, k = parse_options(request.methods["speculative"], on_gpu)
+        self.fallback = fallback_reason(request)
+        # a request that falls back never drafts: no need to measure for it
+        self.tree, k = parse_options(
+            request.methods["speculative"], lambda: 1 if self.fallback else default_tree_size(model_info)
+        )
         tables = model_info.shared_state.setdefault("token_recycling", {})
         # One table per API key (the server sets `scope`): another tenant's text never shapes a
         # tenant's drafts, so acceptance rates (and latency) reveal nothing about it.
@@ -115,7 +145,6 @@ class TokenRecycling(DecodingStrategy):
             tables[key] = AdjacencyTable(model_info.config.vocab_size, k)
         self.table: AdjacencyTable = tables[key]
         self.max_len = model_info.max_model_len
-        self.fallback = fallback_reason(request)
         self._draft: torch.Tensor | None = None
         self.steps = self.draft_tokens = self.accepted_tokens = self.plain_steps = 0
 
@@ -184,6 +213,7 @@ class TokenRecycling(DecodingStrategy):
             "accepted_tokens": self.accepted_tokens,
             "mean_accepted_tokens_per_step": (self.accepted_tokens + self.steps) / self.steps if self.steps else 0.0,
             "plain_steps": self.plain_steps,
+            "tree_nodes": self.tree.size - 1,
         }
         if self.fallback:
             stats["fallback"] = self.fallback

@@ -33,18 +33,19 @@ TEMPLATE_222: list[tuple[int, ...]] = [
 _RANK_PRIOR = (0.55, 0.15, 0.07, 0.04, 0.03, 0.02, 0.015, 0.01)
 
 
+def acceptance_prior(path: tuple[int, ...]) -> float:
+    """Prior probability that a node is on the accepted path (the product over its ranks)."""
+    s = 1.0
+    for r in path:
+        s *= _RANK_PRIOR[r]
+    return s
+
+
 def sub_template(size: int) -> list[tuple[int, ...]]:
     """The `size` most promising nodes of 2.2.2, parents before children."""
     if not 1 <= size <= len(TEMPLATE_222):
         raise ValueError(f"tree size must be in [1, {len(TEMPLATE_222)}]")
-
-    def score(path: tuple[int, ...]) -> float:
-        s = 1.0
-        for r in path:
-            s *= _RANK_PRIOR[r]
-        return s
-
-    order = sorted(range(len(TEMPLATE_222)), key=lambda i: (-score(TEMPLATE_222[i]), i))
+    order = sorted(range(len(TEMPLATE_222)), key=lambda i: (-acceptance_prior(TEMPLATE_222[i]), i))
     chosen = sorted(order[:size], key=lambda i: (len(TEMPLATE_222[i]), i))
     return [TEMPLATE_222[i] for i in chosen]
 
