@@ -11,11 +11,11 @@ llava-hf folders, run by our native engine in-process (float32, CPU, one request
 
 Per request: prefill latency (add_request to the first token, image encoding included), total
 latency for --max-tokens output tokens (ignore_eos), and KV bytes:
-- allocated: peak blocks held by the request x block_size x bytes per token (all layers);
+- allocated: the peak bytes of KV blocks the request held (the engine's cache usage x its size);
 - visible: what attention can read after the request, summed over layers. For cls it equals the
-  tokens held (pruned features never become tokens). For fastv the dropped image tokens' K/V stay
-  in their slots (written by layers < K, and still allocated in every layer: the cache is one slot
-  per token across all layers) but layers >= K mask them out, so visible < allocated.
+  tokens held (pruned features never become tokens). For fastv at the cache's split layer (FastV's
+  default K = 2), layers >= K hold only the kept tokens in blocks of their own, so allocated
+  shrinks too; only whole blocks count, and the lower pool (layers < K) holds every token.
 Also an analytic language-model prefill FLOPs ratio (FastV paper's formula, per layer
 4nd^2 + 2n^2d + 2ndm), for our configuration and for LLaVA-1.5-13B (the paper's ~45% at K=2, keep 0.5).
 
@@ -185,7 +185,8 @@ def run_one(
     from freelunch.engine.request import GenerationRequest, ImageInput, SamplingParams
 
     blocks = engine.blocks
-    free_before = blocks.num_free
+    cache_bytes = sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in engine.kv.layers)
+    usage_before = blocks.usage
     request = GenerationRequest(
         tag,
         list(ids),
@@ -193,12 +194,12 @@ def run_one(
         methods={"visual_pruning": {"method": method, "keep": keep}},
         images=[ImageInput.from_tensor(pixels)],
     )
-    min_free, ttft, tokens, stats, prompt_tokens = free_before, None, [], None, None
+    peak_usage, ttft, tokens, stats, prompt_tokens = usage_before, None, [], None, None
     start = time.perf_counter()
     engine.add_request(request)
     while engine.has_work():
         outs = engine.step()
-        min_free = min(min_free, blocks.num_free)
+        peak_usage = max(peak_usage, blocks.usage)
         for o in outs:
             if o.new_token_ids and ttft is None:
                 ttft = time.perf_counter() - start
@@ -212,7 +213,7 @@ def run_one(
         "total_s": total,
         "tokens": tokens,
         "prompt_tokens": prompt_tokens,
-        "blocks_held": free_before - min_free,
+        "kv_allocated_bytes": round((peak_usage - usage_before) * cache_bytes),
         "stats": (stats or {}).get("visual_pruning", {}),
     }
 
@@ -320,7 +321,7 @@ def bench_config(name: str, max_tokens: int, repeats: int, workdir: Path) -> dic
                     "prefill_s_all": [x["prefill_s"] for x in rs],
                     "total_s_all": [x["total_s"] for x in rs],
                     "kv_tokens_held": held_tokens,
-                    "kv_allocated_bytes": last["blocks_held"] * block_size * per_token,
+                    "kv_allocated_bytes": last["kv_allocated_bytes"],
                     "kv_held_bytes": held_tokens * per_token,
                     "kv_visible_bytes": visible_layers * per_token_layer,
                     "lm_prefill_flops_ratio": (flops / flops_full) if flops_full else None,

@@ -17,6 +17,11 @@ class EngineConfig:
     max_num_batched_tokens: int = 1024  # tokens per forward (prefill chunks are cut to fit)
     block_size: int = 16
     kv_cache_gib: float = 2.0
+    # Split the KV cache at this decoder layer into two block pools, so that requests pruned by
+    # FastV at that layer (or below) hold fewer blocks above it. -1 = FastV's default layer for
+    # a model that takes images, no split otherwise; 0 = no split.
+    kv_split_layer: int = -1
+    kv_lower_blocks_ratio: float = 2.0  # lower-pool blocks per upper-pool block, in a split cache
     num_threads: int | None = None  # torch intra-op threads; None = all cores
     engine: str = "native"  # "native" (ours) or "vllm" (backends/vllm_engine.py)
     tensor_parallel_size: int = 1  # vLLM only: GPUs one model is split over
@@ -41,6 +46,8 @@ class EngineConfig:
             raise ValueError("tensor_parallel_size must be >= 1, and above 1 only with the vllm engine")
         if self.kv_cache_gib <= 0:
             raise ValueError("kv_cache_gib must be positive")
+        if self.kv_split_layer < -1 or not self.kv_lower_blocks_ratio >= 1:
+            raise ValueError("kv_split_layer must be -1 (auto), 0 (none) or a layer; kv_lower_blocks_ratio at least 1")
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,7 +6,7 @@ import random
 
 import pytest
 import torch
-from freelunch.engine.block_manager import BlockManager
+from freelunch.engine.block_manager import BlockManager, BlockNeed
 from freelunch.engine.request import GenerationRequest, SamplingParams, Sequence
 from freelunch.engine.scheduler import Scheduler
 from freelunch.engine.strategy import DecodingStrategy
@@ -18,10 +18,10 @@ def _check_invariants(bm: BlockManager, seqs: list[Sequence]) -> None:
     owned = [b for s in seqs for b in s.block_table]
     assert len(owned) == len(set(owned)), "a block is owned by two sequences (or twice by one)"
     assert bm.num_free + len(owned) == bm.num_blocks
-    assert set(owned).isdisjoint(bm._free), "a block is both free and owned"
+    assert set(owned).isdisjoint(bm.lower.free), "a block is both free and owned"
     assert all(0 <= b < bm.num_blocks for b in owned)
     for s in seqs:
-        assert all(bm._owner[b] == s.seq_id for b in s.block_table)
+        assert all(bm.lower.owner[b] == s.seq_id for b in s.block_table)
 
 
 def test_random_allocate_grow_truncate_free():
@@ -51,7 +51,7 @@ def test_random_allocate_grow_truncate_free():
                     "growing must keep the existing blocks in order"
                 )
                 assert len(s.block_table) == bm.blocks_for(target)
-                assert bm.extra_blocks(s, target) == 0
+                assert bm.need(s, target) == BlockNeed()
         elif op < 0.75:  # truncate
             target = rng.randint(0, sizes[s.seq_id])
             before = list(s.block_table)
@@ -331,3 +331,37 @@ def test_remove_waiting_request():
     assert not sched.waiting
     sched.remove(a)
     bm.check_no_leaks()
+
+
+# ---- a cache split at a layer: two pools, packed upper tables (FastV) ------------------------
+
+
+def test_split_cache_pools_and_packed_upper_tables():
+    bm = BlockManager(num_blocks=8, block_size=4, upper_blocks=4, layer_split=(1, 4))
+    plain = Sequence(list(range(6)), 6)
+    bm.allocate(plain, 6)
+    assert (len(plain.block_table), len(plain.upper_table)) == (2, 2)
+    # a prune to 3 of its 12 prompt tokens will run below the split: the upper table is sized for 3
+    pruned = Sequence(list(range(12)), 12)
+    pruned.reserve_packed(3, 12)
+    assert bm.need(pruned, 12) == BlockNeed(3, 1)
+    bm.allocate(pruned, 12)
+    pruned.prune(1, torch.tensor([0, 4, 11]), 12, packed=True)
+    assert pruned.upper_order(14).tolist() == [0, 4, 11, 12, 13]
+    assert pruned.pruned_offsets().tolist() == [1, 2, 3, 5, 6, 7, 8, 9, 10]
+    # growing: offset 12 is the 4th upper entry, offset 13 the 5th (a second upper block)
+    assert bm.need(pruned, 14) == BlockNeed(1, 1)
+    bm.allocate(pruned, 14)
+    assert bm.upper_slots(pruned, torch.tensor([4])).item() == pruned.upper_table[1] * 4
+    # bytes held: lower blocks hold 1 layer, upper blocks 3
+    assert bm.usage == pytest.approx((6 * 1 + 4 * 3) / (8 * 1 + 4 * 3))
+    assert not bm.has_room(BlockNeed(0, 1)) and bm.has_room(BlockNeed(2, 0))
+    assert bm.could_ever_hold(BlockNeed(8, 4)) and not bm.could_ever_hold(BlockNeed(1, 5))
+    with pytest.raises(MemoryError):
+        bm.allocate(Sequence([0] * 4, 4), 4)  # the upper pool is full: nothing is taken
+    assert bm.num_free == 2
+    bm.free(plain)
+    bm.free(pruned)
+    bm.check_no_leaks()
+    with pytest.raises(ValueError):
+        BlockManager(8, 4, upper_blocks=4)  # upper blocks without a split

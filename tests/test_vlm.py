@@ -330,16 +330,26 @@ def fastv_reference_tokens(vlm, inputs: dict, keep: list[int], layer: int, n: in
     return out
 
 
-@pytest.mark.parametrize("layer,keep", [(2, 0.5), (1, 0.25)])
-def test_fastv_keeps_what_transformers_attention_picks(vlm, one_image, layer, keep):
+# the cache's split: -1 = at FastV's default layer 2 (pruning at 2 or 1 packs the upper table;
+# at 1, layer 1 hides the pruned tokens in the lower table), 1 = below the pruning layer (the
+# upper table keeps every token and hides the pruned ones from layer 2), 0 = none
+@pytest.mark.parametrize("layer,keep,split", [(2, 0.5, -1), (1, 0.25, -1), (2, 0.5, 1), (2, 0.5, 0)])
+def test_fastv_keeps_what_transformers_attention_picks(vlm, one_image, layer, keep, split):
     expected_keep = fastv_reference_keep(vlm, one_image, layer, keep)
-    engine = vlm.engine()
+    engine = vlm.engine(kv_split_layer=split)
     engine.add_request(request("f", one_image, pruning={"method": "fastv", "keep": keep, "layer": layer}))
     strategy = engine.requests["f"].strategy
     tokens = list(engine.step()[0].new_token_ids)  # the prefill, pruned at `layer`
     assert strategy.kept_offsets.tolist() == expected_keep
     kept = round(PATCHES * keep)
-    assert strategy.main.masked_from == layer and len(strategy.main.masked_offsets) == PATCHES - kept
+    main = strategy.main
+    assert main.pruned_from == layer and len(main.pruned_offsets()) == PATCHES - kept
+    assert len(main.block_table) == engine.blocks.blocks_for(main.num_prompt)
+    if split == -1:  # pruned at or below the split: the upper layers hold only the kept tokens
+        assert engine.blocks.split == 2 and main.upper_packed
+        assert len(main.upper_table) == engine.blocks.blocks_for(main.num_prompt - (PATCHES - kept))
+    elif split == 1:
+        assert not main.upper_packed and len(main.upper_table) == len(main.block_table)
     while engine.has_work():
         for o in engine.step():
             tokens.extend(o.new_token_ids)
@@ -353,17 +363,51 @@ def test_fastv_keeps_what_transformers_attention_picks(vlm, one_image, layer, ke
     assert reference != vlm.hf_greedy(one_image), "pruning should change this model's output"
 
 
-def test_fastv_recompute_after_preemption_keeps_the_same_tokens(vlm, one_image):
+@pytest.mark.parametrize("split", [0, 2])
+def test_fastv_recompute_after_preemption_keeps_the_same_tokens(vlm, one_image, split):
     alone, _ = run(vlm.engine(), [request("f", one_image, 24, {"method": "fastv", "keep": 0.5})])["f"]
     other = vlm.inputs(user("Describe it in many words.", 1), [random_image(5, (30, 30))])
-    # 10 blocks of 16 slots: both 65-token prompts fit, not both grown by 24 tokens
+    # 10 blocks of 16 slots (per pool when split at layer 2): both 65-token prompts fit, not both
+    # grown by 24 tokens (FastV's request holds 41 + 24 tokens in the upper pool, all 89 below it)
     cfg = vlm.loaded.model.config
     per_token = KVCache.bytes_per_token(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, torch.float32)
-    engine = vlm.engine(kv_cache_gib=10 * 16 * per_token / (1 << 30))
+    engine = vlm.engine(kv_cache_gib=10 * 16 * per_token / (1 << 30), kv_split_layer=split, kv_lower_blocks_ratio=1.0)
+    assert engine.blocks.num_blocks == 10 and engine.blocks.split == (split or None)
     res = run(engine, [request("o", other, 24), request("f", one_image, 24, {"method": "fastv", "keep": 0.5})])
     assert engine.stats["preemptions"] > 0
     assert res["f"][0] == alone
     assert res["o"][0] == vlm.hf_greedy(other, 24)
+
+
+def test_fastv_frees_the_upper_layers_kv_of_what_it_drops(vlm, one_image):
+    """In a cache split at FastV's layer, a pruned request holds upper blocks for its kept tokens
+    only, so more pruned requests run at once than plain ones, and their outputs do not change."""
+    cfg = vlm.loaded.model.config
+    per_token = KVCache.bytes_per_token(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, torch.float32)
+    budget = 20 * 16 * per_token / (1 << 30)  # 12 upper + 24 lower blocks of 16 slots at the default ratio 2
+    fastv = {"method": "fastv", "keep": 0.25}
+    alone = run(vlm.engine(), [request("f", one_image, 8, fastv)])["f"][0]
+
+    def peak_running(options) -> tuple[int, dict]:
+        engine = vlm.engine(kv_cache_gib=budget, max_num_seqs=8)
+        assert (engine.blocks.num_blocks, engine.blocks.upper.num_blocks) == (24, 12)
+        reqs = [request(f"r{i}", one_image, 8, options) for i in range(6)]
+        for r in reqs:
+            engine.add_request(r)
+        peak, out = 0, {}
+        while engine.has_work():
+            for o in engine.step():
+                out.setdefault(o.request_id, []).extend(o.new_token_ids)
+            peak = max(peak, engine.num_running)
+        engine.check_no_leaks()
+        return peak, out
+
+    plain_peak, _ = peak_running(None)
+    pruned_peak, pruned = peak_running(fastv)
+    # a 65-token prompt + 8 tokens: 5 blocks in each pool plain; 5 lower + 3 upper pruned (28 kept)
+    assert plain_peak == 2
+    assert pruned_peak == 4  # the lower pool is the limit now: 24 // 5
+    assert all(tokens == alone for tokens in pruned.values())
 
 
 def test_cls_equals_transformers_fed_the_top_features(vlm):

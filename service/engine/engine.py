@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import torch
 
 from freelunch.config import EngineConfig
-from freelunch.engine.block_manager import BlockManager
+from freelunch.engine.block_manager import BlockManager, BlockNeed
 from freelunch.engine.detokenizer import IncrementalText
 from freelunch.engine.kv_cache import KVCache
 from freelunch.engine.model_runner import ModelRunner
@@ -52,6 +52,7 @@ class ModelInfo:
     max_num_batched_tokens: int = 0  # tokens one forward may take (a prefill transform needs the whole prompt)
     # seconds per forward of T tokens after a short context, by T (what verifying a draft tree costs)
     measure_verify_cost: Callable[[], dict[int, float]] | None = None
+    kv_split_layer: int | None = None  # the KV cache's layer split (see block_manager), if any
 
 
 @dataclass(slots=True)
@@ -90,6 +91,27 @@ def check_new_request(request: GenerationRequest, live: dict, max_model_len: int
         raise EngineError(f"duplicate request id {request.request_id}")
 
 
+def _kv_blocks(
+    config: EngineConfig, num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype, takes_images: bool
+) -> BlockManager:
+    """Blocks for `kv_cache_gib`: one pool, or a split cache with `kv_lower_blocks_ratio` lower
+    blocks (few layers each) per upper block."""
+    from freelunch.methods.visual_pruning import DEFAULT_FASTV_LAYER
+
+    split = config.kv_split_layer
+    if split == -1:
+        split = min(DEFAULT_FASTV_LAYER, num_layers - 1) if takes_images else 0
+    if split >= num_layers:
+        raise ValueError(f"kv_split_layer must be below the model's {num_layers} layers")
+    block_layer_bytes = KVCache.bytes_per_token(1, num_kv_heads, head_dim, dtype) * config.block_size
+    budget = int(config.kv_cache_gib * (1 << 30))
+    if split <= 0:
+        return BlockManager(max(1, budget // (block_layer_bytes * num_layers)), config.block_size)
+    ratio = config.kv_lower_blocks_ratio
+    upper = max(1, int(budget / (block_layer_bytes * (ratio * split + num_layers - split))))
+    return BlockManager(max(1, int(upper * ratio)), config.block_size, upper, (split, num_layers))
+
+
 class Engine:
     def __init__(self, loaded: LoadedModel, config: EngineConfig) -> None:
         self.config = config
@@ -99,10 +121,12 @@ class Engine:
         cfg = loaded.model.config
         self.max_model_len = config.context_length(cfg.max_position_embeddings)
         kv_dtype = next(loaded.model.parameters()).dtype
-        per_token = KVCache.bytes_per_token(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, kv_dtype)
-        num_blocks = max(1, int(config.kv_cache_gib * (1 << 30)) // (per_token * config.block_size))
-        self.blocks = BlockManager(num_blocks, config.block_size)
-        self.kv = KVCache(cfg.num_layers, num_blocks * config.block_size, cfg.num_kv_heads, cfg.head_dim, kv_dtype, self.device)
+        takes_images = hasattr(loaded.model, "encode_images")
+        self.blocks = _kv_blocks(config, cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, kv_dtype, takes_images)
+        split = self.blocks.split
+        upper = (split, self.blocks.upper.num_blocks * config.block_size) if split is not None else None
+        slots = self.blocks.num_blocks * config.block_size
+        self.kv = KVCache(cfg.num_layers, slots, cfg.num_kv_heads, cfg.head_dim, kv_dtype, self.device, upper)
         self.runner = ModelRunner(loaded.model, self.kv, self.blocks, self.device)
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens)
         eos = set(cfg.eos_token_ids)
@@ -116,9 +140,10 @@ class Engine:
             tuple(sorted(eos)),
             self.max_model_len,
             config.device,
-            vision=loaded.model if hasattr(loaded.model, "encode_images") else None,
+            vision=loaded.model if takes_images else None,
             max_num_batched_tokens=config.max_num_batched_tokens,
             measure_verify_cost=self.runner.forward_cost,
+            kv_split_layer=self.blocks.split,
         )
         self.requests: dict[str, RequestState] = {}
         self._aborted: list[RequestState] = []
@@ -136,7 +161,7 @@ class Engine:
             raise EngineError(str(e)) from e
         self._place_images(request, strategy)
         if not self._fits_in_cache(strategy):
-            capacity = self.blocks.num_blocks * self.blocks.block_size
+            capacity = self.blocks.capacity_tokens
             need = sum(seq.num_tokens + strategy.tokens_needed() for seq in strategy.rows)
             raise EngineError(f"the request needs {need} KV slots; the cache holds {capacity}", "messages")
         p = request.params
@@ -310,8 +335,8 @@ class Engine:
 
     def _fits_in_cache(self, strategy: DecodingStrategy) -> bool:
         """Whether the request's next step fits in the whole KV cache (the scheduler's admission test)."""
-        need = sum(self.blocks.blocks_for(seq.num_tokens + strategy.tokens_needed()) for seq in strategy.rows)
-        return need <= self.blocks.num_blocks
+        need = sum((self.blocks.holding(seq, seq.num_tokens + strategy.tokens_needed()) for seq in strategy.rows), BlockNeed())
+        return self.blocks.could_ever_hold(need)
 
     def _collect_prompt_logprobs(self, state: RequestState, plan, logits: dict[int, torch.Tensor]) -> None:
         """Logprob of each prompt token under the model given the tokens before it (echo)."""
@@ -359,7 +384,11 @@ class Engine:
         if kept_offsets != dst_offsets:
             src = torch.cat([self.blocks.slots(seq, o, o + 1) for o in kept_offsets])
             dst = self.blocks.slots(seq, base, base + len(kept_offsets))
-            self.kv.copy_slots(src.to(self.device), dst.to(self.device))
+            upper_src = upper_dst = None
+            if self.blocks.split is not None:  # a drafting sequence is never pruned: its upper table is in offset order
+                upper_src = self.blocks.upper_slots(seq, torch.tensor(kept_offsets)).to(self.device)
+                upper_dst = self.blocks.upper_slots(seq, torch.tensor(dst_offsets)).to(self.device)
+            self.kv.copy_slots(src.to(self.device), dst.to(self.device), upper_src, upper_dst)
         seq.num_computed = base + len(kept_offsets)
         self.blocks.truncate(seq, max(seq.num_computed, seq.num_tokens))
 

@@ -16,14 +16,17 @@ from freelunch.models.attention import AttentionBatch, AttentionGroup, PrunePlan
 from freelunch.models.expert_routing import EXPERT_RANK, EXPERT_TOP_K, ExpertRouting
 
 
+View = tuple[int, torch.Tensor, torch.Tensor]  # (from layer, [L] slots, [n, L] bool mask)
+
+
 @dataclass(slots=True)
 class _RowLayout:
     """Where a row's tokens sit in the packed batch and what its queries see."""
 
     q_index: torch.Tensor  # [n] packed indices
-    kv_index: torch.Tensor | None  # [L] slots (None: fresh causal prefill from position 0)
-    mask: torch.Tensor | None  # [n, L] bool
-    late: tuple[int, torch.Tensor] | None  # (layer, [n, L] mask) for rows with pruned KV
+    # what layers see, from a layer on (by layer); None: fresh causal prefill from position 0
+    views: list[View] | None
+    pruned: bool = False  # KV of tokens pruned at an earlier prefill: never in the shared decode group
 
 
 def _causal_mask(start: int, n: int) -> torch.Tensor:
@@ -46,6 +49,7 @@ class ModelRunner:
         ids: list[int] = []
         positions: list[int] = []
         slot_parts: list[torch.Tensor] = []
+        upper_parts: list[torch.Tensor] = []
         layouts: list[_RowLayout] = []
         logit_rows: list[int] = []
         embed_index: list[torch.Tensor] = []
@@ -57,6 +61,13 @@ class ModelRunner:
             ids.extend(plan.tokens)
             positions.extend(plan.positions if plan.positions is not None else range(start, start + n))
             slot_parts.append(self.blocks.slots(seq, start, start + n))
+            if self.blocks.split is None:
+                pass
+            elif seq.upper_packed and seq.pruned_kept is None:  # pruned before the split in this very forward:
+                upper_parts.append(torch.zeros(n, dtype=torch.long))  # `_after_prune` sets the kept ones' slots
+            else:  # where the upper layers keep them (packed when pruned)
+                first = seq.upper_count(start)
+                upper_parts.append(self.blocks.upper_slots(seq, torch.arange(first, first + n)))
             layouts.append(self._layout(plan, offset))
             logit_rows.extend(offset + i for i in plan.logits_at)
             if seq.input_embeds is not None:
@@ -64,12 +75,14 @@ class ModelRunner:
                 embed_index.append(local + offset)
                 embed_values.append(values)
             offset += n
-        slot_mapping = torch.cat(slot_parts)
+        slot_mappings = [(0, torch.cat(slot_parts))]
+        if upper_parts:
+            slot_mappings.append((self.blocks.split, torch.cat(upper_parts)))
         attn = AttentionBatch(
-            self.kv.layers, slot_mapping.to(self.device), self._groups(layouts, offset), self.scale
+            self.kv.layers, [(i, m.to(self.device)) for i, m in slot_mappings], self._groups(layouts, offset), self.scale
         )
         if any(p.prune_layer is not None for p in plans):
-            attn.prune = self._prune_plan(plans, layouts, slot_mapping)
+            attn.prune = self._prune_plan(plans, layouts, slot_mappings)
         row_ranks = [(p.extras.get(EXPERT_RANK, 0), p.extras.get(EXPERT_TOP_K, 0), len(p.tokens)) for p in plans]
         attn.routing = ExpertRouting.from_rows(row_ranks, self.device)  # MoE routing overrides, if any
         inputs = {}
@@ -125,53 +138,64 @@ class ModelRunner:
         seq, n = plan.seq, len(plan.tokens)
         start = seq.num_computed
         q_index = torch.arange(offset, offset + n)
-        if start == 0 and plan.mask is None and seq.masked_from is None:
-            return _RowLayout(q_index, None, None, None)
-        kv_index = self.blocks.slots(seq, 0, start + n)
+        if start == 0 and plan.mask is None and seq.pruned_from is None:
+            return _RowLayout(q_index, None)
         mask = plan.mask if plan.mask is not None else _causal_mask(start, n)
-        late = None
-        if seq.masked_from is not None:
-            late_mask = mask.clone()
-            late_mask[:, seq.masked_offsets] = False
-            late = (seq.masked_from, late_mask)
-        return _RowLayout(q_index, kv_index, mask, late)
+        return _RowLayout(q_index, self._views(seq, mask, start + n), seq.pruned_from is not None)
+
+    def _views(self, seq: Sequence, mask: torch.Tensor, end: int) -> list[View]:
+        """What a row's queries see of offsets [0, end) in each layer range: its lower table, then
+        its upper table from the cache's split; tokens pruned from layer K are hidden from K on
+        where the table still holds them (a packed upper table does not)."""
+        kv = self.blocks.slots(seq, 0, end)
+        views: list[View] = [(0, kv, mask)]
+        pruned_from, split = seq.pruned_from, self.blocks.split
+        gone = seq.pruned_offsets() if pruned_from is not None else None
+        if pruned_from is not None and (split is None or pruned_from < split):
+            views.append((pruned_from, kv, _hide(mask, gone)))
+        if split is not None:
+            order = seq.upper_order(end)
+            upper = (split, self.blocks.upper_slots(seq, torch.arange(order.numel())), mask[:, order])
+            views.append(upper)
+            if pruned_from is not None and pruned_from > split:  # not packed: offsets in order
+                views.append((pruned_from, upper[1], _hide(upper[2], gone)))
+        return views
 
     def _groups(self, layouts: list[_RowLayout], total: int) -> list[AttentionGroup]:
         """Single-token rows with a plain cache view share one padded group; the rest go alone."""
         dev = self.device
-        singles = [lay for lay in layouts if lay.q_index.numel() == 1 and lay.kv_index is not None and lay.late is None]
+        singles = [lay for lay in layouts if lay.q_index.numel() == 1 and lay.views is not None and not lay.pruned]
         groups: list[AttentionGroup] = []
         if singles:
-            longest = max(lay.kv_index.numel() for lay in singles)
-            kv_index = torch.zeros(len(singles), longest, dtype=torch.long)
-            mask = torch.zeros(len(singles), 1, longest, dtype=torch.bool)
-            for r, lay in enumerate(singles):
-                length = lay.kv_index.numel()
-                kv_index[r, :length] = lay.kv_index
-                mask[r, 0, :length] = lay.mask[0]
+            views = []
+            for v, (start, _, _) in enumerate(singles[0].views):  # the same layer ranges for every plain row
+                longest = max(lay.views[v][1].numel() for lay in singles)
+                kv_index = torch.zeros(len(singles), longest, dtype=torch.long)
+                mask = torch.zeros(len(singles), 1, longest, dtype=torch.bool)
+                for r, lay in enumerate(singles):
+                    _, index, row_mask = lay.views[v]
+                    kv_index[r, : index.numel()] = index
+                    mask[r, 0, : index.numel()] = row_mask[0]
+                views.append((start, kv_index.to(dev), None if bool(mask.all()) else mask.to(dev)))
             q_index = torch.cat([lay.q_index for lay in singles])
-            all_visible = bool(mask.all())
-            groups.append(
-                AttentionGroup(q_index.to(dev), len(singles), 1, kv_index.to(dev), None if all_visible else mask.to(dev))
-            )
+            groups.append(AttentionGroup(q_index.to(dev), len(singles), 1, views))
         for lay in layouts:
             if any(lay is s for s in singles):
                 continue
             n = lay.q_index.numel()
-            if lay.kv_index is None:
-                groups.append(AttentionGroup(lay.q_index.to(dev), 1, n, None, None))
-                continue
-            late_from, late_mask = (None, None) if lay.late is None else (lay.late[0], lay.late[1][None].to(dev))
-            groups.append(
-                AttentionGroup(lay.q_index.to(dev), 1, n, lay.kv_index[None].to(dev), lay.mask[None].to(dev), late_from, late_mask)
-            )
+            views = None
+            if lay.views is not None:
+                views = [(start, index[None].to(dev), mask[None].to(dev)) for start, index, mask in lay.views]
+            groups.append(AttentionGroup(lay.q_index.to(dev), 1, n, views))
         if len(groups) == 1 and groups[0].q_index.numel() == total and bool(
             (groups[0].q_index == torch.arange(total, device=dev)).all()
         ):
             groups[0].q_index = None  # one group covering the batch in order: no gather/scatter
         return groups
 
-    def _prune_plan(self, plans: list[RowPlan], layouts: list[_RowLayout], slot_mapping: torch.Tensor) -> PrunePlan:
+    def _prune_plan(
+        self, plans: list[RowPlan], layouts: list[_RowLayout], slot_mappings: list[tuple[int, torch.Tensor]]
+    ) -> PrunePlan:
         """A prefill transform (one pruning layer per step); rows that select in the forward get a probe:
         their last token's attention over the row at the layer before."""
         layers = {p.prune_layer for p in plans if p.prune_layer is not None}
@@ -188,21 +212,25 @@ class ModelRunner:
                 if layer < 1:
                     raise ValueError("a selection from attention prunes at layer 1 or later")
                 probes.append((int(lay.q_index[-1]), lay.q_index.to(self.device)))
-        resolve = functools.partial(self._after_prune, plans, layouts, slot_mapping, layer)
+        resolve = functools.partial(self._after_prune, plans, layouts, slot_mappings, layer)
         return PrunePlan(layer, resolve, probes)
 
     def _after_prune(
         self,
         plans: list[RowPlan],
         layouts: list[_RowLayout],
-        slot_mapping: torch.Tensor,
+        slot_mappings: list[tuple[int, torch.Tensor]],
         layer: int,
         observed: list[torch.Tensor],
     ) -> tuple[torch.Tensor, AttentionBatch]:
-        """Kept packed indices, and the metadata for the layers after the pruning layer."""
+        """Kept packed indices, and the metadata for the layers after the pruning layer. When the
+        cache is split at or above that layer, a pruned row's upper table is packed with its kept
+        tokens and gives back the blocks it no longer needs (its KV there is freed, not hidden)."""
         keep_parts: list[torch.Tensor] = []
+        packed_rows: list[tuple[torch.Tensor, torch.Tensor]] = []  # (new packed indices, upper slots)
         after_layouts: list[_RowLayout] = []
         selections = iter(observed)
+        split = self.blocks.split
         new_offset = 0
         for plan, lay in zip(plans, layouts):
             n = lay.q_index.numel()
@@ -211,22 +239,38 @@ class ModelRunner:
             else:
                 chosen = plan.prune_keep if plan.prune_select is None else plan.prune_select(next(selections))
                 local_keep = chosen.cpu().sort().values
-                dropped = torch.ones(n, dtype=torch.bool)
-                dropped[local_keep] = False
-                plan.seq.masked_from = layer
-                plan.seq.masked_offsets = dropped.nonzero().flatten()
             keep_parts.append(lay.q_index[local_keep])
             k = local_keep.numel()
             q_index = torch.arange(new_offset, new_offset + k)
             if plan.prune_layer is None:
-                after_layouts.append(_RowLayout(q_index, lay.kv_index, lay.mask, lay.late))
-            else:  # kept queries attend over the row's original slots, dropped ones masked
-                mask = _causal_mask(0, n)[local_keep][:, :]
-                mask[:, plan.seq.masked_offsets] = False
-                after_layouts.append(_RowLayout(q_index, self.blocks.slots(plan.seq, 0, n), mask, None))
+                after_layouts.append(_RowLayout(q_index, lay.views, lay.pruned))
+            else:  # the kept tokens, in order: causal among themselves
+                seq = plan.seq
+                if seq.upper_packed and seq.upper_reserved < k:
+                    raise RuntimeError(f"the prune keeps {k} tokens; {seq.upper_reserved} were reserved")
+                seq.prune(layer, local_keep, n, packed=split is not None and layer <= split)
+                views: list[View] = [(0, self.blocks.slots(seq, 0, n)[local_keep], _causal_mask(0, k))]
+                if split is not None:
+                    self.blocks.fit_upper(seq, n)
+                    upper = self.blocks.upper_slots(seq, torch.arange(k) if seq.upper_packed else local_keep)
+                    views.append((split, upper, _causal_mask(0, k)))
+                    if seq.upper_packed:
+                        packed_rows.append((q_index, upper))
+                after_layouts.append(_RowLayout(q_index, views, True))
             new_offset += k
         keep = torch.cat(keep_parts)
-        after = AttentionBatch(
-            self.kv.layers, slot_mapping[keep].to(self.device), self._groups(after_layouts, new_offset), self.scale
-        )
+        after_mappings = []
+        for start, mapping in slot_mappings:
+            mapping = mapping[keep]
+            if start == split:
+                for index, slots in packed_rows:
+                    mapping[index] = slots
+            after_mappings.append((start, mapping.to(self.device)))
+        after = AttentionBatch(self.kv.layers, after_mappings, self._groups(after_layouts, new_offset), self.scale)
         return keep.to(self.device), after
+
+
+def _hide(mask: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    hidden = mask.clone()
+    hidden[:, offsets] = False
+    return hidden

@@ -106,10 +106,16 @@ class Sequence:
     num_prompt: int
     seq_id: int = field(default_factory=lambda: next(_seq_ids))
     num_computed: int = 0  # tokens whose K/V is in the cache
-    block_table: list[int] = field(default_factory=list)
-    # KV entries of tokens pruned at prefill: from layer `masked_from` on, these offsets are invisible.
-    masked_from: int | None = None
-    masked_offsets: torch.Tensor | None = None
+    block_table: list[int] = field(default_factory=list)  # the layers below the cache's split (all without one)
+    upper_table: list[int] = field(default_factory=list)  # the layers from the split on
+    # Tokens pruned at prefill (FastV): from layer `pruned_from` on, only the offsets below
+    # `pruned_base` in `pruned_kept` remain (and every offset from `pruned_base` on). When the
+    # cache's split is at or above that layer, the upper table holds just those ("packed").
+    pruned_from: int | None = None
+    pruned_kept: torch.Tensor | None = None
+    pruned_base: int = 0
+    upper_packed: bool = False
+    upper_reserved: int = 0  # packed upper entries held for a prune not yet run (its kept count)
     input_embeds: InputEmbeds | None = None
 
     @property
@@ -127,8 +133,37 @@ class Sequence:
     def reset_cache_state(self) -> None:
         """After preemption: everything must be recomputed."""
         self.num_computed = 0
-        self.block_table = []
-        self.masked_from = self.masked_offsets = None
+        self.block_table, self.upper_table = [], []
+        self.pruned_from = self.pruned_kept = None
+        self.pruned_base, self.upper_packed, self.upper_reserved = 0, False, 0
+
+    def reserve_packed(self, count: int, base: int) -> None:
+        """A prune of offsets [0, base) down to `count` will run below the cache's split: size the
+        upper table for that many from the start (it never holds the rest)."""
+        self.upper_packed, self.upper_reserved, self.pruned_base = True, count, base
+
+    def prune(self, layer: int, kept: torch.Tensor, base: int, packed: bool) -> None:
+        """From `layer` on, offsets below `base` other than `kept` (ascending) are gone."""
+        self.pruned_from, self.pruned_kept, self.pruned_base, self.upper_packed = layer, kept, base, packed
+
+    def pruned_offsets(self) -> torch.Tensor:
+        """The offsets that layers from `pruned_from` on no longer see."""
+        gone = torch.ones(self.pruned_base, dtype=torch.bool)
+        gone[self.pruned_kept] = False
+        return gone.nonzero().flatten()
+
+    def upper_order(self, end: int) -> torch.Tensor:
+        """Offsets in [0, end) in the order the upper table holds them."""
+        if not self.upper_packed:
+            return torch.arange(end)
+        return torch.cat([self.pruned_kept, torch.arange(self.pruned_base, end)])
+
+    def upper_count(self, end: int) -> int:
+        """How many of the offsets in [0, end) the upper table holds."""
+        if not self.upper_packed:
+            return end
+        kept = self.pruned_kept.numel() if self.pruned_kept is not None else self.upper_reserved
+        return kept + max(0, end - self.pruned_base)
 
 
 @dataclass(slots=True)

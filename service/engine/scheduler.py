@@ -12,7 +12,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Protocol
 
-from freelunch.engine.block_manager import BlockManager
+from freelunch.engine.block_manager import BlockManager, BlockNeed
 from freelunch.engine.strategy import DecodingStrategy, RowPlan
 
 
@@ -59,8 +59,8 @@ class Scheduler:
     def _rows_in_use(self) -> int:
         return sum(len(r.strategy.rows) for r in self.running)
 
-    def _blocks_needed(self, plans: list[RowPlan]) -> int:
-        return sum(self.blocks.extra_blocks(p.seq, p.seq.num_computed + len(p.tokens)) for p in plans)
+    def _blocks_needed(self, plans: list[RowPlan]) -> BlockNeed:
+        return sum((self.blocks.need(p.seq, p.seq.num_computed + len(p.tokens)) for p in plans), BlockNeed())
 
     def _allocate(self, plans: list[RowPlan]) -> None:
         for p in plans:
@@ -87,7 +87,7 @@ class Scheduler:
             req_plans = req.strategy.plan(budget)
             if not req_plans:
                 continue
-            while self._blocks_needed(req_plans) > self.blocks.num_free:
+            while not self.blocks.has_room(self._blocks_needed(req_plans)):
                 victim = self.running[-1]
                 self._preempt(victim)
                 preempted += 1
@@ -106,9 +106,10 @@ class Scheduler:
                 break
             # admit only if the whole prompt (plus the first decode step) of every row fits
             whole = sum(
-                self.blocks.extra_blocks(seq, seq.num_tokens + req.strategy.tokens_needed()) for seq in req.strategy.rows
+                (self.blocks.need(seq, seq.num_tokens + req.strategy.tokens_needed()) for seq in req.strategy.rows),
+                BlockNeed(),
             )
-            if whole > self.blocks.num_free:
+            if not self.blocks.has_room(whole):
                 break
             req_plans = req.strategy.plan(budget)
             self.waiting.popleft()

@@ -115,8 +115,12 @@ class ClsPruning(VisualPruning):
 class FastV(VisualPruning):
     """FastV: the prune is decided inside the prefill forward (`RowPlan.prune_select`)."""
 
-    def __init__(self, request: GenerationRequest, main: Sequence, options: PruningOptions, max_batch_tokens: int) -> None:
+    def __init__(
+        self, request: GenerationRequest, main: Sequence, options: PruningOptions, max_batch_tokens: int, kv_split: int | None
+    ) -> None:
         super().__init__(request, main, options)
+        # pruned at or below the cache's split, the upper layers only ever hold the kept tokens
+        self.packs_upper = options.keep < 1 and kv_split is not None and options.layer <= kv_split
         if options.keep < 1 and main.num_prompt > max_batch_tokens:
             raise ValueError(
                 f"visual_pruning fastv prefills the whole prompt ({main.num_prompt} tokens) in one forward; "
@@ -128,11 +132,18 @@ class FastV(VisualPruning):
         embeds = self.main.input_embeds
         return embeds.offsets if embeds is not None else torch.empty(0, dtype=torch.long)
 
+    def image_features(self, encoder: ImageEncoder, pixel_values: torch.Tensor) -> list[torch.Tensor]:
+        features = super().image_features(encoder, pixel_values)
+        if self.packs_upper:  # admitted with upper blocks for the kept tokens only
+            image = sum(f.shape[0] for f in features)
+            self.main.reserve_packed(self.main.num_prompt - image + round(image * self.options.keep), self.main.num_prompt)
+        return features
+
     def plan(self, token_budget: int) -> list[RowPlan]:
         main = self.main
         if self.options.keep == 1 or main.num_computed > 0 or self._image_offsets().numel() == 0:
             return super().plan(token_budget)
-        if token_budget < main.num_prompt:
+        if token_budget < main.num_tokens:
             return []  # wait for a step with room for the whole prompt
         # from offset 0: the prompt, and after a preemption the generated tokens too
         plan = self.plain_plan(main, token_budget)
@@ -141,6 +152,8 @@ class FastV(VisualPruning):
             plan.prune_select = self._select
         else:
             plan.prune_keep = torch.cat([self.kept_offsets, torch.arange(main.num_prompt, len(plan.tokens))])
+            if self.packs_upper:  # a recompute after preemption: the same tokens again
+                main.reserve_packed(plan.prune_keep.numel(), len(plan.tokens))
         return [plan]
 
     def _select(self, attention: torch.Tensor) -> torch.Tensor:
@@ -164,4 +177,4 @@ def build(request: GenerationRequest, main: Sequence, model_info: Any) -> Decodi
     options = parse_options(request.methods["visual_pruning"], model_info)
     if options.method == "cls":
         return ClsPruning(request, main, options)
-    return FastV(request, main, options, model_info.max_num_batched_tokens)
+    return FastV(request, main, options, model_info.max_num_batched_tokens, model_info.kv_split_layer)

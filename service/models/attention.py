@@ -18,21 +18,19 @@ from freelunch.models.expert_routing import ExpertRouting
 
 @dataclass(slots=True)
 class AttentionGroup:
-    """Queries of B rows with n tokens each, attending over L gathered cache slots."""
+    """Queries of B rows with n tokens each, attending over gathered cache slots."""
 
     q_index: torch.Tensor | None  # [B*n] packed token indices; None = the whole packed batch in order
     batch: int
     n: int
-    kv_index: torch.Tensor | None  # [B, L] slot ids; None = fresh causal prefill (attend to own k/v)
-    mask: torch.Tensor | None  # [B, n, L] bool, None = everything in kv_index is visible
-    # Layers >= late_from use late_mask instead (KV of tokens pruned at an earlier prefill).
-    late_from: int | None = None
-    late_mask: torch.Tensor | None = None
+    # (from layer, [B, L] slot ids, [B, n, L] bool mask or None = all visible), by layer: a split
+    # cache keeps upper layers in other slots, and tokens pruned at an earlier prefill are hidden
+    # (or absent) from their pruning layer on. None = fresh causal prefill (attend to own k/v).
+    views: list[tuple[int, torch.Tensor, torch.Tensor | None]] | None
 
-    def mask_at(self, layer: int) -> torch.Tensor | None:
-        if self.late_from is not None and layer >= self.late_from:
-            return self.late_mask
-        return self.mask
+    def view_at(self, layer: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(slot ids, mask) that `layer` attends over."""
+        return next((index, mask) for start, index, mask in reversed(self.views) if start <= layer)
 
 
 def query_attention(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
@@ -63,7 +61,9 @@ class PrunePlan:
 @dataclass(slots=True)
 class AttentionBatch:
     kv_caches: list[tuple[torch.Tensor, torch.Tensor]]  # per layer: k, v [slots, Hkv, D]
-    slot_mapping: torch.Tensor  # [T] cache slot of each packed token
+    # (from layer, [T] cache slot of each packed token), by layer (a split cache's upper layers
+    # keep tokens in slots of their own)
+    slot_mappings: list[tuple[int, torch.Tensor]]
     groups: list[AttentionGroup]
     scale: float
     prune: PrunePlan | None = None
@@ -75,7 +75,7 @@ class AttentionBatch:
         if prune is None or layer != prune.layer:
             return None
         prune.keep, after = prune.resolve(prune.observed)
-        self.slot_mapping, self.groups = after.slot_mapping, after.groups
+        self.slot_mappings, self.groups = after.slot_mappings, after.groups
         if self.routing is not None:
             self.routing = self.routing.select(prune.keep)
         return prune.keep
@@ -86,8 +86,9 @@ class AttentionBatch:
         if prune is not None and prune.probes and layer == prune.layer - 1:
             prune.observed = [query_attention(q[query], k[keys], self.scale) for query, keys in prune.probes]
         k_cache, v_cache = self.kv_caches[layer]
-        k_cache.index_copy_(0, self.slot_mapping, k.to(k_cache.dtype))
-        v_cache.index_copy_(0, self.slot_mapping, v.to(v_cache.dtype))
+        slots = next(m for start, m in reversed(self.slot_mappings) if start <= layer)
+        k_cache.index_copy_(0, slots, k.to(k_cache.dtype))
+        v_cache.index_copy_(0, slots, v.to(v_cache.dtype))
         t, h, d = q.shape
         if len(self.groups) == 1 and self.groups[0].q_index is None:
             return self._attend_group(self.groups[0], layer, q, k, v).reshape(t, h * d)
@@ -103,11 +104,12 @@ class AttentionBatch:
         """Group's packed q [B*n, H, D] -> [B*n, H, D]."""
         h, d = q.shape[1], q.shape[2]
         qb = q.view(g.batch, g.n, h, d).transpose(1, 2)  # [B, H, n, D]
-        if g.kv_index is None:  # a prompt chunk starting at position 0: its own keys, causal
+        if g.views is None:  # a prompt chunk starting at position 0: its own keys, causal
             kb = k.view(g.batch, g.n, -1, d).transpose(1, 2)
             vb = v.view(g.batch, g.n, -1, d).transpose(1, 2)
             o = sdpa_gqa(qb, kb, vb, None, is_causal=g.n > 1, scale=self.scale)
         else:
             k_cache, v_cache = self.kv_caches[layer]
-            o = paged_attention_ref(qb, k_cache, v_cache, g.kv_index, g.mask_at(layer), scale=self.scale)
+            kv_index, mask = g.view_at(layer)
+            o = paged_attention_ref(qb, k_cache, v_cache, kv_index, mask, scale=self.scale)
         return o.transpose(1, 2).reshape(g.batch * g.n, h, d)
