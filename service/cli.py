@@ -36,6 +36,21 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-num-seqs", type=int, default=int(env("FREELUNCH_MAX_NUM_SEQS", "64")))
     serve.add_argument("--max-num-batched-tokens", type=int, default=int(env("FREELUNCH_MAX_NUM_BATCHED_TOKENS", "1024")))
     serve.add_argument("--kv-cache-gib", type=float, default=float(env("FREELUNCH_KV_CACHE_GIB", "2")))
+    serve.add_argument(
+        "--kv-split-layer",
+        type=int,
+        default=int(env("FREELUNCH_KV_SPLIT_LAYER", "-1")),
+        help="split the KV cache into two block pools at this decoder layer, so that FastV requests pruned at "
+        "or below it hold blocks above it for their kept tokens only (-1: FastV's default layer 2 for vision "
+        "models, none otherwise; 0: no split)",
+    )
+    serve.add_argument(
+        "--kv-lower-blocks-ratio",
+        type=float,
+        default=float(env("FREELUNCH_KV_LOWER_BLOCKS_RATIO", "2")),
+        help="in a split cache, blocks below the split per block above it (FastV keep 0.5 requests fill both "
+        "pools at 2)",
+    )
     serve.add_argument("--threads", type=int, default=int(env("FREELUNCH_THREADS", "0")) or None, help="torch CPU threads")
     serve.add_argument(
         "--speculative",
@@ -120,6 +135,8 @@ def main(argv: list[str] | None = None) -> int:
             max_num_seqs=args.max_num_seqs,
             max_num_batched_tokens=args.max_num_batched_tokens,
             kv_cache_gib=args.kv_cache_gib,
+            kv_split_layer=args.kv_split_layer,
+            kv_lower_blocks_ratio=args.kv_lower_blocks_ratio,
             num_threads=args.threads,
             engine=args.engine,
             tensor_parallel_size=args.tensor_parallel_size,

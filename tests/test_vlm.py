@@ -273,6 +273,23 @@ def test_bad_pruning_options(vlm, one_image, options):
         vlm.engine().add_request(request("x", one_image, pruning=options))
 
 
+def test_draft_compaction_moves_both_pools_of_a_split_cache(vlm, one_image):
+    """Token Recycling's accepted-path compaction in a cache split at layer 2 (a vision model's
+    default): the lower and the upper pool's entries move together, so output stays lossless."""
+    engine = vlm.engine()
+    assert engine.blocks.split == 2
+
+    def speculative(rid: str) -> GenerationRequest:
+        r = request(rid, one_image, 24)
+        r.methods = {"speculative": {"method": "token_recycling", "tree": 6}}
+        return r
+
+    run(engine, [speculative("warm")])  # fills the draft table, so that drafts get accepted
+    res = run(engine, [request("p", one_image, 24), speculative("s")])
+    assert res["s"][0] == res["p"][0] == vlm.hf_greedy(one_image, 24)
+    assert res["s"][1]["speculative"]["accepted_tokens"] > 0
+
+
 def test_keep_one_is_plain_decoding(vlm, one_image):
     plain = vlm.hf_greedy(one_image)
     res = run(

@@ -5,7 +5,9 @@ forward; at decoder layer K - 1 the last prompt token's attention, averaged over
 the image tokens; from layer K on only the top round(N * keep) of them remain, with every text
 token, at their original positions, in the hidden states and in what later layers see of the
 KV cache. The image tokens of all the prompt's images compete together. A recompute after
-preemption keeps the same tokens. Defaults K = 2, keep = 0.5.
+preemption keeps the same tokens. Defaults K = 2, keep = 0.5. In a KV cache split at layer S >= K
+(block_manager; S = 2 by default for vision models) the layers from S on hold only the kept tokens,
+so the request is admitted, and holds blocks, for those; with S < K they are hidden, not freed.
 
 cls (VTC-CLS; reference THU-MIG/VTC-CLS). Each image's features are scored by the vision tower's
 [CLS] attention (mean over heads) summed over its layers from `layer` to the last feature layer;
