@@ -532,3 +532,18 @@ def test_default_model_greedy_matches_transformers_gguf(monkeypatch):
             ref = hf_greedy(hf, ids, 16)
         assert results[str(i)].tokens == ref, p
     engine.check_no_leaks()
+
+
+def test_a_read_only_cache_keeps_the_gguf_unless_a_folder_is_required(monkeypatch, tmp_path):
+    from freelunch.models import loader
+
+    def read_only(path):
+        raise PermissionError(f"cannot write {path}")
+
+    monkeypatch.setattr(loader, "gguf_to_folder", read_only)
+    gguf = loader.ModelSource(tmp_path / "m.gguf", "m")
+    assert gguf.as_folder() == gguf  # the native engine reads the GGUF itself
+    with pytest.raises(loader.ModelLoadError, match="converting the GGUF failed"):
+        gguf.as_folder(required=True)  # vLLM cannot
+    folder = loader.ModelSource(tmp_path, "m")
+    assert folder.as_folder(required=True) is folder

@@ -80,20 +80,9 @@ class VllmEngine:
             ) from e
 
         from freelunch.backends.vllm_guidance import PairedGuidance
-        from freelunch.models.loader import (
-            ModelLoadError,
-            gguf_to_folder,
-            load_hf_config,
-            load_tokenizer,
-            resolve_source,
-        )
+        from freelunch.models.loader import load_hf_config, load_tokenizer, resolve_source
 
-        source = resolve_source(config.model, config.served_model_name)
-        if source.is_gguf:
-            try:
-                source = type(source)(gguf_to_folder(source.path), source.served_name)
-            except OSError as e:
-                raise ModelLoadError(f"vLLM needs a safetensors folder; converting the GGUF failed: {e}") from e
+        source = resolve_source(config.model, config.served_model_name).as_folder(required=True)  # vLLM reads folders
         hf_config = load_hf_config(source)
         self.model_name = source.served_name
         self.tokenizer = load_tokenizer(source)

@@ -33,6 +33,18 @@ class ModelSource:
     def is_gguf(self) -> bool:
         return self.path.suffix == ".gguf"
 
+    def as_folder(self, required: bool = False) -> ModelSource:
+        """A GGUF converted once to a safetensors folder (in the cache); a folder as it is. With a
+        read-only cache the GGUF stays, unless a folder is `required` (then ModelLoadError)."""
+        if not self.is_gguf:
+            return self
+        try:
+            return ModelSource(gguf_to_folder(self.path), self.served_name)
+        except OSError as e:
+            if required:
+                raise ModelLoadError(f"a safetensors folder is needed; converting the GGUF failed: {e}") from e
+            return self
+
 
 @dataclass(slots=True)
 class LoadedModel:
@@ -170,11 +182,7 @@ def load_model(source: ModelSource, dtype: str = "auto", device: str = "cpu") ->
     from freelunch.models.llama import DecoderConfig
 
     from_gguf = source.is_gguf
-    if from_gguf:
-        try:
-            source = ModelSource(gguf_to_folder(source.path), source.served_name)
-        except OSError:  # read-only cache: load the GGUF directly every time
-            pass
+    source = source.as_folder()  # with a read-only cache, the GGUF is read directly every time
     hf_config = load_hf_config(source)
     archs = getattr(hf_config, "architectures", None) or ["LlamaForCausalLM"]
     cls = ARCHITECTURES.get(archs[0])

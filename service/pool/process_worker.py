@@ -224,14 +224,10 @@ def start_process_workers(
     workers and wait until all have loaded. CPU threads are split between the workers."""
     from dataclasses import replace
 
-    from freelunch.models.loader import ModelSource, gguf_to_folder, load_tokenizer, resolve_source
+    from freelunch.models.loader import load_tokenizer, resolve_source
 
-    source = resolve_source(config.model, config.served_model_name)
-    if source.is_gguf:
-        try:
-            source = ModelSource(gguf_to_folder(source.path), source.served_name)
-        except OSError:  # read-only cache: each worker reads the GGUF itself
-            pass
+    # with a read-only cache, each worker reads the GGUF itself
+    source = resolve_source(config.model, config.served_model_name).as_folder()
     # One core stays with the API process (tokenising, SSE): torch threads that share a core with
     # it stall each other at every barrier (measured here: 2 threads 13.7 tok/s, 1 thread 16.0).
     threads = config.num_threads or max(1, ((os.cpu_count() or 1) - 1) // count)
