@@ -137,9 +137,12 @@ class FastV(VisualPruning):
     def image_features(self, encoder: ImageEncoder, pixel_values: torch.Tensor) -> list[torch.Tensor]:
         features = super().image_features(encoder, pixel_values)
         if self.packs_upper:  # admitted with upper blocks for the kept tokens only
-            image = sum(f.shape[0] for f in features)
-            self.main.reserve_packed(self.main.num_prompt - image + round(image * self.options.keep), self.main.num_prompt)
+            self.main.reserve_packed(self._kept_count(sum(f.shape[0] for f in features)), self.main.num_prompt)
         return features
+
+    def _kept_count(self, image_tokens: int) -> int:
+        """Prompt tokens the prune keeps: every text token and round(N * keep) image tokens."""
+        return self.main.num_prompt - image_tokens + round(image_tokens * self.options.keep)
 
     def plan(self, token_budget: int) -> list[RowPlan]:
         main = self.main
@@ -152,10 +155,11 @@ class FastV(VisualPruning):
         plan.prune_layer = self.options.layer
         if self.kept_offsets is None:
             plan.prune_select = self._select
-        else:
+        else:  # a recompute after preemption: the same tokens again, and the generated ones
             plan.prune_keep = torch.cat([self.kept_offsets, torch.arange(main.num_prompt, len(plan.tokens))])
-            if self.packs_upper:  # a recompute after preemption: the same tokens again
-                main.reserve_packed(plan.prune_keep.numel(), len(plan.tokens))
+        if self.packs_upper:  # (again, after a preemption reset the cache state)
+            kept = self._kept_count(self._image_offsets().numel()) + len(plan.tokens) - main.num_prompt
+            main.reserve_packed(kept, len(plan.tokens))
         return [plan]
 
     def _select(self, attention: torch.Tensor) -> torch.Tensor:
