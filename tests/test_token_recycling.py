@@ -232,6 +232,7 @@ def test_the_default_tree_is_measured_once_per_model_and_reported(loaded):
     explicit = _requests(tok, {"tree": 3}, max_tokens=4)[0]
     _run(engine, [sampled, explicit])
     assert calls == [], "neither a request that falls back nor one with its own tree needs the measurement"
+    assert "fallback" in _run.stats["s"] and "tree_nodes" not in _run.stats["s"]
     assert _run.stats["r0"]["tree_nodes"] == 3
     _run(engine, _requests(tok, {}, max_tokens=8)[:2])
     _run(engine, _requests(tok, {}, max_tokens=8)[2:4])

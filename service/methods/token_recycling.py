@@ -213,10 +213,11 @@ class TokenRecycling(DecodingStrategy):
             "accepted_tokens": self.accepted_tokens,
             "mean_accepted_tokens_per_step": (self.accepted_tokens + self.steps) / self.steps if self.steps else 0.0,
             "plain_steps": self.plain_steps,
-            "tree_nodes": self.tree.size - 1,
         }
-        if self.fallback:
+        if self.fallback:  # it never drafted: no tree to report (its placeholder is not one)
             stats["fallback"] = self.fallback
+        else:
+            stats["tree_nodes"] = self.tree.size - 1
         return stats
 
 
