@@ -1,9 +1,13 @@
-"""Linear layers with weights pre-packed for oneDNN, for float32 on CPUs.
+"""Linear layers with pre-packed weights, for float32 on CPUs.
 
 PyTorch's default CPU path (MKL sgemm) is slow for the small row counts of decoding: on the
 2-core dev machine a full SmolLM2 forward spends 39 ms in matmuls at 1 row and 77 ms at 4,
 against 23 ms and 30 ms with weights reordered once for oneDNN (the same op inductor uses
-after freezing). Results differ from F.linear by float32 rounding (~1e-4 on logits).
+after freezing). Our own AVX2 kernel (freelunch.kernels.cpu_gemm) goes further where a step
+has few rows, as in decoding and in verifying a draft tree: the matmuls of one SmolLM2 forward
+take 18 / 20 / 22 / 24 ms at 1 / 4 / 7 / 9 rows, against oneDNN's 23 / 28 / 33 / 35 ms
+(/tmp-free micro-benchmark: `python bench/bench_cpu_linear.py`). It is used where it builds;
+oneDNN otherwise. Results differ from F.linear by float32 rounding (~1e-5 on logits).
 """
 
 from __future__ import annotations
@@ -13,16 +17,14 @@ import os
 import torch
 from torch import nn
 
+from freelunch.kernels import cpu_gemm
+
 # Row-count hint for the packed layout; 16 measured best from 1 to 300 rows on AVX2.
 _PACK_HINT = 16
 
 
 def onednn_available() -> bool:
-    return (
-        torch.backends.mkldnn.is_available()
-        and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
-        and os.environ.get("FREELUNCH_ONEDNN", "1") != "0"
-    )
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
 
 
 class PackedLinear(nn.Module):
@@ -38,9 +40,39 @@ class PackedLinear(nn.Module):
         return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.packed, self.bias, "none", [], "")
 
 
+class PanelLinear(nn.Module):
+    """y = x W^T + b with W packed in 8-column panels for freelunch.kernels.cpu_gemm (float32, CPU)."""
+
+    def __init__(self, linear: nn.Linear, library) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.library = library
+        self.packed = cpu_gemm.pack(linear.weight.detach())
+        self.bias = None if linear.bias is None else linear.bias.detach().contiguous().clone()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features).contiguous()
+        y = cpu_gemm.linear(self.library, rows, self.packed, self.out_features, self.bias)
+        return y.view(*x.shape[:-1], self.out_features)
+
+
+def _packer():
+    """PanelLinear where our kernel builds, else oneDNN's PackedLinear. FREELUNCH_CPU_LINEAR
+    chooses: `panel` (default), `onednn`, or `torch` (plain nn.Linear)."""
+    choice = os.environ.get("FREELUNCH_CPU_LINEAR", "panel")
+    library = cpu_gemm.load() if choice == "panel" else None
+    if library is not None:
+        return lambda linear: PanelLinear(linear, library)
+    if choice != "torch" and onednn_available():
+        return PackedLinear
+    return None
+
+
 def pack_linears(model: nn.Module) -> int:
-    """Replace every float32 CPU nn.Linear by a PackedLinear; returns how many were packed."""
-    if not onednn_available():
+    """Replace every float32 CPU nn.Linear by a packed one (PanelLinear or PackedLinear);
+    returns how many were packed."""
+    packer = _packer()
+    if packer is None:
         return 0
     count = 0
     for parent in list(model.modules()):
@@ -48,6 +80,6 @@ def pack_linears(model: nn.Module) -> int:
             continue
         for name, child in list(parent.named_children()):
             if isinstance(child, nn.Linear) and child.weight.dtype == torch.float32 and child.weight.device.type == "cpu":
-                setattr(parent, name, PackedLinear(child))
+                setattr(parent, name, packer(child))
                 count += 1
     return count

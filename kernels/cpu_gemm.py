@@ -1,0 +1,133 @@
+"""Float32 linear layers for few rows on AVX2 CPUs (cpu_gemm.c), built once with the system's C compiler.
+
+Decoding and draft-tree verification multiply a handful of rows by every weight matrix, so a
+step costs about one pass over the weights in memory. oneDNN's kernels, tuned for larger
+matrices, pay that pass and then the arithmetic on top; this one overlaps them, so 5 or 9 rows
+cost little more than 1 (numbers in the module docstring of freelunch.models.cpu_linear).
+
+The shared library is compiled from the shipped source at first use (about a second with gcc)
+into `<FREELUNCH_CACHE_DIR>/kernels/`, named by a hash of the source and the flags; a read-only
+cache compiles into a temporary folder instead, and an image may ship it prebuilt (the
+Dockerfile does). Without it and without a C compiler, or on a CPU without AVX2 and FMA,
+`load()` returns None and callers fall back to oneDNN.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("cpu_gemm.c")
+PANEL = 8  # output columns per packed panel (cpu_gemm.c's PANEL)
+FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC")
+_library: ctypes.CDLL | None = None
+_tried = False
+
+
+def cpu_supported() -> bool:
+    """AVX2 and FMA (every CPU that PyTorch runs at the AVX2 or AVX512 level has both)."""
+    return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+
+
+def _compiler() -> str | None:
+    return os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
+
+
+def library_name() -> str:
+    """The compiled file's name: a hash of the source and the flags (a new source builds anew)."""
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), *FLAGS]).encode()).hexdigest()[:16]
+    return f"cpu_gemm-{key}.so"
+
+
+def build(folder: Path, cc: str) -> Path:
+    """Compile into `folder` (kept if already there); CalledProcessError / OSError on failure."""
+    target = folder / library_name()
+    if target.exists():
+        return target
+    folder.mkdir(parents=True, exist_ok=True)
+    # Compile beside the target and rename: workers starting together never load a half-written file.
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=folder)
+    os.close(fd)
+    try:
+        subprocess.run([cc, *FLAGS, str(SOURCE), "-o", tmp], check=True, capture_output=True, text=True, timeout=120)
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+def _locate() -> Path | None:
+    """The cached library (an image may ship it prebuilt, with no compiler), else a fresh build."""
+    from freelunch.models.loader import cache_dir
+
+    folder = cache_dir() / "kernels"
+    if (folder / library_name()).exists():
+        return folder / library_name()
+    cc = _compiler()
+    if cc is None:
+        log.info("CPU linear kernel not used: no C compiler (and no prebuilt %s)", folder / library_name())
+        return None
+    try:
+        return build(folder, cc)
+    except OSError:  # a read-only cache: build where we may write
+        return build(Path(tempfile.mkdtemp(prefix="freelunch-kernels-")), cc)
+
+
+def load() -> ctypes.CDLL | None:
+    """The compiled kernel, or None where it cannot run here (the reason is logged once)."""
+    global _library, _tried
+    if _tried:
+        return _library
+    _tried = True
+    if not cpu_supported():
+        log.info("CPU linear kernel not used: the CPU lacks AVX2/FMA")
+        return None
+    try:
+        path = _locate()
+        if path is None:
+            return None
+        library = ctypes.CDLL(str(path))
+    except (OSError, subprocess.SubprocessError) as e:
+        detail = getattr(e, "stderr", "") or e
+        log.warning("CPU linear kernel not built (%s); using oneDNN", str(detail).strip()[:500])
+        return None
+    library.fl_linear.argtypes = [
+        ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
+        ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
+    ]  # fmt: skip
+    library.fl_linear.restype = None
+    _library = library
+    return library
+
+
+def pack(weight: torch.Tensor) -> torch.Tensor:
+    """W [N, K] float32 -> panels [ceil(N / 8), K, 8], zero past N."""
+    n, k = weight.shape
+    padded = torch.zeros((n + PANEL - 1) // PANEL * PANEL, k, dtype=torch.float32)
+    padded[:n] = weight
+    return padded.view(-1, PANEL, k).transpose(1, 2).contiguous()
+
+
+def linear(
+    library: ctypes.CDLL, x: torch.Tensor, packed: torch.Tensor, out_features: int, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """x [M, K] float32 contiguous -> x W^T + bias [M, out_features]."""
+    m, k = x.shape
+    y = torch.empty(m, out_features, dtype=torch.float32)
+    if m:
+        library.fl_linear(
+            x.data_ptr(), m, k, packed.data_ptr(), out_features,
+            None if bias is None else bias.data_ptr(), y.data_ptr(), torch.get_num_threads(),
+        )  # fmt: skip
+    return y

@@ -1,0 +1,101 @@
+"""The CPU linear kernel (kernels/cpu_gemm.c): same results as F.linear, and a clean fallback.
+
+Every engine-parity test also runs through it: the loader packs float32 CPU linears with it.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from freelunch.kernels import cpu_gemm
+from freelunch.models import cpu_linear
+from freelunch.models.cpu_linear import PackedLinear, PanelLinear, pack_linears
+
+pytestmark = pytest.mark.skipif(not cpu_gemm.cpu_supported(), reason="the kernel needs AVX2 and FMA")
+
+
+@pytest.fixture
+def fresh_kernel(monkeypatch, tmp_path):
+    """load() as at a first start, with an empty cache folder."""
+    monkeypatch.setenv("FREELUNCH_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(cpu_gemm, "_tried", False)
+    monkeypatch.setattr(cpu_gemm, "_library", None)
+    return tmp_path / "cache" / "kernels"
+
+
+@pytest.mark.parametrize("rows", [0, 1, 5, 12, 13, 47, 48, 49, 100])
+@pytest.mark.parametrize("in_features,out_features", [(1, 1), (7, 9), (64, 8), (576, 963)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_panel_linear_matches_f_linear(rows: int, in_features: int, out_features: int, bias: bool) -> None:
+    library = cpu_gemm.load()
+    assert library is not None, "the kernel did not build: is a C compiler installed?"
+    gen = torch.Generator().manual_seed(rows * 1000 + in_features + out_features)
+    linear = torch.nn.Linear(in_features, out_features, bias=bias)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(out_features, in_features, generator=gen))
+        if bias:
+            linear.bias.copy_(torch.randn(out_features, generator=gen))
+    x = torch.randn(rows, in_features, generator=gen)
+    got = PanelLinear(linear, library)(x)
+    assert got.shape == (rows, out_features)
+    torch.testing.assert_close(got, F.linear(x, linear.weight, linear.bias), rtol=1e-5, atol=1e-4)
+
+
+def test_panel_linear_takes_any_leading_shape_and_strides() -> None:
+    linear = torch.nn.Linear(40, 24)
+    panel = PanelLinear(linear, cpu_gemm.load())
+    x = torch.randn(3, 40, 5).transpose(1, 2)  # [3, 5, 40], not contiguous
+    torch.testing.assert_close(panel(x), linear(x), rtol=1e-5, atol=1e-5)
+
+
+def test_a_first_start_builds_the_kernel_once_into_the_cache(fresh_kernel) -> None:
+    assert cpu_gemm.load() is not None
+    built = list(fresh_kernel.iterdir())
+    assert [p.name for p in built] == [cpu_gemm.library_name()]  # no temporary files left behind
+    mtime = built[0].stat().st_mtime_ns
+    cpu_gemm._tried = False
+    assert cpu_gemm.load() is not None
+    assert built[0].stat().st_mtime_ns == mtime  # loaded, not rebuilt
+
+
+def test_a_prebuilt_kernel_loads_without_a_compiler(fresh_kernel, monkeypatch) -> None:
+    cpu_gemm.build(fresh_kernel, cpu_gemm._compiler())  # as the Dockerfile's build stage does
+    monkeypatch.setattr(cpu_gemm, "_compiler", lambda: None)
+    assert cpu_gemm.load() is not None
+
+
+def test_without_compiler_or_prebuilt_kernel_the_model_uses_onednn(fresh_kernel, monkeypatch) -> None:
+    monkeypatch.setattr(cpu_gemm, "_compiler", lambda: None)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 8))
+    x = torch.randn(3, 16)
+    expected = model(x)
+    assert pack_linears(model) == 1
+    assert isinstance(model[0], PackedLinear if cpu_linear.onednn_available() else torch.nn.Linear)
+    torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_compiler_error_falls_back_instead_of_failing_the_start(fresh_kernel, monkeypatch, tmp_path) -> None:
+    broken = tmp_path / "broken.c"
+    broken.write_text("this is not C\n")
+    monkeypatch.setattr(cpu_gemm, "SOURCE", broken)
+    assert cpu_gemm.load() is None
+
+
+def test_an_unwritable_cache_builds_in_a_temporary_folder(fresh_kernel, monkeypatch, tmp_path) -> None:
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")  # a file where the cache folder would be: no one (root included) can create it
+    monkeypatch.setenv("FREELUNCH_CACHE_DIR", str(blocker))
+    assert cpu_gemm.load() is not None
+    assert blocker.is_file()
+
+
+def test_the_choice_can_be_forced_by_environment(monkeypatch) -> None:
+    for choice, kind in [("onednn", PackedLinear), ("torch", torch.nn.Linear), ("panel", PanelLinear)]:
+        if kind is PackedLinear and not cpu_linear.onednn_available():
+            continue
+        monkeypatch.setenv("FREELUNCH_CPU_LINEAR", choice)
+        model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+        pack_linears(model)
+        assert type(model[0]) is kind
