@@ -4,10 +4,11 @@ PyTorch's default CPU path (MKL sgemm) is slow for the small row counts of decod
 2-core dev machine a full SmolLM2 forward spends 39 ms in matmuls at 1 row and 77 ms at 4,
 against 23 ms and 30 ms with weights reordered once for oneDNN (the same op inductor uses
 after freezing). Our own AVX2 kernel (freelunch.kernels.cpu_gemm) goes further where a step
-has few rows, as in decoding and in verifying a draft tree: the matmuls of one SmolLM2 forward
-take 18 / 20 / 22 / 24 ms at 1 / 4 / 7 / 9 rows, against oneDNN's 23 / 28 / 33 / 35 ms
-(/tmp-free micro-benchmark: `python bench/bench_cpu_linear.py`). It is used where it builds;
-oneDNN otherwise. Results differ from F.linear by float32 rounding (~1e-5 on logits).
+has few rows, as in decoding and in verifying a draft tree: a whole SmolLM2 forward after a
+100-token context takes 30 / 32 / 36 / 40 ms at 1 / 4 / 8 / 12 tokens, against 40 / 50 / 57 /
+63 ms with oneDNN, and the same at 128-512 (`python bench/bench_cpu_linear.py`,
+bench/results/cpu_linear.json). It is used where it builds; oneDNN otherwise. Results differ
+from F.linear by float32 rounding (~1e-5 on logits).
 """
 
 from __future__ import annotations
