@@ -7,7 +7,7 @@
 ARG CUDA_BASE=nvidia/cuda:12.8.1-base-ubuntu24.04
 
 FROM python:3.11-slim AS build
-# gcc builds the CPU linear kernel (kernels/cpu_gemm.c) here; the final image loads it prebuilt.
+# gcc builds the CPU kernels (kernels/cpu_kernels.c: linear, attention) here; the final image loads it prebuilt.
 RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
@@ -22,7 +22,7 @@ RUN pip install --no-cache-dir .
 # Dequantise the embedded GGUF once at build time so the container starts in seconds.
 ENV FREELUNCH_CACHE_DIR=/opt/freelunch-cache
 RUN python -c "from freelunch.models.loader import gguf_to_folder, default_model_path; gguf_to_folder(default_model_path())" \
- && python -c "from freelunch.kernels import cpu_gemm; assert cpu_gemm.load() is not None or not cpu_gemm.cpu_supported()"
+ && python -c "from freelunch.kernels import cpu_kernels; assert cpu_kernels.load() is not None or not cpu_kernels.cpu_supported()"
 
 # CUDA image. The `base` flavour is enough: the torch and vLLM wheels bring their own CUDA
 # libraries, and the NVIDIA container runtime mounts the driver.

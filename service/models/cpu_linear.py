@@ -3,7 +3,7 @@
 PyTorch's default CPU path (MKL sgemm) is slow for the small row counts of decoding: on the
 2-core dev machine a full SmolLM2 forward spends 39 ms in matmuls at 1 row and 77 ms at 4,
 against 23 ms and 30 ms with weights reordered once for oneDNN (the same op inductor uses
-after freezing). Our own AVX2 kernel (freelunch.kernels.cpu_gemm) goes further where a step
+after freezing). Our own AVX2 kernel (freelunch.kernels.cpu_kernels) goes further where a step
 has few rows, as in decoding and in verifying a draft tree: a whole SmolLM2 forward after a
 100-token context takes 30 / 32 / 36 / 40 ms at 1 / 4 / 8 / 12 tokens, against 40 / 50 / 57 /
 63 ms with oneDNN, and the same at 128-512 (`python bench/bench_cpu_linear.py`,
@@ -18,7 +18,7 @@ import os
 import torch
 from torch import nn
 
-from freelunch.kernels import cpu_gemm
+from freelunch.kernels import cpu_kernels
 
 # Row-count hint for the packed layout; 16 measured best from 1 to 300 rows on AVX2.
 _PACK_HINT = 16
@@ -42,18 +42,18 @@ class PackedLinear(nn.Module):
 
 
 class PanelLinear(nn.Module):
-    """y = x W^T + b with W packed in 8-column panels for freelunch.kernels.cpu_gemm (float32, CPU)."""
+    """y = x W^T + b with W packed in 8-column panels for freelunch.kernels.cpu_kernels (float32, CPU)."""
 
     def __init__(self, linear: nn.Linear, library) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.library = library
-        self.packed = cpu_gemm.pack(linear.weight.detach())
+        self.packed = cpu_kernels.pack(linear.weight.detach())
         self.bias = None if linear.bias is None else linear.bias.detach().contiguous().clone()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features).contiguous()
-        y = cpu_gemm.linear(self.library, rows, self.packed, self.out_features, self.bias)
+        y = cpu_kernels.linear(self.library, rows, self.packed, self.out_features, self.bias)
         return y.view(*x.shape[:-1], self.out_features)
 
 
@@ -61,7 +61,7 @@ def _packer():
     """PanelLinear where our kernel builds, else oneDNN's PackedLinear. FREELUNCH_CPU_LINEAR
     chooses: `panel` (default), `onednn`, or `torch` (plain nn.Linear)."""
     choice = os.environ.get("FREELUNCH_CPU_LINEAR", "panel")
-    library = cpu_gemm.load() if choice == "panel" else None
+    library = cpu_kernels.load() if choice == "panel" else None
     if library is not None:
         return lambda linear: PanelLinear(linear, library)
     if choice != "torch" and onednn_available():

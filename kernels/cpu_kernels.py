@@ -1,9 +1,13 @@
-"""Float32 linear layers for few rows on AVX2 CPUs (cpu_gemm.c), built once with the system's C compiler.
+"""Float32 CPU kernels for AVX2 machines (cpu_kernels.c), built once with the system's C compiler.
 
-Decoding and draft-tree verification multiply a handful of rows by every weight matrix, so a
-step costs about one pass over the weights in memory. oneDNN's kernels, tuned for larger
-matrices, pay that pass and then the arithmetic on top; this one overlaps them, so 5 or 9 rows
-cost little more than 1 (numbers in the module docstring of freelunch.models.cpu_linear).
+- `linear`: decoding and draft-tree verification multiply a handful of rows by every weight
+  matrix, so a step costs about one pass over the weights in memory. oneDNN's kernels, tuned
+  for larger matrices, pay that pass and then the arithmetic on top; this one overlaps them,
+  so 5 or 9 rows cost little more than 1 (numbers in freelunch.models.cpu_linear).
+- `paged_attention`: attention of a few queries per row over keys read straight from the
+  paged cache by slot id, with an optional mask (decoding, tree verification): the PyTorch
+  reference gathers the keys into a copy, then SDPA spends most of its time on set-up at
+  these sizes.
 
 The shared library is compiled from the shipped source at first use (about a second with gcc)
 into `<FREELUNCH_CACHE_DIR>/kernels/`, named by a hash of the source and the flags; a read-only
@@ -27,8 +31,8 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("cpu_gemm.c")
-PANEL = 8  # output columns per packed panel (cpu_gemm.c's PANEL)
+SOURCE = Path(__file__).with_name("cpu_kernels.c")
+PANEL = 8  # output columns per packed panel (cpu_kernels.c's PANEL)
 FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC")
 _library: ctypes.CDLL | None = None
 _tried = False
@@ -46,7 +50,7 @@ def _compiler() -> str | None:
 def library_name() -> str:
     """The compiled file's name: a hash of the source and the flags (a new source builds anew)."""
     key = hashlib.sha256("\0".join([SOURCE.read_text(), *FLAGS]).encode()).hexdigest()[:16]
-    return f"cpu_gemm-{key}.so"
+    return f"cpu_kernels-{key}.so"
 
 
 def build(folder: Path, cc: str) -> Path:
@@ -107,6 +111,12 @@ def load() -> ctypes.CDLL | None:
         ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
     ]  # fmt: skip
     library.fl_linear.restype = None
+    library.fl_paged_attention.argtypes = [
+        ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
+        ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_float,
+        ctypes.c_void_p, ctypes.c_int,
+    ]  # fmt: skip
+    library.fl_paged_attention.restype = None
     _library = library
     return library
 
@@ -131,3 +141,28 @@ def linear(
             None if bias is None else bias.data_ptr(), y.data_ptr(), torch.get_num_threads(),
         )  # fmt: skip
     return y
+
+
+def paged_attention(
+    library: ctypes.CDLL,
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    kv_index: torch.Tensor,
+    mask: torch.Tensor | None,
+    scale: float,
+) -> torch.Tensor:
+    """q [B, n, H, D] float32; k_cache, v_cache [slots, Hkv, D]; kv_index [B, L] slot ids; mask
+    [B, n, L] bool (True = may attend) or None -> [B, n, H, D]. Every query must see a key."""
+    b, n, h, d = q.shape
+    q = q.contiguous()
+    kv_index = kv_index.contiguous()
+    if mask is not None:
+        mask = mask.contiguous()
+    out = torch.empty_like(q)
+    library.fl_paged_attention(
+        q.data_ptr(), b, n, h, d, k_cache.data_ptr(), v_cache.data_ptr(), k_cache.shape[1],
+        kv_index.data_ptr(), kv_index.shape[1], None if mask is None else mask.data_ptr(), scale,
+        out.data_ptr(), torch.get_num_threads(),
+    )  # fmt: skip
+    return out

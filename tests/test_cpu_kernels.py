@@ -1,4 +1,4 @@
-"""The CPU linear kernel (kernels/cpu_gemm.c): same results as F.linear, and a clean fallback.
+"""The CPU linear kernel (kernels/cpu_kernels.c): same results as F.linear, and a clean fallback.
 
 Every engine-parity test also runs through it: the loader packs float32 CPU linears with it.
 """
@@ -9,19 +9,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from freelunch.kernels import cpu_gemm
+from freelunch.kernels import cpu_kernels
 from freelunch.models import cpu_linear
 from freelunch.models.cpu_linear import PackedLinear, PanelLinear, pack_linears
 
-pytestmark = pytest.mark.skipif(not cpu_gemm.cpu_supported(), reason="the kernel needs AVX2 and FMA")
+pytestmark = pytest.mark.skipif(not cpu_kernels.cpu_supported(), reason="the kernel needs AVX2 and FMA")
 
 
 @pytest.fixture
 def fresh_kernel(monkeypatch, tmp_path):
     """load() as at a first start, with an empty cache folder."""
     monkeypatch.setenv("FREELUNCH_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setattr(cpu_gemm, "_tried", False)
-    monkeypatch.setattr(cpu_gemm, "_library", None)
+    monkeypatch.setattr(cpu_kernels, "_tried", False)
+    monkeypatch.setattr(cpu_kernels, "_library", None)
     return tmp_path / "cache" / "kernels"
 
 
@@ -29,7 +29,7 @@ def fresh_kernel(monkeypatch, tmp_path):
 @pytest.mark.parametrize("in_features,out_features", [(1, 1), (7, 9), (64, 8), (576, 963)])
 @pytest.mark.parametrize("bias", [False, True])
 def test_panel_linear_matches_f_linear(rows: int, in_features: int, out_features: int, bias: bool) -> None:
-    library = cpu_gemm.load()
+    library = cpu_kernels.load()
     assert library is not None, "the kernel did not build: is a C compiler installed?"
     gen = torch.Generator().manual_seed(rows * 1000 + in_features + out_features)
     linear = torch.nn.Linear(in_features, out_features, bias=bias)
@@ -45,29 +45,29 @@ def test_panel_linear_matches_f_linear(rows: int, in_features: int, out_features
 
 def test_panel_linear_takes_any_leading_shape_and_strides() -> None:
     linear = torch.nn.Linear(40, 24)
-    panel = PanelLinear(linear, cpu_gemm.load())
+    panel = PanelLinear(linear, cpu_kernels.load())
     x = torch.randn(3, 40, 5).transpose(1, 2)  # [3, 5, 40], not contiguous
     torch.testing.assert_close(panel(x), linear(x), rtol=1e-5, atol=1e-5)
 
 
 def test_a_first_start_builds_the_kernel_once_into_the_cache(fresh_kernel) -> None:
-    assert cpu_gemm.load() is not None
+    assert cpu_kernels.load() is not None
     built = list(fresh_kernel.iterdir())
-    assert [p.name for p in built] == [cpu_gemm.library_name()]  # no temporary files left behind
+    assert [p.name for p in built] == [cpu_kernels.library_name()]  # no temporary files left behind
     mtime = built[0].stat().st_mtime_ns
-    cpu_gemm._tried = False
-    assert cpu_gemm.load() is not None
+    cpu_kernels._tried = False
+    assert cpu_kernels.load() is not None
     assert built[0].stat().st_mtime_ns == mtime  # loaded, not rebuilt
 
 
 def test_a_prebuilt_kernel_loads_without_a_compiler(fresh_kernel, monkeypatch) -> None:
-    cpu_gemm.build(fresh_kernel, cpu_gemm._compiler())  # as the Dockerfile's build stage does
-    monkeypatch.setattr(cpu_gemm, "_compiler", lambda: None)
-    assert cpu_gemm.load() is not None
+    cpu_kernels.build(fresh_kernel, cpu_kernels._compiler())  # as the Dockerfile's build stage does
+    monkeypatch.setattr(cpu_kernels, "_compiler", lambda: None)
+    assert cpu_kernels.load() is not None
 
 
 def test_without_compiler_or_prebuilt_kernel_the_model_uses_onednn(fresh_kernel, monkeypatch) -> None:
-    monkeypatch.setattr(cpu_gemm, "_compiler", lambda: None)
+    monkeypatch.setattr(cpu_kernels, "_compiler", lambda: None)
     model = torch.nn.Sequential(torch.nn.Linear(16, 8))
     x = torch.randn(3, 16)
     expected = model(x)
@@ -79,15 +79,15 @@ def test_without_compiler_or_prebuilt_kernel_the_model_uses_onednn(fresh_kernel,
 def test_a_compiler_error_falls_back_instead_of_failing_the_start(fresh_kernel, monkeypatch, tmp_path) -> None:
     broken = tmp_path / "broken.c"
     broken.write_text("this is not C\n")
-    monkeypatch.setattr(cpu_gemm, "SOURCE", broken)
-    assert cpu_gemm.load() is None
+    monkeypatch.setattr(cpu_kernels, "SOURCE", broken)
+    assert cpu_kernels.load() is None
 
 
 def test_an_unwritable_cache_builds_in_a_temporary_folder(fresh_kernel, monkeypatch, tmp_path) -> None:
     blocker = tmp_path / "not-a-folder"
     blocker.write_text("")  # a file where the cache folder would be: no one (root included) can create it
     monkeypatch.setenv("FREELUNCH_CACHE_DIR", str(blocker))
-    assert cpu_gemm.load() is not None
+    assert cpu_kernels.load() is not None
     assert blocker.is_file()
 
 
@@ -99,3 +99,36 @@ def test_the_choice_can_be_forced_by_environment(monkeypatch) -> None:
         model = torch.nn.Sequential(torch.nn.Linear(4, 4))
         pack_linears(model)
         assert type(model[0]) is kind
+
+
+@pytest.mark.parametrize(
+    "batch,queries,heads,kv_heads,head_dim,keys",
+    [(1, 1, 9, 3, 64, 107), (3, 1, 4, 2, 32, 5), (1, 7, 9, 3, 64, 300), (2, 16, 4, 4, 24, 64), (1, 3, 2, 1, 20, 17)],
+)
+@pytest.mark.parametrize("masked", [False, True])
+def test_paged_attention_matches_the_reference(batch, queries, heads, kv_heads, head_dim, keys, masked) -> None:
+    from freelunch.kernels.paged_attention_ref import paged_attention_ref
+
+    gen = torch.Generator().manual_seed(batch * 100 + queries * 10 + keys)
+    slots = 3 * keys
+    k_cache, v_cache = (torch.randn(slots, kv_heads, head_dim, generator=gen) for _ in range(2))
+    kv_index = torch.stack([torch.randperm(slots, generator=gen)[:keys] for _ in range(batch)])  # paged: scattered slots
+    mask = None
+    if masked:  # a tree mask's shape: some keys hidden per query, each query sees at least one
+        mask = torch.rand(batch, queries, keys, generator=gen) > 0.4
+        mask[..., -1] = True
+    q = torch.randn(batch, queries, heads, head_dim, generator=gen) * 3
+    got = cpu_kernels.paged_attention(cpu_kernels.load(), q, k_cache, v_cache, kv_index, mask, head_dim**-0.5)
+    want = paged_attention_ref(q.transpose(1, 2), k_cache, v_cache, kv_index, mask, head_dim**-0.5).transpose(1, 2)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_the_model_takes_the_kernel_for_few_queries_and_sdpa_for_many(monkeypatch) -> None:
+    from freelunch.models import attention
+
+    q, cache = torch.zeros(1, 1), torch.zeros(1, 1)
+    assert attention._cpu_kernels_for(q, cache, 16) is not None
+    assert attention._cpu_kernels_for(q, cache, 17) is None
+    assert attention._cpu_kernels_for(q.double(), cache, 1) is None
+    monkeypatch.setenv("FREELUNCH_CPU_ATTENTION", "sdpa")
+    assert attention._cpu_kernels_for(q, cache, 1) is None
