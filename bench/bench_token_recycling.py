@@ -1,7 +1,9 @@
 """Token Recycling vs plain decoding vs transformers' prompt-lookup decoding, by prompt category.
 
-    python bench/bench_token_recycling.py [--max-tokens 128] [--trees 8,12,20,2.2.2] [--skip-hf]
+    python bench/bench_token_recycling.py [--max-tokens 128] [--trees default,4,8,2.2.2] [--skip-hf]
 
+`default` is what a request without `tree` gets: the tree chosen from the measured verify cost
+and the acceptance observed so far (it starts from a prior and learns as the run goes on).
 Also measures what verifying T tokens in one forward costs relative to one token (the number
 that decides the tree size on this hardware). Single stream, greedy, float32, same model for
 all. Writes JSON (default bench/results/token_recycling.json) and prints tables. Run it on an
@@ -11,6 +13,7 @@ idle machine: two heavy processes on 2 cores slow each other 10-35x.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
@@ -77,7 +80,7 @@ PROMPTS: dict[str, list[list[dict]]] = {
 def run_engine(engine, prompts: list[list[int]], max_tokens: int, spec: dict | None) -> dict:
     from freelunch.engine.request import GenerationRequest, SamplingParams
 
-    tokens, seconds, accepted = 0, 0.0, []
+    tokens, seconds, accepted, nodes = 0, 0.0, [], []
     for i, ids in enumerate(prompts):
         methods = {"speculative": dict(spec)} if spec is not None else {}
         engine.add_request(GenerationRequest(f"b{time.monotonic_ns()}-{i}", ids, SamplingParams(max_tokens=max_tokens, temperature=0), methods))
@@ -87,8 +90,17 @@ def run_engine(engine, prompts: list[list[int]], max_tokens: int, spec: dict | N
                 tokens += len(out.new_token_ids)
                 if out.finished and out.method_stats:
                     accepted.append(out.method_stats["speculative"]["mean_accepted_tokens_per_step"])
+                    nodes.append(out.method_stats["speculative"].get("tree_nodes", 0))
         seconds += time.perf_counter() - start
-    return {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds, "mean_accepted": statistics.mean(accepted) if accepted else 1.0}
+    result = {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds, "mean_accepted": statistics.mean(accepted) if accepted else 1.0}
+    if nodes:
+        result["tree_nodes"] = nodes  # per request (the default tree may change as it learns)
+    return result
+
+
+def _mean_runs(a: dict, b: dict) -> dict:
+    seconds = (a["seconds"] + b["seconds"]) / 2
+    return {"tokens": a["tokens"], "seconds": seconds, "tokens_per_s": a["tokens"] / seconds, "mean_accepted": 1.0, "runs_tokens_per_s": [a["tokens_per_s"], b["tokens_per_s"]]}
 
 
 def run_prompt_lookup(hf_model, prompts: list[list[int]], max_tokens: int) -> dict:
@@ -106,7 +118,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="default: the embedded SmolLM2-135M-Instruct")
     parser.add_argument("--max-tokens", type=int, default=128)
-    parser.add_argument("--trees", default="8,12,20,2.2.2", help="comma-separated tree sizes or 2.2.2")
+    parser.add_argument("--trees", default="default,4,8,2.2.2", help="comma-separated: default, node counts, 2.2.2")
     parser.add_argument("--skip-hf", action="store_true")
     parser.add_argument("--out", default="bench/results/token_recycling.json")
     args = parser.parse_args(argv)
@@ -125,7 +137,7 @@ def main(argv: list[str] | None = None) -> dict:
         cat: [tok.apply_chat_template(m, tokenize=True, add_generation_prompt=True) for m in convs] for cat, convs in PROMPTS.items()
     }
     encoded = {c: [e if isinstance(e, list) else list(e["input_ids"]) for e in v] for c, v in encoded.items()}
-    trees: list = [t if t == "2.2.2" else int(t) for t in args.trees.split(",")]
+    trees: list = [t if t in ("2.2.2", "default") else int(t) for t in args.trees.split(",")]
 
     engine = Engine(loaded, EngineConfig(kv_cache_gib=0.5))
     cost = engine.runner.forward_cost(len(encoded["code"][0]), (1, 2, 4, 8, 12, 16, 20, 32, 48, 81), repeats=5)
@@ -141,12 +153,24 @@ def main(argv: list[str] | None = None) -> dict:
         hf_model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
     for cat, prompts in encoded.items():
         row: dict = {}
-        # warm the shared table on this category once (the paper's "inherit"), then measure
-        row["plain"] = run_engine(engine, prompts, args.max_tokens, None)
+        # Plain decoding runs before and after the speculative runs (their mean is the baseline):
+        # this VM's speed drifts by 10-20% over minutes, and a ratio should not ride on that.
+        before = run_engine(engine, prompts, args.max_tokens, None)
+        tables = engine.info.shared_state.setdefault("token_recycling", {})
+        start_state, kept_state = copy.deepcopy(tables), None
         for tree in trees:
-            spec = {"method": "token_recycling", "tree": tree}
+            # Every tree starts from the same tables (those from the earlier categories: the paper's
+            # "inherit"), warms them on this category once, then is measured.
+            tables.clear()
+            tables.update(copy.deepcopy(start_state))
+            spec = {"method": "token_recycling"} | ({} if tree == "default" else {"tree": tree})
             run_engine(engine, prompts, args.max_tokens, spec)
             row[f"tr-{tree}"] = run_engine(engine, prompts, args.max_tokens, spec)
+            kept_state = kept_state or copy.deepcopy(tables)  # the first tree's (default's) tables go on
+        tables.clear()
+        tables.update(kept_state or start_state)
+        after = run_engine(engine, prompts, args.max_tokens, None)
+        row = {"plain": _mean_runs(before, after)} | row
         if hf_model is not None:
             with torch.inference_mode():
                 row["hf-prompt-lookup"] = run_prompt_lookup(hf_model, prompts, args.max_tokens)

@@ -44,40 +44,35 @@ def label(variant: str) -> str:
     if variant == "hf-prompt-lookup":
         return "transformers prompt lookup"
     tree = variant.removeprefix("tr-")
-    return f"TR {tree} tree" if tree == "2.2.2" else f"TR {tree} nodes"
+    return {"2.2.2": "TR 2.2.2 tree (80 nodes)", "default": "TR default tree"}.get(tree, f"TR {tree} nodes")
 
 
 def plot_token_recycling(results: Path, out: Path, dpi: int) -> Path:
-    sweep, full = load(results, "token_recycling_sweep.json"), load(results, "token_recycling.json")
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2), gridspec_kw={"width_ratios": [1.3, 1.3, 0.9]})
-    for ax, run, title in (
-        (axes[0], sweep, "small trees (token_recycling_sweep.json)"),
-        (axes[1], full, "large trees, prompt lookup (token_recycling.json)"),
-    ):
-        cats, ratios = speedups(run)
-        width = 0.8 / len(ratios)
-        for i, (variant, values) in enumerate(ratios.items()):
-            xs = [c + (i - (len(ratios) - 1) / 2) * width for c in range(len(cats))]
-            mean = run["mean_speedup_vs_plain"][variant]
-            ax.bar(xs, values, width, label=f"{label(variant)} (mean {mean:.2f}x)")
-        ax.axhline(1.0, color="black", lw=0.8, ls="--")
-        ax.set_ylim(0, max(max(v) for v in ratios.values()) * 1.4)
-        ax.set_xticks(range(len(cats)), cats, rotation=25, ha="right")
-        ax.set_ylabel("tokens/s vs plain greedy")
-        ax.set_title(title, fontsize=10)
-        ax.legend(fontsize=7, loc="upper right")
-    ax = axes[2]
-    for run, name in ((sweep, "sweep run"), (full, "full run")):
-        cost = {int(t): s for t, s in run["verify_cost_s"].items()}
-        ts = sorted(cost)
-        ax.plot(ts, [cost[t] / cost[1] for t in ts], marker="o", label=name)
+    run = load(results, "token_recycling.json")
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.2), gridspec_kw={"width_ratios": [2.2, 1]})
+    ax = axes[0]
+    cats, ratios = speedups(run)
+    width = 0.8 / len(ratios)
+    for i, (variant, values) in enumerate(ratios.items()):
+        xs = [c + (i - (len(ratios) - 1) / 2) * width for c in range(len(cats))]
+        mean = run["mean_speedup_vs_plain"][variant]
+        ax.bar(xs, values, width, label=f"{label(variant)} (mean {mean:.2f}x)")
+    ax.axhline(1.0, color="black", lw=0.8, ls="--")
+    ax.set_ylim(0, max(max(v) for v in ratios.values()) * 1.4)
+    ax.set_xticks(range(len(cats)), cats, rotation=25, ha="right")
+    ax.set_ylabel("tokens/s vs plain greedy")
+    ax.set_title("speed-up by Spec-Bench category (bench/results/token_recycling.json)", fontsize=10)
+    ax.legend(fontsize=7, loc="upper right", ncol=2)
+    ax = axes[1]
+    cost = {int(t): s for t, s in run["verify_cost_s"].items()}
+    ts = sorted(cost)
+    ax.plot(ts, [cost[t] / cost[1] for t in ts], marker="o")
     ax.set_xscale("log", base=2)
     ax.set_xticks(ts, [str(t) for t in ts], fontsize=7)
     ax.minorticks_off()
     ax.set_xlabel("tokens verified in one forward (T)")
     ax.set_ylabel("cost vs one token")
     ax.set_title("cost of verifying T draft tokens (CPU)", fontsize=10)
-    ax.legend(fontsize=8)
     fig.suptitle(
         "Token Recycling on SmolLM2-135M, 2 CPU cores, greedy: speed-up by Spec-Bench category", fontsize=11
     )

@@ -131,4 +131,9 @@ def test_the_model_takes_the_kernel_for_few_queries_and_sdpa_for_many(monkeypatc
     assert attention._cpu_kernels_for(q, cache, 17) is None
     assert attention._cpu_kernels_for(q.double(), cache, 1) is None
     monkeypatch.setenv("FREELUNCH_CPU_ATTENTION", "sdpa")
-    assert attention._cpu_kernels_for(q, cache, 1) is None
+    attention._attention_library.cache_clear()
+    try:
+        assert attention._cpu_kernels_for(q, cache, 1) is None
+    finally:
+        monkeypatch.delenv("FREELUNCH_CPU_ATTENTION")
+        attention._attention_library.cache_clear()

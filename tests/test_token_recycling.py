@@ -9,6 +9,7 @@ from freelunch.config import EngineConfig
 from freelunch.engine.engine import Engine, EngineError
 from freelunch.engine.request import GenerationRequest, SamplingParams
 from freelunch.methods.token_recycling import AdjacencyTable
+from freelunch.methods.tree_sizing import RankAcceptance, VerifyCost, best_tree
 from freelunch.methods.tree_templates import TEMPLATE_222, DraftTree, sub_template
 from freelunch.models.loader import load_model, resolve_source
 from tiny_models import build_tiny_model
@@ -194,12 +195,20 @@ def test_tree_templates():
         assert sorted(seen) == sorted(chain)
 
 
+def test_the_greedy_target_is_plain_decodings_argmax_even_on_ties():
+    from freelunch.methods.token_recycling import _greedy
+
+    logits = torch.tensor([[0.0, 3.0, 1.0, 3.0], [5.0, 1.0, 2.0, 0.0], [2.0, 2.0, 2.0, 2.0]])
+    for k in (1, 2, 3):
+        assert _greedy(logits, torch.topk(logits, k)).tolist() == logits.argmax(-1).tolist() == [1, 0, 0]
+
+
 def test_adjacency_fill_and_update():
     table = AdjacencyTable(vocab=10, k=2)
     logits = torch.full((2, 10), -5.0)
     logits[0, 7], logits[0, 3] = 2.0, 1.0
     logits[1, 4], logits[1, 1] = 2.0, 1.0
-    table.update(torch.tensor([5, 7]), logits)
+    table.update(torch.tensor([5, 7]), torch.topk(logits, 2).indices)
     assert table.table[5].tolist() == [7, 3] and table.table[7].tolist() == [4, 1]
     tree = DraftTree.from_template([(0,), (1,), (0, 0)])
     assert table.fill(5, tree).tolist() == [5, 7, 3, 4]
@@ -208,25 +217,48 @@ def test_adjacency_fill_and_update():
 # ---- the default tree size follows what verifying T tokens costs here ------------------------
 
 
+def _prior_tree(cost_s: dict[int, float]) -> list[tuple[int, ...]]:
+    return best_tree(VerifyCost.fit(cost_s), RankAcceptance(8).probabilities())
+
+
 def test_tree_size_follows_the_verify_cost():
-    from freelunch.methods.tree_sizing import best_tree_size
-
     sizes = (1, 2, 4, 8, 16, 32, 81)
-    flat = best_tree_size({t: 0.02 for t in sizes})  # a GPU: 81 tokens cost what one does
-    proportional = best_tree_size({t: 0.01 * t for t in sizes})  # every token pays in full
-    cpu_like = best_tree_size({t: 0.05 + 0.0025 * t for t in sizes})  # this machine: T=81 is ~5x T=1
-    assert flat == len(TEMPLATE_222)
-    assert proportional == 1
+    flat = _prior_tree({t: 0.02 for t in sizes})  # a GPU: 81 tokens cost what one does
+    proportional = _prior_tree({t: 0.01 * t for t in sizes})  # every token pays in full
+    cpu_like = len(_prior_tree({t: 0.05 + 0.0025 * t for t in sizes}))  # T=81 is ~5x T=1
+    bent = _prior_tree({1: 0.03, 4: 0.031, 8: 0.033, 12: 0.036, 16: 0.05, 32: 0.08, 81: 0.2})  # this CPU now
+    assert len(flat) == len(TEMPLATE_222)
+    assert proportional == [(0,)]
     assert 2 <= cpu_like <= 12
+    assert 5 <= len(bent) <= 12, "a curve that stays flat to T=12 takes more nodes than a straight one"
     noisy = {t: 0.05 + 0.0025 * t + (0.004 if t == 2 else 0.0) for t in sizes}
-    assert abs(best_tree_size(noisy) - cpu_like) <= 2, "one noisy timing must not swing the choice"
+    assert abs(len(_prior_tree(noisy)) - cpu_like) <= 2, "one noisy timing must not swing the choice"
 
 
-def test_the_default_tree_is_measured_once_per_model_and_reported(loaded):
+def test_the_tree_follows_the_observed_acceptance():
+    cost = VerifyCost.fit({1: 0.03, 4: 0.031, 8: 0.033, 12: 0.036, 16: 0.05, 32: 0.08, 81: 0.2})
+    prior = best_tree(cost, RankAcceptance(8).probabilities())
+    copying = RankAcceptance(8)  # text the table has seen before: the top candidate is right, deep down
+    for _ in range(500):
+        copying.observe([0, 0, 0, 0, 0, 0])
+    deep = best_tree(cost, copying.probabilities())
+    assert max(map(len, deep)) == 6 > max(map(len, prior))
+    second = RankAcceptance(8)  # the runner-up is right as often as the top candidate
+    for i in range(500):
+        second.observe([i % 2, 8])
+    wide = best_tree(cost, second.probabilities())
+    assert (1,) in wide and (0, 0) not in wide  # depth 2 never hits: spend the nodes at depth 1
+    missing = RankAcceptance(8)  # the table never holds the answer: a small tree is cheapest
+    for _ in range(500):
+        missing.observe([8])
+    assert len(best_tree(cost, missing.probabilities())) < len(prior)
+
+
+def test_the_default_tree_is_measured_once_per_model_and_learned_per_table(loaded):
     engine = _engine(loaded)
     calls = []
     measure = engine.info.measure_verify_cost
-    engine.info.measure_verify_cost = lambda: calls.append(1) or measure()
+    engine.info.measure_verify_cost = lambda **kw: calls.append(1) or measure(**kw)
     tok = loaded.tokenizer
     sampled = GenerationRequest("s", tok.encode("x"), SamplingParams(max_tokens=4, temperature=0.7), {"speculative": {}})
     explicit = _requests(tok, {"tree": 3}, max_tokens=4)[0]
@@ -234,19 +266,20 @@ def test_the_default_tree_is_measured_once_per_model_and_reported(loaded):
     assert calls == [], "neither a request that falls back nor one with its own tree needs the measurement"
     assert "fallback" in _run.stats["s"] and "tree_nodes" not in _run.stats["s"]
     assert _run.stats["r0"]["tree_nodes"] == 3
-    _run(engine, _requests(tok, {}, max_tokens=8)[:2])
-    _run(engine, _requests(tok, {}, max_tokens=8)[2:4])
+    plain = _run(_engine(loaded), _requests(tok, None, max_tokens=40))
+    assert _run(engine, _requests(tok, {}, max_tokens=40)) == plain
     assert calls == [1]
-    chosen = engine.info.shared_state["token_recycling_tree"]
-    assert 1 <= chosen <= len(TEMPLATE_222)
-    assert {s["tree_nodes"] for s in _run.stats.values()} == {chosen}
+    assert isinstance(engine.info.shared_state["token_recycling_cost"], VerifyCost)
+    (table,) = engine.info.shared_state["token_recycling"].values()
+    assert table.acceptance.counts[0].sum() >= sum(s["steps"] for s in _run.stats.values())
+    assert all(1 <= s["tree_nodes"] <= len(TEMPLATE_222) for s in _run.stats.values())
 
 
 def test_a_full_cache_defers_the_measurement(loaded):
     engine = _engine(loaded)
     tok = loaded.tokenizer
 
-    def full() -> dict[int, float]:
+    def full(**kw) -> dict[int, float]:
         raise MemoryError("no free blocks")
 
     engine.info.measure_verify_cost = full
@@ -254,4 +287,4 @@ def test_a_full_cache_defers_the_measurement(loaded):
     spec = _run(engine, _requests(tok, {}, max_tokens=12)[:1])
     assert spec == plain
     assert _run.stats["r0"]["tree_nodes"] == 4  # the CPU fallback, not cached: a later request measures
-    assert "token_recycling_tree" not in engine.info.shared_state
+    assert "token_recycling_cost" not in engine.info.shared_state

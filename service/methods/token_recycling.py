@@ -25,7 +25,7 @@ from freelunch.engine.request import GenerationRequest, Sequence
 from freelunch.engine.sampler import top_logprobs
 from freelunch.engine.strategy import DecodingStrategy, RowPlan, Sampled, StepContext
 from freelunch.methods import register
-from freelunch.methods.tree_sizing import best_tree_size
+from freelunch.methods.tree_sizing import RankAcceptance, VerifyCost, best_tree
 from freelunch.methods.tree_templates import TEMPLATE_222, DraftTree, sub_template
 
 log = logging.getLogger(__name__)
@@ -35,16 +35,20 @@ DEFAULT_K = 8
 # small on CPUs, where verifying T tokens costs far more than one (bench/bench_token_recycling.py);
 # the paper's full 2.2.2 tree (80 nodes) on GPUs.
 FALLBACK_TREE_SIZE = {"cpu": 4, "gpu": len(TEMPLATE_222)}
+# Forward sizes timed once per model: dense where CPU trees live, sparse up to the full tree.
+VERIFY_SIZES = (1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 14, 16, 20, 24, 32, 48, 81)
+# The default tree is re-chosen from the acceptance counts every this many verify steps.
+RECHOOSE_EVERY = 32
 
 
 class SpeculativeOptionsError(ValueError):
     pass
 
 
-def parse_options(raw: dict[str, Any], default_size: Callable[[], int]) -> tuple[DraftTree, int]:
+def parse_options(raw: dict[str, Any]) -> tuple[list[tuple[int, ...]] | None, int]:
     """Validate `speculative: {"method": "token_recycling", "tree": "2.2.2" | size, "k": 8}`
-    (`scope` is set by the server, never taken from the client: see `table_scope`).
-    Without `tree`: `default_size()` nodes."""
+    (`scope` is set by the server, never taken from the client: see `table_scope`). Returns the
+    tree template (None without `tree`: the table's learned default) and k."""
     if not isinstance(raw, dict):
         raise SpeculativeOptionsError("speculative must be an object")
     unknown = set(raw) - {"method", "tree", "k", "scope"}
@@ -57,8 +61,8 @@ def parse_options(raw: dict[str, Any], default_size: Callable[[], int]) -> tuple
         raise SpeculativeOptionsError("speculative.k must be an integer in [1, 32]")
     tree = raw.get("tree")
     if tree is None:
-        template = sub_template(default_size())
-    elif tree == "2.2.2":
+        return None, k
+    if tree == "2.2.2":
         template = TEMPLATE_222
     elif isinstance(tree, int) and not isinstance(tree, bool):
         try:
@@ -70,7 +74,7 @@ def parse_options(raw: dict[str, Any], default_size: Callable[[], int]) -> tuple
     template = [p for p in template if max(p) < k]  # ranks beyond k have no candidate
     if not template:
         raise SpeculativeOptionsError("speculative: the tree is empty for this k")
-    return DraftTree.from_template(template), k
+    return template, k
 
 
 class AdjacencyTable:
@@ -82,10 +86,26 @@ class AdjacencyTable:
 
     def __init__(self, vocab: int, k: int) -> None:
         self.table = torch.zeros(vocab, k, dtype=torch.long)
+        self.acceptance = RankAcceptance(k)  # what its candidates' ranks are worth, by depth
+        self._default: DraftTree | None = None
+        self._steps_since_choice = 0
 
-    def update(self, tokens: torch.Tensor, logits: torch.Tensor) -> None:
-        """tokens [N], logits [N, vocab]: A[tokens[i]] = top-k of logits[i] (later nodes win)."""
-        self.table[tokens] = torch.topk(logits, self.table.shape[1], dim=-1).indices
+    def default_tree(self, cost: VerifyCost) -> DraftTree:
+        """The tree for requests that name none: the most tokens per second under the observed
+        acceptance (`tree_sizing.best_tree`), re-chosen every RECHOOSE_EVERY verify steps."""
+        if self._default is None or self._steps_since_choice >= RECHOOSE_EVERY:
+            self._default = DraftTree.from_template(best_tree(cost, self.acceptance.probabilities()))
+            self._steps_since_choice = 0
+        return self._default
+
+    def observe(self, ranks: list[int]) -> None:
+        self.acceptance.observe(ranks)
+        self._steps_since_choice += 1
+
+    def update(self, tokens: torch.Tensor, candidates: torch.Tensor) -> None:
+        """tokens [N], candidates [N, k] (top-k of each node's logits): A[tokens[i]] = candidates[i]
+        (later nodes win)."""
+        self.table[tokens] = candidates
 
     def fill(self, root: int, tree: DraftTree) -> torch.Tensor:
         """Draft tokens [N+1] for the tree, breadth-first; node 0 is the root."""
@@ -94,6 +114,19 @@ class AdjacencyTable:
         for nodes in tree.levels:  # one gather per depth: a level's parents are all filled
             tokens[nodes] = self.table[tokens[tree.parent[nodes]], tree.rank[nodes]]
         return tokens
+
+
+def _greedy(logits: torch.Tensor, top: Any) -> torch.Tensor:
+    """argmax per row, as plain decoding picks it (the first of equal maxima), read from the top-k
+    where the maximum is unique: one pass over the vocabulary instead of two."""
+    values, indices = top
+    if values.shape[1] < 2:
+        return logits.argmax(-1)
+    target = indices[:, 0].clone()
+    tied = values[:, 0] == values[:, 1]
+    if bool(tied.any()):
+        target[tied] = logits[tied].argmax(-1)
+    return target
 
 
 def fallback_reason(request: GenerationRequest) -> str | None:
@@ -107,24 +140,23 @@ def fallback_reason(request: GenerationRequest) -> str | None:
     return None
 
 
-def default_tree_size(model_info: Any) -> int:
-    """The model's default node count: chosen from a measured verify cost once, then kept."""
+def verify_cost(model_info: Any) -> VerifyCost | None:
+    """What a forward of T tokens costs this model here: measured once, then kept. None while
+    it cannot be measured (the cache is full right now: a later request measures)."""
     state = model_info.shared_state
-    if "token_recycling_tree" not in state:
-        fallback = FALLBACK_TREE_SIZE["gpu" if str(model_info.device).startswith("cuda") else "cpu"]
+    if "token_recycling_cost" not in state:
         if model_info.measure_verify_cost is None:
-            return fallback
+            return None
         try:
-            cost = model_info.measure_verify_cost()
-        except MemoryError:  # the cache is full right now: measure at a later request
-            return fallback
-        state["token_recycling_tree"] = best_tree_size(cost)
+            seconds = model_info.measure_verify_cost(sizes=VERIFY_SIZES)
+        except MemoryError:
+            return None
+        state["token_recycling_cost"] = VerifyCost.fit(seconds)
         log.info(
-            "Token Recycling: a forward of T tokens costs %s x one token here; default tree: %d nodes",
-            {t: round(c / cost[1], 2) for t, c in cost.items()},
-            state["token_recycling_tree"],
+            "Token Recycling: a forward of T tokens costs %s x one token here",
+            {t: round(c / seconds[1], 2) for t, c in seconds.items()},
         )
-    return state["token_recycling_tree"]
+    return state["token_recycling_cost"]
 
 
 class TokenRecycling(DecodingStrategy):
@@ -133,10 +165,7 @@ class TokenRecycling(DecodingStrategy):
     def __init__(self, request: GenerationRequest, main: Sequence, model_info: Any) -> None:
         super().__init__(request, main)
         self.fallback = fallback_reason(request)
-        # a request that falls back never drafts: no need to measure for it
-        self.tree, k = parse_options(
-            request.methods["speculative"], lambda: 1 if self.fallback else default_tree_size(model_info)
-        )
+        template, k = parse_options(request.methods["speculative"])
         tables = model_info.shared_state.setdefault("token_recycling", {})
         # One table per API key (the server sets `scope`): another tenant's text never shapes a
         # tenant's drafts, so acceptance rates (and latency) reveal nothing about it.
@@ -144,6 +173,17 @@ class TokenRecycling(DecodingStrategy):
         if key not in tables:
             tables[key] = AdjacencyTable(model_info.config.vocab_size, k)
         self.table: AdjacencyTable = tables[key]
+        # Without a tree of its own, the request drafts with the table's default, which follows
+        # the measured cost and the observed acceptance. A request that falls back never drafts.
+        self.cost = None if template is not None or self.fallback else verify_cost(model_info)
+        if self.cost is not None:
+            self.tree = self.table.default_tree(self.cost)
+        elif template is not None:
+            self.tree = DraftTree.from_template(template)
+        else:
+            device = "gpu" if str(model_info.device).startswith("cuda") else "cpu"
+            self.tree = DraftTree.from_template(sub_template(1 if self.fallback else FALLBACK_TREE_SIZE[device]))
+        self._rows: torch.Tensor | None = None  # the table's rows for the drafted tokens, as drafted
         self.max_len = model_info.max_model_len
         self._draft: torch.Tensor | None = None
         self.steps = self.draft_tokens = self.accepted_tokens = self.plain_steps = 0
@@ -162,8 +202,11 @@ class TokenRecycling(DecodingStrategy):
             or seq.num_computed + deepest + 1 >= self.max_len
         ):
             return super().plan(token_budget)
+        if self.cost is not None:
+            self.tree = self.table.default_tree(self.cost)
         start = seq.num_computed
         self._draft = self.table.fill(seq.token_ids[-1], self.tree)
+        self._rows = self.table.table[self._draft]
         n = self.tree.size
         mask = torch.cat([torch.ones(n, start, dtype=torch.bool), self.tree.ancestor_mask], dim=1)
         return [
@@ -184,7 +227,8 @@ class TokenRecycling(DecodingStrategy):
                 self.plain_steps += 1
             return super().on_logits(logits, ctx)
         draft, tree = self._draft, self.tree
-        target = out.argmax(-1)  # [N+1] the model's greedy choice after each node
+        top = torch.topk(out, self.table.table.shape[1], dim=-1)
+        target = _greedy(out, top)  # [N+1] the model's greedy choice after each node
         path = [0]
         node = 0
         while True:
@@ -193,7 +237,8 @@ class TokenRecycling(DecodingStrategy):
             if node < 0:
                 break
             path.append(node)
-        self.table.update(draft, out)
+        self.table.observe(self._ranks(path, target))
+        self.table.update(draft, top.indices)
         start = self.main.num_computed
         ctx.commit_kv(self.main, [start + i for i in path])
         tokens = [int(draft[i]) for i in path[1:]] + [int(target[path[-1]])]
@@ -204,6 +249,14 @@ class TokenRecycling(DecodingStrategy):
         if k is None:
             return [Sampled(t) for t in tokens]
         return [Sampled(t, top_logprobs(torch.log_softmax(out[i], -1), t, k)) for i, t in zip(path, tokens)]
+
+    def _ranks(self, path: list[int], target: torch.Tensor) -> list[int]:
+        """The rank of the model's choice among the drafted-from candidates at each node of the
+        accepted path (k: not among them), depth 1 first."""
+        nodes = torch.tensor(path)
+        hits = self._rows[nodes] == target[nodes, None]
+        ranks = torch.where(hits.any(1), hits.int().argmax(1), hits.shape[1])
+        return ranks.tolist()
 
     def stats(self) -> dict[str, Any]:
         stats: dict[str, Any] = {

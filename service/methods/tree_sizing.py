@@ -1,30 +1,99 @@
-"""Token Recycling's default tree size, chosen from what verifying T tokens costs on this hardware.
+"""Token Recycling's default tree: chosen from what verifying T tokens costs on this hardware and
+from how often the model's next token is each candidate of the adjacency table.
 
-A tree of s nodes yields 1 + sum over its nodes of P(node accepted) tokens per step (the bonus
-token plus the expected accepted path) and costs one forward over s + 1 tokens. On a GPU that
-forward costs about the same for 1 or 81 tokens, so the paper's full tree wins; on a few CPU
-cores it grows with T, so small trees win. The engine measures the cost once per model, fits
-a line (robust to timing noise), and takes the size with the most tokens per second.
+A tree's node is accepted when every rank on its path is the model's choice, so a tree of s
+nodes yields 1 + sum over its nodes of P(node accepted) tokens per step (the bonus token plus
+the expected accepted path), and costs one forward over s + 1 tokens. On a GPU that forward
+costs about the same for 1 or 81 tokens, so the paper's full tree wins; on a few CPU cores it
+grows with T, so small trees win. The engine measures the cost once per model (`VerifyCost`). P(node) is the product over its path of P(rank r at depth d): a
+fixed prior at first, then learned from every verify step of the table's requests (`RankAcceptance`),
+so the tree follows the model and the traffic. Nodes are always taken from the paper's "2.2.2"
+template, most probable first.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from freelunch.methods.tree_templates import TEMPLATE_222, acceptance_prior, sub_template
+from freelunch.methods.tree_templates import TEMPLATE_222, most_probable_first, parents_first, rank_prior
+
+MAX_DEPTH = max(len(p) for p in TEMPLATE_222)
+# Pseudo-counts pulling a depth's estimate towards all depths' (and those towards the prior):
+# a few dozen observations move it, one step does not.
+_PSEUDO_COUNT = 16.0
+# Counts halve when depth 1 has seen this many steps: the estimate follows changes in traffic.
+_MEMORY = 2048.0
 
 
-def expected_tokens(size: int) -> float:
-    """Tokens per step a `size`-node tree yields under the rank prior (the bonus token included)."""
-    return 1.0 + sum(acceptance_prior(path) for path in sub_template(size))
+@dataclass(frozen=True, slots=True)
+class VerifyCost:
+    """Seconds per forward of T tokens: the measurements made non-decreasing in T (pooling
+    adjacent violators, so one noisy timing is averaged with its neighbours, not followed), and
+    interpolated linearly between them. On CPUs the curve bends: nearly flat while the weights'
+    pass over memory dominates, then steep once the arithmetic does."""
+
+    tokens: tuple[int, ...]
+    seconds: tuple[float, ...]
+
+    @classmethod
+    def fit(cls, cost_s: dict[int, float]) -> "VerifyCost":
+        blocks: list[list[float]] = []  # [sum of seconds, count] per pooled run of sizes
+        for t in sorted(cost_s):
+            blocks.append([cost_s[t], 1.0])
+            while len(blocks) > 1 and blocks[-2][0] / blocks[-2][1] > blocks[-1][0] / blocks[-1][1]:
+                total, count = blocks.pop()
+                blocks[-1][0] += total
+                blocks[-1][1] += count
+        seconds = [total / count for total, count in blocks for _ in range(int(count))]
+        return cls(tuple(sorted(cost_s)), tuple(seconds))
+
+    def __call__(self, tokens: int) -> float:
+        ts, ys = self.tokens, self.seconds
+        if len(ts) == 1:
+            return ys[0]
+        i = max(1, min(len(ts) - 1, next((j for j, t in enumerate(ts) if t >= tokens), len(ts) - 1)))
+        return ys[i - 1] + (ys[i] - ys[i - 1]) * (tokens - ts[i - 1]) / (ts[i] - ts[i - 1])
 
 
-def best_tree_size(cost_s: dict[int, float]) -> int:
-    """Node count (1..80) with the most expected tokens per second, given seconds per forward of T tokens."""
-    ts = torch.tensor(sorted(cost_s), dtype=torch.float64)
-    ys = torch.tensor([cost_s[int(t)] for t in ts], dtype=torch.float64)
-    slope = float(((ts - ts.mean()) * (ys - ys.mean())).sum() / ((ts - ts.mean()) ** 2).sum())
-    slope = max(slope, 0.0)  # noise can tilt a flat (GPU) curve downwards
-    base = max(float(ys.mean()) - slope * float(ts.mean()), 1e-9)
-    sizes = range(1, len(TEMPLATE_222) + 1)
-    return max(sizes, key=lambda s: expected_tokens(s) / (base + slope * (s + 1)))
+class RankAcceptance:
+    """Counts, by depth along accepted paths, of the rank the model's next token had among the
+    table's k candidates (column k: not among them)."""
+
+    def __init__(self, k: int) -> None:
+        self.k = k
+        self.counts = torch.zeros(MAX_DEPTH, k + 1, dtype=torch.float64)
+
+    def observe(self, ranks: list[int]) -> None:
+        """ranks[d]: the rank at depth d + 1 (k = a miss); the last one is where the path stopped."""
+        for depth, rank in enumerate(ranks[:MAX_DEPTH]):
+            self.counts[depth, rank] += 1
+        if float(self.counts[0].sum()) >= _MEMORY:
+            self.counts *= 0.5
+
+    def probabilities(self) -> torch.Tensor:
+        """[MAX_DEPTH, k]: P(the next token is candidate r | the path reached depth d - 1)."""
+        prior = torch.tensor([*rank_prior(self.k), 0.0], dtype=torch.float64)
+        prior[-1] = max(0.0, 1.0 - float(prior.sum()))
+        pooled = (self.counts.sum(0) + _PSEUDO_COUNT * prior) / (float(self.counts.sum()) + _PSEUDO_COUNT)
+        by_depth = (self.counts + _PSEUDO_COUNT * pooled) / (self.counts.sum(1, keepdim=True) + _PSEUDO_COUNT)
+        return by_depth[:, : self.k]
+
+
+def best_tree(cost: VerifyCost, probabilities: torch.Tensor) -> list[tuple[int, ...]]:
+    """The 2.2.2 nodes (parents first) that give the most expected tokens per second, given
+    P(rank | depth) ([MAX_DEPTH, k])."""
+    k = probabilities.shape[1]
+
+    def score(path: tuple[int, ...]) -> float:
+        return float(torch.prod(probabilities[torch.arange(len(path)), torch.tensor(path)]))
+
+    ranked = most_probable_first([p for p in TEMPLATE_222 if max(p) < k], score)
+    best_size, best_rate, expected = 1, 0.0, 1.0
+    for size, path in enumerate(ranked, start=1):
+        expected += score(path)
+        rate = expected / cost(size + 1)
+        if rate > best_rate:
+            best_size, best_rate = size, rate
+    return parents_first(ranked[:best_size])

@@ -7,6 +7,7 @@ always comes before its children (breadth-first), which lets a tree be filled in
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -28,9 +29,14 @@ TEMPLATE_222: list[tuple[int, ...]] = [
     (0, 0, 0, 0, 0, 0), (0, 0, 0, 0, 0, 1), (0, 0, 0, 1, 0, 0),
 ]  # fmt: skip
 
-# Acceptance rate of the candidate at each rank, used only to rank nodes when a smaller tree
-# is cut from 2.2.2 (a node's score is the product over its path; children never outrank parents).
+# Acceptance rate of the candidate at each rank: the prior for ranking nodes before any
+# acceptance has been observed (a node's score is the product over its path).
 _RANK_PRIOR = (0.55, 0.15, 0.07, 0.04, 0.03, 0.02, 0.015, 0.01)
+
+
+def rank_prior(k: int) -> tuple[float, ...]:
+    """The prior for ranks 0..k-1 (ranks past the template's get a small share)."""
+    return (_RANK_PRIOR + (0.005,) * k)[:k]
 
 
 def acceptance_prior(path: tuple[int, ...]) -> float:
@@ -41,13 +47,23 @@ def acceptance_prior(path: tuple[int, ...]) -> float:
     return s
 
 
+def most_probable_first(nodes: list[tuple[int, ...]], score: Callable[[tuple[int, ...]], float]) -> list[tuple[int, ...]]:
+    """Nodes by descending score; a child never scores above its parent, and on ties the
+    shallower node comes first, so every prefix of the result holds its nodes' parents."""
+    index = {p: i for i, p in enumerate(nodes)}
+    return sorted(nodes, key=lambda p: (-score(p), len(p), index[p]))
+
+
+def parents_first(nodes: list[tuple[int, ...]]) -> list[tuple[int, ...]]:
+    """Nodes in template order (breadth-first), as a DraftTree wants them."""
+    return sorted(nodes, key=lambda p: (len(p), TEMPLATE_222.index(p)))
+
+
 def sub_template(size: int) -> list[tuple[int, ...]]:
-    """The `size` most promising nodes of 2.2.2, parents before children."""
+    """The `size` most promising nodes of 2.2.2 under the prior, parents before children."""
     if not 1 <= size <= len(TEMPLATE_222):
         raise ValueError(f"tree size must be in [1, {len(TEMPLATE_222)}]")
-    order = sorted(range(len(TEMPLATE_222)), key=lambda i: (-acceptance_prior(TEMPLATE_222[i]), i))
-    chosen = sorted(order[:size], key=lambda i: (len(TEMPLATE_222[i]), i))
-    return [TEMPLATE_222[i] for i in chosen]
+    return parents_first(most_probable_first(TEMPLATE_222, acceptance_prior)[:size])
 
 
 @dataclass(frozen=True, slots=True)
