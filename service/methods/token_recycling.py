@@ -16,7 +16,6 @@ back to plain decoding and say so in `usage.method_stats.speculative.fallback`.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -194,6 +193,8 @@ class TokenRecycling(DecodingStrategy):
     def plan(self, token_budget: int) -> list[RowPlan]:
         seq = self.main
         self._draft = None
+        if self.cost is not None:  # the table's default may have changed since the last step
+            self.tree = self.table.default_tree(self.cost)
         deepest = int(self.tree.depth.max())
         if (
             self.fallback is not None
@@ -202,8 +203,6 @@ class TokenRecycling(DecodingStrategy):
             or seq.num_computed + deepest + 1 >= self.max_len
         ):
             return super().plan(token_budget)
-        if self.cost is not None:
-            self.tree = self.table.default_tree(self.cost)
         start = seq.num_computed
         self._draft = self.table.fill(seq.token_ids[-1], self.tree)
         self._rows = self.table.table[self._draft]

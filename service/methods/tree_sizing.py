@@ -38,7 +38,7 @@ class VerifyCost:
     seconds: tuple[float, ...]
 
     @classmethod
-    def fit(cls, cost_s: dict[int, float]) -> "VerifyCost":
+    def fit(cls, cost_s: dict[int, float]) -> VerifyCost:
         blocks: list[list[float]] = []  # [sum of seconds, count] per pooled run of sizes
         for t in sorted(cost_s):
             blocks.append([cost_s[t], 1.0])
