@@ -227,12 +227,13 @@ class TokenRecycling(DecodingStrategy):
             return super().on_logits(logits, ctx)
         draft, tree = self._draft, self.tree
         top = torch.topk(out, self.table.table.shape[1], dim=-1)
-        target = _greedy(out, top)  # [N+1] the model's greedy choice after each node
+        target = _greedy(out, top).tolist()  # the model's greedy choice after each node
+        drafted = draft.tolist()
         path = [0]
         node = 0
-        while True:
-            want = int(target[node])
-            node = next((c for c in tree.children[node] if int(draft[c]) == want), -1)
+        while True:  # Python lists: a tensor element read costs ~1 us, and this is per step
+            want = target[node]
+            node = next((c for c in tree.children[node] if drafted[c] == want), -1)
             if node < 0:
                 break
             path.append(node)
@@ -240,7 +241,7 @@ class TokenRecycling(DecodingStrategy):
         self.table.update(draft, top.indices)
         start = self.main.num_computed
         ctx.commit_kv(self.main, [start + i for i in path])
-        tokens = [int(draft[i]) for i in path[1:]] + [int(target[path[-1]])]
+        tokens = [drafted[i] for i in path[1:]] + [target[path[-1]]]
         self.steps += 1
         self.draft_tokens += tree.size - 1
         self.accepted_tokens += len(path) - 1
@@ -249,13 +250,11 @@ class TokenRecycling(DecodingStrategy):
             return [Sampled(t) for t in tokens]
         return [Sampled(t, top_logprobs(torch.log_softmax(out[i], -1), t, k)) for i, t in zip(path, tokens)]
 
-    def _ranks(self, path: list[int], target: torch.Tensor) -> list[int]:
+    def _ranks(self, path: list[int], target: list[int]) -> list[int]:
         """The rank of the model's choice among the drafted-from candidates at each node of the
         accepted path (k: not among them), depth 1 first."""
-        nodes = torch.tensor(path)
-        hits = self._rows[nodes] == target[nodes, None]
-        ranks = torch.where(hits.any(1), hits.int().argmax(1), hits.shape[1])
-        return ranks.tolist()
+        rows = self._rows[path].tolist()
+        return [row.index(target[n]) if target[n] in row else len(row) for n, row in zip(path, rows)]
 
     def stats(self) -> dict[str, Any]:
         stats: dict[str, Any] = {
