@@ -71,20 +71,33 @@ def build(folder: Path, cc: str) -> Path:
     return target
 
 
+def trusted(path: Path) -> bool:
+    """Loading a shared library runs its code: only one that root or this user owns, in a folder
+    that root or this user owns, neither writable by others (a planted file is refused)."""
+    for p in (path, path.parent):
+        st = p.stat()
+        if st.st_uid not in (0, os.getuid()) or st.st_mode & 0o022:
+            return False
+    return True
+
+
 def _locate() -> Path | None:
     """The cached library (an image may ship it prebuilt, with no compiler), else a fresh build."""
     from freelunch.models.loader import cache_dir
 
     folder = cache_dir() / "kernels"
-    if (folder / library_name()).exists():
-        return folder / library_name()
+    cached = folder / library_name()
+    if cached.exists() and trusted(cached):
+        return cached
     cc = _compiler()
     if cc is None:
-        log.info("CPU linear kernel not used: no C compiler (and no prebuilt %s)", folder / library_name())
+        log.info("CPU kernels not used: no C compiler (and no usable prebuilt %s)", cached)
         return None
     try:
+        if cached.exists():  # present but not trusted: never overwrite it, build apart
+            raise PermissionError(f"{cached} is not owned by this user or is writable by others")
         return build(folder, cc)
-    except OSError:  # a read-only cache: build where we may write
+    except OSError:  # a read-only (or untrusted) cache: build where only we may write
         return build(Path(tempfile.mkdtemp(prefix="freelunch-kernels-")), cc)
 
 
@@ -95,7 +108,7 @@ def load() -> ctypes.CDLL | None:
         return _library
     _tried = True
     if not cpu_supported():
-        log.info("CPU linear kernel not used: the CPU lacks AVX2/FMA")
+        log.info("CPU kernels not used: the CPU lacks AVX2/FMA")
         return None
     try:
         path = _locate()
@@ -104,7 +117,7 @@ def load() -> ctypes.CDLL | None:
         library = ctypes.CDLL(str(path))
     except (OSError, subprocess.SubprocessError) as e:
         detail = getattr(e, "stderr", "") or e
-        log.warning("CPU linear kernel not built (%s); using oneDNN", str(detail).strip()[:500])
+        log.warning("CPU kernels not built (%s); using oneDNN and SDPA", str(detail).strip()[:500])
         return None
     library.fl_linear.argtypes = [
         ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,

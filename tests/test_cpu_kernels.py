@@ -91,6 +91,19 @@ def test_an_unwritable_cache_builds_in_a_temporary_folder(fresh_kernel, monkeypa
     assert blocker.is_file()
 
 
+def test_a_library_others_may_write_is_never_loaded(fresh_kernel) -> None:
+    planted = cpu_kernels.build(fresh_kernel, cpu_kernels._compiler())
+    planted.chmod(0o666)  # anyone could have replaced it
+    assert not cpu_kernels.trusted(planted)
+    assert cpu_kernels.load() is not None  # built apart instead
+    assert cpu_kernels._library._name != str(planted)
+    planted.chmod(0o755)
+    fresh_kernel.chmod(0o777)  # or its folder
+    assert not cpu_kernels.trusted(planted)
+    fresh_kernel.chmod(0o755)
+    assert cpu_kernels.trusted(planted)
+
+
 def test_the_choice_can_be_forced_by_environment(monkeypatch) -> None:
     for choice, kind in [("onednn", PackedLinear), ("torch", torch.nn.Linear), ("panel", PanelLinear)]:
         if kind is PackedLinear and not cpu_linear.onednn_available():
