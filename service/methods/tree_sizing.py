@@ -5,10 +5,11 @@ A tree's node is accepted when every rank on its path is the model's choice, so 
 nodes yields 1 + sum over its nodes of P(node accepted) tokens per step (the bonus token plus
 the expected accepted path), and costs one forward over s + 1 tokens. On a GPU that forward
 costs about the same for 1 or 81 tokens, so the paper's full tree wins; on a few CPU cores it
-grows with T, so small trees win. The engine measures the cost once per model (`VerifyCost`). P(node) is the product over its path of P(rank r at depth d): a
-fixed prior at first, then learned from every verify step of the table's requests (`RankAcceptance`),
-so the tree follows the model and the traffic. Nodes are always taken from the paper's "2.2.2"
-template, most probable first.
+grows with T, so small trees win. The engine measures the cost once per model (`VerifyCost`).
+P(node) is the product over its path of P(rank r at depth d): a fixed prior at first, then
+learned from every verify step of the table's requests (`RankAcceptance`), so the tree follows
+the model and the traffic. Nodes are always taken from the paper's "2.2.2" template, most
+probable first.
 """
 
 from __future__ import annotations

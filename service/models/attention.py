@@ -7,11 +7,10 @@ share a shape: all single-token decode rows form one padded batch; each multi-to
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, field
-
 import functools
 import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 

@@ -13,7 +13,9 @@ from F.linear by float32 rounding (~1e-5 on logits).
 
 from __future__ import annotations
 
+import ctypes
 import os
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -44,7 +46,7 @@ class PackedLinear(nn.Module):
 class PanelLinear(nn.Module):
     """y = x W^T + b with W packed in 8-column panels for freelunch.kernels.cpu_kernels (float32, CPU)."""
 
-    def __init__(self, linear: nn.Linear, library) -> None:
+    def __init__(self, linear: nn.Linear, library: ctypes.CDLL) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.library = library
@@ -57,7 +59,7 @@ class PanelLinear(nn.Module):
         return y.view(*x.shape[:-1], self.out_features)
 
 
-def _packer():
+def _packer() -> Callable[[nn.Linear], nn.Module] | None:
     """PanelLinear where our kernel builds, else oneDNN's PackedLinear. FREELUNCH_CPU_LINEAR
     chooses: `panel` (default), `onednn`, or `torch` (plain nn.Linear)."""
     choice = os.environ.get("FREELUNCH_CPU_LINEAR", "panel")
