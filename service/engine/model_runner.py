@@ -119,17 +119,19 @@ class ModelRunner:
         try:
             self.run([RowPlan(seq, [0] * context, [context - 1])])
             seq.num_computed = context
-            cost = {}
-            for t in sizes:
+            plans = {}
+            for t in sizes:  # warm-up: the first call at a new shape is slower
                 mask = torch.ones(t, context + t, dtype=torch.bool)
-                plan = RowPlan(seq, [0] * t, list(range(t)), mask=mask, advance=False)
-                self.run([plan])  # warm-up: the first call at a new shape is slower
-                times = []
-                for _ in range(repeats):
+                plans[t] = RowPlan(seq, [0] * t, list(range(t)), mask=mask, advance=False)
+                self.run([plans[t]])
+            # Rounds over all sizes, not one size at a time: a machine whose speed drifts during
+            # the measurement then bends no part of the curve more than another.
+            cost = {t: float("inf") for t in sizes}
+            for _ in range(repeats):
+                for t in sizes:
                     start = time.perf_counter()
-                    self.run([plan])  # returns logits on the CPU: the device has finished
-                    times.append(time.perf_counter() - start)
-                cost[t] = min(times)
+                    self.run([plans[t]])  # returns logits on the CPU: the device has finished
+                    cost[t] = min(cost[t], time.perf_counter() - start)
             return cost
         finally:
             self.blocks.free(seq)

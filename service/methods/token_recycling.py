@@ -34,8 +34,10 @@ DEFAULT_K = 8
 # small on CPUs, where verifying T tokens costs far more than one (bench/bench_token_recycling.py);
 # the paper's full 2.2.2 tree (80 nodes) on GPUs.
 FALLBACK_TREE_SIZE = {"cpu": 4, "gpu": len(TEMPLATE_222)}
-# Forward sizes timed once per model: dense where CPU trees live, sparse up to the full tree.
+# Forward sizes timed once per model: dense where CPU trees live, sparse up to the full tree;
+# after a context of a short chat's length (attention grows with context times tree size).
 VERIFY_SIZES = (1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 14, 16, 20, 24, 32, 48, 81)
+VERIFY_CONTEXT = 128
 # The default tree is re-chosen from the acceptance counts every this many verify steps.
 RECHOOSE_EVERY = 32
 
@@ -147,7 +149,7 @@ def verify_cost(model_info: Any) -> VerifyCost | None:
         if model_info.measure_verify_cost is None:
             return None
         try:
-            seconds = model_info.measure_verify_cost(sizes=VERIFY_SIZES)
+            seconds = model_info.measure_verify_cost(context=VERIFY_CONTEXT, sizes=VERIFY_SIZES)
         except MemoryError:
             return None
         state["token_recycling_cost"] = VerifyCost.fit(seconds)
