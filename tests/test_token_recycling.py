@@ -227,7 +227,7 @@ def test_tree_size_follows_the_verify_cost():
     proportional = _prior_tree({t: 0.01 * t for t in sizes})  # every token pays in full
     cpu_like = len(_prior_tree({t: 0.05 + 0.0025 * t for t in sizes}))  # T=81 is ~5x T=1
     bent = _prior_tree({1: 0.03, 4: 0.031, 8: 0.033, 12: 0.036, 16: 0.05, 32: 0.08, 81: 0.2})  # this CPU now
-    assert len(flat) == len(TEMPLATE_222)
+    assert len(flat) >= 60  # nearly all of 2.2.2: the last nodes add under 2% and count as a tie
     assert proportional == [(0,)]
     assert 2 <= cpu_like <= 12
     assert 5 <= len(bent) <= 12, "a curve that stays flat to T=12 takes more nodes than a straight one"

@@ -24,6 +24,8 @@ MAX_DEPTH = max(len(p) for p in TEMPLATE_222)
 # Pseudo-counts pulling a depth's estimate towards all depths' (and those towards the prior):
 # a few dozen observations move it, one step does not.
 _PSEUDO_COUNT = 16.0
+# Tree sizes whose expected tokens per second are within this factor of the best one count as tied.
+_NEAR_BEST = 0.98
 # Counts halve when depth 1 has seen this many steps: the estimate follows changes in traffic.
 _MEMORY = 2048.0
 
@@ -91,10 +93,12 @@ def best_tree(cost: VerifyCost, probabilities: torch.Tensor) -> list[tuple[int, 
         return float(torch.prod(probabilities[torch.arange(len(path)), torch.tensor(path)]))
 
     ranked = most_probable_first([p for p in TEMPLATE_222 if max(p) < k], score)
-    best_size, best_rate, expected = 1, 0.0, 1.0
+    rates, expected = [], 1.0
     for size, path in enumerate(ranked, start=1):
         expected += score(path)
-        rate = expected / cost(size + 1)
-        if rate > best_rate:
-            best_size, best_rate = size, rate
+        rates.append(expected / cost(size + 1))
+    # The smallest tree within _NEAR_BEST of the best rate: the timings are noisy by a few
+    # percent, and where sizes tie within that, a smaller tree leaves more of a batch's forward
+    # and of the KV cache to other requests.
+    best_size = next(size for size, rate in enumerate(rates, start=1) if rate >= _NEAR_BEST * max(rates))
     return parents_first(ranked[:best_size])
