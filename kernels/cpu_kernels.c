@@ -1,17 +1,18 @@
 /* Float32 CPU kernels for x86-64 with AVX2 and FMA: the few-row linear layer and paged attention
  * for few queries (decoding, draft-tree verification). Loaded by cpu_kernels.py with ctypes.
  *
- * fl_linear: y[M, N] = x[M, K] @ W^T (+ bias). Built for the few rows of decoding and of verifying a draft tree (M = 1..16), where the
- * weights stream from memory once per step: W is packed once into panels of 8 output columns,
- * [ceil(N / 8)][K][8] (zero-padded), so one panel is one sequential stream, and a tile keeps
- * up to 12 rows' accumulators in registers (12 of AVX2's 16). Each weight vector loaded then
- * feeds up to 12 FMAs, so a step of 1 to 12 rows costs about one pass over the weights.
+ * fl_linear: y[M, N] = x[M, K] @ W^T (+ bias). Built for the few rows of decoding and of
+ * verifying a draft tree (M = 1..16), where the weights stream from memory once per step: W is
+ * packed once into panels of 8 output columns, [ceil(N / 8)][K][8] (zero-padded), so one panel
+ * is one sequential stream, and a tile keeps up to 12 rows' accumulators in registers (12 of
+ * AVX2's 16). Each weight vector loaded then feeds up to 12 FMAs, so a step of 1 to 12 rows
+ * costs about one pass over the weights.
  * Rows are taken in blocks of ROW_BLOCK; threads split a block's panels (OpenMP).
  * Each output is summed in k order, one FMA at a time.
  */
 #include <immintrin.h>
-#include <stdint.h>
 #include <math.h>
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
