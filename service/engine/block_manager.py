@@ -139,7 +139,11 @@ class BlockManager:
 
     def slots(self, seq: Sequence, start: int, end: int) -> torch.Tensor:
         """Cache slot ids of token offsets [start, end) of `seq` in the lower (or only) pool."""
-        return self._slots(seq.block_table, torch.arange(start, end))
+        return self.slots_at(seq, torch.arange(start, end))
+
+    def slots_at(self, seq: Sequence, offsets: torch.Tensor) -> torch.Tensor:
+        """Cache slot ids of the token offsets `offsets` of `seq` in the lower (or only) pool."""
+        return self._slots(seq.block_table, offsets)
 
     def upper_slots(self, seq: Sequence, index: torch.Tensor) -> torch.Tensor:
         """Slot ids of the upper table's entries at `index` (positions in `seq.upper_order`)."""

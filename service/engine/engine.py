@@ -380,14 +380,13 @@ class Engine:
     # ---- StepContext ---------------------------------------------------------------------
     def commit_kv(self, seq: Sequence, kept_offsets: list[int]) -> None:
         base = seq.num_computed
-        dst_offsets = list(range(base, base + len(kept_offsets)))
-        if kept_offsets != dst_offsets:
-            src = torch.cat([self.blocks.slots(seq, o, o + 1) for o in kept_offsets])
-            dst = self.blocks.slots(seq, base, base + len(kept_offsets))
+        kept, moved_to = torch.tensor(kept_offsets), torch.arange(base, base + len(kept_offsets))
+        if not torch.equal(kept, moved_to):
+            src, dst = self.blocks.slots_at(seq, kept), self.blocks.slots_at(seq, moved_to)
             upper_src = upper_dst = None
             if self.blocks.split is not None:  # a drafting sequence is never pruned: its upper table is in offset order
-                upper_src = self.blocks.upper_slots(seq, torch.tensor(kept_offsets)).to(self.device)
-                upper_dst = self.blocks.upper_slots(seq, torch.tensor(dst_offsets)).to(self.device)
+                upper_src = self.blocks.upper_slots(seq, kept).to(self.device)
+                upper_dst = self.blocks.upper_slots(seq, moved_to).to(self.device)
             self.kv.copy_slots(src.to(self.device), dst.to(self.device), upper_src, upper_dst)
         seq.num_computed = base + len(kept_offsets)
         self.blocks.truncate(seq, max(seq.num_computed, seq.num_tokens))

@@ -61,13 +61,8 @@ class ModelRunner:
             ids.extend(plan.tokens)
             positions.extend(plan.positions if plan.positions is not None else range(start, start + n))
             slot_parts.append(self.blocks.slots(seq, start, start + n))
-            if self.blocks.split is None:
-                pass
-            elif seq.upper_packed and seq.pruned_kept is None:  # pruned before the split in this very forward:
-                upper_parts.append(torch.zeros(n, dtype=torch.long))  # `_after_prune` sets the kept ones' slots
-            else:  # where the upper layers keep them (packed when pruned)
-                first = seq.upper_count(start)
-                upper_parts.append(self.blocks.upper_slots(seq, torch.arange(first, first + n)))
+            if self.blocks.split is not None:
+                upper_parts.append(self._upper_slot_mapping(seq, start, n))
             layouts.append(self._layout(plan, offset))
             logit_rows.extend(offset + i for i in plan.logits_at)
             if seq.input_embeds is not None:
@@ -103,6 +98,13 @@ class ModelRunner:
                 out[plan.seq.seq_id] = logits[i : i + k].cpu()
             i += k
         return out
+
+    def _upper_slot_mapping(self, seq: Sequence, start: int, n: int) -> torch.Tensor:
+        """Where a split cache's upper layers write offsets [start, start + n) of `seq`."""
+        if seq.upper_packed and seq.pruned_kept is None:  # pruned before the split in this very forward:
+            return torch.zeros(n, dtype=torch.long)  # `_after_prune` sets the kept ones' slots
+        first = seq.upper_count(start)  # packed when pruned: only the kept ones come first
+        return self.blocks.upper_slots(seq, torch.arange(first, first + n))
 
     @torch.inference_mode()
     def forward_cost(

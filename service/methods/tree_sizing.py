@@ -14,6 +14,7 @@ probable first.
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass
 
 import torch
@@ -56,7 +57,7 @@ class VerifyCost:
         ts, ys = self.tokens, self.seconds
         if len(ts) == 1:
             return ys[0]
-        i = max(1, min(len(ts) - 1, next((j for j, t in enumerate(ts) if t >= tokens), len(ts) - 1)))
+        i = min(max(bisect.bisect_left(ts, tokens), 1), len(ts) - 1)  # the segment [i - 1, i] holding T
         return ys[i - 1] + (ys[i] - ys[i - 1]) * (tokens - ts[i - 1]) / (ts[i] - ts[i - 1])
 
 

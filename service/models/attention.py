@@ -124,13 +124,6 @@ class AttentionBatch:
     ) -> torch.Tensor:
         """Group's packed q [B*n, H, D] -> [B*n, H, D]."""
         h, d = q.shape[1], q.shape[2]
-        if g.views is not None:
-            k_cache, v_cache = self.kv_caches[layer]
-            library = _cpu_kernels_for(q, k_cache, g.n)
-            if library is not None:
-                kv_index, mask = g.view_at(layer)
-                o = cpu_kernels.paged_attention(library, q.view(g.batch, g.n, h, d), k_cache, v_cache, kv_index, mask, self.scale)
-                return o.view(g.batch * g.n, h, d)
         qb = q.view(g.batch, g.n, h, d).transpose(1, 2)  # [B, H, n, D]
         if g.views is None:  # a prompt chunk starting at position 0: its own keys, causal
             kb = k.view(g.batch, g.n, -1, d).transpose(1, 2)
@@ -139,5 +132,9 @@ class AttentionBatch:
         else:
             k_cache, v_cache = self.kv_caches[layer]
             kv_index, mask = g.view_at(layer)
+            library = _cpu_kernels_for(q, k_cache, g.n)
+            if library is not None:  # [B, n, H, D] in and out: the packed layout
+                o = cpu_kernels.paged_attention(library, q.view(g.batch, g.n, h, d), k_cache, v_cache, kv_index, mask, self.scale)
+                return o.view(g.batch * g.n, h, d)
             o = paged_attention_ref(qb, k_cache, v_cache, kv_index, mask, scale=self.scale)
         return o.transpose(1, 2).reshape(g.batch * g.n, h, d)
