@@ -4,6 +4,13 @@
 
 `default` is what a request without `tree` gets: the tree chosen from the measured verify cost
 and the acceptance observed so far (it starts from a prior and learns as the run goes on).
+
+Protocol (as the paper's Spec-Bench runs): the adjacency table is first warmed on WARMUP, other
+prompts of the same categories (the traffic a server saw before), then every prompt is measured
+the first time the table sees it, the table carrying on from category to category. Every tree
+starts a category from the same table. `--repeat` also measures a second pass over the same
+prompts (a client that sends the same request again), reported apart as `<tree>-repeat`: that
+is the table's best case, not what a new prompt gets.
 Also measures what verifying T tokens in one forward costs relative to one token (the number
 that decides the tree size on this hardware). Single stream, greedy, float32, same model for
 all. Writes JSON (default bench/results/token_recycling.json) and prints tables. Run it on an
@@ -77,6 +84,24 @@ PROMPTS: dict[str, list[list[dict]]] = {
 }
 
 
+# Other prompts of the same kinds: the table's warm-up, never measured.
+WARMUP: list[list[dict]] = [
+    [{"role": "user", "content": "Name two healthy breakfast foods."}, {"role": "assistant", "content": "Oatmeal and yogurt with fruit."}, {"role": "user", "content": "Why is oatmeal healthy?"}],
+    [{"role": "user", "content": "Translate to Spanish: My brother works in a hospital near the station."}],
+    [{"role": "user", "content": "Translate to French: Please close the window before you leave the office."}],
+    [{"role": "user", "content": "Summarize this text: The library will open a new reading room next month. It will have "
+      "forty seats, free wifi and a corner for children. The room will be open every day from nine to nine, and "
+      "volunteers will help visitors find books."}],
+    [{"role": "user", "content": "What is photosynthesis?"}],
+    [{"role": "user", "content": "Who wrote Romeo and Juliet, and when?"}],
+    [{"role": "user", "content": "A train travels 60 kilometres per hour for 3 hours. How far does it go? Explain step by step."}],
+    [{"role": "user", "content": "Context: The Amazon river flows through Peru, Colombia and Brazil and carries more water "
+      "than any other river in the world.\n\nQuestion: Which countries does the Amazon flow through? Answer using the context."}],
+    [{"role": "user", "content": "Write a Python function that returns the largest number in a list."}],
+    [{"role": "user", "content": "Explain what this code does:\n\nfor i in range(10):\n    if i % 2 == 0:\n        print(i)\n"}],
+]
+
+
 def run_engine(engine, prompts: list[list[int]], max_tokens: int, spec: dict | None) -> dict:
     from freelunch.engine.request import GenerationRequest, SamplingParams
 
@@ -120,6 +145,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--trees", default="default,4,8,2.2.2", help="comma-separated: default, node counts, 2.2.2")
     parser.add_argument("--skip-hf", action="store_true")
+    parser.add_argument("--repeat", action="store_true", help="also measure a second pass over the same prompts")
     parser.add_argument("--out", default="bench/results/token_recycling.json")
     args = parser.parse_args(argv)
 
@@ -137,6 +163,8 @@ def main(argv: list[str] | None = None) -> dict:
         cat: [tok.apply_chat_template(m, tokenize=True, add_generation_prompt=True) for m in convs] for cat, convs in PROMPTS.items()
     }
     encoded = {c: [e if isinstance(e, list) else list(e["input_ids"]) for e in v] for c, v in encoded.items()}
+    warmup = [tok.apply_chat_template(m, tokenize=True, add_generation_prompt=True) for m in WARMUP]
+    warmup = [e if isinstance(e, list) else list(e["input_ids"]) for e in warmup]
     trees: list = [t if t in ("2.2.2", "default") else int(t) for t in args.trees.split(",")]
 
     engine = Engine(loaded, EngineConfig(kv_cache_gib=0.5))
@@ -151,6 +179,7 @@ def main(argv: list[str] | None = None) -> dict:
 
         folder = gguf_to_folder(source.path) if source.is_gguf else source.path
         hf_model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+    run_engine(engine, warmup, args.max_tokens, {"method": "token_recycling"})  # the traffic before
     for cat, prompts in encoded.items():
         row: dict = {}
         # Plain decoding runs before and after the speculative runs (their mean is the baseline):
@@ -159,14 +188,15 @@ def main(argv: list[str] | None = None) -> dict:
         tables = engine.info.shared_state.setdefault("token_recycling", {})
         start_state, kept_state = copy.deepcopy(tables), None
         for tree in trees:
-            # Every tree starts from the same tables (those from the earlier categories: the paper's
-            # "inherit"), warms them on this category once, then is measured.
+            # Every tree starts from the same tables (warmed on WARMUP and the earlier categories:
+            # the paper's "inherit") and meets this category's prompts for the first time.
             tables.clear()
             tables.update(copy.deepcopy(start_state))
             spec = {"method": "token_recycling"} | ({} if tree == "default" else {"tree": tree})
-            run_engine(engine, prompts, args.max_tokens, spec)
             row[f"tr-{tree}"] = run_engine(engine, prompts, args.max_tokens, spec)
             kept_state = kept_state or copy.deepcopy(tables)  # the first tree's (default's) tables go on
+            if args.repeat:
+                row[f"tr-{tree}-repeat"] = run_engine(engine, prompts, args.max_tokens, spec)
         tables.clear()
         tables.update(kept_state or start_state)
         after = run_engine(engine, prompts, args.max_tokens, None)

@@ -120,26 +120,64 @@ def test_bad_options_are_refused(loaded):
             engine.add_request(GenerationRequest("b", [1, 2, 3], SamplingParams(), {"speculative": bad}))
 
 
-def test_always_right_tree_reaches_full_depth(tmp_path):
-    """A model whose next token depends only on the current one: after one pass the table is exact."""
-    folder = tmp_path / "markov"
+@pytest.fixture(scope="module")
+def markov(tmp_path_factory):
+    """A model whose next token depends only on the current one."""
+    folder = tmp_path_factory.mktemp("markov")
     hf = build_tiny_model(folder, "llama", seed=3)
     with torch.no_grad():
         for layer in hf.model.layers:  # no attention or MLP output: logits = f(current token)
             layer.self_attn.o_proj.weight.zero_()
             layer.mlp.down_proj.weight.zero_()
     hf.save_pretrained(folder, safe_serialization=True)
-    loaded = load_model(resolve_source(str(folder)), "float32")
-    engine = _engine(loaded)
-    prompt = loaded.tokenizer.encode("a b c")
+    return load_model(resolve_source(str(folder)), "float32")
+
+
+def _greedy_request(rid: str, prompt: list[int], max_tokens: int, spec: dict | None = None) -> GenerationRequest:
+    methods = {"speculative": dict(spec)} if spec is not None else {}
+    return GenerationRequest(rid, prompt, SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True), methods)
+
+
+def test_always_right_tree_reaches_full_depth(markov):
+    """After one pass the table holds the model's exact continuations."""
+    engine = _engine(markov)
+    prompt = markov.tokenizer.encode("a b c")
     spec = {"method": "token_recycling", "tree": "2.2.2"}
-    req = lambda rid: GenerationRequest(rid, prompt, SamplingParams(max_tokens=60, temperature=0, ignore_eos=True), {"speculative": dict(spec)})  # noqa: E731
-    plain = _run(_engine(loaded), [GenerationRequest("x", prompt, SamplingParams(max_tokens=60, temperature=0, ignore_eos=True))])["x"]
-    assert _run(engine, [req("warm")])["warm"] == plain
-    assert _run(engine, [req("hot")])["hot"] == plain
+    plain = _run(_engine(markov), [_greedy_request("x", prompt, 60)])["x"]
+    assert _run(engine, [_greedy_request("warm", prompt, 60, spec)])["warm"] == plain
+    assert _run(engine, [_greedy_request("hot", prompt, 60, spec)])["hot"] == plain
     stats = _run.stats["hot"]
     depth = max(len(p) for p in TEMPLATE_222)
     assert stats["mean_accepted_tokens_per_step"] > depth  # ~depth + 1 tokens per forward
+
+
+def test_a_fresh_table_drafts_the_prompts_own_continuations(markov):
+    """A prompt that holds its answer (as a text to translate or to edit does) is drafted from at
+    once: the prompt seeds the table, so even a new table accepts whole paths from the first step."""
+    start = markov.tokenizer.encode("a")
+    chain = start + _run(_engine(markov), [_greedy_request("x", start, 40)])["x"]
+    prompt = chain + chain[:1]  # its continuation is chain[1:], every pair of which the prompt shows
+    spec = {"method": "token_recycling", "tree": "2.2.2"}
+    plain = _run(_engine(markov), [_greedy_request("p", prompt, 30)])["p"]
+    assert plain[:20] == chain[1:21]
+    assert _run(_engine(markov), [_greedy_request("s", prompt, 30, spec)])["s"] == plain
+    depth = max(len(p) for p in TEMPLATE_222)
+    assert _run.stats["s"]["mean_accepted_tokens_per_step"] > depth
+
+
+def test_seeding_puts_the_last_successor_first():
+    table = AdjacencyTable(vocab=10, k=3)
+    table.table[1] = torch.tensor([4, 5, 6])
+    table.table[2] = torch.tensor([7, 3, 8])
+    table.seed([1, 3, 2, 3, 1, 5, 2, 9])
+    # 1 -> 5 (its last successor) ahead of the old candidates; 2 -> 9; 3 -> 1 (a new row); 5 -> 2
+    assert table.table[:6].tolist() == [[0, 0, 0], [5, 4, 6], [9, 7, 3], [1, 0, 0], [0, 0, 0], [2, 0, 0]]
+    table.seed([3, 2])  # already a candidate: it moves up, nothing is lost
+    table.seed([1, 6])
+    assert table.table[3].tolist() == [2, 1, 0] and table.table[1].tolist() == [6, 5, 4]
+    one = AdjacencyTable(vocab=4, k=1)
+    one.seed([0, 3, 0, 2])
+    assert one.table[0].tolist() == [2]
 
 
 def test_rarely_right_tree_still_lossless(loaded):

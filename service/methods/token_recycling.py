@@ -8,6 +8,11 @@ shared by every request of the model (the paper's "inherit"). Each step:
   accept  walk from the root taking the child equal to the model's argmax; the argmax at the
           last accepted node is the bonus token; only the accepted path's KV is kept;
   update  A[tree[n]] = top-k of the model's logits at node n, for every node.
+Beyond the paper, a request's prompt seeds the table before its first draft: each prompt token's
+successor in the prompt becomes its first candidate (`AdjacencyTable.seed`). The paper's table
+only learns from verified outputs, so a new prompt's words are unknown to it exactly where an
+answer copies them (translation, summaries, RAG, code edits); measured on first-seen prompts it
+raised the accepted tokens per step by about a fifth (bench/bench_token_recycling.py).
 Greedy acceptance is exact: the output equals plain greedy decoding token for token. Requests
 that sample (or use penalties / min_tokens, which make the target depend on the path) fall
 back to plain decoding and say so in `usage.method_stats.speculative.fallback`.
@@ -108,6 +113,23 @@ class AdjacencyTable:
         (later nodes win)."""
         self.table[tokens] = candidates
 
+    def seed(self, tokens: list[int]) -> None:
+        """Make each token's successor in `tokens` its first candidate, the others moving down one
+        rank (the last occurrence wins): the prompt's own continuations, free of any forward."""
+        if len(tokens) < 2:
+            return
+        ids = torch.tensor(tokens)
+        before, after = ids[:-1], ids[1:]
+        heads, where = torch.unique(before, return_inverse=True)
+        last = torch.zeros(len(heads), dtype=torch.long).scatter_reduce_(
+            0, where, torch.arange(len(before)), "amax", include_self=False
+        )
+        first = after[last]
+        rows = self.table[heads]
+        # the row's other candidates in their order, `first` (if present) sorted to the end
+        others = torch.sort((rows == first[:, None]).to(torch.uint8), dim=1, stable=True).indices
+        self.table[heads] = torch.cat([first[:, None], rows.gather(1, others)[:, :-1]], dim=1)
+
     def fill(self, root: int, tree: DraftTree) -> torch.Tensor:
         """Draft tokens [N+1] for the tree, breadth-first; node 0 is the root."""
         tokens = torch.empty(tree.size, dtype=torch.long)
@@ -187,6 +209,7 @@ class TokenRecycling(DecodingStrategy):
         self._rows: torch.Tensor | None = None  # the table's rows for the drafted tokens, as drafted
         self.max_len = model_info.max_model_len
         self._draft: torch.Tensor | None = None
+        self._seeded = self.fallback is not None  # a request that falls back never touches the table
         self.steps = self.draft_tokens = self.accepted_tokens = self.plain_steps = 0
 
     def tokens_needed(self) -> int:
@@ -205,6 +228,9 @@ class TokenRecycling(DecodingStrategy):
             or seq.num_computed + deepest + 1 >= self.max_len
         ):
             return super().plan(token_budget)
+        if not self._seeded:  # at its first draft: requests seed in the order they start drafting
+            self.table.seed(seq.token_ids)
+            self._seeded = True
         start = seq.num_computed
         self._draft = self.table.fill(seq.token_ids[-1], self.tree)
         self._rows = self.table.table[self._draft]
