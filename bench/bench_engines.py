@@ -83,8 +83,9 @@ def measure_engine(backend: str, args) -> dict:
     params = lambda: SamplingParams(max_tokens=args.max_tokens, temperature=0.0, ignore_eos=True)  # noqa: E731
     ids = prompts(engine.tokenizer, max(args.concurrency, args.single))
     run_engine(engine, [GenerationRequest("warm", ids[0], SamplingParams(max_tokens=8, temperature=0.0))])
-    if backend == "native-tr":  # the shared table learns from earlier outputs, as a server's does
-        run_engine(engine, [GenerationRequest(f"learn{i}", p, params(), dict(methods)) for i, p in enumerate(ids[: args.single])])
+    if backend == "native-tr":  # the shared table learns from earlier traffic, as a server's does: other prompts
+        others = prompts(engine.tokenizer, len(CHATS))[args.single :]
+        run_engine(engine, [GenerationRequest(f"learn{i}", p, params(), dict(methods)) for i, p in enumerate(others)])
     single_s, single_tok, ttft = 0.0, 0, []
     for i in range(args.single):
         s, n, first = run_engine(engine, [GenerationRequest(f"s{i}", ids[i], params(), dict(methods))])

@@ -146,8 +146,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--trees", default="default,4,8,2.2.2", help="comma-separated: default, node counts, 2.2.2")
     parser.add_argument("--skip-hf", action="store_true")
     parser.add_argument("--repeat", action="store_true", help="also measure a second pass over the same prompts")
+    parser.add_argument("--no-prompt-seed", action="store_true", help="ablation: the paper's table, unseeded by prompts")
     parser.add_argument("--out", default="bench/results/token_recycling.json")
     args = parser.parse_args(argv)
+    if args.no_prompt_seed:
+        from freelunch.methods.token_recycling import AdjacencyTable
+
+        AdjacencyTable.seed = lambda self, tokens: None  # this process only
 
     from freelunch.config import EngineConfig
     from freelunch.engine.engine import Engine
