@@ -126,9 +126,13 @@ class AdjacencyTable:
         )
         first = after[last]
         rows = self.table[heads]
-        # the row's other candidates in their order, `first` (if present) sorted to the end
-        others = torch.sort((rows == first[:, None]).to(torch.uint8), dim=1, stable=True).indices
-        self.table[heads] = torch.cat([first[:, None], rows.gather(1, others)[:, :-1]], dim=1)
+        # keep the row's other candidates in order: drop `first` where it is one (its first copy:
+        # a fresh row is all zeros), else the last candidate
+        match = rows == first[:, None]
+        match &= match.cumsum(1) == 1
+        match[:, -1] |= ~match.any(1)
+        others = rows[~match].view(len(heads), -1)
+        self.table[heads] = torch.cat([first[:, None], others], dim=1)
 
     def fill(self, root: int, tree: DraftTree) -> torch.Tensor:
         """Draft tokens [N+1] for the tree, breadth-first; node 0 is the root."""
