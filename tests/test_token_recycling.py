@@ -172,9 +172,11 @@ def test_seeding_puts_the_last_successor_first():
     table.seed([1, 3, 2, 3, 1, 5, 2, 9])
     # 1 -> 5 (its last successor) ahead of the old candidates; 2 -> 9; 3 -> 1 (a new row); 5 -> 2
     assert table.table[:6].tolist() == [[0, 0, 0], [5, 4, 6], [9, 7, 3], [1, 0, 0], [0, 0, 0], [2, 0, 0]]
-    table.seed([3, 2])  # already a candidate: it moves up, nothing is lost
-    table.seed([1, 6])
+    table.seed([3, 2])  # a new successor: the last candidate drops out
+    table.seed([1, 6])  # already a candidate: it moves up, nothing is lost
+    table.seed([5, 0])  # a row padded with zeros: one zero moves up, the row keeps its length
     assert table.table[3].tolist() == [2, 1, 0] and table.table[1].tolist() == [6, 5, 4]
+    assert table.table[5].tolist() == [0, 2, 0]
     one = AdjacencyTable(vocab=4, k=1)
     one.seed([0, 3, 0, 2])
     assert one.table[0].tolist() == [2]

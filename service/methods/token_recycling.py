@@ -12,7 +12,7 @@ Beyond the paper, a request's prompt seeds the table before its first draft: eac
 successor in the prompt becomes its first candidate (`AdjacencyTable.seed`). The paper's table
 only learns from verified outputs, so a new prompt's words are unknown to it exactly where an
 answer copies them (translation, summaries, RAG, code edits); measured on first-seen prompts it
-raised the accepted tokens per step by about a fifth (bench/bench_token_recycling.py).
+raised the accepted tokens per step by about a quarter (bench/bench_token_recycling.py).
 Greedy acceptance is exact: the output equals plain greedy decoding token for token. Requests
 that sample (or use penalties / min_tokens, which make the target depend on the path) fall
 back to plain decoding and say so in `usage.method_stats.speculative.fallback`.
