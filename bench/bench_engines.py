@@ -81,10 +81,10 @@ def measure_engine(backend: str, args) -> dict:
     startup = time.perf_counter() - t0
     methods = {"speculative": {"method": "token_recycling"}} if backend == "native-tr" else {}
     params = lambda: SamplingParams(max_tokens=args.max_tokens, temperature=0.0, ignore_eos=True)  # noqa: E731
-    ids = prompts(engine.tokenizer, max(args.concurrency, args.single))
+    ids = prompts(engine.tokenizer, max(args.concurrency, args.single, len(CHATS)))
     run_engine(engine, [GenerationRequest("warm", ids[0], SamplingParams(max_tokens=8, temperature=0.0))])
     if backend == "native-tr":  # the shared table learns from earlier traffic, as a server's does: other prompts
-        others = prompts(engine.tokenizer, len(CHATS))[args.single :]
+        others = ids[args.single : len(CHATS)]  # `ids` cycles through CHATS
         run_engine(engine, [GenerationRequest(f"learn{i}", p, params(), dict(methods)) for i, p in enumerate(others)])
     single_s, single_tok, ttft = 0.0, 0, []
     for i in range(args.single):

@@ -164,12 +164,13 @@ def main(argv: list[str] | None = None) -> dict:
     source = resolve_source(args.model)
     loaded = load_model(source, "float32")
     tok = loaded.tokenizer
-    encoded = {
-        cat: [tok.apply_chat_template(m, tokenize=True, add_generation_prompt=True) for m in convs] for cat, convs in PROMPTS.items()
-    }
-    encoded = {c: [e if isinstance(e, list) else list(e["input_ids"]) for e in v] for c, v in encoded.items()}
-    warmup = [tok.apply_chat_template(m, tokenize=True, add_generation_prompt=True) for m in WARMUP]
-    warmup = [e if isinstance(e, list) else list(e["input_ids"]) for e in warmup]
+
+    def encode(conversation: list[dict]) -> list[int]:
+        ids = tok.apply_chat_template(conversation, tokenize=True, add_generation_prompt=True)
+        return ids if isinstance(ids, list) else list(ids["input_ids"])  # newer transformers return a BatchEncoding
+
+    encoded = {cat: [encode(m) for m in convs] for cat, convs in PROMPTS.items()}
+    warmup = [encode(m) for m in WARMUP]
     trees: list = [t if t in ("2.2.2", "default") else int(t) for t in args.trees.split(",")]
 
     engine = Engine(loaded, EngineConfig(kv_cache_gib=0.5))

@@ -213,7 +213,7 @@ class TokenRecycling(DecodingStrategy):
         self._rows: torch.Tensor | None = None  # the table's rows for the drafted tokens, as drafted
         self.max_len = model_info.max_model_len
         self._draft: torch.Tensor | None = None
-        self._seeded = self.fallback is not None  # a request that falls back never touches the table
+        self._seeded = False  # the prompt seeds the table at the first draft (a fallback never drafts)
         self.steps = self.draft_tokens = self.accepted_tokens = self.plain_steps = 0
 
     def tokens_needed(self) -> int:
