@@ -1,7 +1,7 @@
 """Perplexity of the default dense model vs its training-free MoEfication (issue 6).
 
 python eval/moefication_ppl.py [--out bench/results/moefication.json]
-Held-out text below is different from the calibration text in service/models/moefication.py.
+Held-out text below is different from the calibration text in service/freelunch/models/moefication.py.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The CPU linear kernel (kernels/cpu_kernels.c): same results as F.linear, and a clean fallback.
+"""The CPU linear kernel (freelunch/kernels/cpu_kernels.c): same results as F.linear, and a clean fallback.
 
 Every engine-parity test also runs through it: the loader packs float32 CPU linears with it.
 """

@@ -1,4 +1,4 @@
-"""MoEfication (service/models/moefication.py): a tiny seeded dense Llama converted to Qwen2-MoE.
+"""MoEfication (service/freelunch/models/moefication.py): a tiny seeded dense Llama converted to Qwen2-MoE.
 
 With every expert active the converted model is the dense model (transformers Qwen2-MoE vs transformers
 Llama, logits to float error); the converted folder loads in our engine, whose greedy tokens equal
