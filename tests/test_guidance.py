@@ -6,7 +6,6 @@ from __future__ import annotations
 import httpx
 import pytest
 import torch
-from transformers import LogitsProcessor, LogitsProcessorList, UnbatchedClassifierFreeGuidanceLogitsProcessor
 
 from freelunch.config import EngineConfig
 from freelunch.engine.engine import Engine, EngineError
@@ -166,32 +165,36 @@ def test_penalties_apply_after_guidance_as_transformers(loaded, tiny_llama):
     assert _run(_engine(loaded), [_req("r", ids, g, max_tokens=20, repetition_penalty=1.3)])["r"] == expected
 
 
-class _Rescaled(LogitsProcessor):
-    """transformers' CFG followed by the rescale `phi * guided + (1 - phi) * log_softmax(cond)`."""
-
-    def __init__(self, cfg: UnbatchedClassifierFreeGuidanceLogitsProcessor, phi: float) -> None:
-        self.cfg, self.phi = cfg, phi
-
-    def __call__(self, input_ids, scores):
-        cond = torch.log_softmax(scores, -1)
-        return self.phi * self.cfg(input_ids, scores) + (1 - self.phi) * cond
-
-
-def test_rescale(loaded, tiny_llama):
+def test_rescale_is_lin_et_al_std_rescale(loaded, tiny_llama):
+    """rescale phi: r = g * std(cond) / std(g), then phi * r + (1 - phi) * g on log-probabilities
+    (Lin et al. 2023 eq. 15-16). A positive factor on g: greedy tokens stay those of plain guidance,
+    the reported (guided) logprobs are the rescaled distribution's, computed here from HF's logits."""
     _, hf_model = tiny_llama
     tok = loaded.tokenizer
     ids, neg = tok.encode(PROMPTS[2]), tok.encode(NEGATIVE)
     g = {"scale": 3.0, "negative_prompt_ids": neg}
-    plain = _hf(hf_model, ids)
     guided = _hf(hf_model, ids, scale=3.0, negative=neg)
-    cfg = UnbatchedClassifierFreeGuidanceLogitsProcessor(3.0, hf_model, torch.tensor([neg]))
-    half = _hf(hf_model, ids, logits_processor=LogitsProcessorList([_Rescaled(cfg, 0.5)]))
-    got = _run(_engine(loaded), [_req("one", ids, g | {"rescale": 1.0}), _req("zero", ids, g | {"rescale": 0}), _req("half", ids, g | {"rescale": 0.5})])
-    assert got == {"one": guided, "zero": plain, "half": half}
-    assert len({tuple(plain), tuple(guided), tuple(half)}) > 1
-    cond, uncond = torch.randn(50), torch.randn(50)
-    torch.testing.assert_close(guide(cond, uncond, 2.0, 0.0), torch.log_softmax(cond, -1))
-    torch.testing.assert_close(guide(cond, uncond, 1.0, None), torch.log_softmax(cond, -1))
+    reqs = [_req(f"phi{phi}", ids, g | {"rescale": phi}, logprobs=3) for phi in (0, 0.5, 1.0)]
+    got = _run(_engine(loaded), reqs)
+    assert got == {"phi0": guided, "phi0.5": guided, "phi1.0": guided}
+    with torch.no_grad():
+        cond = torch.log_softmax(hf_model(torch.tensor([ids])).logits[0, -1].float(), -1)
+        uncond = torch.log_softmax(hf_model(torch.tensor([neg])).logits[0, -1].float(), -1)
+    plain = 3.0 * (cond - uncond) + uncond
+    for phi in (0, 0.5, 1.0):
+        direct = phi * plain * (cond.std() / plain.std()) + (1 - phi) * plain
+        first = _run.logprobs[f"phi{phi}"][0]
+        expected = torch.log_softmax(direct, -1)
+        assert first.token_id == guided[0]
+        assert first.logprob == pytest.approx(float(expected[guided[0]]), abs=1e-4)
+        assert [t for t, _ in first.top] == expected.topk(3).indices.tolist()
+    # the rescale calms the guided distribution: scale 3 sharpens it, the rescale undoes some of it
+    entropy = lambda lp: float(-(lp.exp() * lp).sum())  # noqa: E731
+    lps = {phi: torch.log_softmax(phi * plain * (cond.std() / plain.std()) + (1 - phi) * plain, -1) for phi in (0, 1.0)}
+    assert entropy(lps[1.0]) != pytest.approx(entropy(lps[0]), rel=1e-3)
+    c, u = torch.randn(50), torch.randn(50)
+    torch.testing.assert_close(guide(c, u, 1.0, 1.0), torch.log_softmax(c, -1))
+    torch.testing.assert_close(guide(c, u, 2.0, 0.0), guide(c, u, 2.0, None))
 
 
 # ---- identity and isolation --------------------------------------------------------------

@@ -12,6 +12,7 @@ _TYPES = {
     401: "authentication_error",
     403: "permission_error",
     404: "not_found_error",
+    405: "invalid_request_error",
     408: "timeout_error",
     413: "invalid_request_error",
     429: "rate_limit_error",
@@ -19,6 +20,8 @@ _TYPES = {
     503: "service_unavailable",
 }
 
+
+SERVED_ENDPOINTS = ("POST /v1/chat/completions", "POST /v1/completions", "GET /v1/models")
 
 _TYPE_NAMES = {"str", "int", "float", "bool", "list", "dict", "none", "bytes"}
 
@@ -75,7 +78,15 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(400, f"{param}: {msg}" if param else msg, param, "invalid_value")
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, e: StarletteHTTPException) -> JSONResponse:
+    async def _http(request: Request, e: StarletteHTTPException) -> JSONResponse:
+        if e.status_code in (404, 405):  # an endpoint (or method) this server does not have
+            return error_response(
+                404 if e.status_code == 404 else 405,
+                f"{request.method} {request.url.path} is not served here; this server serves "
+                f"{', '.join(SERVED_ENDPOINTS)}",
+                None,
+                "unknown_endpoint",
+            )
         return error_response(e.status_code, str(e.detail), None, None)
 
     @app.exception_handler(Exception)

@@ -8,6 +8,47 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+# Fields of OpenAI's and vLLM's request schemas that would change the output and that this server
+# does not serve: a 400 naming the field, never a plausible 200 that silently ignored it. A field
+# is refused when present with a value other than its no-op one (here; None = any value but null).
+UNSERVED_FIELDS: dict[str, object] = {
+    "response_format": None,
+    "tools": None,
+    "tool_choice": None,
+    "parallel_tool_calls": None,
+    "functions": None,
+    "function_call": None,
+    "logit_bias": None,
+    "structured_outputs": None,
+    "guided_json": None,
+    "guided_regex": None,
+    "guided_choice": None,
+    "guided_grammar": None,
+    "allowed_token_ids": None,
+    "bad_words": None,
+    "logits_processors": None,
+    "truncate_prompt_tokens": None,
+    "prompt_logprobs": None,
+    "use_beam_search": False,
+    "skip_special_tokens": True,
+    "return_tokens_as_token_ids": False,
+    "audio": None,
+    "web_search_options": None,
+    "chat_template": None,
+    "chat_template_kwargs": None,
+    "documents": None,
+    "echo": False,  # chat (vLLM); a declared field of completions
+}
+UNSERVED_MESSAGE_FIELDS: dict[str, object] = {"tool_calls": None, "tool_call_id": None, "function_call": None, "audio": None}
+
+
+def unserved(fields: dict[str, Any] | None, table: dict[str, object]) -> str | None:
+    """The first field of `fields` (a model's extras) that `table` refuses with this value."""
+    for name, value in (fields or {}).items():
+        if name in table and value is not None and value != table[name]:
+            return name
+    return None
+
 MAX_STOP_SEQUENCES = 16
 MAX_STOP_LENGTH = 256
 MAX_N = 16
@@ -20,9 +61,11 @@ class StreamOptions(BaseModel):
 
 
 class SamplingFields(BaseModel):
-    """Fields shared by both endpoints. Unknown fields are ignored, as OpenAI SDKs send extras."""
+    """Fields shared by both endpoints. Other fields are kept aside (`model_extra`): those in
+    UNSERVED_FIELDS are refused, the rest change nothing here (SDKs send `store`, `metadata`, ...)
+    and are ignored with one log line, as vLLM does."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="allow")
 
     model: str | None = None
     max_tokens: int | None = Field(default=None, ge=0)
@@ -83,7 +126,7 @@ class ImagePart(BaseModel):
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="allow")  # see UNSERVED_MESSAGE_FIELDS
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart | ImagePart] | None = None

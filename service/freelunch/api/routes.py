@@ -9,7 +9,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from freelunch.api.errors import error_response
+from freelunch.api.errors import APIError, error_response
 from freelunch.api.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, new_id, now
 from freelunch.api.serving import ChoiceState, Serving
 from freelunch.engine.request import RequestOutput, TokenLogprob
@@ -62,8 +62,17 @@ async def list_models(serving: ServingDep) -> ModelList:
     )
 
 
+@router.get("/v1/models/{model_id:path}")
+async def retrieve_model(model_id: str, serving: ServingDep) -> ModelCard:
+    if model_id not in serving.pool.models():
+        raise APIError(404, f"The model `{model_id}` does not exist", "model", "model_not_found")
+    return ModelCard(id=model_id, max_model_len=serving.pool.served.max_model_len)
+
+
 @router.post("/v1/chat/completions", response_model=None)
 async def chat_completions(body: ChatCompletionRequest, raw: Request, serving: ServingDep) -> Response:
+    serving.check_fields(body, body.messages)
+    include_usage, continuous = serving.stream_flags(body)
     model = serving.check_model(body.model)
     prompt = await serving.render_chat(body)
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
@@ -105,7 +114,6 @@ async def chat_completions(body: ChatCompletionRequest, raw: Request, serving: S
             headers=call.headers,
         )
 
-    include_usage = bool(body.stream_options and body.stream_options.include_usage)
     sent_role: set[int] = set()
 
     def chunk(choices: list[dict[str, Any]], usage: dict | None = None) -> dict:
@@ -148,13 +156,14 @@ async def chat_completions(body: ChatCompletionRequest, raw: Request, serving: S
             )
         return chunks
 
-    return await serving.sse(
-        call, render, lambda cs: chunk([], Serving.usage(cs, len(prompt))), include_usage
-    )
+    usage_of = lambda cs: Serving.usage(cs, len(prompt))  # noqa: E731
+    return await serving.sse(call, render, lambda cs: chunk([], usage_of(cs)), include_usage, usage_of if continuous else None)
 
 
 @router.post("/v1/completions", response_model=None)
 async def completions(body: CompletionRequest, raw: Request, serving: ServingDep) -> Response:
+    serving.check_fields(body)
+    include_usage, continuous = serving.stream_flags(body)
     model = serving.check_model(body.model)
     prompts = serving.completion_prompts(body)
     if body.suffix:
@@ -209,7 +218,6 @@ async def completions(body: CompletionRequest, raw: Request, serving: ServingDep
             headers=call.headers,
         )
 
-    include_usage = bool(body.stream_options and body.stream_options.include_usage)
     echoed: set[int] = set()
 
     def chunk(choices: list[dict], usage: dict | None = None) -> dict:
@@ -238,6 +246,5 @@ async def completions(body: CompletionRequest, raw: Request, serving: ServingDep
             )
         ]
 
-    return await serving.sse(
-        call, render, lambda cs: chunk([], Serving.usage(cs, prompt_tokens)), include_usage
-    )
+    usage_of = lambda cs: Serving.usage(cs, prompt_tokens)  # noqa: E731
+    return await serving.sse(call, render, lambda cs: chunk([], usage_of(cs)), include_usage, usage_of if continuous else None)

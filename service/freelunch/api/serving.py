@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import math
 import time
 from collections.abc import AsyncIterator
@@ -19,19 +20,29 @@ from freelunch.api.errors import APIError, error_body
 from freelunch.api.images import MAX_IMAGES_PER_REQUEST, ImageLoader, VisionPrompts
 from freelunch.api.metrics import Metrics
 from freelunch.api.protocol import (
+    UNSERVED_FIELDS,
+    UNSERVED_MESSAGE_FIELDS,
     ChatCompletionRequest,
     ChatMessage,
     CompletionRequest,
     ImagePart,
     SamplingFields,
     TextPart,
+    unserved,
 )
 from freelunch.api.rate_limit import RateLimited, RateLimiter
 from freelunch.config import ServerConfig
 from freelunch.engine.engine import EngineError
 from freelunch.engine.request import GenerationRequest, ImageInput, RequestOutput, SamplingParams, TokenLogprob
+from freelunch.methods import fallbacks
 from freelunch.pool.pool import PoolOverloaded, PoolUnavailable, WorkerPool
 from freelunch.pool.worker import WorkerDied
+
+log = logging.getLogger("freelunch.api")
+
+FINISH_REASONS = ("stop", "length", "abort", "error")
+# options a request asked for that decode as plain decoding (e.g. Token Recycling under sampling)
+FALLBACK_HEADER = "x-freelunch-fallback"
 
 
 class ChatPrompt(list):
@@ -114,6 +125,34 @@ class Serving:
         return methods
 
     # ---- request building ----------------------------------------------------------------
+    def check_fields(self, req: SamplingFields, messages: list[ChatMessage] | None = None, param: str = "messages") -> None:
+        """A 400 for a field that would change the output and that this server does not serve;
+        one log line for the others it ignores."""
+        name = unserved(req.model_extra, UNSERVED_FIELDS)
+        if name is not None:
+            raise APIError(400, f"`{name}` is not supported by this server", name, "unsupported_parameter")
+        for i, m in enumerate(messages or []):
+            name = unserved(m.model_extra, UNSERVED_MESSAGE_FIELDS)
+            if name is not None:
+                raise APIError(400, f"`{name}` in messages is not supported by this server", f"{param}.{i}.{name}", "unsupported_parameter")
+        ignored = sorted(k for k, v in (req.model_extra or {}).items() if v is not None)
+        if ignored:
+            log.info("ignored request fields (they change nothing here): %s", ", ".join(ignored)[:200])
+
+    @staticmethod
+    def stream_flags(req: SamplingFields) -> tuple[bool, bool]:
+        """(include_usage, continuous_usage_stats), refused where they cannot apply."""
+        opts = req.stream_options
+        if opts is None:
+            return False, False
+        if not req.stream:
+            raise APIError(400, "stream_options is only allowed with stream: true", "stream_options")
+        if opts.continuous_usage_stats and not opts.include_usage:
+            raise APIError(
+                400, "stream_options.continuous_usage_stats needs include_usage: true", "stream_options.continuous_usage_stats"
+            )
+        return opts.include_usage, opts.continuous_usage_stats
+
     def check_model(self, model: str | None) -> str:
         served = self.pool.served.name
         if model is not None and model not in self.pool.models():
@@ -234,6 +273,10 @@ class Serving:
                 parsed = TypeAdapter(list[ChatMessage]).validate_python(chat)
             except ValidationError as e:
                 raise APIError(400, f"{param} must be a list of chat messages: {e.errors()[0]['msg']}", param) from e
+            for i, m in enumerate(parsed):
+                name = unserved(m.model_extra, UNSERVED_MESSAGE_FIELDS)
+                if name is not None:
+                    raise APIError(400, f"`{name}` in {param} is not supported by this server", f"{param}.{i}.{name}")
             if parsed:
                 opts["negative_prompt_ids"] = list(self.chat_ids(parsed, True, False, param))
 
@@ -335,6 +378,9 @@ class Serving:
                 raise APIError(429, str(e), None, "rate_limit_exceeded", e.headers) from e
             except ValueError as e:
                 raise APIError(400, str(e), "max_tokens", "request_too_large") from e
+        fallen_back = fallbacks(requests[0]) if requests else {}
+        if fallen_back:  # also in usage.method_stats; a header reaches clients that read no usage
+            headers = {**headers, FALLBACK_HEADER: "; ".join(f"{name}: {why}" for name, why in fallen_back.items())}
         timeout = min(self.server.request_timeout, req.timeout or math.inf)
         return Call(requests, timeout, time.monotonic() + timeout, headers)
 
@@ -397,7 +443,8 @@ class Serving:
             choice.prompt_logprobs = out.prompt_logprobs
         choice.output_tokens = out.num_output_tokens
         if out.finished:
-            choice.finish_reason = "stop" if out.finish_reason == "stop" else "length"
+            # "abort" and "error" say so: a cut or failed choice is never passed off as `length`
+            choice.finish_reason = out.finish_reason if out.finish_reason in FINISH_REASONS else "error"
             choice.method_stats = out.method_stats
             ttft = None if choice.first_token_at is None else choice.first_token_at - started
             self.metrics.observe_finished(
@@ -451,9 +498,10 @@ class Serving:
         self.metrics.request_failure.labels(reason="engine").inc()
         return APIError(500, str(e) or "engine error", None, "engine_error")
 
-    async def sse(self, call: Call, render, final_usage, include_usage: bool) -> StreamingResponse | JSONResponse:
+    async def sse(self, call: Call, render, final_usage, include_usage: bool, usage_of=None) -> StreamingResponse | JSONResponse:
         """Stream rendered chunks as SSE. The first output is awaited first, so that a request the
-        engine refuses still gets a proper JSON error status instead of a broken stream."""
+        engine refuses still gets a proper JSON error status instead of a broken stream.
+        `usage_of(choices)`, when given, puts the usage so far in every chunk (continuous usage)."""
         started = time.monotonic()
         choices = [ChoiceState(i, len(r.prompt_token_ids)) for i, r in enumerate(call.requests)]
         it = self.stream_choices(call).__aiter__()
@@ -475,6 +523,8 @@ class Serving:
                     index, out = item
                     self._record(choices[index], out, started)
                     for chunk in render(choices[index], out):
+                        if usage_of is not None:
+                            chunk["usage"] = usage_of(choices)
                         yield f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
                     try:
                         item = await it.__anext__()

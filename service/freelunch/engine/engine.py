@@ -158,7 +158,7 @@ class Engine:
         try:
             strategy = build_strategy(request, main, self.info)
         except ValueError as e:
-            raise EngineError(str(e)) from e
+            raise EngineError(str(e), getattr(e, "param", None)) from e
         self._place_images(request, strategy)
         if not self._fits_in_cache(strategy):
             capacity = self.blocks.capacity_tokens

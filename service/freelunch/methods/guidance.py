@@ -7,7 +7,11 @@ paper's first author). A guided request owns two rows, decoded in the same batch
           by default the last prompt token alone; both rows append every sampled token.
 Each step, on log-softmax values (transformers' exact form and operation order):
   guided = scale * (cond - uncond) + uncond
-and with `rescale` phi (METHODS.md; transformers has no rescale): phi * guided + (1 - phi) * cond.
+and with `rescale` phi, the std-based rescale of Lin et al. 2023 (eq. 15-16, diffusers'
+`rescale_noise_cfg`; transformers has none), on the log-probabilities:
+  rescaled = guided * std(cond) / std(guided);   guided' = phi * rescaled + (1 - phi) * guided
+It scales the guided log-probabilities by a positive factor (a temperature that undoes guidance's
+sharpening), so greedy output is unchanged and sampling is calmer.
 The guided values go to the engine's sampler, so the request's temperature / top-p / penalties
 apply after guidance (transformers runs the CFG processor first too) and the reported logprobs
 are the guided distribution's. Scale 1 is no guidance: like transformers, no shadow row is run
@@ -80,12 +84,14 @@ def parse_options(raw: Any, vocab: int, max_model_len: int) -> GuidanceOptions:
 
 
 def guide(cond: torch.Tensor, uncond: torch.Tensor, scale: float, rescale: float | None) -> torch.Tensor:
-    """Guided log-probabilities [vocab] from the two rows' logits [vocab] (transformers' CFG)."""
+    """Guided log-probabilities [vocab] from the two rows' logits [vocab] (transformers' CFG),
+    std-rescaled by `rescale` phi (Lin et al. 2023, eq. 15-16)."""
     cond = torch.log_softmax(cond, dim=-1)
     uncond = torch.log_softmax(uncond, dim=-1)
     guided = scale * (cond - uncond) + uncond
-    if rescale is not None:
-        guided = rescale * guided + (1 - rescale) * cond
+    if rescale:
+        rescaled = guided * (cond.std() / guided.std())
+        guided = rescale * rescaled + (1 - rescale) * guided
     return guided
 
 

@@ -304,6 +304,6 @@ class TokenRecycling(DecodingStrategy):
         return stats
 
 
-@register("speculative")
+@register("speculative", fallback=fallback_reason)
 def build(request: GenerationRequest, main: Sequence, model_info: Any) -> DecodingStrategy:
     return TokenRecycling(request, main, model_info)

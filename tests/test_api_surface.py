@@ -1,0 +1,148 @@
+"""What the API says is true: unserved fields are refused by name, unserved endpoints say so,
+a cut choice says why, and a method that falls back says so in a header."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+from openai import NotFoundError, OpenAI
+
+CHAT = "/v1/chat/completions"
+COMPLETIONS = "/v1/completions"
+MESSAGES = [{"role": "user", "content": "Say something."}]
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    base, *_ = server
+    return OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0)
+
+
+@pytest.mark.parametrize(
+    "path, extra, param",
+    [
+        (CHAT, {"response_format": {"type": "json_object"}}, "response_format"),
+        (CHAT, {"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
+        (CHAT, {"tool_choice": "required"}, "tool_choice"),
+        (CHAT, {"parallel_tool_calls": False}, "parallel_tool_calls"),
+        (CHAT, {"logit_bias": {"42": 100}}, "logit_bias"),
+        (COMPLETIONS, {"logit_bias": {"42": -100}}, "logit_bias"),
+        (COMPLETIONS, {"guided_json": {"type": "object"}}, "guided_json"),
+        (CHAT, {"structured_outputs": {"regex": "[a-z]+"}}, "structured_outputs"),
+        (CHAT, {"skip_special_tokens": False}, "skip_special_tokens"),
+        (CHAT, {"use_beam_search": True}, "use_beam_search"),
+    ],
+)
+def test_an_unserved_field_is_a_400_naming_it(server, path, extra, param):
+    base, *_ = server
+    body = {"messages": MESSAGES} if path == CHAT else {"prompt": "hi"}
+    r = httpx.post(base + path, json=body | extra | {"max_tokens": 2})
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == param and error["type"] == "invalid_request_error" and param in error["message"]
+
+
+@pytest.mark.parametrize(
+    "message, param",
+    [
+        ({"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}, "messages.1.tool_calls"),
+        ({"role": "tool", "content": "42", "tool_call_id": "c1"}, "messages.1.tool_call_id"),
+    ],
+)
+def test_tool_messages_are_refused_by_name(server, message, param):
+    base, *_ = server
+    r = httpx.post(base + CHAT, json={"messages": [MESSAGES[0], message], "max_tokens": 2})
+    assert r.status_code == 400 and r.json()["error"]["param"] == param
+
+
+def test_fields_that_change_nothing_are_still_accepted(server):
+    base, *_ = server
+    body = {"messages": MESSAGES, "max_tokens": 2, "store": False, "metadata": {"a": "b"}, "service_tier": "auto",
+            "skip_special_tokens": True, "parallel_tool_calls": None}
+    assert httpx.post(base + CHAT, json=body).status_code == 200
+
+
+def test_models_retrieve_as_openai(server, client):
+    _, name, *_ = server
+    model = client.models.retrieve(name)
+    assert model.id == name and model.object == "model" and model.owned_by
+    with pytest.raises(NotFoundError) as e:
+        client.models.retrieve("no-such-model")
+    assert e.value.body["code"] == "model_not_found" and e.value.body["param"] == "model"
+
+
+@pytest.mark.parametrize("method, path", [("POST", "/v1/embeddings"), ("POST", "/v1/responses"), ("GET", "/v1/files")])
+def test_unserved_endpoints_say_so(server, method, path):
+    base, *_ = server
+    r = httpx.request(method, base + path, json={"model": "m", "input": "hi"})
+    assert r.status_code == 404
+    error = r.json()["error"]
+    assert path in error["message"] and "/v1/chat/completions" in error["message"]
+    assert error["code"] == "unknown_endpoint" and error["type"] == "not_found_error"
+
+
+def _events(r: httpx.Response) -> list[dict]:
+    lines = [line[6:] for line in r.text.splitlines() if line.startswith("data: ")]
+    assert lines[-1] == "[DONE]"
+    return [json.loads(line) for line in lines[:-1]]
+
+
+@pytest.mark.parametrize("path", [CHAT, COMPLETIONS])
+def test_continuous_usage_stats(server, path):
+    base, *_ = server
+    body = {"messages": MESSAGES} if path == CHAT else {"prompt": "hi"}
+    body |= {"max_tokens": 6, "ignore_eos": True, "temperature": 0, "stream": True,
+             "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
+    events = _events(httpx.post(base + path, json=body))
+    counts = [e["usage"]["completion_tokens"] for e in events]
+    assert all(e["usage"] is not None for e in events)
+    assert counts == sorted(counts) and counts[-1] == 6 and counts[0] < 6
+    assert events[-1]["choices"] == [] and events[-1]["usage"]["total_tokens"] == events[-1]["usage"]["prompt_tokens"] + 6
+
+
+def test_stream_options_refused_where_they_cannot_apply(server):
+    base, *_ = server
+    r = httpx.post(base + CHAT, json={"messages": MESSAGES, "stream_options": {"include_usage": True}})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "stream_options"
+    r = httpx.post(base + CHAT, json={"messages": MESSAGES, "stream": True, "stream_options": {"continuous_usage_stats": True}})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "stream_options.continuous_usage_stats"
+
+
+def test_token_recycling_fallback_is_a_header(server):
+    base, *_ = server
+    spec = {"speculative": {"method": "token_recycling"}}
+    sampled = httpx.post(base + COMPLETIONS, json={"prompt": "hi", "max_tokens": 2, "temperature": 0.8, "seed": 1} | spec)
+    assert sampled.status_code == 200
+    assert sampled.headers["x-freelunch-fallback"].startswith("speculative: sampling")
+    assert "fallback" in sampled.json()["usage"]["method_stats"]["speculative"]
+    greedy = httpx.post(base + COMPLETIONS, json={"prompt": "hi", "max_tokens": 2, "temperature": 0} | spec)
+    assert greedy.status_code == 200 and "x-freelunch-fallback" not in greedy.headers
+    with httpx.stream("POST", base + COMPLETIONS, json={"prompt": "hi", "max_tokens": 2, "temperature": 1, "stream": True} | spec) as r:
+        assert r.headers["x-freelunch-fallback"].startswith("speculative:")
+
+
+def test_moe_contrast_on_a_dense_model_names_its_parameter(server):
+    base, *_ = server
+    r = httpx.post(base + COMPLETIONS, json={"prompt": "hi", "max_tokens": 2, "moe_contrast": {"beta": 0.5}})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "moe_contrast"
+    assert "dense" in r.json()["error"]["message"]
+
+
+def test_an_aborted_choice_says_abort_not_length(server):
+    """A generation the engine stops (here: aborted on the worker mid-stream) ends with
+    finish_reason "abort", never a plausible "length"."""
+    base, _, _, worker = server
+    body = {"prompt": "hi", "max_tokens": 200, "ignore_eos": True, "temperature": 0, "stream": True}
+    finish = []
+    with httpx.stream("POST", base + COMPLETIONS, json=body) as r:
+        lines = r.iter_lines()
+        for line in lines:
+            if line.startswith("data: {"):
+                worker.abort(json.loads(line[6:])["id"] + "-0")
+                break
+        for line in lines:
+            if line.startswith("data: {"):
+                finish += [c["finish_reason"] for c in json.loads(line[6:])["choices"] if c["finish_reason"]]
+    assert finish == ["abort"]
