@@ -118,11 +118,8 @@ def main(argv: list[str] | None = None) -> int:
 
         return run_bench(args)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    import uvicorn
-    from freelunch.api.app import create_app
     from freelunch.config import EngineConfig, ServerConfig
     from freelunch.models.loader import ModelLoadError
-    from freelunch.pool.pool import WorkerPool
     from freelunch.pool.process_worker import start_process_workers
     from freelunch.pool.worker import ThreadWorker
 
@@ -158,13 +155,23 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError("--native-workers goes with --engine vllm (the native engine's workers are --workers)")
         if args.speculative != "none" and config.engine == "vllm" and not args.native_workers:
             raise ValueError("--speculative runs on native workers: with --engine vllm, add --native-workers N")
+        waits = []
         if server.workers == 0:
             workers = [ThreadWorker.load(config)]
         else:
-            workers = start_process_workers(config, server.workers, args.log_level)
+            workers, wait = start_process_workers(config, server.workers, args.log_level)
+            waits.append(wait)
         if args.native_workers:
             native = replace(config, engine="native", num_threads=None)
-            workers += start_process_workers(native, args.native_workers, args.log_level, name_prefix="native-")
+            more, wait = start_process_workers(native, args.native_workers, args.log_level, name_prefix="native-")
+            workers, waits = workers + more, waits + [wait]
+        # the API side's imports and tokenizer load while the workers load their models
+        import uvicorn
+        from freelunch.api.app import create_app
+        from freelunch.pool.pool import WorkerPool
+
+        for wait in waits:
+            wait(900.0)
     except (ValueError, OSError, ModelLoadError, RuntimeError, TimeoutError) as e:
         print(f"freelunch: {e}", file=sys.stderr)
         return 2

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -91,7 +92,7 @@ def resolve_dtype(dtype: str, hf_config, from_gguf: bool) -> torch.dtype:
         return table[dtype]
     if from_gguf:
         return torch.float32  # dequantised GGUF weights are float32
-    declared = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
+    declared = getattr(hf_config, "dtype", None)  # transformers 5 reads a config's torch_dtype into dtype
     if isinstance(declared, str):
         declared = table.get(declared)
     # float16 matmuls are slow on CPUs; bf16 keeps the range of the checkpoint.
@@ -177,6 +178,21 @@ def load_tokenizer(source: ModelSource):
     return AutoTokenizer.from_pretrained(str(source.path), trust_remote_code=False)
 
 
+@contextlib.contextmanager
+def _no_weight_init():
+    """Build modules without their random init (as transformers' `no_init_weights`): a second of
+    start-up for a 135M model on one core, for values the checkpoint replaces."""
+    layers = (torch.nn.Linear, torch.nn.Embedding, torch.nn.Conv2d, torch.nn.LayerNorm)
+    saved = {cls: cls.reset_parameters for cls in layers}
+    for cls in layers:
+        cls.reset_parameters = lambda self: None
+    try:
+        yield
+    finally:
+        for cls, reset in saved.items():
+            cls.reset_parameters = reset
+
+
 def load_model(source: ModelSource, dtype: str = "auto", device: str = "cpu") -> LoadedModel:
     from freelunch.models import ARCHITECTURES
     from freelunch.models.llama import DecoderConfig
@@ -191,7 +207,8 @@ def load_model(source: ModelSource, dtype: str = "auto", device: str = "cpu") ->
     torch_dtype = resolve_dtype(dtype, hf_config, from_gguf)
     tensors = _read_gguf(source.path, hf_config) if source.is_gguf else _read_safetensors(source.path)
     cfg = DecoderConfig.from_hf(hf_config)
-    model = cls(cfg, hf_config)
+    with _no_weight_init():  # every weight is overwritten from the checkpoint next
+        model = cls(cfg, hf_config)
     model.load_hf_state_dict(tensors)
     del tensors
     # Convert parameters only: RoPE tables stay float32 like transformers' own.
