@@ -82,6 +82,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-tokens", type=int, default=64, help="tokens per request (forced with ignore_eos)"
     )
     parser.add_argument("--repeats", type=int, default=3, help="single-stream requests per mode (medians)")
+    parser.add_argument(
+        "--spec-max-tokens", type=int, default=128, help="tokens per chat in the Token Recycling measurement"
+    )
     parser.add_argument("--concurrency", default="1,4,16", help="comma-separated concurrency levels")
     parser.add_argument(
         "--options", default=",".join([*OPTIONS, *SKIPPED]), help="method options to compare with plain"
@@ -101,6 +104,7 @@ class Stream:
     end: float = 0.0
     error: str | None = None
     method_stats: dict[str, Any] | None = None
+    text: str = ""
 
     @property
     def ttft(self) -> float:
@@ -119,23 +123,29 @@ class Stream:
 
 
 async def stream_once(
-    client: httpx.AsyncClient, model: str | None, prompt: str, max_tokens: int, extra: dict[str, Any]
+    client: httpx.AsyncClient,
+    model: str | None,
+    prompt: str | list[dict[str, Any]],
+    max_tokens: int,
+    extra: dict[str, Any],
+    ignore_eos: bool = True,
 ) -> Stream:
-    """One greedy streamed completion of exactly `max_tokens` tokens, with the body fields `extra`
-    (method options; `PLAIN` for plain decoding whatever the server's defaults); also used by
-    bench/bench_http.py."""
+    """One greedy streamed completion (a chat when `prompt` is a list of messages) of up to
+    `max_tokens` tokens (exactly, with `ignore_eos`), with the body fields `extra` (method options;
+    `PLAIN` for plain decoding whatever the server's defaults); also used by bench/bench_http.py."""
+    chat = isinstance(prompt, list)
     body = {
         "model": model,
-        "prompt": prompt,
+        **({"messages": prompt} if chat else {"prompt": prompt}),
         "max_tokens": max_tokens,
         "temperature": 0,
-        "ignore_eos": True,
+        "ignore_eos": ignore_eos,
         "stream": True,
         "stream_options": {"include_usage": True},
         **extra,
     }
     s = Stream(status=0, start=time.perf_counter())
-    async with client.stream("POST", "/v1/completions", json=body) as r:
+    async with client.stream("POST", "/v1/chat/completions" if chat else "/v1/completions", json=body) as r:
         s.status = r.status_code
         if r.status_code != 200:
             raw = (await r.aread()).decode(errors="replace")
@@ -154,11 +164,78 @@ async def stream_once(
             elif chunk.get("usage"):
                 s.tokens = chunk["usage"]["completion_tokens"]
                 s.method_stats = chunk["usage"].get("method_stats")
-            elif not s.first and chunk.get("choices") and chunk["choices"][0].get("text"):
-                s.first = time.perf_counter()
+            elif chunk.get("choices"):
+                choice = chunk["choices"][0]
+                piece = (choice.get("delta") or {}).get("content") if chat else choice.get("text")
+                if piece and not s.first:
+                    s.first = time.perf_counter()
+                s.text += piece or ""
     s.end = time.perf_counter()
     s.first = s.first or s.end
     return s
+
+
+SPEC_PROTOCOL = (
+    "Token Recycling the paper's way: the adjacency table is warmed on {warmup} chats, then each of {n} other chats "
+    "is decoded once with it (first sight), interleaved with plain decoding of the same chat; a second pass decodes "
+    "the same chats again (repeated prompt: the table has seen them). Greedy chat completions of up to {tokens} "
+    "tokens that end where the model stops; speed-up = plain time / Token Recycling time over all chats "
+    "(the outputs are the same tokens). The set: {n} hand-written chats in {categories} categories named after "
+    "Spec-Bench's, not Spec-Bench itself. Against a running server (--url), its table may have seen them already."
+)
+
+
+def spec_requests() -> int:
+    """Requests of the Token Recycling measurement: the warm-up, then two passes of (plain, TR) per chat."""
+    from freelunch.benchmark_prompts import SPEC_PROMPTS, SPEC_WARMUP
+
+    return len(SPEC_WARMUP) + 4 * sum(len(convs) for convs in SPEC_PROMPTS.values())
+
+
+async def measure_speculative(
+    client: httpx.AsyncClient, model: str, max_tokens: int, progress: Any
+) -> dict[str, Any]:
+    """First-sight and repeated-prompt speed-ups of Token Recycling over plain decoding (SPEC_PROTOCOL)."""
+    from freelunch.benchmark_prompts import SPEC_PROMPTS, SPEC_WARMUP
+
+    tr = OPTIONS["speculative"]
+    chats = [conv for convs in SPEC_PROMPTS.values() for conv in convs]
+
+    async def run(conv: list[dict[str, Any]], extra: dict[str, Any]) -> Stream:
+        s = await stream_once(client, model, conv, max_tokens, extra, ignore_eos=False)
+        if s.status != 200 or s.error:
+            raise RuntimeError(f"speculative: request failed ({s.status}): {s.error}")
+        progress.update(1)
+        return s
+
+    progress.set_description("speculative: warm-up")
+    for conv in SPEC_WARMUP:
+        await run(conv, tr)
+    passes: dict[str, tuple[list[Stream], list[Stream]]] = {}
+    for name in ("first_sight", "repeated"):
+        progress.set_description(f"speculative: {name}")
+        plain, spec = [], []
+        for conv in chats:  # interleaved, so that drift hits both alike
+            plain.append(await run(conv, PLAIN))
+            spec.append(await run(conv, tr))
+        passes[name] = (plain, spec)
+    result: dict[str, Any] = {
+        "protocol": SPEC_PROTOCOL.format(
+            warmup=len(SPEC_WARMUP), n=len(chats), tokens=max_tokens, categories=len(SPEC_PROMPTS)
+        )
+    }
+    for name, (plain, spec) in passes.items():
+        plain_s, spec_s = sum(r.e2e for r in plain), sum(r.e2e for r in spec)
+        accepted = [r.method_stats["speculative"]["mean_accepted_tokens_per_step"] for r in spec if r.method_stats]
+        result[name] = {
+            "speedup_vs_plain": plain_s / spec_s if spec_s else 0.0,
+            "plain_tps": sum(r.tokens for r in plain) / plain_s if plain_s else 0.0,
+            "speculative_tps": sum(r.tokens for r in spec) / spec_s if spec_s else 0.0,
+            "mean_accepted_tokens_per_step": statistics.mean(accepted) if accepted else 1.0,
+            "identical_outputs": sum(a.text == b.text for a, b in zip(plain, spec)),
+            "chats": len(chats),
+        }
+    return result
 
 
 def median(values: list[float]) -> float:
@@ -208,10 +285,13 @@ async def measure(
             progress.update(1)
         measured = [name for name in wanted if methods[name]["status"] == "ok"]
         progress.total -= args.repeats * (len(wanted) - len(measured))
+        if "speculative" in wanted and "speculative" not in measured:
+            progress.total -= spec_requests() - args.repeats
         progress.refresh()
 
-        # Single stream: plain and each option, interleaved so that drift hits them alike.
-        runs: dict[str, list[Stream]] = {name: [] for name in ["plain", *measured]}
+        # Single stream: plain and each option, interleaved so that drift hits them alike. Token
+        # Recycling is measured its own way (warm-up, then prompts its table has not seen).
+        runs: dict[str, list[Stream]] = {name: [] for name in ["plain", *measured] if name != "speculative"}
         for i in range(args.repeats):
             for name, done in runs.items():
                 progress.set_description(f"single stream: {name}")
@@ -223,7 +303,9 @@ async def measure(
                 done.append(s)
                 progress.update(1)
         plain = summarise(runs["plain"])
-        for name in measured:
+        if "speculative" in measured:
+            methods["speculative"].update(await measure_speculative(client, model, args.spec_max_tokens, progress))
+        for name in [m for m in measured if m in runs]:
             row = summarise(runs[name])
             row["speedup_vs_plain"] = plain["e2e_s"] / row["e2e_s"] if row["e2e_s"] else 0.0
             row["decode_tps_ratio_vs_plain"] = (
@@ -347,14 +429,28 @@ def markdown(result: dict[str, Any]) -> str:
     lines.append(
         f"| plain | {single['decode_tps']:.1f} | {single['ttft_s'] * 1e3:.0f} | {single['e2e_s']:.2f} | 1.00x | 1.00x |"
     )
+    spec = None
     for name, row in result["methods"].items():
         if row["status"] != "ok":
             lines.append(f"| {name} | {row['status']}: {row['reason']} | | | | |")
+            continue
+        if "first_sight" in row:
+            spec = row
             continue
         lines.append(
             f"| {name} | {row['decode_tps']:.1f} | {row['ttft_s'] * 1e3:.0f} | {row['e2e_s']:.2f} "
             f"| {row['speedup_vs_plain']:.2f}x | {row['ttft_ratio_vs_plain']:.2f}x |"
         )
+    if spec is not None:
+        lines += ["", "| Token Recycling | speed vs plain | plain tok/s | TR tok/s | accepted tokens/step | same output |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: |"]
+        for name in ("first_sight", "repeated"):
+            r = spec[name]
+            lines.append(
+                f"| {name.replace('_', ' ')} | {r['speedup_vs_plain']:.2f}x | {r['plain_tps']:.1f} | {r['speculative_tps']:.1f} "
+                f"| {r['mean_accepted_tokens_per_step']:.2f} | {r['identical_outputs']}/{r['chats']} |"
+            )
+        lines += ["", spec["protocol"]]
     return "\n".join(lines)
 
 
@@ -382,6 +478,8 @@ def run(args: argparse.Namespace) -> int:
                 serve_args = (["--model", args.model] if args.model else []) + shlex.split(args.server_args)
                 proc, base = start_server(serve_args, log, args.ready_timeout)
             total = 1 + len(wanted) + args.repeats * (1 + len(wanted)) + sum(levels)
+            if "speculative" in wanted:
+                total += spec_requests() - args.repeats
             with tqdm(total=total, unit="req", file=sys.stderr, disable=args.no_progress) as progress:
                 measured = asyncio.run(measure(base, headers, args, progress))
         except (RuntimeError, ValueError, httpx.HTTPError) as e:
