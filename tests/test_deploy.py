@@ -164,16 +164,17 @@ def test_example_manifests_are_valid_kubernetes():
 
 
 def get_routes() -> set[str]:
-    from freelunch.api.routes import router
+    from freelunch.api.routes import build_router
+    from freelunch.methods import method_specs
 
-    return {r.path for r in router.routes if "GET" in getattr(r, "methods", ())}
+    return {r.path for r in build_router(method_specs()).routes if "GET" in getattr(r, "methods", ())}
 
 
 def env_vars_read() -> set[str]:
     """FREELUNCH_* names the server reads: quoted literals in its source (cli.py's flags,
     FREELUNCH_API_KEY, FREELUNCH_CACHE_DIR, ...). Help texts mention names unquoted."""
     names: set[str] = set()
-    for folder in ("service", "kernels"):
+    for folder in ("service",):
         for f in (ROOT / folder).rglob("*.py"):
             names |= set(re.findall(r"""["'](FREELUNCH_[A-Z0-9_]+)["']""", f.read_text()))
     return names

@@ -117,11 +117,11 @@ def vlm_folder(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def api(vlm_folder, images_host):
-    """(base URL, Serving) of the API over the tiny LLaVA, fetching from 127.0.0.1 only."""
+    """(base URL, PromptRenderer) of the API over the tiny LLaVA, fetching from 127.0.0.1 only."""
     config = ServerConfig(allowed_image_hosts=("127.0.0.1", "*.example.invalid"), image_fetch_timeout=TIMEOUT)
     app, _ = tiny_app(vlm_folder, config)
     with live_server(app) as base:
-        yield base, app.state.serving
+        yield base, app.state.services.builder.renderer
 
 
 def data_url_of(data: bytes) -> str:

@@ -5,7 +5,7 @@ checked against an independent computation:
 - extra rows: a shadow sequence with its own prompt and KV cache;
 - draft and verify: a token tree with a custom mask, `commit_kv` compaction, several tokens per step;
 - prefill transform: tokens dropped before a layer (`prune_layer` / `prune_keep`).
-Strategies are registered into `freelunch.methods.STRATEGIES` only for the test that uses them.
+Strategies are registered (a `MethodSpec` in `freelunch.methods.METHODS`) only for the test that uses them.
 """
 
 from __future__ import annotations
@@ -17,7 +17,9 @@ from freelunch.engine.engine import Engine, EngineError
 from freelunch.engine.kv_cache import KVCache
 from freelunch.engine.request import GenerationRequest, SamplingParams, Sequence
 from freelunch.engine.strategy import DecodingStrategy, RowPlan, Sampled
-from freelunch.methods import STRATEGIES, load_builtin_methods
+from freelunch.methods import METHODS, load_builtin_methods
+from freelunch.methods.spec import MethodOptions, MethodSpec
+from pydantic import ConfigDict
 from freelunch.models.loader import load_model, resolve_source
 
 PROMPT_A = "Once upon a time, in a land far, far away, there lived a small dragon"
@@ -37,9 +39,19 @@ def setup(tiny_llama):
 @pytest.fixture(autouse=True)
 def _registry_is_restored():
     load_builtin_methods()  # the engine registers the shipped methods on first use
-    before = dict(STRATEGIES)
+    before = dict(METHODS)
     yield
-    assert STRATEGIES == before, "a test left a strategy registered"
+    assert METHODS == before, "a test left a strategy registered"
+
+
+class AnyOptions(MethodOptions):
+    """A test method's options: whatever the test passes."""
+
+    model_config = ConfigDict(extra="allow")
+
+
+def _register(monkeypatch, option, factory):
+    monkeypatch.setitem(METHODS, option, MethodSpec(option, AnyOptions, "a test method", factory))
 
 
 def make_engine(setup, kv_blocks=None, **config) -> Engine:
@@ -128,7 +140,7 @@ def _register_shadow(monkeypatch):
         opts = req.methods["test_shadow"]
         return ShadowStrategy(req, main, info, opts["prompt"], opts["mode"])
 
-    monkeypatch.setitem(STRATEGIES, "test_shadow", factory)
+    _register(monkeypatch, "test_shadow", factory)
 
 
 @pytest.mark.parametrize("chunk", [1024, 16])
@@ -316,7 +328,7 @@ def _register_draft(monkeypatch, truth, depth=3):
     def factory(req, main, info):
         return DraftVerifyStrategy(req, main, info, truth, depth, info.config.vocab_size)
 
-    monkeypatch.setitem(STRATEGIES, "test_draft", factory)
+    _register(monkeypatch, "test_draft", factory)
 
 
 def test_draft_and_verify_equals_plain_greedy(setup, monkeypatch):
@@ -435,7 +447,7 @@ def _register_prune(monkeypatch):
         opts = req.methods["test_prune"]
         return PruneStrategy(req, main, info, opts["layer"], opts["keep"])
 
-    monkeypatch.setitem(STRATEGIES, "test_prune", factory)
+    _register(monkeypatch, "test_prune", factory)
 
 
 def _reference_pruned(hf, ids, keep, layer, n):

@@ -310,3 +310,14 @@ def test_extreme_but_valid_settings_still_sample_a_token(extreme):
     if p.top_p < 1e-20 or p.temperature < 1e-5:
         assert tok == int(torch.argmax(logits))  # the limit of both is the argmax
     assert 0 <= tok < 64
+
+
+@pytest.mark.parametrize("penalty", [5e-324, 1e-30, 10.0])
+def test_a_masked_token_stays_masked_under_any_repetition_penalty(penalty):
+    """min_tokens masks EOS to -inf before penalties; an EOS in the prompt is a seen token, and
+    -inf times a penalty that rounds to 0 in float32 was NaN (a 500 found by fuzzing)."""
+    logits = torch.randn(50)
+    p = SamplingParams(min_tokens=2, repetition_penalty=penalty, temperature=1.0, seed=0)
+    rows = [SampleRow(logits, p, torch.Generator().manual_seed(0), [3, 7, 9], [], (3,))]
+    token, _ = sample(rows)[0]
+    assert token != 3

@@ -157,7 +157,7 @@ def test_a_draining_server_refuses_new_work_and_reports_unready(tiny_llama):
     folder, _ = tiny_llama
     app, _ = tiny_app(folder)
     with live_server(app) as base:
-        app.state.serving.pool.draining = True
+        app.state.services.pool.draining = True
         assert httpx.get(base + "/ready").status_code == 503
         r = httpx.post(base + "/v1/completions", json={"prompt": "hi", "max_tokens": 1})
         assert_error(r, 503, "service_unavailable", "unavailable")
@@ -167,7 +167,10 @@ def test_a_draining_server_refuses_new_work_and_reports_unready(tiny_llama):
 def test_token_recycling_tables_are_per_api_key(guarded):
     """One tenant's text must not shape another's drafts; a body cannot pick another's table."""
     base, _, worker = guarded
-    spec = {"method": "token_recycling", "scope": "key-someone-else"}
+    body = {"prompt": "hi", "max_tokens": 2, "speculative": {"method": "token_recycling", "scope": "key-someone-else"}}
+    r = httpx.post(base + "/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY_A}"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "speculative.scope"
+    spec = {"method": "token_recycling"}
     for key in (KEY_A, KEY_B):
         body = {"prompt": "one two three one two three", "max_tokens": 6, "temperature": 0, "speculative": spec}
         r = httpx.post(base + "/v1/completions", json=body, headers={"Authorization": f"Bearer {key}"})

@@ -5,7 +5,7 @@ import asyncio
 
 import pytest
 
-from freelunch.api.serving import get_within
+from freelunch.api.generation import get_within
 
 
 @pytest.mark.parametrize("ticks_before_cancel", range(6))

@@ -166,8 +166,8 @@ def main(argv: list[str] | None = None) -> int:
             more, wait = start_process_workers(native, args.native_workers, args.log_level, name_prefix="native-")
             workers, waits = workers + more, waits + [wait]
         # the API side's imports and tokenizer load while the workers load their models
-        import uvicorn
         from freelunch.api.app import create_app
+        from freelunch.api.http_server import DrainingServer, server_config
         from freelunch.pool.pool import WorkerPool
 
         for wait in waits:
@@ -184,27 +184,12 @@ def main(argv: list[str] | None = None) -> int:
     if not server.api_keys and args.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("no --api-key: anyone who can reach %s:%d can use this server", args.host, args.port)
 
-    class DrainingServer(uvicorn.Server):
-        """On SIGTERM/SIGINT: /ready turns 503 and new requests get 503 at once, while uvicorn
-        lets in-flight requests finish for up to --drain-timeout seconds."""
-
-        def handle_exit(self, sig: int, frame) -> None:
-            if not pool.draining:
-                log.info("draining: finishing %d in-flight generation(s), up to %.0f s", pool.in_flight, server.drain_timeout)
-            pool.draining = True
-            super().handle_exit(sig, frame)
-
-    uv_config = uvicorn.Config(
-        app,
-        host=args.host,
-        port=args.port,
-        log_level=args.log_level.lower(),
-        timeout_graceful_shutdown=server.drain_timeout,
-    )
+    # The drain is DrainingServer's; uvicorn's own graceful wait only covers what is left after it.
+    uv_config = server_config(app, args.host, args.port, log_level=args.log_level.lower(), timeout_graceful_shutdown=5)
     # uvicorn re-raises the signal it drained on once it is done: exit 0 then, without a traceback.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
-        DrainingServer(uv_config).run()
+        DrainingServer(uv_config, pool, server.drain_timeout).run()
     except KeyboardInterrupt:
         pass
     return 0

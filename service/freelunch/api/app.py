@@ -7,12 +7,19 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from freelunch import __version__
+from freelunch.api.building import RequestBuilder
+from freelunch.api.deps import Services
 from freelunch.api.errors import install_error_handlers
+from freelunch.api.formatting import Formatter
+from freelunch.api.generation import GenerationRunner
+from freelunch.api.images import ImageLoader
 from freelunch.api.metrics import Metrics
-from freelunch.api.routes import router
+from freelunch.api.rate_limit import RateLimiter
+from freelunch.api.rendering import PromptRenderer
+from freelunch.api.routes import build_router
 from freelunch.api.security import APIKeyAuth, BodySizeLimit
-from freelunch.api.serving import Serving
 from freelunch.config import ServerConfig
+from freelunch.methods import method_specs
 from freelunch.pool.pool import WorkerPool
 
 
@@ -32,9 +39,15 @@ def create_app(
 
     app = FastAPI(title="freelunch", version=__version__, lifespan=lifespan)
     metrics = Metrics(pool.stats, lambda: sum(w.alive for w in pool.workers))
-    app.state.serving = Serving(pool, metrics, default_methods, server)
+    served = pool.served
+    renderer = PromptRenderer(
+        served.tokenizer, served.max_model_len, ImageLoader(server.allowed_image_hosts, server.image_fetch_timeout)
+    )
+    limiter = RateLimiter(server.rate_limit_rpm, server.rate_limit_tpm)
+    builder = RequestBuilder(pool, renderer, metrics, default_methods or {}, limiter, server.request_timeout)
+    app.state.services = Services(pool, metrics, builder, GenerationRunner(pool, metrics), Formatter(served.tokenizer))
     install_error_handlers(app)
-    app.include_router(router)
+    app.include_router(build_router(method_specs()))
     # The last added runs first: authentication looks at headers only, before any body is read.
     app.add_middleware(BodySizeLimit, max_bytes=server.max_body_bytes)
     app.add_middleware(APIKeyAuth, keys=server.api_keys, protect_metrics=server.metrics_require_key)

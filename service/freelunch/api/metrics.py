@@ -30,7 +30,7 @@ class Metrics:
         )
         self.request_failure = Counter(
             "freelunch_request_failure",
-            "Requests refused or ended in an error (overloaded, rate_limited, timeout, worker_died, engine)",
+            "Requests refused or ended in an error (overloaded, rate_limited, timeout, worker_died, engine, shutdown)",
             ["reason"],
             registry=r,
         )

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
+
+from freelunch.methods.spec import TokenId
 
 # Fields of OpenAI's and vLLM's request schemas that would change the output and that this server
 # does not serve: a 400 naming the field, never a plausible 200 that silently ignored it. A field
@@ -49,6 +51,7 @@ def unserved(fields: dict[str, Any] | None, table: dict[str, object]) -> str | N
             return name
     return None
 
+MAX_INT = 2**31 - 1  # every integer field is bounded (msgpack and torch stop at 64 bits; nothing needs more)
 MAX_STOP_SEQUENCES = 16
 MAX_STOP_LENGTH = 256
 MAX_N = 16
@@ -68,30 +71,27 @@ class SamplingFields(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     model: str | None = None
-    max_tokens: int | None = Field(default=None, ge=0)
+    max_tokens: int | None = Field(default=None, ge=0, le=MAX_INT)
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    top_k: int = Field(default=0, ge=-1)
+    top_k: int = Field(default=0, ge=-1, le=MAX_INT)
     min_p: float = Field(default=0.0, ge=0.0, le=1.0)
     n: int = Field(default=1, ge=1, le=MAX_N)
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = Field(default=None, max_length=MAX_STOP_SEQUENCES)
+    stop_token_ids: list[TokenId] | None = Field(default=None, max_length=MAX_STOP_SEQUENCES)
     seed: int | None = Field(default=None, ge=-(2**63), lt=2**63)
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     repetition_penalty: float = Field(default=1.0, gt=0.0, le=10.0)
-    min_tokens: int = Field(default=0, ge=0)
+    min_tokens: int = Field(default=0, ge=0, le=MAX_INT)
     ignore_eos: bool = False
     include_stop_str_in_output: bool = False
     user: str | None = Field(default=None, max_length=256)
     timeout: float | None = Field(default=None, gt=0, le=86400, description="seconds; at most the server's limit")
-    # method options (validated by the method that owns them)
-    speculative: dict[str, Any] | None = None
-    guidance: dict[str, Any] | None = None
-    moe_contrast: dict[str, Any] | None = None
-    visual_pruning: dict[str, Any] | None = None
+    # the method options' fields, one per registered method (`with_methods`)
+    method_names: ClassVar[tuple[str, ...]] = ()
 
     @field_validator("stop")
     @classmethod
@@ -106,8 +106,9 @@ class SamplingFields(BaseModel):
         return [s for s in stops if s]
 
     def method_options(self) -> dict[str, dict[str, Any]]:
-        names = ("speculative", "guidance", "moe_contrast", "visual_pruning")
-        return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
+        """The method options the request set, as plain values (what crosses to the workers)."""
+        chosen = {name: getattr(self, name) for name in self.method_names if getattr(self, name) is not None}
+        return {name: options.model_dump(exclude_unset=True) for name, options in chosen.items()}
 
 
 class TextPart(BaseModel):
@@ -135,20 +136,41 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(default=None, ge=0)
+    max_completion_tokens: int | None = Field(default=None, ge=0, le=MAX_INT)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
     add_generation_prompt: bool = True
     continue_final_message: bool = False
-    negative_messages: list[ChatMessage] | None = None
+    # chat fields that belong to a method's options too (`MethodSpec.chat_aliases`), by option
+    method_aliases: ClassVar[dict[str, tuple[str, ...]]] = {}
 
 
 class CompletionRequest(SamplingFields):
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: str | list[str] | list[TokenId] | list[list[TokenId]]
     logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
     echo: bool = False
     suffix: str | None = None
-    best_of: int | None = None
+    best_of: int | None = Field(default=None, ge=1, le=MAX_N)
+
+
+def with_methods(base: type[SamplingFields], specs: dict[str, Any], chat: bool) -> type[SamplingFields]:
+    """`base` with a field per method option (its pydantic options model: validated, and in
+    /openapi.json), and for chat each method's top-level aliases."""
+    fields: dict[str, Any] = {
+        name: (spec.options | None, Field(default=None, description=spec.description)) for name, spec in specs.items()
+    }
+    aliases: dict[str, tuple[str, ...]] = {}
+    if chat:
+        for name, spec in specs.items():
+            for alias in spec.chat_aliases:
+                info = spec.options.model_fields[alias]
+                fields[alias] = (info.annotation, Field(default=None, description=f"the same as `{name}.{alias}`"))
+            aliases[name] = spec.chat_aliases
+    model = create_model(base.__name__, __base__=base, **fields)
+    model.method_names = tuple(specs)
+    if chat:
+        model.method_aliases = aliases
+    return model
 
 
 # ---- responses ---------------------------------------------------------------------------

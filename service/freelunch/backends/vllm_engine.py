@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from freelunch.config import EngineConfig
-from freelunch.engine.engine import EngineError, check_new_request
+from freelunch.engine.errors import EngineError, check_new_request
 from freelunch.engine.request import GenerationRequest, RequestOutput, SamplingParams, TokenLogprob
 
 log = logging.getLogger("freelunch.vllm")
@@ -190,12 +190,12 @@ class VllmEngine:
 
     # ---- requests --------------------------------------------------------------------------
     def _guidance(self, request: GenerationRequest) -> _Guided | None:
-        from freelunch.methods.guidance import GuidanceOptionsError, parse_options
+        from freelunch.methods.guidance import parse_options
 
         try:
             opts = parse_options(request.methods["guidance"], self.vocab_size, self.max_model_len)
-        except GuidanceOptionsError as e:
-            raise EngineError(str(e), "guidance") from e
+        except ValueError as e:
+            raise EngineError(str(e), getattr(e, "param", "guidance")) from e
         p = request.params
         if opts.scale == 1 or p.max_tokens == 0:
             return None  # plain decoding, as the native engine

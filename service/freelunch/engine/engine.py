@@ -12,6 +12,7 @@ import torch
 from freelunch.config import EngineConfig
 from freelunch.engine.block_manager import BlockManager, BlockNeed
 from freelunch.engine.detokenizer import IncrementalText
+from freelunch.engine.errors import EngineError, check_new_request
 from freelunch.engine.kv_cache import KVCache
 from freelunch.engine.model_runner import ModelRunner
 from freelunch.engine.request import (
@@ -26,14 +27,6 @@ from freelunch.engine.sampler import SampleRow, sample, top_logprobs
 from freelunch.engine.scheduler import Scheduler
 from freelunch.engine.strategy import DecodingStrategy, ImageEncoder, Sampled
 from freelunch.models.loader import LoadedModel
-
-
-class EngineError(ValueError):
-    """A request the engine cannot take (the API turns it into a 400)."""
-
-    def __init__(self, message: str, param: str | None = None) -> None:
-        super().__init__(message)
-        self.param = param
 
 
 @dataclass(slots=True)
@@ -73,22 +66,6 @@ class RequestState:
     @property
     def main(self) -> Sequence:
         return self.strategy.main
-
-
-def check_new_request(request: GenerationRequest, live: dict, max_model_len: int, vocab_size: int) -> None:
-    """What any engine refuses before taking a request (EngineError, with the field): an empty or
-    too long prompt, token ids outside the vocabulary, an id already live."""
-    n_prompt = len(request.prompt_token_ids)
-    if n_prompt == 0:
-        raise EngineError("the prompt is empty", "prompt")
-    if n_prompt >= max_model_len:
-        raise EngineError(
-            f"the prompt has {n_prompt} tokens; this model's maximum context length is {max_model_len}", "messages"
-        )
-    if any(t < 0 or t >= vocab_size for t in request.prompt_token_ids):
-        raise EngineError(f"prompt token ids must be in [0, {vocab_size})", "prompt")
-    if request.request_id in live:
-        raise EngineError(f"duplicate request id {request.request_id}")
 
 
 def _kv_blocks(
@@ -238,10 +215,9 @@ class Engine:
     @property
     def capabilities(self) -> frozenset[str]:
         """Request options and inputs this engine serves."""
-        from freelunch.methods import STRATEGIES, load_builtin_methods
+        from freelunch.methods import method_specs
 
-        load_builtin_methods()
-        return frozenset(STRATEGIES) | ({"images"} if self.info.vision is not None else frozenset())
+        return frozenset(method_specs()) | ({"images"} if self.info.vision is not None else frozenset())
 
     @property
     def kv_usage(self) -> float:

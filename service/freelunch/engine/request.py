@@ -184,6 +184,9 @@ class GenerationRequest:
     arrival_time: float = field(default_factory=time.monotonic)
     model: str | None = None
     images: list[ImageInput] = field(default_factory=list)  # in the order of their placeholders
+    # who sent it (the API key's id, None without keys): state kept across requests (draft tables,
+    # cached prefixes) is never shared between tenants
+    tenant: str | None = None
 
 
 @dataclass(slots=True)

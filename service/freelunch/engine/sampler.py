@@ -30,7 +30,9 @@ def apply_penalties(logits: torch.Tensor, p: SamplingParams, prompt_ids: list[in
         vals = logits[seen]
         limit = torch.finfo(logits.dtype).max  # a tiny penalty must not turn logits into inf (then NaN)
         penalised = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
-        logits[seen] = penalised.clamp(-limit, limit)
+        # a masked token (-inf: min_tokens, a grammar) stays masked: -inf times a penalty that
+        # rounds to 0 in float32 would be NaN
+        logits[seen] = torch.where(vals == float("-inf"), vals, penalised.clamp(-limit, limit))
     if output_ids and (p.presence_penalty or p.frequency_penalty):
         ids, counts = torch.tensor(output_ids, dtype=torch.long).unique(return_counts=True)
         logits[ids] -= p.frequency_penalty * counts.to(logits.dtype) + p.presence_penalty

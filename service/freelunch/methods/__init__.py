@@ -1,48 +1,35 @@
-"""Decoding methods, each a `DecodingStrategy` registered under its request option name.
+"""Decoding methods: each declares itself once, in its own module, with a `MethodSpec` (spec.py).
 
-The engine asks this registry for a request's strategy; it never imports a method itself.
+The API builds its request schema from `method_specs()`, the engine asks `build_strategy` for a
+request's strategy; neither imports a method itself.
 """
 
 from __future__ import annotations
 
-import math
-from typing import Any, Callable
+from typing import Any
+
+from pydantic import ValidationError
 
 from freelunch.engine.request import GenerationRequest, Sequence
 from freelunch.engine.strategy import DecodingStrategy
+from freelunch.methods.spec import MethodOptions, MethodSpec
 
-# option name -> factory(request, main_row, model_info) -> strategy
-STRATEGIES: dict[str, Callable[[GenerationRequest, Sequence, Any], DecodingStrategy]] = {}
-# option name -> why a request with these parameters decodes without the method (None: it does not)
-FALLBACKS: dict[str, Callable[[GenerationRequest], str | None]] = {}
+METHODS: dict[str, MethodSpec] = {}  # option name -> spec
 
 
-def is_finite_number(value: Any) -> bool:
-    """An int or float option value that is finite (JSON `true` is not a number here)."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def register(option: str, fallback: Callable[[GenerationRequest], str | None] | None = None):
-    def wrap(factory):
-        STRATEGIES[option] = factory
-        if fallback is not None:
-            FALLBACKS[option] = fallback
-        return factory
-
-    return wrap
-
-
-def fallbacks(request: GenerationRequest) -> dict[str, str]:
-    """The request's options that will not run as asked, and why (known before it runs, so that the
-    API can say so in a response header as well as in `usage.method_stats`)."""
-    load_builtin_methods()
-    reasons = {name: FALLBACKS[name](request) for name in request.methods if name in FALLBACKS}
-    return {name: reason for name, reason in reasons.items() if reason}
+def register(spec: MethodSpec) -> MethodSpec:
+    METHODS[spec.option] = spec
+    return spec
 
 
 def load_builtin_methods() -> None:
     """Import the methods shipped with freelunch so that they register themselves."""
     from freelunch.methods import guidance, moe_contrast, token_recycling, visual_pruning  # noqa: F401
+
+
+def method_specs() -> dict[str, MethodSpec]:
+    load_builtin_methods()
+    return METHODS
 
 
 class OptionError(ValueError):
@@ -53,17 +40,37 @@ class OptionError(ValueError):
         self.param = param
 
 
+def validate_options(option: str, raw: Any, model: type[MethodOptions] | None = None) -> MethodOptions:
+    """`raw` (a request's option value) as the method's options model; OptionError naming the field."""
+    model = model or method_specs()[option].options
+    try:
+        return model.model_validate(raw)
+    except ValidationError as e:
+        first = e.errors()[0]
+        # a check across fields names the field it refuses in its context
+        loc = first.get("loc") or ((first.get("ctx") or {}).get("field"),)
+        where = ".".join(str(p) for p in (option, *loc) if p is not None)
+        raise OptionError(f"{where}: {first.get('msg', 'invalid value')}", where) from None
+
+
+def fallbacks(request: GenerationRequest) -> dict[str, str]:
+    """The request's options that will not run as asked, and why."""
+    specs = method_specs()
+    reasons = {name: specs[name].fallback(request) for name in request.methods if name in specs and specs[name].fallback}
+    return {name: reason for name, reason in reasons.items() if reason}
+
+
 def build_strategy(request: GenerationRequest, main: Sequence, model_info: Any) -> DecodingStrategy:
-    load_builtin_methods()
-    chosen = [name for name in request.methods if name in STRATEGIES]
-    unknown = sorted(name for name in request.methods if name not in STRATEGIES)
+    specs = method_specs()
+    chosen = [name for name in request.methods if name in specs and not specs[name].off(request.methods[name])]
+    unknown = sorted(name for name in request.methods if name not in specs)
     if unknown:
         raise OptionError(f"method option(s) not available on this engine: {', '.join(unknown)}", unknown[0])
     if len(chosen) > 1:
         raise OptionError(f"these options cannot be combined yet: {', '.join(sorted(chosen))}", sorted(chosen)[1])
     if chosen:
         try:
-            return STRATEGIES[chosen[0]](request, main, model_info)
+            return specs[chosen[0]].build(request, main, model_info)
         except OptionError:
             raise
         except ValueError as e:

@@ -24,63 +24,52 @@ import dataclasses
 from typing import Any
 
 import torch
+from pydantic import Field, model_validator
+from pydantic_core import PydanticCustomError
 
 from freelunch.engine.request import GenerationRequest, Sequence
-from freelunch.engine.strategy import DecodingStrategy
-from freelunch.methods import is_finite_number, register
+from freelunch.methods import OptionError, register, validate_options
 from freelunch.methods.shadow_row import ShadowRowStrategy
+from freelunch.methods.spec import MethodOptions, MethodSpec, PromptField, TokenId
 
 DEFAULT_SCALE = 1.5
 MAX_SCALE = 30.0
-FIELDS = ("scale", "rescale", "negative_prompt_ids")
 
 
-class GuidanceOptionsError(ValueError):
-    pass
+class GuidanceOptions(MethodOptions):
+    """`guidance: {"scale": 1.5, "rescale": phi | null, "negative_prompt" | "negative_messages" | "negative_prompt_ids"}`."""
 
+    scale: float = Field(DEFAULT_SCALE, gt=0, le=MAX_SCALE, allow_inf_nan=False, description="1 = plain decoding")
+    rescale: float | None = Field(None, ge=0, le=1, description="std rescale phi (Lin et al. 2023); null = none")
+    negative_prompt: str | None = Field(None, description="the unconditional branch's prompt, as text")
+    negative_messages: list[dict[str, Any]] | None = Field(
+        None, max_length=1024, description="the unconditional branch's prompt, as chat messages (chat only)"
+    )
+    negative_prompt_ids: list[TokenId] | None = Field(None, description="... as token ids; none: the last prompt token")
 
-@dataclasses.dataclass(slots=True, frozen=True)
-class GuidanceOptions:
-    scale: float
-    rescale: float | None
-    negative_prompt_ids: list[int] | None  # None: the last prompt token alone
+    @model_validator(mode="after")
+    def _one_negative(self) -> GuidanceOptions:
+        given = [f for f in ("negative_prompt", "negative_messages", "negative_prompt_ids") if getattr(self, f) is not None]
+        if len(given) > 1:
+            raise PydanticCustomError("exclusive", "give only one of {fields}", {"fields": ", ".join(given), "field": given[1]})
+        return self
 
 
 def parse_options(raw: Any, vocab: int, max_model_len: int) -> GuidanceOptions:
-    """Validate `guidance: {"scale": 1.5, "rescale": phi | null, "negative_prompt_ids": [...] | null}`.
-
-    The API layer turns `negative_prompt` (text) and `negative_messages` (chat) into
-    `negative_prompt_ids` before the request reaches the engine.
-    """
-    if not isinstance(raw, dict):
-        raise GuidanceOptionsError("guidance must be an object")
-    for name in raw:
-        if name in ("negative_prompt", "negative_messages"):
-            raise GuidanceOptionsError(
-                f"guidance.{name} must be tokenised by the API layer; pass guidance.negative_prompt_ids"
-            )
-        if name not in FIELDS:
-            raise GuidanceOptionsError(
-                f"guidance.{name} is not a known field "
-                "(known: scale, rescale, negative_prompt, negative_messages, negative_prompt_ids)"
-            )
-    scale = raw.get("scale", DEFAULT_SCALE)
-    if not is_finite_number(scale) or not 0 < scale <= MAX_SCALE:
-        raise GuidanceOptionsError(f"guidance.scale must be a number in (0, {MAX_SCALE:g}], not {scale!r}")
-    rescale = raw.get("rescale")
-    if rescale is not None and (not is_finite_number(rescale) or not 0 <= rescale <= 1):
-        raise GuidanceOptionsError(f"guidance.rescale must be a number in [0, 1] or null, not {rescale!r}")
-    ids = raw.get("negative_prompt_ids")
-    if ids is not None:
-        valid = lambda t: isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab  # noqa: E731
-        if not isinstance(ids, list) or not all(valid(t) for t in ids):
-            raise GuidanceOptionsError(f"guidance.negative_prompt_ids must be a list of token ids in [0, {vocab})")
-        if len(ids) >= max_model_len:
-            raise GuidanceOptionsError(
-                f"guidance.negative_prompt has {len(ids)} tokens; this model's maximum context length is {max_model_len}"
-            )
-        ids = list(ids) or None  # "" / [] = the default unconditional prompt
-    return GuidanceOptions(float(scale), None if rescale is None else float(rescale), ids)
+    """The engine's check of validated options against the served model. The API turns
+    `negative_prompt` (text) and `negative_messages` (chat) into `negative_prompt_ids` first."""
+    opts = validate_options("guidance", raw, GuidanceOptions)
+    if opts.negative_prompt is not None or opts.negative_messages is not None:
+        raise OptionError("guidance.negative_prompt must be tokenised by the API; pass negative_prompt_ids", "guidance")
+    ids = opts.negative_prompt_ids
+    if ids is not None and any(t >= vocab for t in ids):
+        raise OptionError(f"guidance.negative_prompt_ids must be token ids in [0, {vocab})", "guidance.negative_prompt_ids")
+    if ids is not None and len(ids) >= max_model_len:
+        raise OptionError(
+            f"guidance.negative_prompt has {len(ids)} tokens; this model's maximum context length is {max_model_len}",
+            "guidance.negative_prompt",
+        )
+    return opts.model_copy(update={"negative_prompt_ids": list(ids) or None}) if ids is not None else opts
 
 
 def guide(cond: torch.Tensor, uncond: torch.Tensor, scale: float, rescale: float | None) -> torch.Tensor:
@@ -120,6 +109,14 @@ class ClassifierFreeGuidance(ShadowRowStrategy):
         return {"scale": self.options.scale} | self.shadow_stats()
 
 
-@register("guidance")
-def build(request: GenerationRequest, main: Sequence, model_info: Any) -> DecodingStrategy:
-    return ClassifierFreeGuidance(request, main, model_info)
+SPEC = register(
+    MethodSpec(
+        option="guidance",
+        options=GuidanceOptions,
+        description="classifier-free guidance (Sanchez et al. 2023): stronger adherence to the prompt",
+        build=ClassifierFreeGuidance,
+        prompts={"negative_prompt": PromptField("text", "negative_prompt_ids"),
+                 "negative_messages": PromptField("chat", "negative_prompt_ids")},
+        chat_aliases=("negative_messages",),
+    )
+)

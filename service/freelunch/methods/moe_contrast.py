@@ -16,72 +16,52 @@ it; a server must let a request end). beta = 0 is plain decoding: no shadow row 
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import Any
 
 import torch
+from pydantic import Field
 
 from freelunch.engine.request import GenerationRequest, Sequence
-from freelunch.engine.strategy import DecodingStrategy, RowPlan
-from freelunch.methods import is_finite_number, register
+from freelunch.engine.strategy import RowPlan
+from freelunch.methods import OptionError, register, validate_options
 from freelunch.methods.shadow_row import ShadowRowStrategy
+from freelunch.methods.spec import MethodOptions, MethodSpec
 from freelunch.models.expert_routing import EXPERT_RANK, EXPERT_TOP_K
 
 DEFAULT_BETA = 0.5
 DEFAULT_ALPHA = 0.1
 DEFAULT_WEAK_RANK = 2
 MAX_BETA = 10.0
-FIELDS = ("beta", "alpha", "weak_rank", "strong_top_k")
 
 
-class MoeContrastOptionsError(ValueError):
-    pass
+class MoeContrastOptions(MethodOptions):
+    """`moe_contrast: {"beta": 0.5, "alpha": 0.1, "weak_rank": 2, "strong_top_k": null}`."""
 
-
-@dataclasses.dataclass(slots=True, frozen=True)
-class MoeContrastOptions:
-    beta: float
-    alpha: float
-    weak_rank: int  # 1-based router rank of the weak branch's single expert
-    strong_top_k: int | None = None  # experts per token of the strong branch; None = the model's
+    beta: float = Field(DEFAULT_BETA, ge=0, le=MAX_BETA, allow_inf_nan=False, description="0 = plain decoding")
+    alpha: float = Field(DEFAULT_ALPHA, ge=0, le=1, allow_inf_nan=False, description="plausibility cut-off")
+    weak_rank: int = Field(DEFAULT_WEAK_RANK, ge=1, le=1 << 16, description="the weak branch's expert: router rank, 1-based")
+    strong_top_k: int | None = Field(None, ge=1, le=1 << 16, description="experts per token of the strong branch; null: the model's")
 
 
 def parse_options(raw: Any, model_info: Any) -> MoeContrastOptions:
-    """Validate `moe_contrast: {"beta": 0.5, "alpha": 0.1, "weak_rank": 2, "strong_top_k": null}`
-    against the served model."""
+    """Validated options, checked against the served model."""
     moe = model_info.config.moe
     if moe is None:
-        raise MoeContrastOptionsError(
-            f"moe_contrast needs a Mixture-of-Experts model; the model `{model_info.name}` is dense"
+        raise OptionError(f"moe_contrast needs a Mixture-of-Experts model; the model `{model_info.name}` is dense", "moe_contrast")
+    opts = validate_options("moe_contrast", raw, MoeContrastOptions)
+    if opts.weak_rank > moe.num_experts:
+        raise OptionError(
+            f"moe_contrast.weak_rank must be in [1, {moe.num_experts}] (this model has {moe.num_experts} experts), "
+            f"not {opts.weak_rank}",
+            "moe_contrast.weak_rank",
         )
-    if not isinstance(raw, dict):
-        raise MoeContrastOptionsError("moe_contrast must be an object")
-    for name in raw:
-        if name not in FIELDS:
-            raise MoeContrastOptionsError(
-                f"moe_contrast.{name} is not a known field (known: {', '.join(FIELDS)})"
-            )
-    beta = raw.get("beta", DEFAULT_BETA)
-    if not is_finite_number(beta) or not 0 <= beta <= MAX_BETA:
-        raise MoeContrastOptionsError(
-            f"moe_contrast.beta must be a number in [0, {MAX_BETA:g}], not {beta!r}"
+    if opts.strong_top_k is not None and opts.strong_top_k > moe.num_experts:
+        raise OptionError(
+            f"moe_contrast.strong_top_k must be null or in [1, {moe.num_experts}], not {opts.strong_top_k}",
+            "moe_contrast.strong_top_k",
         )
-    alpha = raw.get("alpha", DEFAULT_ALPHA)
-    if not is_finite_number(alpha) or not 0 <= alpha <= 1:
-        raise MoeContrastOptionsError(f"moe_contrast.alpha must be a number in [0, 1], not {alpha!r}")
-    rank = raw.get("weak_rank", DEFAULT_WEAK_RANK)
-    if not isinstance(rank, int) or isinstance(rank, bool) or not 1 <= rank <= moe.num_experts:
-        raise MoeContrastOptionsError(
-            f"moe_contrast.weak_rank must be an integer in [1, {moe.num_experts}] "
-            f"(this model has {moe.num_experts} experts), not {rank!r}"
-        )
-    top_k = raw.get("strong_top_k")
-    if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or not 1 <= top_k <= moe.num_experts):
-        raise MoeContrastOptionsError(
-            f"moe_contrast.strong_top_k must be null or an integer in [1, {moe.num_experts}], not {top_k!r}"
-        )
-    return MoeContrastOptions(float(beta), float(alpha), rank, None if top_k in (None, moe.top_k) else top_k)
+    return opts.model_copy(update={"strong_top_k": None if opts.strong_top_k == moe.top_k else opts.strong_top_k})
 
 
 def contrast(strong: torch.Tensor, weak: torch.Tensor, beta: float, alpha: float) -> torch.Tensor:
@@ -126,6 +106,11 @@ class MoeContrast(ShadowRowStrategy):
         return stats | ({"strong_top_k": opts.strong_top_k} if opts.strong_top_k is not None else {})
 
 
-@register("moe_contrast")
-def build(request: GenerationRequest, main: Sequence, model_info: Any) -> DecodingStrategy:
-    return MoeContrast(request, main, model_info)
+SPEC = register(
+    MethodSpec(
+        option="moe_contrast",
+        options=MoeContrastOptions,
+        description="SCMoE self-contrast (Shi et al. 2024) for Mixture-of-Experts models",
+        build=MoeContrast,
+    )
+)

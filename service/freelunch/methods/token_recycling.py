@@ -21,14 +21,16 @@ back to plain decoding and say so in `usage.method_stats.speculative.fallback`.
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import torch
+from pydantic import Field
 
 from freelunch.engine.request import GenerationRequest, Sequence
 from freelunch.engine.sampler import top_logprobs
 from freelunch.engine.strategy import DecodingStrategy, RowPlan, Sampled, StepContext
-from freelunch.methods import register
+from freelunch.methods import OptionError, register, validate_options
+from freelunch.methods.spec import MethodOptions, MethodSpec
 from freelunch.methods.tree_sizing import RankAcceptance, VerifyCost, best_tree
 from freelunch.methods.tree_templates import TEMPLATE_222, DraftTree, sub_template
 
@@ -47,40 +49,32 @@ VERIFY_CONTEXT = 128
 RECHOOSE_EVERY = 32
 
 
-class SpeculativeOptionsError(ValueError):
-    pass
+MAX_K = 32
+
+
+class SpeculativeOptions(MethodOptions):
+    """`speculative: {"method": "token_recycling" | "none", "tree": "2.2.2" | node count, "k": 8}`."""
+
+    method: Literal["token_recycling", "none"] = Field(
+        "token_recycling", description='"none": plain decoding, also under a server default'
+    )
+    tree: Literal["2.2.2"] | Annotated[int, Field(ge=1, le=len(TEMPLATE_222))] | None = Field(
+        None, description="draft tree: the paper's 2.2.2 template, or that many of its most likely nodes; "
+        "null: the table's default, learned from the measured verify cost and the acceptance seen"
+    )
+    k: int = Field(DEFAULT_K, ge=1, le=MAX_K, description="candidates kept per token in the adjacency table")
 
 
 def parse_options(raw: dict[str, Any]) -> tuple[list[tuple[int, ...]] | None, int]:
-    """Validate `speculative: {"method": "token_recycling", "tree": "2.2.2" | size, "k": 8}`
-    (`scope` is set by the server, never taken from the client: see `table_scope`). Returns the
-    tree template (None without `tree`: the table's learned default) and k."""
-    if not isinstance(raw, dict):
-        raise SpeculativeOptionsError("speculative must be an object")
-    unknown = set(raw) - {"method", "tree", "k", "scope"}
-    if unknown:
-        raise SpeculativeOptionsError(f"speculative: unknown field(s) {sorted(unknown)}")
-    if raw.get("method", "token_recycling") != "token_recycling":
-        raise SpeculativeOptionsError(f"speculative.method must be 'token_recycling', not {raw.get('method')!r}")
-    k = raw.get("k", DEFAULT_K)
-    if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= 32:
-        raise SpeculativeOptionsError("speculative.k must be an integer in [1, 32]")
-    tree = raw.get("tree")
-    if tree is None:
-        return None, k
-    if tree == "2.2.2":
-        template = TEMPLATE_222
-    elif isinstance(tree, int) and not isinstance(tree, bool):
-        try:
-            template = sub_template(tree)
-        except ValueError as e:
-            raise SpeculativeOptionsError(f"speculative.tree: {e}") from e
-    else:
-        raise SpeculativeOptionsError("speculative.tree must be '2.2.2' or a node count in [1, 80]")
-    template = [p for p in template if max(p) < k]  # ranks beyond k have no candidate
+    """The tree template (None without `tree`: the table's learned default) and k."""
+    opts = validate_options("speculative", raw, SpeculativeOptions)
+    if opts.tree is None:
+        return None, opts.k
+    template = TEMPLATE_222 if opts.tree == "2.2.2" else sub_template(opts.tree)
+    template = [p for p in template if max(p) < opts.k]  # ranks beyond k have no candidate
     if not template:
-        raise SpeculativeOptionsError("speculative: the tree is empty for this k")
-    return template, k
+        raise OptionError("speculative: the tree is empty for this k", "speculative.tree")
+    return template, opts.k
 
 
 class AdjacencyTable:
@@ -194,9 +188,9 @@ class TokenRecycling(DecodingStrategy):
         self.fallback = fallback_reason(request)
         template, k = parse_options(request.methods["speculative"])
         tables = model_info.shared_state.setdefault("token_recycling", {})
-        # One table per API key (the server sets `scope`): another tenant's text never shapes a
+        # One table per API key (the request's tenant): another tenant's text never shapes a
         # tenant's drafts, so acceptance rates (and latency) reveal nothing about it.
-        key = (request.methods["speculative"].get("scope"), k)
+        key = (request.tenant, k)
         if key not in tables:
             tables[key] = AdjacencyTable(model_info.config.vocab_size, k)
         self.table: AdjacencyTable = tables[key]
@@ -304,6 +298,13 @@ class TokenRecycling(DecodingStrategy):
         return stats
 
 
-@register("speculative", fallback=fallback_reason)
-def build(request: GenerationRequest, main: Sequence, model_info: Any) -> DecodingStrategy:
-    return TokenRecycling(request, main, model_info)
+SPEC = register(
+    MethodSpec(
+        option="speculative",
+        options=SpeculativeOptions,
+        description="Token Recycling (Luo et al. 2024): lossless speculative decoding for greedy requests",
+        build=TokenRecycling,
+        fallback=fallback_reason,
+        off=lambda options: options.get("method") == "none",
+    )
+)

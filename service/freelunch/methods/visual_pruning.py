@@ -20,58 +20,52 @@ keep = 1 prunes nothing: the request decodes exactly as a plain one.
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Any
+from typing import Any, Literal
 
 import torch
+from pydantic import Field
 
 from freelunch.engine.request import GenerationRequest, Sequence
 from freelunch.engine.strategy import DecodingStrategy, ImageEncoder, RowPlan
-from freelunch.methods import is_finite_number, register
+from freelunch.methods import OptionError, register, validate_options
+from freelunch.methods.spec import MethodOptions, MethodSpec
 
-METHODS = ("fastv", "cls")
-FIELDS = ("method", "keep", "layer")
 DEFAULT_KEEP = 0.5
 DEFAULT_FASTV_LAYER = 2
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class PruningOptions:
-    method: str
-    keep: float
-    layer: int  # fastv: decoder layer K; cls: first vision layer of the [CLS] attention band
+class PruningOptions(MethodOptions):
+    """`visual_pruning: {"method": "fastv" | "cls", "keep": 0.5, "layer": K}`."""
+
+    method: Literal["fastv", "cls"] = Field(description="fastv: in the language model; cls: before the projector")
+    keep: float = Field(DEFAULT_KEEP, gt=0, le=1, allow_inf_nan=False, description="fraction of image tokens kept")
+    layer: int | None = Field(
+        None, ge=0, le=1 << 16, description="fastv: decoder layer K (2); cls: first vision layer of the [CLS] band"
+    )
 
 
 def parse_options(raw: Any, model_info: Any) -> PruningOptions:
-    """Validate `visual_pruning` against the served model; ValueError (a 400) when it cannot apply."""
-    if not isinstance(raw, dict):
-        raise ValueError("visual_pruning must be an object")
-    unknown = sorted(set(raw) - set(FIELDS))
-    if unknown:
-        raise ValueError(f"visual_pruning.{unknown[0]} is not a known field (known: {', '.join(FIELDS)})")
+    """Validated options, checked against the served model (the layer filled in)."""
     vision: ImageEncoder | None = model_info.vision
     if vision is None:
-        raise ValueError(f"visual_pruning needs a vision-language model; `{model_info.name}` takes no images")
-    method = raw.get("method")
-    if method not in METHODS:
-        raise ValueError(f"visual_pruning.method must be one of {', '.join(METHODS)}, not {method!r}")
-    keep = raw.get("keep", DEFAULT_KEEP)
-    if not is_finite_number(keep) or not 0 < keep <= 1:
-        raise ValueError(f"visual_pruning.keep must be a number in (0, 1], not {keep!r}")
-    if method == "fastv":
+        raise OptionError(f"visual_pruning needs a vision-language model; `{model_info.name}` takes no images", "visual_pruning")
+    opts = validate_options("visual_pruning", raw, PruningOptions)
+    if opts.method == "fastv":
         low, high = 1, model_info.config.num_layers - 1
         default = min(DEFAULT_FASTV_LAYER, high)
         what = "decoder layer"
     else:
         if not vision.has_cls_token:
-            raise ValueError("visual_pruning.method cls needs a vision tower with a [CLS] token (this one has none)")
+            raise OptionError("visual_pruning.method cls needs a vision tower with a [CLS] token (this one has none)", "visual_pruning.method")
         low, high = 0, vision.cls_band_end - 1
         default = min(round(vision.num_vision_layers * 2 / 3), high)
         what = "vision layer"
-    layer = raw.get("layer", default)
-    if isinstance(layer, bool) or not isinstance(layer, int) or not low <= layer <= high:
-        raise ValueError(f"visual_pruning.layer ({what}) must be an integer in [{low}, {high}] for this model, not {layer!r}")
-    return PruningOptions(method, float(keep), layer)
+    layer = default if opts.layer is None else opts.layer
+    if not low <= layer <= high:
+        raise OptionError(
+            f"visual_pruning.layer ({what}) must be an integer in [{low}, {high}] for this model, not {layer}", "visual_pruning.layer"
+        )
+    return opts.model_copy(update={"layer": layer})
 
 
 class VisualPruning(DecodingStrategy):
@@ -178,9 +172,18 @@ class FastV(VisualPruning):
         return image_tokens, self.kept_image_tokens if pruned else image_tokens
 
 
-@register("visual_pruning")
 def build(request: GenerationRequest, main: Sequence, model_info: Any) -> DecodingStrategy:
     options = parse_options(request.methods["visual_pruning"], model_info)
     if options.method == "cls":
         return ClsPruning(request, main, options)
     return FastV(request, main, options, model_info.max_num_batched_tokens, model_info.kv_split_layer)
+
+
+SPEC = register(
+    MethodSpec(
+        option="visual_pruning",
+        options=PruningOptions,
+        description="FastV / [CLS] visual token pruning for vision-language models",
+        build=build,
+    )
+)

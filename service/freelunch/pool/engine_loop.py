@@ -12,7 +12,7 @@ import traceback
 from dataclasses import dataclass
 from typing import Protocol
 
-from freelunch.engine.engine import EngineError
+from freelunch.engine.errors import EngineError
 from freelunch.engine.request import GenerationRequest, RequestOutput
 
 log = logging.getLogger("freelunch.worker")

@@ -7,6 +7,7 @@ the other backend that does."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -50,10 +51,18 @@ class WorkerPool:
         self.max_in_flight = max_in_flight
         self.in_flight = 0
         self.draining = False
+        self.cut: asyncio.Event | None = None  # set at the drain deadline: generations still running end
 
     def start(self) -> None:
+        """Start the workers; call from the event loop that serves."""
+        self.cut = asyncio.Event()
         for w in self.workers:
             w.start()
+
+    def cut_all(self) -> None:
+        """End every generation in flight (the drain deadline passed); they report why."""
+        if self.cut is not None:
+            self.cut.set()
 
     def shutdown(self) -> None:
         for w in self.workers:

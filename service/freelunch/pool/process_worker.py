@@ -15,7 +15,7 @@ from collections.abc import Callable
 from multiprocessing.connection import Connection
 
 from freelunch.config import EngineConfig
-from freelunch.engine.engine import EngineError
+from freelunch.engine.errors import EngineError
 from freelunch.engine.request import GenerationRequest, RequestOutput
 from freelunch.pool import wire
 from freelunch.pool.engine_loop import EngineLoop, WorkerStats

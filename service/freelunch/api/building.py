@@ -1,0 +1,292 @@
+"""Validated API requests -> engine requests: checks the schema cannot express, method options
+(the server's defaults, prompts inside options), sampling parameters, one engine request per choice."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import Request
+from pydantic import TypeAdapter, ValidationError
+
+from freelunch.api.errors import APIError
+from freelunch.api.metrics import Metrics
+from freelunch.api.protocol import (
+    UNSERVED_FIELDS,
+    UNSERVED_MESSAGE_FIELDS,
+    ChatCompletionRequest,
+    ChatMessage,
+    SamplingFields,
+    unserved,
+)
+from freelunch.api.rate_limit import RateLimited, RateLimiter
+from freelunch.api.rendering import PromptRenderer, RenderedPrompt
+from freelunch.engine.request import GenerationRequest, SamplingParams
+from freelunch.methods import OptionError, fallbacks, method_specs, validate_options
+from freelunch.pool.pool import WorkerPool
+
+log = logging.getLogger("freelunch.api")
+
+# options a request asked for that decode as plain decoding (e.g. Token Recycling under sampling)
+FALLBACK_HEADER = "x-freelunch-fallback"
+
+
+@dataclass(slots=True)
+class Call:
+    """One admitted API request: its engine requests (one per choice), deadline, response headers."""
+
+    requests: list[GenerationRequest]
+    timeout: float
+    deadline: float
+    headers: dict[str, str]
+    prompt_tokens: int  # all prompts' tokens, counted once per choice (OpenAI's usage)
+
+
+def first_invalid_text(value: Any, path: str) -> str | None:
+    """The path of the first string (or key) in `value` that is not valid Unicode: JSON lets a
+    request carry a lone surrogate (`"\\ud800"`), which no tokenizer, encoder or response takes."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return path
+        return None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            where = f"{path}.{key}" if path else str(key)
+            bad = first_invalid_text(key, where) or first_invalid_text(item, where)
+            if bad is not None:
+                return bad
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            bad = first_invalid_text(item, f"{path}.{i}" if path else str(i))
+            if bad is not None:
+                return bad
+    return None
+
+
+class RequestBuilder:
+    def __init__(
+        self,
+        pool: WorkerPool,
+        renderer: PromptRenderer,
+        metrics: Metrics,
+        default_methods: dict[str, dict],
+        limiter: RateLimiter,
+        timeout: float,
+    ) -> None:
+        self.pool = pool
+        self.metrics = metrics
+        self.renderer = renderer
+        self.default_methods = default_methods
+        self.limiter = limiter
+        self.request_timeout = timeout
+        self.specs = method_specs()
+
+    # ---- checks the schema cannot express ------------------------------------------------
+    def check(self, req: SamplingFields, messages: list[ChatMessage] | None = None) -> str:
+        """Every check a request passes before any work: valid Unicode everywhere, no field the
+        server does not serve, stream options that apply, a served model. Returns the model id."""
+        bad = first_invalid_text(req.model_dump(), "")
+        if bad is not None:
+            raise APIError(400, f"{bad}: the text is not valid Unicode (a lone surrogate)", bad, "invalid_value")
+        name = unserved(req.model_extra, UNSERVED_FIELDS)
+        if name is not None:
+            raise APIError(400, f"`{name}` is not supported by this server", name, "unsupported_parameter")
+        for i, m in enumerate(messages or []):
+            name = unserved(m.model_extra, UNSERVED_MESSAGE_FIELDS)
+            if name is not None:
+                raise APIError(400, f"`{name}` in messages is not supported by this server", f"messages.{i}.{name}", "unsupported_parameter")
+        ignored = sorted(k for k, v in (req.model_extra or {}).items() if v is not None)
+        if ignored:
+            log.info("ignored request fields (they change nothing here): %s", ", ".join(ignored)[:200])
+        self.stream_flags(req)
+        return self.check_model(req.model)
+
+    @staticmethod
+    def stream_flags(req: SamplingFields) -> tuple[bool, bool]:
+        """(include_usage, continuous_usage_stats), refused where they cannot apply."""
+        opts = req.stream_options
+        if opts is None:
+            return False, False
+        if not req.stream:
+            raise APIError(400, "stream_options is only allowed with stream: true", "stream_options")
+        if opts.continuous_usage_stats and not opts.include_usage:
+            raise APIError(
+                400, "stream_options.continuous_usage_stats needs include_usage: true", "stream_options.continuous_usage_stats"
+            )
+        return opts.include_usage, opts.continuous_usage_stats
+
+    def check_model(self, model: str | None) -> str:
+        served = self.pool.served.name
+        if model is not None and model not in self.pool.models():
+            raise APIError(404, f"the model `{model}` does not exist; this server serves `{served}`", "model", "model_not_found")
+        return model or served
+
+    # ---- method options --------------------------------------------------------------------
+    async def methods(self, req: SamplingFields) -> dict[str, dict[str, Any]]:
+        """The request's own method options (with a chat request's top-level aliases), or else
+        the server's defaults (a request that asks for a method of its own does not also get the
+        defaults); an option that says "off" (`speculative: {"method": "none"}`) opts out of a
+        default. Prompts inside options become token ids."""
+        own = req.method_options()
+        for name, aliases in getattr(req, "method_aliases", {}).items():
+            for alias in aliases:
+                value = getattr(req, alias, None)
+                if value is not None:
+                    own.setdefault(name, {})[alias] = value
+        methods = {name: opts for name, opts in own.items() if not self.specs[name].off(opts)}
+        if not methods:
+            methods = {name: dict(opts) for name, opts in self.default_methods.items() if name not in own}
+        for name, opts in methods.items():
+            try:
+                validate_options(name, opts)  # again: aliases and defaults joined in
+            except OptionError as e:
+                raise APIError(400, str(e), e.param) from None
+            for field_name, prompt in self.specs[name].prompts.items():
+                value = opts.pop(field_name, None)
+                if value is not None:
+                    opts[prompt.ids] = await self._prompt_ids(value, prompt.kind, f"{name}.{field_name}")
+        return methods
+
+    async def _prompt_ids(self, value: Any, kind: str, param: str) -> list[int]:
+        """A prompt inside a method option: text tokenised like a completions prompt, or chat
+        messages rendered with a generation prompt. Empty: [] (the method's default)."""
+        if kind == "text":
+            return await self.renderer.text(value, param) if value else []
+        try:
+            chat = TypeAdapter(list[ChatMessage]).validate_python(value)
+        except ValidationError as e:
+            raise APIError(400, f"{param} must be a list of chat messages: {e.errors()[0]['msg']}", param) from e
+        for i, m in enumerate(chat):
+            name = unserved(m.model_extra, UNSERVED_MESSAGE_FIELDS)
+            if name is not None:
+                raise APIError(400, f"`{name}` in {param} is not supported by this server", f"{param}.{i}.{name}")
+        return (await self.renderer.chat(chat, param, allow_images=False)).token_ids if chat else []
+
+    # ---- prompts -----------------------------------------------------------------------------
+    async def chat_prompt(self, req: ChatCompletionRequest) -> RenderedPrompt:
+        return await self.renderer.chat(req.messages, "messages", req.add_generation_prompt, req.continue_final_message)
+
+    async def completion_prompts(self, prompt: str | list) -> list[RenderedPrompt]:
+        if isinstance(prompt, str):
+            return [RenderedPrompt(await self.renderer.text(prompt, "prompt"))]
+        if not prompt:
+            raise APIError(400, "prompt must not be empty", "prompt")
+        if all(isinstance(x, str) for x in prompt):
+            self.renderer.check_length(sum(len(x) for x in prompt), "prompt")
+            return [RenderedPrompt(await self.renderer.text(x, "prompt")) for x in prompt]
+        if all(isinstance(x, int) for x in prompt):
+            return [RenderedPrompt(list(prompt))]
+        return [RenderedPrompt(list(x)) for x in prompt]
+
+    # ---- sampling and engine requests ---------------------------------------------------------
+    def sampling_params(
+        self,
+        req: SamplingFields,
+        max_tokens: int | None,
+        prompt_len: int,
+        logprobs: int | None,
+        prompt_logprobs: int | None,
+        prompt_param: str,
+    ) -> SamplingParams:
+        limit = self.pool.served.max_model_len
+        if prompt_len >= limit:
+            raise APIError(
+                400, f"the prompt has {prompt_len} tokens; this model's maximum context length is {limit}", prompt_param,
+                "context_length_exceeded",
+            )
+        if max_tokens is None:
+            max_tokens = limit - prompt_len
+        elif prompt_len + max_tokens > limit:
+            raise APIError(
+                400,
+                f"max_tokens ({max_tokens}) + prompt ({prompt_len} tokens) exceeds the maximum context length {limit}",
+                "max_tokens",
+            )
+        if req.min_tokens > max_tokens:
+            raise APIError(400, "min_tokens must not exceed max_tokens", "min_tokens")
+        vocab = self.pool.served.vocab_size
+        if req.stop_token_ids and any(not 0 <= t < vocab for t in req.stop_token_ids):
+            raise APIError(400, f"stop_token_ids must be in [0, {vocab})", "stop_token_ids")
+        return SamplingParams(
+            max_tokens=max_tokens,
+            min_tokens=req.min_tokens,
+            temperature=req.temperature,
+            top_p=req.top_p,
+            top_k=max(0, req.top_k),
+            min_p=req.min_p,
+            seed=req.seed,
+            stop=list(req.stop or []),
+            stop_token_ids=list(req.stop_token_ids or []),
+            ignore_eos=req.ignore_eos,
+            presence_penalty=req.presence_penalty,
+            frequency_penalty=req.frequency_penalty,
+            repetition_penalty=req.repetition_penalty,
+            logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
+            include_stop_str_in_output=req.include_stop_str_in_output,
+        )
+
+    def call(
+        self,
+        raw: Request,
+        req: SamplingFields,
+        base_id: str,
+        prompts: list[RenderedPrompt],
+        params: list[SamplingParams],
+        methods: dict[str, dict[str, Any]],
+        model: str,
+        prompt_tokens: int,
+    ) -> Call:
+        """One engine request per choice, the caller's rate limit applied, the deadline fixed;
+        `prompt_tokens` as usage reports them. Admission to the pool happens when the generation
+        starts (generation.py)."""
+        n = req.n
+        requests = []
+        # the caller's API key (its id), whatever the body says: per-tenant state (draft tables) is keyed by it
+        tenant = raw.scope.get("state", {}).get("api_key_id")
+        vocab = self.pool.served.vocab_size
+        for p_idx, (prompt, sp) in enumerate(zip(prompts, params)):
+            if any(not 0 <= t < vocab for t in prompt.token_ids):
+                raise APIError(400, f"prompt token ids must be in [0, {vocab})", "prompt")
+            for j in range(n):
+                choice_params = SamplingParams(**{f: getattr(sp, f) for f in SamplingParams.__slots__})
+                if sp.seed is not None:
+                    choice_params.seed = sp.seed + j  # each choice its own, reproducible stream
+                rid = f"{base_id}-{p_idx * n + j}"
+                requests.append(
+                    GenerationRequest(
+                        rid, list(prompt.token_ids), choice_params, methods, model=model, images=prompt.images, tenant=tenant
+                    )
+                )
+        missing = self.pool.unsupported(requests[0]) if requests else None
+        if missing is not None:
+            backends = sorted({w.served.backend for w in self.pool.workers if w.served is not None})
+            what = "image inputs are" if missing == "images" else f"`{missing}` is"
+            raise APIError(
+                400,
+                f"{what} not available on this server's {' and '.join(backends)} engine; "
+                "with --engine vllm, start native workers for it with --native-workers N",
+                "messages" if missing == "images" else missing,
+            )
+        headers: dict[str, str] = {}
+        if self.limiter.enabled:
+            state = raw.scope.get("state", {})
+            bucket = state.get("api_key_id") or f"addr-{raw.client.host if raw.client else 'unknown'}"
+            tokens = sum(len(r.prompt_token_ids) + r.params.max_tokens for r in requests)
+            try:
+                headers = self.limiter.acquire(bucket, tokens)
+            except RateLimited as e:
+                self.metrics.request_failure.labels(reason="rate_limited").inc()
+                raise APIError(429, str(e), None, "rate_limit_exceeded", e.headers) from e
+            except ValueError as e:
+                raise APIError(400, str(e), "max_tokens", "request_too_large") from e
+        fallen_back = fallbacks(requests[0]) if requests else {}
+        if fallen_back:  # also in usage.method_stats; a header reaches clients that read no usage
+            headers = {**headers, FALLBACK_HEADER: "; ".join(f"{name}: {why}" for name, why in fallen_back.items())}
+        timeout = min(self.request_timeout, req.timeout or math.inf)
+        return Call(requests, timeout, time.monotonic() + timeout, headers, prompt_tokens)

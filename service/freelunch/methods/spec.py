@@ -1,0 +1,53 @@
+"""What a decoding method declares, once, in its own module: `MethodSpec`.
+
+The API builds the request schema from the specs (each option's pydantic model is a field of the
+request body, so its types, bounds and defaults are in /openapi.json and a bad value is a 400
+naming it before admission), the engine builds a request's strategy from them, and the pool
+routes on their names. Nothing outside `methods/` names a method.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+# A token id as a request may carry it: bounded here (msgpack and torch take int64 at most); the
+# engine checks it against the served vocabulary.
+TokenId = Annotated[int, Field(ge=0, lt=2**31)]
+
+
+class MethodOptions(BaseModel):
+    """Base of a method's options model: unknown fields and loose types (`"1.5"`, `true` for a
+    number) are refused."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+@dataclass(frozen=True, slots=True)
+class PromptField:
+    """An option field that holds a prompt the API renders into token ids before the request
+    reaches the engine: `kind` "text" (tokenised like a completions prompt) or "chat" (a message
+    list, rendered with the chat template and a generation prompt), into the field `ids`."""
+
+    kind: str
+    ids: str
+
+
+@dataclass(frozen=True, slots=True)
+class MethodSpec:
+    option: str  # the request body field
+    options: type[MethodOptions]  # validated at the API and again by the engine
+    description: str  # one line, for /openapi.json
+    # (request, main row, model info) -> the request's DecodingStrategy (engine side)
+    build: Callable[..., Any]
+    # why a request with these parameters decodes without the method (None: it does not); known
+    # before it runs, so that the API can say so in a header as well as in `usage.method_stats`
+    fallback: Callable[[Any], str | None] | None = None
+    # options that mean "not this method" (a request opting out of a server default)
+    off: Callable[[dict[str, Any]], bool] = lambda options: False
+    prompts: dict[str, PromptField] = field(default_factory=dict)
+    # chat-request fields that are this option's fields too (`negative_messages` at the top level)
+    chat_aliases: tuple[str, ...] = ()
