@@ -18,8 +18,10 @@ def free_port() -> int:
 @contextlib.contextmanager
 def live_server(app):
     """Serve an ASGI app with uvicorn on a free loopback port; yields the base URL once /ready answers."""
+    from freelunch.api.http_server import server_config
+
     port = free_port()
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    srv = uvicorn.Server(server_config(app, "127.0.0.1", port, log_level="warning"))
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
     base = f"http://127.0.0.1:{port}"

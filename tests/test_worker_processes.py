@@ -205,30 +205,38 @@ def test_a_killed_worker_fails_only_its_streams_and_is_replaced(pool_server):
     assert ok.status_code == 200
 
 
-def test_sigterm_finishes_in_flight_requests_then_exits(tiny_llama):
+def test_sigterm_drains_as_kubernetes_expects(tiny_llama):
+    """SIGTERM: /ready turns 503 at once and new requests get 503 with Retry-After while the socket
+    stays open; a generation that ends within --drain-timeout finishes; one still running at the
+    deadline ends with an OpenAI-style error event and [DONE]; then the process exits 0."""
     folder, _ = tiny_llama
-    proc, base = start_server(folder, 1, "--drain-timeout", "60")
+    drain = 3.0
+    proc, base = start_server(folder, 1, "--drain-timeout", str(drain))
     try:
         workers = worker_pids(proc.pid)
 
         async def run():
             async with httpx.AsyncClient(base_url=base, timeout=120) as client:
-                job = asyncio.create_task(stream(client, "/v1/completions", {**LONG, "max_tokens": 1500}))
-                while metric(base, "freelunch_requests_running") < 1:
-                    await asyncio.sleep(0.05)
+                # a stream far longer than the drain: a tiny model step at a long context is slow enough
+                long = asyncio.create_task(stream(client, "/v1/completions", {**LONG, "max_tokens": MAX_LEN - 8}))
+                short = asyncio.create_task(stream(client, "/v1/completions", {**LONG, "max_tokens": 40}))
+                while metric(base, "freelunch_requests_running") < 2:
+                    await asyncio.sleep(0.02)
                 proc.send_signal(signal.SIGTERM)
-                await asyncio.sleep(0.3)
-                try:  # new work is refused: connection refused, or 503 while the socket closes
-                    refused = (await client.get("/ready")).status_code == 503
-                except httpx.ConnectError:
-                    refused = True
-                return await job, refused
+                signalled = time.monotonic()
+                await asyncio.sleep(0.2)
+                ready = await client.get("/ready")  # the socket is still open: an answer, not a refusal
+                new = await client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2})
+                return await short, await long, ready, new, signalled
 
-        events, refused = asyncio.run(run())
-        assert refused
-        assert events[-1] == "[DONE]" and events[-2]["choices"][0]["finish_reason"] == "length"
-        assert sum(1 for e in events[:-1] if e["choices"] and e["choices"][0]["text"]) > 1000
-        assert proc.wait(60) == 0
+        short, long, ready, new, signalled = asyncio.run(run())
+        assert ready.status_code == 503 and ready.json()["reason"] == "the server is shutting down"
+        assert new.status_code == 503 and new.headers["retry-after"] and new.json()["error"]["type"] == "service_unavailable"
+        assert short[-1] == "[DONE]" and short[-2]["choices"][0]["finish_reason"] == "length"
+        assert long[-1] == "[DONE]" and long[-2]["error"]["code"] == "server_shutdown"
+        assert long[-2]["error"]["type"] == "service_unavailable"
+        assert proc.wait(30) == 0
+        assert time.monotonic() - signalled < drain + 15  # the drain, the cut's flush, the workers' stop
         wait_for(lambda: not any(Path(f"/proc/{p}").exists() for p in workers), 10)
     finally:
         stop_server(proc)

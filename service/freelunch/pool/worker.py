@@ -111,8 +111,10 @@ class Worker(ABC):
         queue = self.mailboxes.open(request.request_id)
         try:
             self._send_add(request)
-        except (OSError, ValueError) as e:  # the worker's pipe broke between the check and now
+        except OSError as e:  # the worker's pipe broke between the check and now
             self.mailboxes.deliver(request.request_id, WorkerDied(f"engine worker {self.name} is gone: {e}"), True)
+        except Exception as e:  # noqa: BLE001 - any other failure to hand it over: the request ends, its mailbox closes
+            self.mailboxes.deliver(request.request_id, RuntimeError(f"could not hand the request to {self.name}: {e}"), True)
         return queue
 
 
