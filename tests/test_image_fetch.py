@@ -72,6 +72,8 @@ class Handler(BaseHTTPRequestHandler):
             with contextlib.suppress(OSError):  # the fetcher hangs up once over the limit
                 for _ in range(MAX_IMAGE_BYTES // len(chunk) + 2):
                     self.wfile.write(chunk)
+        elif path == "/host":  # the Host header it was asked with, as the body
+            self.send(200, self.headers.get("Host", "").encode())
         elif path == "/text":
             self.send(200, b"hello world")
         elif path == "/redirect-away":  # to another host name of this same server: not listed
@@ -299,3 +301,39 @@ def test_loader_alone_fetches_and_decodes(images_host):
     with pytest.raises(APIError) as e:
         asyncio.run(ImageLoader(["127.0.0.1"], timeout=TIMEOUT, max_bytes=1000).load(images_host + "/cat.png", "p"))
     assert "larger than 1000 bytes" in e.value.message
+
+
+def test_a_name_that_resolves_inside_the_network_is_refused(images_host):
+    """An allowed host name whose address is loopback, private or link-local is refused (SSRF
+    through DNS); an IP literal the operator listed is allowed as it is."""
+    port = images_host.rsplit(":", 1)[1]
+    loader = ImageLoader(["localhost"], timeout=TIMEOUT)
+    with pytest.raises(APIError) as e:
+        asyncio.run(loader.load(f"http://localhost:{port}/cat.png", "p"))
+    assert "non-public address" in e.value.message and e.value.param == "p"
+    for literal in ("10.0.0.7", "169.254.169.254", "::1"):
+        with pytest.raises(APIError) as e:
+            asyncio.run(ImageLoader(["*.example.com"], timeout=TIMEOUT).address(literal, 80, "p"))
+        assert "non-public" in e.value.message
+
+
+def test_the_fetch_connects_to_the_address_it_checked(images_host, monkeypatch):
+    """One lookup per hop, and the connection goes to the address that lookup returned (a name
+    that re-resolves elsewhere between check and connect cannot redirect it); the server sees the
+    host name in Host."""
+    import anyio
+
+    port = int(images_host.rsplit(":", 1)[1])
+    lookups = []
+
+    async def resolve(host, port_, **kwargs):
+        lookups.append(host)
+        return [(2, 1, 6, "", ("127.0.0.1", port_))]  # images.example.test exists nowhere else
+
+    monkeypatch.setattr(anyio, "getaddrinfo", resolve)
+    loader = ImageLoader(["images.example.test"], timeout=TIMEOUT, allow_private_addresses=True)
+    assert asyncio.run(loader.fetch(httpx.URL(f"http://images.example.test:{port}/host"), "p")) == (
+        f"images.example.test:{port}".encode()
+    )
+    image = asyncio.run(loader.load(f"http://images.example.test:{port}/redirect-here", "p"))
+    assert image.size == (40, 31) and lookups == ["images.example.test"] * 3  # /host, then two hops

@@ -89,6 +89,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="hosts whose http(s) image URLs may be fetched: exact names or *.domain (repeatable or comma-separated; "
         "env FREELUNCH_ALLOWED_IMAGE_HOSTS, comma-separated); default: none, data: URLs only",
     )
+    sec.add_argument(
+        "--allow-private-image-addresses",
+        action="store_true",
+        default=env("FREELUNCH_ALLOW_PRIVATE_IMAGE_ADDRESSES", "") == "1",
+        help="fetch images from allowed host names that resolve to loopback, private or link-local addresses "
+        "(refused by default: an IP literal in --allowed-image-hosts is always allowed)",
+    )
     sec.add_argument("--image-fetch-timeout", type=float, default=float(env("FREELUNCH_IMAGE_FETCH_TIMEOUT", "10")), help="seconds for one image fetch")
     from freelunch.benchmark import add_arguments as add_bench_arguments
 
@@ -150,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
             rate_limit_tpm=args.rate_limit_tpm,
             allowed_image_hosts=read_image_hosts(args),
             image_fetch_timeout=args.image_fetch_timeout,
+            allow_private_image_addresses=args.allow_private_image_addresses,
         )
         if args.native_workers and config.engine != "vllm":
             raise ValueError("--native-workers goes with --engine vllm (the native engine's workers are --workers)")

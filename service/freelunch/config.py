@@ -66,6 +66,8 @@ class ServerConfig:
     # hosts image_url parts may be fetched from (exact names, or *.domain); empty = data: URLs only
     allowed_image_hosts: tuple[str, ...] = ()
     image_fetch_timeout: float = 10.0  # seconds for one image fetch, redirects included
+    # fetch from hosts (allowed by name) that resolve to loopback, private or link-local addresses
+    allow_private_image_addresses: bool = False
 
     def __post_init__(self) -> None:
         if self.workers < 0 or self.max_queue < 0:

@@ -40,9 +40,10 @@ def create_app(
     app = FastAPI(title="freelunch", version=__version__, lifespan=lifespan)
     metrics = Metrics(pool.stats, lambda: sum(w.alive for w in pool.workers))
     served = pool.served
-    renderer = PromptRenderer(
-        served.tokenizer, served.max_model_len, ImageLoader(server.allowed_image_hosts, server.image_fetch_timeout)
+    images = ImageLoader(
+        server.allowed_image_hosts, server.image_fetch_timeout, allow_private_addresses=server.allow_private_image_addresses
     )
+    renderer = PromptRenderer(served.tokenizer, served.max_model_len, images)
     limiter = RateLimiter(server.rate_limit_rpm, server.rate_limit_tpm)
     builder = RequestBuilder(pool, renderer, metrics, default_methods or {}, limiter, server.request_timeout)
     app.state.services = Services(pool, metrics, builder, GenerationRunner(pool, metrics), Formatter(served.tokenizer))

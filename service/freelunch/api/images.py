@@ -15,6 +15,7 @@ import binascii
 import io
 import ipaddress
 import json
+import socket
 import threading
 import warnings
 from collections.abc import Iterable
@@ -91,12 +92,19 @@ class ImageLoader:
     credentials, within `timeout` seconds for the whole fetch and `max_bytes` of body, following
     at most MAX_REDIRECTS redirects and only to allowed hosts. Decoding runs on a worker thread."""
 
-    def __init__(self, allowed_hosts: Iterable[str] = (), timeout: float = 10.0, max_bytes: int = MAX_IMAGE_BYTES) -> None:
+    def __init__(
+        self,
+        allowed_hosts: Iterable[str] = (),
+        timeout: float = 10.0,
+        max_bytes: int = MAX_IMAGE_BYTES,
+        allow_private_addresses: bool = False,
+    ) -> None:
         patterns = {image_host_pattern(h) for h in allowed_hosts}
         self.exact = frozenset(h for h in patterns if not h.startswith("*."))
         self.suffixes = tuple(sorted(h[1:] for h in patterns if h.startswith("*.")))  # ".example.com"
         self.timeout = timeout
         self.max_bytes = max_bytes
+        self.allow_private_addresses = allow_private_addresses
 
     def host_allowed(self, host: str) -> bool:
         """Exact names (and IP addresses) match exactly; `*.domain` rules match host names only."""
@@ -175,12 +183,44 @@ class ImageLoader:
         except (httpx.HTTPError, httpx.InvalidURL, httpx.StreamError, OSError, ValueError) as e:
             raise APIError(400, f"fetching the image from '{host}' failed: {type(e).__name__}: {e}", param) from e
 
+    async def address(self, host: str, port: int, param: str) -> str:
+        """The address to connect to for `host`, looked up once here and checked: never a
+        loopback, private, link-local or otherwise non-public one (a public name that resolves
+        inside the network: SSRF, DNS rebinding), unless the operator allowed that very address
+        (an IP literal in --allowed-image-hosts) or private addresses (--allow-private-image-addresses)."""
+        try:
+            literal = ipaddress.ip_address(host)
+        except ValueError:
+            literal = None
+        if literal is not None:
+            if host in self.exact:  # named by the operator: allowed as it is
+                return host
+            candidates = [literal]
+        else:
+            infos = await anyio.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+            candidates = [ipaddress.ip_address(info[4][0]) for info in infos]
+            if not candidates:
+                raise APIError(400, f"the image host '{host}' does not resolve", param)
+        chosen = candidates[0]
+        if not (self.allow_private_addresses or chosen.is_global) or chosen.is_multicast or chosen.is_unspecified:
+            raise APIError(
+                400,
+                f"the image host '{host}' resolves to {chosen}, a non-public address; images are fetched from "
+                "public addresses only (see --allow-private-image-addresses)",
+                param,
+            )
+        return str(chosen)
+
     async def _get(self, client: httpx.AsyncClient, url: httpx.URL, host: str, param: str) -> tuple[bytes, str | None]:
-        """One hop: (body, None), or (b"", the Location) for a redirect."""
+        """One hop: (body, None), or (b"", the Location) for a redirect. The connection goes to the
+        address checked by `address` (no second lookup), with the host name in Host and TLS SNI."""
         size = f"{self.max_bytes >> 20} MiB" if self.max_bytes % (1 << 20) == 0 else f"{self.max_bytes} bytes"
         too_big = f"the image is larger than {size}"
-        headers = {"Accept": "image/*", "Accept-Encoding": "identity"}
-        async with client.stream("GET", url, headers=headers) as response:
+        port = url.port or (443 if url.scheme == "https" else 80)
+        ip = await self.address(host.lower(), port, param)
+        headers = {"Accept": "image/*", "Accept-Encoding": "identity", "Host": url.netloc.decode("ascii")}
+        extensions = {"sni_hostname": host} if url.scheme == "https" else {}
+        async with client.stream("GET", url.copy_with(host=ip), headers=headers, extensions=extensions) as response:
             if response.is_redirect:
                 return b"", response.headers["location"]
             if response.status_code != 200:
