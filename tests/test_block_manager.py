@@ -144,8 +144,9 @@ def test_slots_mapping():
 class FakeRequest:
     """What the scheduler sees of a request: a strategy with rows."""
 
-    def __init__(self, prompt_len: int, name: str = "", shadows: int = 0, prompt_logprobs=None) -> None:
+    def __init__(self, prompt_len: int, name: str = "", shadows: int = 0, prompt_logprobs=None, tenant=None) -> None:
         params = SamplingParams(max_tokens=100, temperature=0.0, prompt_logprobs=prompt_logprobs)
+        self.tenant = tenant
         req = GenerationRequest(name, list(range(prompt_len)), params)
         main = Sequence(list(range(prompt_len)), prompt_len)
         self.name = name
@@ -166,9 +167,10 @@ def _advance(batch) -> None:
             req.strategy.append(7)
 
 
-def _sched(num_blocks=64, block_size=4, max_num_seqs=8, budget=64):
+def _sched(num_blocks=64, block_size=4, max_num_seqs=8, budget=64, policy="fifo", chunk=256):
+    """The mechanics tests run the plain order ("fifo"); the fairness tests below, "fair"."""
     bm = BlockManager(num_blocks, block_size)
-    return bm, Scheduler(bm, max_num_seqs, budget)
+    return bm, Scheduler(bm, max_num_seqs, budget, policy, chunk)
 
 
 def test_admission_only_when_blocks_fit():
@@ -365,3 +367,64 @@ def test_split_cache_pools_and_packed_upper_tables():
     bm.check_no_leaks()
     with pytest.raises(ValueError):
         BlockManager(8, 4, upper_blocks=4)  # upper blocks without a split
+
+
+# ---- the fair policy ---------------------------------------------------------------------------
+
+
+def test_fair_running_requests_take_the_budget_in_turns():
+    """Three decoding requests, a budget of two tokens a step: under fifo the first two run every
+    step and the third never does; under fair each runs two steps in three."""
+    runs = {}
+    for policy in ("fifo", "fair"):
+        bm, sched = _sched(num_blocks=64, budget=3, policy=policy)
+        reqs = [FakeRequest(1, name) for name in "abc"]
+        for r in reqs:
+            sched.add(r)
+        _advance(sched.schedule())  # three 1-token prompts in one step
+        sched.max_num_batched_tokens = 2
+        count = {r.name: 0 for r in reqs}
+        for _ in range(6):
+            batch = sched.schedule()
+            for r in batch.requests:
+                count[r.name] += 1
+            _advance(batch)
+        runs[policy] = count
+    assert runs["fifo"] == {"a": 6, "b": 6, "c": 0}
+    assert runs["fair"] == {"a": 4, "b": 4, "c": 4}
+
+
+def test_fair_a_long_prompt_is_prefilled_in_chunks_beside_decoding_requests():
+    bm, sched = _sched(num_blocks=256, budget=512, policy="fair", chunk=32)
+    small = FakeRequest(3, "small")
+    sched.add(small)
+    _advance(sched.schedule())  # small is decoding now
+    long = FakeRequest(300, "long")
+    sched.add(long)
+    fed = []
+    for _ in range(3):
+        batch = sched.schedule()
+        assert small in batch.requests  # the decoding request runs every step
+        fed.append(sum(len(p.tokens) for p in batch.plans if p.seq is long.strategy.main))
+        _advance(batch)
+    assert fed == [32, 32, 32]
+    alone_bm, alone = _sched(num_blocks=256, budget=512, policy="fair", chunk=32)
+    solo = FakeRequest(300, "solo")
+    alone.add(solo)
+    batch = alone.schedule()
+    assert sum(len(p.tokens) for p in batch.plans) == 300  # alone: the whole budget
+
+
+def test_fair_admission_takes_api_keys_in_turns():
+    """Key A queued three requests before key B's one; with room for two at a time, B's request
+    is admitted second, not after all of A's (fifo)."""
+    order = {}
+    for policy in ("fifo", "fair"):
+        bm, sched = _sched(num_blocks=64, max_num_seqs=2, budget=64, policy=policy)
+        reqs = [FakeRequest(2, f"a{i}", tenant="A") for i in range(3)] + [FakeRequest(2, "b0", tenant="B")]
+        for r in reqs:
+            sched.add(r)
+        batch = sched.schedule()
+        order[policy] = [r.name for r in batch.requests]
+    assert order["fifo"] == ["a0", "a1"]
+    assert order["fair"] == ["a0", "b0"]

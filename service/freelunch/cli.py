@@ -35,6 +35,32 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--max-num-seqs", type=int, default=int(env("FREELUNCH_MAX_NUM_SEQS", "64")))
     serve.add_argument("--max-num-batched-tokens", type=int, default=int(env("FREELUNCH_MAX_NUM_BATCHED_TOKENS", "1024")))
+    serve.add_argument(
+        "--scheduling-policy",
+        default=env("FREELUNCH_SCHEDULING_POLICY", "fair"),
+        choices=["fair", "fifo"],
+        help="fair: running requests share each step's token budget in turns, long prompts are prefilled in "
+        "chunks beside decoding requests, API keys are admitted in turns; fifo: admission order",
+    )
+    serve.add_argument(
+        "--long-prefill-token-threshold",
+        type=int,
+        default=int(env("FREELUNCH_LONG_PREFILL_TOKEN_THRESHOLD", "256")),
+        help="fair policy: prompt tokens a request prefills per step while other requests decode",
+    )
+    serve.add_argument(
+        "--max-step-cost",
+        type=float,
+        default=float(env("FREELUNCH_MAX_STEP_COST", "2")),
+        help="a request's rows may make an engine step cost at most this many one-token decode steps "
+        "(a larger speculative.tree is a 400)",
+    )
+    serve.add_argument(
+        "--max-tokens-per-request",
+        type=int,
+        default=int(env("FREELUNCH_MAX_TOKENS_PER_REQUEST", "65536")),
+        help="n x max_tokens a request may ask for (400 beyond)",
+    )
     serve.add_argument("--kv-cache-gib", type=float, default=float(env("FREELUNCH_KV_CACHE_GIB", "2")))
     serve.add_argument(
         "--kv-split-layer",
@@ -138,6 +164,9 @@ def main(argv: list[str] | None = None) -> int:
             max_model_len=args.max_model_len,
             max_num_seqs=args.max_num_seqs,
             max_num_batched_tokens=args.max_num_batched_tokens,
+            scheduling_policy=args.scheduling_policy,
+            max_step_cost=args.max_step_cost,
+            long_prefill_token_threshold=args.long_prefill_token_threshold,
             kv_cache_gib=args.kv_cache_gib,
             kv_split_layer=args.kv_split_layer,
             kv_lower_blocks_ratio=args.kv_lower_blocks_ratio,
@@ -157,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
             rate_limit_tpm=args.rate_limit_tpm,
             allowed_image_hosts=read_image_hosts(args),
             image_fetch_timeout=args.image_fetch_timeout,
+            max_tokens_per_request=args.max_tokens_per_request,
             allow_private_image_addresses=args.allow_private_image_addresses,
         )
         if args.native_workers and config.engine != "vllm":

@@ -15,6 +15,11 @@ class EngineConfig:
     max_model_len: int | None = None  # None = the model's max_position_embeddings (capped at 8192)
     max_num_seqs: int = 64  # batch rows at once
     max_num_batched_tokens: int = 1024  # tokens per forward (prefill chunks are cut to fit)
+    scheduling_policy: str = "fair"  # "fair" or "fifo" (engine/scheduler.py)
+    # a request's rows may make a step cost at most this many one-token decode steps (draft trees)
+    max_step_cost: float = 2.0
+    # fair policy: prompt tokens a request prefills per step while other requests decode
+    long_prefill_token_threshold: int = 256
     block_size: int = 16
     kv_cache_gib: float = 2.0
     # Split the KV cache at this decoder layer into two block pools, so that requests pruned by
@@ -40,6 +45,12 @@ class EngineConfig:
             raise ValueError("max_model_len must be at least 16")
         if self.max_num_seqs < 1 or self.max_num_batched_tokens < 16 or self.block_size < 1:
             raise ValueError("max_num_seqs, max_num_batched_tokens and block_size must be positive")
+        if self.scheduling_policy not in ("fair", "fifo"):
+            raise ValueError(f"scheduling_policy must be fair or fifo, not {self.scheduling_policy!r}")
+        if not self.max_step_cost >= 1:
+            raise ValueError("max_step_cost must be at least 1")
+        if self.long_prefill_token_threshold < 1:
+            raise ValueError("long_prefill_token_threshold must be positive")
         if self.engine not in ("native", "vllm"):
             raise ValueError(f"engine must be native or vllm, not {self.engine!r}")
         if self.tensor_parallel_size < 1 or (self.tensor_parallel_size > 1 and self.engine != "vllm"):
@@ -59,6 +70,7 @@ class ServerConfig:
     request_timeout: float = 600.0  # seconds; a request may ask for less with `timeout`
     drain_timeout: float = 30.0  # seconds to finish in-flight requests after SIGTERM
     max_body_bytes: int = 8 << 20
+    max_tokens_per_request: int = 65536  # n x max_tokens of one request
     api_keys: tuple[str, ...] = ()  # empty = no authentication
     metrics_require_key: bool = False
     rate_limit_rpm: int | None = None  # per API key (or client address without keys)
@@ -79,6 +91,8 @@ class ServerConfig:
         for limit in (self.rate_limit_rpm, self.rate_limit_tpm):
             if limit is not None and limit < 1:
                 raise ValueError("rate limits must be positive")
+        if self.max_tokens_per_request < 1:
+            raise ValueError("max_tokens_per_request must be positive")
         if not self.image_fetch_timeout > 0:
             raise ValueError("image_fetch_timeout must be positive")
         for host in self.allowed_image_hosts:

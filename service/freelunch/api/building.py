@@ -77,8 +77,10 @@ class RequestBuilder:
         default_methods: dict[str, dict],
         limiter: RateLimiter,
         timeout: float,
+        max_tokens_per_request: int = 65536,
     ) -> None:
         self.pool = pool
+        self.max_tokens_per_request = max_tokens_per_request
         self.metrics = metrics
         self.renderer = renderer
         self.default_methods = default_methods
@@ -88,8 +90,15 @@ class RequestBuilder:
 
     # ---- checks the schema cannot express ------------------------------------------------
     def check(self, req: SamplingFields, messages: list[ChatMessage] | None = None) -> str:
-        """Every check a request passes before any work: valid Unicode everywhere, no field the
-        server does not serve, stream options that apply, a served model. Returns the model id."""
+        """Every check a request passes before any work: room to run it (a burst's 429s cost no
+        tokenising), valid Unicode everywhere, no field the server does not serve, stream options
+        that apply, a served model. Returns the model id."""
+        if self.pool.would_refuse(req.n):
+            self.metrics.request_failure.labels(reason="overloaded").inc()
+            raise APIError(
+                429, f"the server is at capacity ({self.pool.in_flight} generations in flight); retry shortly",
+                None, "server_overloaded", {"Retry-After": "1"},
+            )
         bad = first_invalid_text(req.model_dump(), "")
         if bad is not None:
             raise APIError(400, f"{bad}: the text is not valid Unicode (a lone surrogate)", bad, "invalid_value")
@@ -263,6 +272,15 @@ class RequestBuilder:
                         rid, list(prompt.token_ids), choice_params, methods, model=model, images=prompt.images, tenant=tenant
                     )
                 )
+        asked = sum(r.params.max_tokens for r in requests)
+        if asked > self.max_tokens_per_request:
+            raise APIError(
+                400,
+                f"the request asks for up to {asked} generated tokens (n x max_tokens over its prompts); this server "
+                f"allows {self.max_tokens_per_request} per request: lower n or max_tokens",
+                "max_tokens",
+                "request_too_large",
+            )
         missing = self.pool.unsupported(requests[0]) if requests else None
         if missing is not None:
             backends = sorted({w.served.backend for w in self.pool.workers if w.served is not None})

@@ -46,6 +46,8 @@ class ModelInfo:
     # seconds per forward of T tokens after a short context, by T (what verifying a draft tree costs)
     measure_verify_cost: Callable[[], dict[int, float]] | None = None
     kv_split_layer: int | None = None  # the KV cache's layer split (see block_manager), if any
+    # a request's rows may make a step cost at most this many one-token decode steps
+    max_step_cost: float = float("inf")
 
 
 @dataclass(slots=True)
@@ -66,6 +68,10 @@ class RequestState:
     @property
     def main(self) -> Sequence:
         return self.strategy.main
+
+    @property
+    def tenant(self) -> str | None:
+        return self.request.tenant
 
 
 def _kv_blocks(
@@ -105,7 +111,13 @@ class Engine:
         slots = self.blocks.num_blocks * config.block_size
         self.kv = KVCache(cfg.num_layers, slots, cfg.num_kv_heads, cfg.head_dim, kv_dtype, self.device, upper)
         self.runner = ModelRunner(loaded.model, self.kv, self.blocks, self.device)
-        self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens)
+        self.scheduler = Scheduler(
+            self.blocks,
+            config.max_num_seqs,
+            config.max_num_batched_tokens,
+            config.scheduling_policy,
+            config.long_prefill_token_threshold,
+        )
         eos = set(cfg.eos_token_ids)
         if getattr(loaded.tokenizer, "eos_token_id", None) is not None:
             eos.add(loaded.tokenizer.eos_token_id)
@@ -121,6 +133,7 @@ class Engine:
             max_num_batched_tokens=config.max_num_batched_tokens,
             measure_verify_cost=self.runner.forward_cost,
             kv_split_layer=self.blocks.split,
+            max_step_cost=config.max_step_cost,
         )
         self.requests: dict[str, RequestState] = {}
         self._aborted: list[RequestState] = []

@@ -1,14 +1,22 @@
 """Continuous batching: which requests run this step, within a token budget and the KV budget.
 
 Running requests go first (decode rows are cheap and latency-bound), then waiting ones are
-admitted FIFO while their whole prompt fits in free KV blocks. A request's rows (main and
-shadows) are scheduled together or not at all. When KV runs out, the most recently admitted
-running request is preempted (blocks freed, recomputed later).
+admitted while their whole prompt fits in free KV blocks. A request's rows (main and shadows)
+are scheduled together or not at all. When KV runs out, the most recently admitted running
+request is preempted (blocks freed, recomputed later).
+
+Fairness (policy "fair", the default), so that a heavy request cannot starve light ones:
+- the running requests take the step's token budget in turns (the order rotates every step);
+- while others decode, a prompt is prefilled at most `prefill_chunk` tokens a step, so that a long
+  prompt costs the requests decoding beside it a bounded stall per step, not a whole 1k-token forward;
+- waiting requests are admitted tenant by tenant: the next is the oldest of the tenant (API key)
+  with the fewest requests running, FIFO within a tenant.
+Policy "fifo" is the plain order: admission order, whole budget, FIFO admission.
 """
 
 from __future__ import annotations
 
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -18,6 +26,10 @@ from freelunch.engine.strategy import DecodingStrategy, RowPlan
 
 class Schedulable(Protocol):
     strategy: DecodingStrategy
+    tenant: str | None  # requests of one API key share admission turns
+
+
+POLICIES = ("fair", "fifo")
 
 
 @dataclass(slots=True)
@@ -28,13 +40,25 @@ class ScheduledBatch:
 
 
 class Scheduler:
-    def __init__(self, blocks: BlockManager, max_num_seqs: int, max_num_batched_tokens: int) -> None:
+    def __init__(
+        self,
+        blocks: BlockManager,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        policy: str = "fair",
+        prefill_chunk: int = 256,
+    ) -> None:
+        if policy not in POLICIES:
+            raise ValueError(f"scheduling policy must be one of {POLICIES}, not {policy!r}")
         self.blocks = blocks
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.fair = policy == "fair"
+        self.prefill_chunk = prefill_chunk
         self.waiting: deque = deque()
         self.running: list = []
         self.num_preemptions = 0
+        self._turn = 0
 
     @property
     def num_running(self) -> int:
@@ -74,17 +98,42 @@ class Scheduler:
         self.waiting.appendleft(req)
         self.num_preemptions += 1
 
+    def _in_turn(self) -> list:
+        """The running requests in this step's order (rotating under the fair policy)."""
+        if not self.fair or not self.running:
+            return list(self.running)
+        start = self._turn % len(self.running)
+        self._turn += 1
+        return self.running[start:] + self.running[:start]
+
+    def _plan(self, req: Schedulable, budget: int, others_decode: bool):
+        """The request's plans within `budget`; a prefill beside decoding rows gets at most
+        `prefill_chunk` tokens, unless it can only run whole (a prompt pruned in one forward)."""
+        if self.fair and others_decode and budget > self.prefill_chunk and _prefilling(req):
+            plans = req.strategy.plan(self.prefill_chunk)
+            if plans:
+                return plans
+        return req.strategy.plan(budget)
+
+    def _next_waiting(self) -> Schedulable:
+        """The oldest waiting request of the tenant with the fewest running (fair), or the oldest."""
+        if not self.fair:
+            return self.waiting[0]
+        running = Counter(getattr(r, "tenant", None) for r in self.running)
+        return min(self.waiting, key=lambda r: running[getattr(r, "tenant", None)])  # min keeps the first of equals
+
     def schedule(self) -> ScheduledBatch:
         budget = self.max_num_batched_tokens
         plans: list[RowPlan] = []
         scheduled: list = []
         preempted = 0
-        for req in list(self.running):
+        decoding = any(not _prefilling(r) for r in self.running)
+        for req in self._in_turn():
             if req not in self.running:  # preempted by an earlier request of this loop
                 continue
             if budget <= 0:
                 break
-            req_plans = req.strategy.plan(budget)
+            req_plans = self._plan(req, budget, decoding)
             if not req_plans:
                 continue
             while not self.blocks.has_room(self._blocks_needed(req_plans)):
@@ -101,7 +150,7 @@ class Scheduler:
             budget -= sum(len(p.tokens) for p in req_plans)
         rows = self._rows_in_use()
         while self.waiting and budget > 0 and not preempted:
-            req = self.waiting[0]
+            req = self._next_waiting()
             if rows + len(req.strategy.rows) > self.max_num_seqs:
                 break
             # admit only if the whole prompt (plus the first decode step) of every row fits
@@ -111,8 +160,8 @@ class Scheduler:
             )
             if not self.blocks.has_room(whole):
                 break
-            req_plans = req.strategy.plan(budget)
-            self.waiting.popleft()
+            req_plans = self._plan(req, budget, decoding)
+            self.waiting.remove(req)
             self.running.append(req)
             rows += len(req.strategy.rows)
             if not req_plans:
@@ -122,3 +171,8 @@ class Scheduler:
             scheduled.append(req)
             budget -= sum(len(p.tokens) for p in req_plans)
         return ScheduledBatch(plans, scheduled, preempted)
+
+
+def _prefilling(req: Schedulable) -> bool:
+    """A row of the request has more than one token to feed (its prompt, or a recompute)."""
+    return any(seq.pending > 1 for seq in req.strategy.rows)

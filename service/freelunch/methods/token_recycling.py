@@ -196,7 +196,20 @@ class TokenRecycling(DecodingStrategy):
         self.table: AdjacencyTable = tables[key]
         # Without a tree of its own, the request drafts with the table's default, which follows
         # the measured cost and the observed acceptance. A request that falls back never drafts.
-        self.cost = None if template is not None or self.fallback else verify_cost(model_info)
+        measured = None if self.fallback else verify_cost(model_info)
+        # A request's own tree may cost at most `max_step_cost` decode steps per verify step: the
+        # forward rides in the batch every other request waits on (the paper's tree: ~6x on 2 CPU cores).
+        limit = model_info.max_step_cost
+        if template is not None and measured is not None:
+            cap = measured.max_nodes(limit)
+            if len(template) > cap:
+                raise OptionError(
+                    f"speculative.tree: at most {cap} nodes on this server: verifying {len(template) + 1} tokens "
+                    f"costs {measured(len(template) + 1) / measured(1):.1f}x a decode step here, which every request "
+                    f"in the batch would wait on (the limit, --max-step-cost, is {limit:g}x)",
+                    "speculative.tree",
+                )
+        self.cost = None if template is not None else measured
         if self.cost is not None:
             self.tree = self.table.default_tree(self.cost)
         elif template is not None:

@@ -53,6 +53,10 @@ class VerifyCost:
         seconds = [total / count for total, count in blocks for _ in range(int(count))]
         return cls(tuple(sorted(cost_s)), tuple(seconds))
 
+    def max_nodes(self, ratio: float, largest: int = len(TEMPLATE_222)) -> int:
+        """The most draft nodes whose verify forward costs at most `ratio` x a one-token forward."""
+        return max((n for n in range(1, largest + 1) if self(n + 1) <= ratio * self(1)), default=1)
+
     def __call__(self, tokens: int) -> float:
         ts, ys = self.tokens, self.seconds
         if len(ts) == 1:

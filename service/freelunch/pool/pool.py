@@ -102,6 +102,11 @@ class WorkerPool:
         primary = [w for w in able if w.served.backend == self.served.backend]
         return min(primary or able, key=lambda w: w.load_score, default=None)
 
+    def would_refuse(self, count: int) -> bool:
+        """Whether `admit(count)` would refuse right now for lack of room: checked before any
+        tokenising, so that a refusal under a burst stays cheap (admit still decides)."""
+        return self.max_in_flight is not None and self.in_flight + count > self.max_in_flight >= count
+
     def admit(self, count: int) -> None:
         """Reserve room for `count` choices, or refuse. Pair with `release(count)`."""
         if self.draining:
