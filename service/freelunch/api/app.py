@@ -17,7 +17,7 @@ from freelunch.api.metrics import Metrics
 from freelunch.api.rate_limit import RateLimiter
 from freelunch.api.rendering import PromptRenderer
 from freelunch.api.routes import build_router
-from freelunch.api.security import APIKeyAuth, BodySizeLimit
+from freelunch.api.security import AdmissionGate, APIKeyAuth, BodySizeLimit
 from freelunch.config import ServerConfig
 from freelunch.methods import method_specs
 from freelunch.pool.pool import WorkerPool
@@ -53,5 +53,10 @@ def create_app(
     app.include_router(build_router(method_specs()))
     # The last added runs first: authentication looks at headers only, before any body is read.
     app.add_middleware(BodySizeLimit, max_bytes=server.max_body_bytes)
+    app.add_middleware(
+        AdmissionGate,
+        full=lambda: pool.would_refuse(1),
+        on_refused=metrics.request_failure.labels(reason="overloaded").inc,
+    )
     app.add_middleware(APIKeyAuth, keys=server.api_keys, protect_metrics=server.metrics_require_key)
     return app

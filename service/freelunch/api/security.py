@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -13,6 +13,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from freelunch.api.errors import error_body
 
 OPEN_PATHS = ("/health", "/ready")
+GENERATION_PATHS = ("/v1/chat/completions", "/v1/completions")
 
 
 async def send_error(
@@ -110,3 +111,22 @@ class BodySizeLimit:
             return await receive()  # later calls wait for the disconnect, as the app expects
 
         await self.app(scope, replay, send)
+
+
+class AdmissionGate:
+    """A generation request that even one more choice would not fit gets 429 here, before its
+    body is read, parsed or validated: a burst is refused at the cost of its headers."""
+
+    def __init__(self, app: ASGIApp, full: Callable[[], bool], on_refused: Callable[[], None]) -> None:
+        self.app = app
+        self.full = full
+        self.on_refused = on_refused
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] in GENERATION_PATHS and self.full():
+            self.on_refused()
+            await send_error(
+                send, 429, "the server is at capacity; retry shortly", "server_overloaded", headers={"Retry-After": "1"}
+            )
+            return
+        await self.app(scope, receive, send)

@@ -6,9 +6,11 @@ are scheduled together or not at all. When KV runs out, the most recently admitt
 request is preempted (blocks freed, recomputed later).
 
 Fairness (policy "fair", the default), so that a heavy request cannot starve light ones:
-- the running requests take the step's token budget in turns (the order rotates every step);
-- while others decode, a prompt is prefilled at most `prefill_chunk` tokens a step, so that a long
-  prompt costs the requests decoding beside it a bounded stall per step, not a whole 1k-token forward;
+- the running requests take the step's token budget in turns (the order rotates every step; decoding
+  requests first, then prompts, the shortest first);
+- while some requests decode, prompts are prefilled at most `prefill_chunk` tokens a step in all,
+  so that long prompts cost the requests decoding beside them a bounded stall per step, not a whole
+  1k-token forward (a prompt that can only run whole, pruned in one forward, still runs whole);
 - waiting requests are admitted tenant by tenant: the next is the oldest of the tenant (API key)
   with the fewest requests running, FIFO within a tenant.
 Policy "fifo" is the plain order: admission order, whole budget, FIFO admission.
@@ -99,19 +101,26 @@ class Scheduler:
         self.num_preemptions += 1
 
     def _in_turn(self) -> list:
-        """The running requests in this step's order (rotating under the fair policy)."""
+        """The running requests in this step's order. Fair: the decoding ones first, in an order
+        that rotates every step, then the prefilling ones, the fewest prompt tokens left first
+        (a short prompt beside a long one is not held up by it)."""
         if not self.fair or not self.running:
             return list(self.running)
         start = self._turn % len(self.running)
         self._turn += 1
-        return self.running[start:] + self.running[:start]
+        rotated = self.running[start:] + self.running[:start]
+        decoding = [r for r in rotated if not _prefilling(r)]
+        prefilling = sorted((r for r in rotated if _prefilling(r)), key=_tokens_left)
+        return decoding + prefilling
 
-    def _plan(self, req: Schedulable, budget: int, others_decode: bool):
-        """The request's plans within `budget`; a prefill beside decoding rows gets at most
-        `prefill_chunk` tokens, unless it can only run whole (a prompt pruned in one forward)."""
-        if self.fair and others_decode and budget > self.prefill_chunk and _prefilling(req):
-            plans = req.strategy.plan(self.prefill_chunk)
-            if plans:
+    def _plan(self, req: Schedulable, budget: int, prefill_left: int | None):
+        """The request's plans within `budget`; a prefill gets at most `prefill_left` tokens (None:
+        no such bound), unless it can only run whole (a prompt pruned in one forward)."""
+        if prefill_left is not None and _prefilling(req):
+            if prefill_left <= 0:
+                return []
+            plans = req.strategy.plan(min(budget, prefill_left))
+            if plans or prefill_left >= budget:
                 return plans
         return req.strategy.plan(budget)
 
@@ -127,13 +136,14 @@ class Scheduler:
         plans: list[RowPlan] = []
         scheduled: list = []
         preempted = 0
-        decoding = any(not _prefilling(r) for r in self.running)
+        # while requests decode, prompts share `prefill_chunk` tokens a step (fair policy)
+        prefill_left = self.prefill_chunk if self.fair and any(not _prefilling(r) for r in self.running) else None
         for req in self._in_turn():
             if req not in self.running:  # preempted by an earlier request of this loop
                 continue
             if budget <= 0:
                 break
-            req_plans = self._plan(req, budget, decoding)
+            req_plans = self._plan(req, budget, prefill_left)
             if not req_plans:
                 continue
             while not self.blocks.has_room(self._blocks_needed(req_plans)):
@@ -147,7 +157,10 @@ class Scheduler:
             self._allocate(req_plans)
             plans.extend(req_plans)
             scheduled.append(req)
-            budget -= sum(len(p.tokens) for p in req_plans)
+            used = sum(len(p.tokens) for p in req_plans)
+            budget -= used
+            if prefill_left is not None and _prefilling(req):
+                prefill_left -= used
         rows = self._rows_in_use()
         while self.waiting and budget > 0 and not preempted:
             req = self._next_waiting()
@@ -160,7 +173,7 @@ class Scheduler:
             )
             if not self.blocks.has_room(whole):
                 break
-            req_plans = self._plan(req, budget, decoding)
+            req_plans = self._plan(req, budget, prefill_left)
             self.waiting.remove(req)
             self.running.append(req)
             rows += len(req.strategy.rows)
@@ -169,8 +182,15 @@ class Scheduler:
             self._allocate(req_plans)
             plans.extend(req_plans)
             scheduled.append(req)
-            budget -= sum(len(p.tokens) for p in req_plans)
+            used = sum(len(p.tokens) for p in req_plans)
+            budget -= used
+            if prefill_left is not None:
+                prefill_left -= used
         return ScheduledBatch(plans, scheduled, preempted)
+
+
+def _tokens_left(req: Schedulable) -> int:
+    return sum(seq.pending for seq in req.strategy.rows)
 
 
 def _prefilling(req: Schedulable) -> bool:
