@@ -135,6 +135,7 @@ def run_once(
 
 def bench_model(name: str, folder: Path, batches: list[int], tokens: int, repeats: int) -> dict:
     from freelunch.config import EngineConfig
+    import freelunch.methods  # noqa: F401 - registers the methods with the engine
     from freelunch.engine.engine import Engine
     from freelunch.models.loader import load_model, resolve_source
 

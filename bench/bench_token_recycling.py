@@ -86,6 +86,7 @@ def main(argv: list[str] | None = None) -> dict:
         AdjacencyTable.seed = lambda self, tokens: None  # this process only
 
     from freelunch.config import EngineConfig
+    import freelunch.methods  # noqa: F401 - registers the methods with the engine
     from freelunch.engine.engine import Engine
     from freelunch.models.loader import load_model, resolve_source
 

@@ -220,6 +220,7 @@ def run_one(
 
 def bench_config(name: str, max_tokens: int, repeats: int, workdir: Path) -> dict:
     from freelunch.config import EngineConfig
+    import freelunch.methods  # noqa: F401 - registers the methods with the engine
     from freelunch.engine.engine import Engine
     from freelunch.engine.kv_cache import KVCache
     from freelunch.models.loader import load_model, resolve_source

@@ -48,6 +48,7 @@ from typing import Any
 import torch
 from engine_batch import run  # eval/engine_batch.py (the scripts run from eval/)
 from freelunch.config import EngineConfig
+import freelunch.methods  # noqa: F401 - registers the methods with the engine
 from freelunch.engine.engine import Engine
 from freelunch.engine.request import GenerationRequest, SamplingParams
 from freelunch.models.loader import default_model_path, load_model, resolve_source

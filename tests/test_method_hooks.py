@@ -17,7 +17,8 @@ from freelunch.engine.engine import Engine, EngineError
 from freelunch.engine.kv_cache import KVCache
 from freelunch.engine.request import GenerationRequest, SamplingParams, Sequence
 from freelunch.engine.strategy import DecodingStrategy, RowPlan, Sampled
-from freelunch.methods import METHODS, load_builtin_methods
+from freelunch.engine import plugins
+from freelunch.methods import METHODS
 from freelunch.methods.spec import MethodOptions, MethodSpec
 from pydantic import ConfigDict
 from freelunch.models.loader import load_model, resolve_source
@@ -38,10 +39,9 @@ def setup(tiny_llama):
 
 @pytest.fixture(autouse=True)
 def _registry_is_restored():
-    load_builtin_methods()  # the engine registers the shipped methods on first use
-    before = dict(METHODS)
+    before, engine_before = dict(METHODS), dict(plugins.STRATEGIES)
     yield
-    assert METHODS == before, "a test left a strategy registered"
+    assert METHODS == before and plugins.STRATEGIES == engine_before, "a test left a strategy registered"
 
 
 class AnyOptions(MethodOptions):
@@ -51,7 +51,9 @@ class AnyOptions(MethodOptions):
 
 
 def _register(monkeypatch, option, factory):
-    monkeypatch.setitem(METHODS, option, MethodSpec(option, AnyOptions, "a test method", factory))
+    spec = MethodSpec(option, AnyOptions, "a test method", factory)
+    monkeypatch.setitem(METHODS, option, spec)
+    monkeypatch.setitem(plugins.STRATEGIES, option, spec)
 
 
 def make_engine(setup, kv_blocks=None, **config) -> Engine:

@@ -84,6 +84,19 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["none", "token_recycling"],
         help="speculative decoding for every eligible request (a request may opt out with speculative.method=none)",
     )
+    serve.add_argument(
+        "--enable-auto-tool-choice",
+        action=argparse.BooleanOptionalAction,
+        default=env("FREELUNCH_ENABLE_AUTO_TOOL_CHOICE", "1") == "1",
+        help='tool_choice "auto" (the default when a request has tools): the model may answer or call a tool, '
+        "found by the tool-call parser (on by default; --no-enable-auto-tool-choice makes auto a 400)",
+    )
+    serve.add_argument(
+        "--tool-call-parser",
+        default=env("FREELUNCH_TOOL_CALL_PARSER", "hermes"),
+        choices=["hermes"],
+        help="how tool calls are written and found: hermes, <tool_call>{\"name\": ..., \"arguments\": ...}</tool_call>",
+    )
     serve.add_argument("--log-level", default=env("FREELUNCH_LOG_LEVEL", "info"))
     pool = serve.add_argument_group("worker pool and admission")
     pool.add_argument(
@@ -187,6 +200,7 @@ def main(argv: list[str] | None = None) -> int:
             allowed_image_hosts=read_image_hosts(args),
             image_fetch_timeout=args.image_fetch_timeout,
             max_tokens_per_request=args.max_tokens_per_request,
+            enable_auto_tool_choice=args.enable_auto_tool_choice,
             allow_private_image_addresses=args.allow_private_image_addresses,
         )
         if args.native_workers and config.engine != "vllm":

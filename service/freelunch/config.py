@@ -71,6 +71,7 @@ class ServerConfig:
     drain_timeout: float = 30.0  # seconds to finish in-flight requests after SIGTERM
     max_body_bytes: int = 8 << 20
     max_tokens_per_request: int = 65536  # n x max_tokens of one request
+    enable_auto_tool_choice: bool = True  # tool_choice "auto": the model may call a tool (Hermes parser)
     api_keys: tuple[str, ...] = ()  # empty = no authentication
     metrics_require_key: bool = False
     rate_limit_rpm: int | None = None  # per API key (or client address without keys)

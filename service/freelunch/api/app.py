@@ -46,7 +46,14 @@ def create_app(
     renderer = PromptRenderer(served.tokenizer, served.max_model_len, images)
     limiter = RateLimiter(server.rate_limit_rpm, server.rate_limit_tpm)
     builder = RequestBuilder(
-        pool, renderer, metrics, default_methods or {}, limiter, server.request_timeout, server.max_tokens_per_request
+        pool,
+        renderer,
+        metrics,
+        default_methods or {},
+        limiter,
+        server.request_timeout,
+        server.max_tokens_per_request,
+        server.enable_auto_tool_choice,
     )
     app.state.services = Services(pool, metrics, builder, GenerationRunner(pool, metrics), Formatter(served.tokenizer))
     install_error_handlers(app)

@@ -24,7 +24,8 @@ from freelunch.api.protocol import (
 )
 from freelunch.api.rate_limit import RateLimited, RateLimiter
 from freelunch.api.rendering import PromptRenderer, RenderedPrompt
-from freelunch.engine.request import GenerationRequest, SamplingParams
+from freelunch.api.structured import StructuredOutputs
+from freelunch.engine.request import ConstraintSpec, GenerationRequest, SamplingParams
 from freelunch.methods import OptionError, fallbacks, method_specs, validate_options
 from freelunch.pool.pool import WorkerPool
 
@@ -78,9 +79,11 @@ class RequestBuilder:
         limiter: RateLimiter,
         timeout: float,
         max_tokens_per_request: int = 65536,
+        auto_tool_choice: bool = True,
     ) -> None:
         self.pool = pool
         self.max_tokens_per_request = max_tokens_per_request
+        self.structured = StructuredOutputs(pool.served.tokenizer, pool.served.vocab_size, metrics, auto_tool_choice)
         self.metrics = metrics
         self.renderer = renderer
         self.default_methods = default_methods
@@ -176,9 +179,24 @@ class RequestBuilder:
                 raise APIError(400, f"`{name}` in {param} is not supported by this server", f"{param}.{i}.{name}")
         return (await self.renderer.chat(chat, param, allow_images=False)).token_ids if chat else []
 
+    # ---- constraints -------------------------------------------------------------------------------
+    async def constraint(self, req: SamplingFields) -> tuple[ConstraintSpec | None, dict[int, float] | None]:
+        """The request's structured output (response_format, structured_outputs or tools), compiled
+        once here to refuse it before any decoding, and its logit bias."""
+        spec, param = self.structured.spec(req)
+        if spec is not None:
+            if req.ignore_eos or req.min_tokens:
+                bad = "ignore_eos" if req.ignore_eos else "min_tokens"
+                raise APIError(400, f"{bad} cannot be combined with {param}: the output ends where its grammar does", bad)
+            await self.structured.check(spec, param)
+        return spec, self.structured.logit_bias(req)
+
     # ---- prompts -----------------------------------------------------------------------------
     async def chat_prompt(self, req: ChatCompletionRequest) -> RenderedPrompt:
-        return await self.renderer.chat(req.messages, "messages", req.add_generation_prompt, req.continue_final_message)
+        tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools and req.tool_choice != "none" else None
+        return await self.renderer.chat(
+            req.messages, "messages", req.add_generation_prompt, req.continue_final_message, tools=tools
+        )
 
     async def completion_prompts(self, prompt: str | list) -> list[RenderedPrompt]:
         if isinstance(prompt, str):
@@ -250,6 +268,7 @@ class RequestBuilder:
         methods: dict[str, dict[str, Any]],
         model: str,
         prompt_tokens: int,
+        constraint: tuple[ConstraintSpec | None, dict[int, float] | None] = (None, None),
     ) -> Call:
         """One engine request per choice, the caller's rate limit applied, the deadline fixed;
         `prompt_tokens` as usage reports them. Admission to the pool happens when the generation
@@ -269,7 +288,15 @@ class RequestBuilder:
                 rid = f"{base_id}-{p_idx * n + j}"
                 requests.append(
                     GenerationRequest(
-                        rid, list(prompt.token_ids), choice_params, methods, model=model, images=prompt.images, tenant=tenant
+                        rid,
+                        list(prompt.token_ids),
+                        choice_params,
+                        methods,
+                        model=model,
+                        images=prompt.images,
+                        tenant=tenant,
+                        constraint=constraint[0],
+                        logit_bias=constraint[1],
                     )
                 )
         asked = sum(r.params.max_tokens for r in requests)
@@ -284,12 +311,13 @@ class RequestBuilder:
         missing = self.pool.unsupported(requests[0]) if requests else None
         if missing is not None:
             backends = sorted({w.served.backend for w in self.pool.workers if w.served is not None})
-            what = "image inputs are" if missing == "images" else f"`{missing}` is"
+            names = {"images": ("image inputs are", "messages"), "constraint": ("a structured output is", "response_format")}
+            what, param = names.get(missing, (f"`{missing.replace('+', '` with `')}` is", missing.split("+")[0]))
             raise APIError(
                 400,
                 f"{what} not available on this server's {' and '.join(backends)} engine; "
                 "with --engine vllm, start native workers for it with --native-workers N",
-                "messages" if missing == "images" else missing,
+                param,
             )
         headers: dict[str, str] = {}
         if self.limiter.enabled:

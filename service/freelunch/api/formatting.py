@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from freelunch.api import tool_calls
 from freelunch.api.building import Call
 from freelunch.engine.request import RequestOutput, TokenLogprob
 
@@ -92,30 +93,38 @@ class Formatter:
 
 
 class ChatShapes:
-    """`chat.completion` bodies and `chat.completion.chunk` events of one request."""
+    """`chat.completion` bodies and `chat.completion.chunk` events of one request. With `tools`,
+    calls in the output become `message.tool_calls` (streamed as tool-call deltas) and a choice
+    that made one ends with finish_reason "tool_calls"."""
 
-    def __init__(self, fmt: Formatter, call: Call, rid: str, created: int, model: str, logprobs: bool, include_usage: bool) -> None:
+    def __init__(
+        self, fmt: Formatter, call: Call, rid: str, created: int, model: str, logprobs: bool, include_usage: bool, tools: bool = False
+    ) -> None:
         self.fmt, self.call, self.rid, self.created, self.model = fmt, call, rid, created, model
-        self.logprobs, self.include_usage = logprobs, include_usage
+        self.logprobs, self.include_usage, self.tools = logprobs, include_usage, tools
         self._sent_role: set[int] = set()
+        self._parsers: dict[int, tool_calls.StreamParser] = {}
+
+    def _finish(self, reason: str | None, made_calls: bool) -> str | None:
+        return "tool_calls" if made_calls and reason == "stop" else reason
 
     def response(self, choices: list[ChoiceState]) -> dict:
-        return envelope(
-            self.rid,
-            "chat.completion",
-            self.created,
-            self.model,
-            [
+        out = []
+        for c in choices:
+            message: dict[str, Any] = {"role": "assistant", "content": c.text}
+            calls: list = []
+            if self.tools:
+                content, calls = tool_calls.parse(c.text)
+                message = {"role": "assistant", "content": content or None, "tool_calls": calls} if calls else message
+            out.append(
                 {
                     "index": c.index,
-                    "message": {"role": "assistant", "content": c.text},
+                    "message": message,
                     "logprobs": self.fmt.chat_logprobs(c.logprobs) if self.logprobs else None,
-                    "finish_reason": c.finish_reason,
+                    "finish_reason": self._finish(c.finish_reason, bool(calls)),
                 }
-                for c in choices
-            ],
-            usage=usage(choices, self.call.prompt_tokens),
-        )
+            )
+        return envelope(self.rid, "chat.completion", self.created, self.model, out, usage=usage(choices, self.call.prompt_tokens))
 
     def chunk(self, choices: list[dict[str, Any]], usage_now: dict | None = None) -> dict:
         extra = {"usage": usage_now} if self.include_usage else {}
@@ -126,11 +135,19 @@ class ChatShapes:
         if c.index not in self._sent_role:
             self._sent_role.add(c.index)
             chunks.append(self.chunk([{"index": c.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}]))
-        if out.new_text or out.logprobs:
+        text, calls = out.new_text, []
+        if self.tools:
+            parser = self._parsers.setdefault(c.index, tool_calls.StreamParser())
+            text, calls = parser.feed(out.new_text, final=out.finished)
+        if text or out.logprobs:
             lp = self.fmt.chat_logprobs(out.logprobs) if self.logprobs and out.logprobs else None
-            chunks.append(self.chunk([{"index": c.index, "delta": {"content": out.new_text}, "logprobs": lp, "finish_reason": None}]))
+            chunks.append(self.chunk([{"index": c.index, "delta": {"content": text}, "logprobs": lp, "finish_reason": None}]))
+        for delta in calls:
+            chunks.append(self.chunk([{"index": c.index, "delta": {"tool_calls": [delta]}, "logprobs": None, "finish_reason": None}]))
         if out.finished:
-            chunks.append(self.chunk([{"index": c.index, "delta": {}, "logprobs": None, "finish_reason": c.finish_reason}]))
+            made = bool(self.tools and self._parsers[c.index].calls)
+            reason = self._finish(c.finish_reason, made)
+            chunks.append(self.chunk([{"index": c.index, "delta": {}, "logprobs": None, "finish_reason": reason}]))
         return chunks
 
     def usage_chunk(self, choices: list[ChoiceState]) -> dict:

@@ -54,6 +54,18 @@ class Metrics:
             ["method"],
             registry=r,
         )
+        self.grammar_compile_seconds = Histogram(
+            "freelunch_structured_output_compile_seconds",
+            "Time to compile a structured output's grammar (JSON schema, regex, tools), cache misses",
+            buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
+            registry=r,
+        )
+        self.grammar_cache_hits = Counter(
+            "freelunch_structured_output_cache_hits", "Structured-output grammars found compiled in the cache", registry=r
+        )
+        self.structured_requests = Counter(
+            "freelunch_structured_output_requests", "Finished generations with a structured output or logit_bias", registry=r
+        )
         self.ttft = Histogram(
             "freelunch_time_to_first_token_seconds", "Time to first token", buckets=_LATENCY_BUCKETS, registry=r
         )
@@ -82,6 +94,9 @@ class Metrics:
                 self.tpot.observe((e2e - ttft) / (output_tokens - 1))
         self.e2e.observe(e2e)
         for method in method_stats or {}:
+            if method == "structured_output":
+                self.structured_requests.inc()
+                continue
             self.method_requests.labels(method=method).inc()
         spec = (method_stats or {}).get("speculative")
         if spec:

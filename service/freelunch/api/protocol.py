@@ -14,14 +14,8 @@ from freelunch.methods.spec import TokenId
 # does not serve: a 400 naming the field, never a plausible 200 that silently ignored it. A field
 # is refused when present with a value other than its no-op one (here; None = any value but null).
 UNSERVED_FIELDS: dict[str, object] = {
-    "response_format": None,
-    "tools": None,
-    "tool_choice": None,
-    "parallel_tool_calls": None,
     "functions": None,
     "function_call": None,
-    "logit_bias": None,
-    "structured_outputs": None,
     "guided_json": None,
     "guided_regex": None,
     "guided_choice": None,
@@ -41,7 +35,7 @@ UNSERVED_FIELDS: dict[str, object] = {
     "documents": None,
     "echo": False,  # chat (vLLM); a declared field of completions
 }
-UNSERVED_MESSAGE_FIELDS: dict[str, object] = {"tool_calls": None, "tool_call_id": None, "function_call": None, "audio": None}
+UNSERVED_MESSAGE_FIELDS: dict[str, object] = {"function_call": None, "audio": None}
 
 
 def unserved(fields: dict[str, Any] | None, table: dict[str, object]) -> str | None:
@@ -56,6 +50,69 @@ MAX_STOP_SEQUENCES = 16
 MAX_STOP_LENGTH = 256
 MAX_N = 16
 MAX_TOP_LOGPROBS = 20
+MAX_TOOLS = 128
+MAX_CHOICES = 1024  # structured_outputs.choice entries
+
+
+class JSONSchemaFormat(BaseModel):
+    name: str = Field(default="response", max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's `response_format`: text, any JSON object, or JSON following a schema."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+
+class StructuredOutputs(BaseModel):
+    """vLLM's `structured_outputs` (its names, 0.32): exactly one of json, regex, choice, grammar,
+    json_object, structural_tag; `disable_any_whitespace` keeps JSON compact."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    json_: str | dict[str, Any] | None = Field(default=None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = Field(default=None, min_length=1, max_length=MAX_CHOICES)
+    grammar: str | None = None
+    json_object: bool | None = None
+    structural_tag: str | dict[str, Any] | None = None
+    disable_any_whitespace: bool = False
+
+
+class FunctionDefinition(BaseModel):
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(BaseModel):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(BaseModel):
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+class ToolCallFunction(BaseModel):
+    name: str
+    arguments: str  # JSON, as OpenAI sends it
+
+
+class ToolCall(BaseModel):
+    id: str = Field(max_length=128)
+    type: Literal["function"] = "function"
+    function: ToolCallFunction
 
 
 class StreamOptions(BaseModel):
@@ -90,6 +147,9 @@ class SamplingFields(BaseModel):
     include_stop_str_in_output: bool = False
     user: str | None = Field(default=None, max_length=256)
     timeout: float | None = Field(default=None, gt=0, le=86400, description="seconds; at most the server's limit")
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None
+    logit_bias: dict[str, float] | None = Field(default=None, max_length=1024, description="token id -> bias in [-100, 100]")
     # the method options' fields, one per registered method (`with_methods`)
     method_names: ClassVar[tuple[str, ...]] = ()
 
@@ -132,6 +192,8 @@ class ChatMessage(BaseModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart | ImagePart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = Field(default=None, max_length=MAX_TOOLS)  # an assistant's earlier calls
+    tool_call_id: str | None = Field(default=None, max_length=128)  # a tool message: the call it answers
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -141,6 +203,9 @@ class ChatCompletionRequest(SamplingFields):
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
     add_generation_prompt: bool = True
     continue_final_message: bool = False
+    tools: list[Tool] | None = Field(default=None, max_length=MAX_TOOLS)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
     # chat fields that belong to a method's options too (`MethodSpec.chat_aliases`), by option
     method_aliases: ClassVar[dict[str, tuple[str, ...]]] = {}
 

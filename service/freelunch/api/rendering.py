@@ -8,12 +8,14 @@ characters, so a text longer than the context length times that is too long what
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import anyio
 
+from freelunch.api import tool_calls
 from freelunch.api.errors import APIError
 from freelunch.api.images import MAX_IMAGES_PER_REQUEST, ImageLoader, VisionPrompts
 from freelunch.api.protocol import ChatMessage, ImagePart, TextPart
@@ -75,14 +77,25 @@ class PromptRenderer:
         add_generation_prompt: bool = True,
         continue_final_message: bool = False,
         allow_images: bool = True,
+        tools: list[dict[str, Any]] | None = None,
     ) -> RenderedPrompt:
         """Messages rendered with the model's chat template, as token ids, image placeholders
-        expanded: images are fetched, decoded and preprocessed off the event loop too."""
+        expanded: images are fetched, decoded and preprocessed off the event loop too. `tools`
+        go to a template that renders them; other templates get the Hermes tool prompt as (the
+        start of) the system message, and earlier calls and results as Hermes text."""
         messages, refs, chars = self._chat_messages(chat, param, allow_images)
         self.check_length(chars, param)
         images = await self.images.load_all(refs)
+        native_tools = tools if tools and tool_calls.template_takes_tools(self._template()) else None
+        if tools and native_tools is None:
+            messages = _hermes_messages(messages, tools)
         text = await self._off_loop(
-            self._chat_text, messages, add_generation_prompt and not continue_final_message, continue_final_message, param
+            self._chat_text,
+            messages,
+            add_generation_prompt and not continue_final_message,
+            continue_final_message,
+            param,
+            native_tools,
         )
         if self.vision is None:
             return RenderedPrompt(await self._off_loop(self._encode_plain, text))
@@ -107,19 +120,36 @@ class PromptRenderer:
             else:
                 content = m.content or ""
                 chars += len(content)
-            messages.append({"role": "system" if m.role == "developer" else m.role, "content": content})
+            message: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role, "content": content}
+            if m.tool_calls:
+                message["tool_calls"] = [
+                    {"id": c.id, "type": "function", "function": {"name": c.function.name, "arguments": _arguments(c.function.arguments)}}
+                    for c in m.tool_calls
+                ]
+            if m.tool_call_id is not None:
+                message["tool_call_id"] = m.tool_call_id
+            messages.append(message)
         return messages, refs, chars
 
+    def _template(self) -> str | None:
+        return (self.vision and self.vision.chat_template) or getattr(self.tokenizer, "chat_template", None)
+
     def _chat_text(
-        self, messages: list[dict[str, Any]], add_generation_prompt: bool, continue_final_message: bool, param: str
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool,
+        continue_final_message: bool,
+        param: str,
+        tools: list[dict[str, Any]] | None = None,
     ) -> str:
-        template = (self.vision and self.vision.chat_template) or getattr(self.tokenizer, "chat_template", None)
+        template = self._template()
         if template is None:
             raise APIError(400, "this model has no chat template; use /v1/completions", param)
         try:
             return self.tokenizer.apply_chat_template(
                 messages,
                 chat_template=template,
+                tools=tools,
                 tokenize=False,
                 add_generation_prompt=add_generation_prompt,
                 continue_final_message=continue_final_message,
@@ -150,3 +180,31 @@ class PromptRenderer:
             refs.append((p.image_url.url, url_param))
             content.append({"type": "image"})
         return content
+
+
+def _arguments(arguments: str) -> Any:
+    """A call's arguments as chat templates take them: the parsed JSON (the text if it is not JSON)."""
+    try:
+        return json.loads(arguments)
+    except ValueError:
+        return arguments
+
+
+def _hermes_messages(messages: list[dict[str, Any]], tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Messages for a template that knows nothing of tools: the tool prompt joins the system
+    message (or becomes one), an assistant's calls and a tool's results become Hermes text."""
+    prompt = tool_calls.tool_system_prompt(tools)
+    out: list[dict[str, Any]] = []
+    for m in messages:
+        content = m["content"] if isinstance(m["content"], str) else m["content"]
+        if m.get("tool_calls"):
+            calls = "\n".join(tool_calls.render_call(c["function"]["name"], json.dumps(c["function"]["arguments"])) for c in m["tool_calls"])
+            content = f"{content}\n{calls}" if content else calls
+        if m["role"] == "tool" and isinstance(content, str):
+            content = tool_calls.render_result(content)
+        out.append({"role": m["role"], "content": content})
+    if out and out[0]["role"] == "system" and isinstance(out[0]["content"], str):
+        out[0] = {"role": "system", "content": f"{prompt}\n\n{out[0]['content']}" if out[0]["content"] else prompt}
+    else:
+        out.insert(0, {"role": "system", "content": prompt})
+    return out

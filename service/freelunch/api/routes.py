@@ -63,9 +63,11 @@ def build_router(specs: dict[str, MethodSpec]) -> APIRouter:
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         params = build.sampling_params(body, max_tokens, len(prompt.token_ids), logprobs, None, "messages")
         methods = await build.methods(body)
+        constraint = await build.constraint(body)
         rid = new_id("chatcmpl")
-        call = build.call(raw, body, rid, [prompt], [params], methods, model, len(prompt.token_ids))
-        shapes = ChatShapes(api.formatter, call, rid, now(), model, body.logprobs, include_usage)
+        call = build.call(raw, body, rid, [prompt], [params], methods, model, len(prompt.token_ids), constraint)
+        tools = bool(body.tools) and body.tool_choice != "none"
+        shapes = ChatShapes(api.formatter, call, rid, now(), model, body.logprobs, include_usage, tools)
         if not body.stream:
             return JSONResponse(shapes.response(await api.runner.collect(call, raw)), headers=call.headers)
         return await api.runner.sse(call, shapes, include_usage, (lambda cs: usage(cs, call.prompt_tokens)) if continuous else None)
@@ -84,9 +86,10 @@ def build_router(specs: dict[str, MethodSpec]) -> APIRouter:
         max_tokens = body.max_tokens if body.max_tokens is not None else 16
         params = [build.sampling_params(body, max_tokens, len(p.token_ids), body.logprobs, prompt_lp, "prompt") for p in prompts]
         methods = await build.methods(body)
+        constraint = await build.constraint(body)
         rid = new_id("cmpl")
         prompt_tokens = sum(len(p.token_ids) for p in prompts) * body.n
-        call = build.call(raw, body, rid, prompts, params, methods, model, prompt_tokens)
+        call = build.call(raw, body, rid, prompts, params, methods, model, prompt_tokens, constraint)
         texts = [api.formatter.tokenizer.decode(p.token_ids) for p in prompts] if body.echo else None
         shapes = CompletionShapes(api.formatter, call, rid, now(), model, body.n, body.logprobs, texts, include_usage)
         if not body.stream:

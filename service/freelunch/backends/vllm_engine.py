@@ -27,7 +27,8 @@ from freelunch.engine.request import GenerationRequest, RequestOutput, SamplingP
 
 log = logging.getLogger("freelunch.vllm")
 
-CAPABILITIES = frozenset({"guidance"})
+# guidance; structured outputs and logit_bias (vLLM's own, xgrammar): not both in one request
+CAPABILITIES = frozenset({"guidance", "constraint"})
 _MAX_STALLS = 64  # restarts in a row without progress (each costs one batch slot for one step) before failing
 
 
@@ -137,6 +138,8 @@ class VllmEngine:
         unsupported = sorted(set(request.methods) - self.capabilities)
         if unsupported:
             raise EngineError(f"option(s) not available on the vllm backend: {', '.join(unsupported)}", unsupported[0])
+        if "guidance" in request.methods and (request.constraint is not None or request.logit_bias):
+            raise EngineError("guidance with a structured output runs on native workers (--native-workers N)", "guidance")
         tracked = _Tracked(request, request.request_id, scoring_only=request.params.max_tokens == 0)
         if "guidance" in request.methods:
             tracked.guided = self._guidance(request)
@@ -217,6 +220,10 @@ class VllmEngine:
         done = tracked.output_ids
         tracked.base = len(done)
         params = self._sampling_params(request.params, len(done))
+        if request.constraint is not None:
+            params.structured_outputs = _structured_outputs(request.constraint)
+        if request.logit_bias:
+            params.logit_bias = dict(request.logit_bias)
         if g is not None:
             from freelunch.backends.vllm_guidance import EXTRA_KEY, forget
 
@@ -384,3 +391,19 @@ def _token_logprob(token_id: int, entry: dict, k: int) -> TokenLogprob:
     top = sorted(((t, lp) for t, lp in entry.items() if lp.rank is not None and lp.rank <= k), key=lambda x: x[1].rank)
     return TokenLogprob(token_id, float(chosen.logprob) if chosen is not None else float("-inf"), [(t, float(lp.logprob)) for t, lp in top])
 
+
+
+def _structured_outputs(spec: Any) -> Any:
+    """Our ConstraintSpec as vLLM's StructuredOutputsParams (the same grammar: both use xgrammar)."""
+    import json
+
+    from vllm.sampling_params import StructuredOutputsParams
+
+    compact = {"disable_any_whitespace": spec.compact}
+    if spec.kind == "json_schema":
+        return StructuredOutputsParams(json=spec.value, **compact)
+    if spec.kind == "json_object":
+        return StructuredOutputsParams(json_object=True, **compact)
+    if spec.kind == "choice":
+        return StructuredOutputsParams(choice=json.loads(spec.value))
+    return StructuredOutputsParams(**{spec.kind: spec.value})

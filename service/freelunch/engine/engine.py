@@ -6,10 +6,12 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from freelunch.config import EngineConfig
+from freelunch.engine import plugins
 from freelunch.engine.block_manager import BlockManager, BlockNeed
 from freelunch.engine.detokenizer import IncrementalText
 from freelunch.engine.errors import EngineError, check_new_request
@@ -64,6 +66,7 @@ class RequestState:
     num_output_tokens: int = 0
     new_tokens: list[int] = field(default_factory=list)
     new_logprobs: list[TokenLogprob] = field(default_factory=list)
+    constraint: Any = None  # what the selected tokens must follow (constraints/): logit bias, a grammar
 
     @property
     def main(self) -> Sequence:
@@ -79,11 +82,9 @@ def _kv_blocks(
 ) -> BlockManager:
     """Blocks for `kv_cache_gib`: one pool, or a split cache with `kv_lower_blocks_ratio` lower
     blocks (few layers each) per upper block."""
-    from freelunch.methods.visual_pruning import DEFAULT_FASTV_LAYER
-
     split = config.kv_split_layer
-    if split == -1:
-        split = min(DEFAULT_FASTV_LAYER, num_layers - 1) if takes_images else 0
+    if split == -1:  # the layer a registered method asks for (visual pruning, for vision models)
+        split = plugins.kv_split_hint(takes_images, num_layers)
     if split >= num_layers:
         raise ValueError(f"kv_split_layer must be below the model's {num_layers} layers")
     block_layer_bytes = KVCache.bytes_per_token(1, num_kv_heads, head_dim, dtype) * config.block_size
@@ -135,21 +136,22 @@ class Engine:
             kv_split_layer=self.blocks.split,
             max_step_cost=config.max_step_cost,
         )
+        self.constraints = plugins.constraint_builder(loaded.tokenizer, cfg.vocab_size)  # None: no constraint package
         self.requests: dict[str, RequestState] = {}
         self._aborted: list[RequestState] = []
         self.stats = {"steps": 0, "preemptions": 0, "prompt_tokens": 0, "generation_tokens": 0}
 
     # ---- requests ------------------------------------------------------------------------
     def add_request(self, request: GenerationRequest) -> None:
-        from freelunch.methods import build_strategy
-
         check_new_request(request, self.requests, self.max_model_len, self.vocab_size)
         main = Sequence(list(request.prompt_token_ids), len(request.prompt_token_ids))
         try:
-            strategy = build_strategy(request, main, self.info)
+            strategy = plugins.build_strategy(request, main, self.info)
         except ValueError as e:
             raise EngineError(str(e), getattr(e, "param", None)) from e
         self._place_images(request, strategy)
+        constraint = self._constraint(request)
+        strategy.constraint = constraint  # a strategy that selects tokens itself (drafts) applies it too
         if not self._fits_in_cache(strategy):
             capacity = self.blocks.capacity_tokens
             need = sum(seq.num_tokens + strategy.tokens_needed() for seq in strategy.rows)
@@ -166,10 +168,25 @@ class Engine:
             IncrementalText(self.tokenizer, p.stop, p.include_stop_str_in_output),
             stop_ids,
             pending_prompt_logprobs=p.prompt_logprobs is not None,
+            constraint=constraint,
         )
         self.requests[request.request_id] = state
         self.scheduler.add(state)
         self.stats["prompt_tokens"] += main.num_prompt
+
+    def _constraint(self, request: GenerationRequest) -> Any:
+        if request.constraint is None and not request.logit_bias:
+            return None
+        if self.constraints is None:
+            raise EngineError("constraints (structured outputs, logit_bias) are not available on this engine", "response_format")
+        p = request.params
+        if request.constraint is not None and (p.ignore_eos or p.min_tokens):
+            # the grammar ends the output with a stop token where these forbid one
+            raise EngineError("a structured output cannot be combined with ignore_eos or min_tokens", "ignore_eos" if p.ignore_eos else "min_tokens")
+        try:
+            return self.constraints.build(request)
+        except ValueError as e:
+            raise EngineError(str(e), "response_format" if request.constraint is not None else "logit_bias") from e
 
     def _place_images(self, request: GenerationRequest, strategy: DecodingStrategy) -> None:
         """Image features take the place of the prompt's placeholder tokens: the i-th image owns the
@@ -228,9 +245,9 @@ class Engine:
     @property
     def capabilities(self) -> frozenset[str]:
         """Request options and inputs this engine serves."""
-        from freelunch.methods import method_specs
-
-        return frozenset(method_specs()) | ({"images"} if self.info.vision is not None else frozenset())
+        images = {"images"} if self.info.vision is not None else set()
+        constraints = {"constraint"} | {f"{m}+constraint" for m in plugins.STRATEGIES} if self.constraints is not None else set()
+        return frozenset(plugins.STRATEGIES) | images | constraints
 
     @property
     def kv_usage(self) -> float:
@@ -278,11 +295,15 @@ class Engine:
             elif result:
                 decided.append((state, result))
         if to_sample:
+            # constraints apply to the distribution the strategy chose (plain, guided, contrasted)
+            selected = [(s, lg if s.constraint is None else s.constraint.apply(lg), lg) for s, lg in to_sample]
             rows = [
                 SampleRow(lg, s.request.params, s.generator, s.main.token_ids[: s.main.num_prompt], s.main.output_ids, s.stop_ids)
-                for s, lg in to_sample
+                for s, lg, _ in selected
             ]
-            for (state, _), (token, record) in zip(to_sample, sample(rows)):
+            for (state, constrained, raw), (token, record) in zip(selected, sample(rows)):
+                if state.constraint is not None:
+                    state.constraint.note(raw, constrained, token)
                 decided.append((state, [Sampled(token, record)]))
         now = time.monotonic()
         for state, tokens in decided:
@@ -303,6 +324,9 @@ class Engine:
 
     def _accept(self, state: RequestState, tok: Sampled) -> None:
         p = state.request.params
+        if state.constraint is not None and not state.constraint.accept(tok.token_id):
+            state.finish_reason = FinishReason.ERROR.value  # a selection outside the grammar: a bug, not an answer
+            return
         state.strategy.append(tok.token_id)
         state.num_output_tokens += 1
         self.stats["generation_tokens"] += 1
@@ -364,7 +388,10 @@ class Engine:
     @staticmethod
     def _method_stats(state: RequestState) -> dict | None:
         stats = state.strategy.stats()
-        return {state.strategy.name: stats} if stats is not None and state.strategy.name else None
+        out = {state.strategy.name: stats} if stats is not None and state.strategy.name else {}
+        if state.constraint is not None:
+            out["structured_output"] = state.constraint.stats()
+        return out or None
 
     # ---- StepContext ---------------------------------------------------------------------
     def commit_kv(self, seq: Sequence, kept_offsets: list[int]) -> None:

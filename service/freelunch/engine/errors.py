@@ -27,3 +27,10 @@ def check_new_request(request: Any, live: dict, max_model_len: int, vocab_size: 
         raise EngineError(f"prompt token ids must be in [0, {vocab_size})", "prompt")
     if request.request_id in live:
         raise EngineError(f"duplicate request id {request.request_id}")
+
+
+class OptionError(EngineError):
+    """A method option the request cannot have; `param` names it (the API's `error.param`)."""
+
+    def __init__(self, message: str, param: str) -> None:
+        super().__init__(message, param)

@@ -174,6 +174,18 @@ class TokenLogprob:
 
 
 @dataclass(slots=True)
+class ConstraintSpec:
+    """What the next tokens must follow, as the API validated it: `kind` is json_schema (value:
+    the schema's JSON), json_object, regex, choice (value: a JSON list of strings), grammar
+    (EBNF or Lark) or structural_tag (value: its JSON). Compiled where it runs (constraints/)."""
+
+    kind: str
+    value: str = ""
+    # JSON: no whitespace beyond what the schema's separators need (vLLM's disable_any_whitespace)
+    compact: bool = False
+
+
+@dataclass(slots=True)
 class GenerationRequest:
     """What the API hands the pool: one choice of one user request."""
 
@@ -187,6 +199,9 @@ class GenerationRequest:
     # who sent it (the API key's id, None without keys): state kept across requests (draft tables,
     # cached prefixes) is never shared between tenants
     tenant: str | None = None
+    # constraints on the selected tokens: a grammar, and OpenAI's logit_bias (token id -> bias)
+    constraint: ConstraintSpec | None = None
+    logit_bias: dict[int, float] | None = None
 
 
 @dataclass(slots=True)

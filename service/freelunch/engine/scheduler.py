@@ -147,7 +147,8 @@ class Scheduler:
             if not req_plans:
                 continue
             while not self.blocks.has_room(self._blocks_needed(req_plans)):
-                victim = self.running[-1]
+                # the most recently admitted request not already in this step's batch (or this one)
+                victim = next(r for r in reversed(self.running) if r is req or not any(r is s for s in scheduled))
                 self._preempt(victim)
                 preempted += 1
                 if victim is req:

@@ -96,6 +96,9 @@ class DecodingStrategy:
         self.request = request
         self.main = main
         self.rows: list[Sequence] = [main]  # main row first; shadow rows after it
+        # The request's constraint (set by the engine; None without one). The engine applies it to
+        # logits returned for sampling; a strategy that decides tokens itself applies it too.
+        self.constraint: Any = None
 
     # ---- planning ------------------------------------------------------------------------
     def plan(self, token_budget: int) -> list[RowPlan]:

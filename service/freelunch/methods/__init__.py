@@ -1,7 +1,8 @@
 """Decoding methods: each declares itself once, in its own module, with a `MethodSpec` (spec.py).
 
-The API builds its request schema from `method_specs()`, the engine asks `build_strategy` for a
-request's strategy; neither imports a method itself.
+Importing this package registers the shipped methods, here (the API builds its request schema
+from `method_specs()`) and in the engine's plugin registry (engine/plugins.py); neither imports a
+method itself.
 """
 
 from __future__ import annotations
@@ -10,34 +11,24 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from freelunch.engine.request import GenerationRequest, Sequence
-from freelunch.engine.strategy import DecodingStrategy
+from freelunch.engine import plugins
+from freelunch.engine.errors import OptionError
+from freelunch.engine.request import GenerationRequest
 from freelunch.methods.spec import MethodOptions, MethodSpec
+
+__all__ = ["METHODS", "OptionError", "fallbacks", "method_specs", "register", "validate_options"]
 
 METHODS: dict[str, MethodSpec] = {}  # option name -> spec
 
 
 def register(spec: MethodSpec) -> MethodSpec:
     METHODS[spec.option] = spec
+    plugins.STRATEGIES[spec.option] = spec
     return spec
 
 
-def load_builtin_methods() -> None:
-    """Import the methods shipped with freelunch so that they register themselves."""
-    from freelunch.methods import guidance, moe_contrast, token_recycling, visual_pruning  # noqa: F401
-
-
 def method_specs() -> dict[str, MethodSpec]:
-    load_builtin_methods()
     return METHODS
-
-
-class OptionError(ValueError):
-    """A method option the request cannot have; `param` names it (the API's `error.param`)."""
-
-    def __init__(self, message: str, param: str) -> None:
-        super().__init__(message)
-        self.param = param
 
 
 def validate_options(option: str, raw: Any, model: type[MethodOptions] | None = None) -> MethodOptions:
@@ -60,19 +51,7 @@ def fallbacks(request: GenerationRequest) -> dict[str, str]:
     return {name: reason for name, reason in reasons.items() if reason}
 
 
-def build_strategy(request: GenerationRequest, main: Sequence, model_info: Any) -> DecodingStrategy:
-    specs = method_specs()
-    chosen = [name for name in request.methods if name in specs and not specs[name].off(request.methods[name])]
-    unknown = sorted(name for name in request.methods if name not in specs)
-    if unknown:
-        raise OptionError(f"method option(s) not available on this engine: {', '.join(unknown)}", unknown[0])
-    if len(chosen) > 1:
-        raise OptionError(f"these options cannot be combined yet: {', '.join(sorted(chosen))}", sorted(chosen)[1])
-    if chosen:
-        try:
-            return specs[chosen[0]].build(request, main, model_info)
-        except OptionError:
-            raise
-        except ValueError as e:
-            raise OptionError(str(e), chosen[0]) from e
-    return DecodingStrategy(request, main)
+
+
+# The shipped methods register themselves (after `register` exists: they import it).
+from freelunch.methods import guidance, moe_contrast, token_recycling, visual_pruning  # noqa: E402, F401

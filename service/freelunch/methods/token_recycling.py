@@ -63,6 +63,9 @@ class SpeculativeOptions(MethodOptions):
         "null: the table's default, learned from the measured verify cost and the acceptance seen"
     )
     k: int = Field(DEFAULT_K, ge=1, le=MAX_K, description="candidates kept per token in the adjacency table")
+    jump_forward: bool = Field(
+        True, description="with a structured output: draft the text the grammar forces next, where it forces any"
+    )
 
 
 def parse_options(raw: dict[str, Any]) -> tuple[list[tuple[int, ...]] | None, int]:
@@ -220,6 +223,12 @@ class TokenRecycling(DecodingStrategy):
         self._rows: torch.Tensor | None = None  # the table's rows for the drafted tokens, as drafted
         self.max_len = model_info.max_model_len
         self._draft: torch.Tensor | None = None
+        self._step_tree = self.tree  # this step's tree (pruned, or a forced chain, under a grammar)
+        self._jumped = False
+        self.tokenizer = model_info.tokenizer
+        # under a grammar, draft the text it forces (jump-forward) where it forces any
+        self.jump_forward = request.methods["speculative"].get("jump_forward", True)
+        self.jump_forward_tokens = self.pruned_draft_tokens = 0
         self._seeded = False  # the prompt seeds the table at the first draft (a fallback never drafts)
         self.steps = self.draft_tokens = self.accepted_tokens = self.plain_steps = 0
 
@@ -243,20 +252,53 @@ class TokenRecycling(DecodingStrategy):
             self.table.seed(seq.token_ids)
             self._seeded = True
         start = seq.num_computed
-        self._draft = self.table.fill(seq.token_ids[-1], self.tree)
-        self._rows = self.table.table[self._draft]
-        n = self.tree.size
-        mask = torch.cat([torch.ones(n, start, dtype=torch.bool), self.tree.ancestor_mask], dim=1)
+        tree, draft = self.tree, self.table.fill(seq.token_ids[-1], self.tree)
+        self._jumped = False
+        if self.constraint is not None:  # draft what the grammar allows, or what it forces
+            tree, draft = self._constrained(tree, draft)
+        self._step_tree, self._draft = tree, draft
+        self._rows = self.table.table[draft]
+        n = tree.size
+        mask = torch.cat([torch.ones(n, start, dtype=torch.bool), tree.ancestor_mask], dim=1)
         return [
             RowPlan(
                 seq,
-                self._draft.tolist(),
+                draft.tolist(),
                 logits_at=list(range(n)),
-                positions=(start + self.tree.depth).tolist(),
+                positions=(start + tree.depth).tolist(),
                 mask=mask,
                 advance=False,
             )
         ]
+
+    def _constrained(self, tree: DraftTree, draft: torch.Tensor) -> tuple[DraftTree, torch.Tensor]:
+        """The step's draft under a grammar: the text the grammar forces next, as a chain (jump-
+        forward), where it forces any; else the table's tree without the nodes the grammar
+        rejects (a draft it could never accept would only cost verification)."""
+        c = self.constraint
+        if self.jump_forward:
+            forced = c.forced_text()
+            ids = self.tokenizer.encode(forced, add_special_tokens=False)[: tree.size - 1] if forced else []
+            if ids:
+                self._jumped = True
+                self.jump_forward_tokens += len(ids)
+                return DraftTree.chain(len(ids)), torch.tensor([int(draft[0]), *ids])
+        drafted = draft.tolist()
+        keep = [0]
+
+        def visit(node: int) -> None:  # depth-first: the grammar's state follows the path
+            for child in tree.children[node]:
+                if c.accept(drafted[child]):
+                    keep.append(child)
+                    visit(child)
+                    c.rollback(1)
+
+        visit(0)
+        if len(keep) == tree.size:
+            return tree, draft
+        self.pruned_draft_tokens += tree.size - len(keep)
+        keep.sort()
+        return tree.subtree(keep), draft[keep]
 
     def on_logits(self, logits: dict[int, torch.Tensor], ctx: StepContext) -> torch.Tensor | list[Sampled] | None:
         out = logits.get(self.main.seq_id)
@@ -264,19 +306,24 @@ class TokenRecycling(DecodingStrategy):
             if out is not None and self.main.pending == 0:
                 self.plain_steps += 1
             return super().on_logits(logits, ctx)
-        draft, tree = self._draft, self.tree
+        draft, tree = self._draft, self._step_tree
         top = torch.topk(out, self.table.table.shape[1], dim=-1)
-        target = _greedy(out, top).tolist()  # the model's greedy choice after each node
         drafted = draft.tolist()
-        path = [0]
-        node = 0
-        while True:  # Python lists: a tensor element read costs ~1 us, and this is per step
-            want = target[node]
-            node = next((c for c in tree.children[node] if drafted[c] == want), -1)
-            if node < 0:
-                break
-            path.append(node)
-        self.table.observe(self._ranks(path, target))
+        selected = out
+        if self.constraint is None:
+            target = _greedy(out, top).tolist()  # the model's greedy choice after each node
+            path = [0]
+            node = 0
+            while True:  # Python lists: a tensor element read costs ~1 us, and this is per step
+                want = target[node]
+                node = next((c for c in tree.children[node] if drafted[c] == want), -1)
+                if node < 0:
+                    break
+                path.append(node)
+        else:
+            path, target, selected = self._constrained_walk(out, tree, drafted)
+        if not self._jumped:  # a forced chain says nothing of the table's ranks
+            self.table.observe(self._ranks(path, target))
         self.table.update(draft, top.indices)
         start = self.main.num_computed
         ctx.commit_kv(self.main, [start + i for i in path])
@@ -287,7 +334,32 @@ class TokenRecycling(DecodingStrategy):
         k = self.request.params.logprobs
         if k is None:
             return [Sampled(t) for t in tokens]
-        return [Sampled(t, top_logprobs(torch.log_softmax(out[i], -1), t, k)) for i, t in zip(path, tokens)]
+        return [Sampled(t, top_logprobs(torch.log_softmax(selected[i], -1), t, k)) for i, t in zip(path, tokens)]
+
+    def _constrained_walk(
+        self, out: torch.Tensor, tree: DraftTree, drafted: list[int]
+    ) -> tuple[list[int], list[int], torch.Tensor]:
+        """Greedy acceptance on the constrained distribution: at each node on the path the target
+        is the argmax of its logits under the grammar's state after the path so far. The grammar
+        is rolled back afterwards: the engine accepts the tokens it keeps. Returns (path, target
+        by node, the constrained logits by node)."""
+        c = self.constraint
+        target = [-1] * tree.size
+        selected = out.clone()
+        path, node = [0], 0
+        while True:
+            selected[node] = c.apply(out[node])
+            want = int(torch.argmax(selected[node]))
+            if want != int(torch.argmax(out[node])):
+                c.masked_tokens += 1
+            target[node] = want
+            child = next((n for n in tree.children[node] if drafted[n] == want), -1)
+            if child < 0 or not c.accept(want):
+                break
+            path.append(child)
+            node = child
+        c.rollback(len(path) - 1)
+        return path, target, selected
 
     def _ranks(self, path: list[int], target: list[int]) -> list[int]:
         """The rank of the model's choice among the drafted-from candidates at each node of the
@@ -308,6 +380,8 @@ class TokenRecycling(DecodingStrategy):
             stats["fallback"] = self.fallback
         else:
             stats["tree_nodes"] = self.tree.size - 1
+        if self.constraint is not None:
+            stats |= {"jump_forward_tokens": self.jump_forward_tokens, "pruned_draft_tokens": self.pruned_draft_tokens}
         return stats
 
 

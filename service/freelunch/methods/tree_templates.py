@@ -85,7 +85,7 @@ class DraftTree:
     @classmethod
     def from_template(cls, template: list[tuple[int, ...]]) -> "DraftTree":
         index = {(): 0}
-        parent, rank, depth = [-1], [0], [0]
+        parent, rank = [-1], [0]
         for path in template:
             if path[:-1] not in index:
                 raise ValueError(f"tree node {list(path)} comes before its parent")
@@ -94,8 +94,15 @@ class DraftTree:
             index[path] = len(parent)
             parent.append(index[path[:-1]])
             rank.append(path[-1])
-            depth.append(len(path))
+        return cls.from_parents(parent, rank)
+
+    @classmethod
+    def from_parents(cls, parent: list[int], rank: list[int]) -> "DraftTree":
+        """A tree from each node's parent index (parents before children; -1 for the root, node 0)."""
         n = len(parent)
+        depth = [0] * n
+        for i in range(1, n):
+            depth[i] = depth[parent[i]] + 1
         mask = torch.zeros(n, n, dtype=torch.bool)
         children: list[list[int]] = [[] for _ in range(n)]
         for i in range(n):
@@ -110,3 +117,15 @@ class DraftTree:
         depth_t = torch.tensor(depth)
         levels = [(depth_t == d).nonzero().flatten() for d in range(1, int(depth_t.max()) + 1)]
         return cls(torch.tensor(parent), torch.tensor(rank), depth_t, mask, children, levels, max(rank) + 1)
+
+    @classmethod
+    def chain(cls, length: int) -> "DraftTree":
+        """A root and `length` nodes, each the child of the one before."""
+        return cls.from_parents([-1, *range(length)], [0] * (length + 1))
+
+    def subtree(self, keep: list[int]) -> "DraftTree":
+        """The nodes `keep` (ascending, the root and each kept node's parent among them), renumbered."""
+        new = {old: i for i, old in enumerate(keep)}
+        parents = self.parent.tolist()
+        ranks = self.rank.tolist()
+        return DraftTree.from_parents([new[parents[k]] if k else -1 for k in keep], [ranks[k] for k in keep])

@@ -25,6 +25,7 @@ from typing import Any, Literal
 import torch
 from pydantic import Field
 
+from freelunch.engine import plugins
 from freelunch.engine.request import GenerationRequest, Sequence
 from freelunch.engine.strategy import DecodingStrategy, ImageEncoder, RowPlan
 from freelunch.methods import OptionError, register, validate_options
@@ -178,6 +179,10 @@ def build(request: GenerationRequest, main: Sequence, model_info: Any) -> Decodi
         return ClsPruning(request, main, options)
     return FastV(request, main, options, model_info.max_num_batched_tokens, model_info.kv_split_layer)
 
+
+# A vision model's KV cache splits where FastV prunes by default: requests pruned there hold upper
+# blocks for their kept tokens only (engine/block_manager.py).
+plugins.KV_SPLIT_HINTS.append(lambda takes_images, layers: min(DEFAULT_FASTV_LAYER, layers - 1) if takes_images else None)
 
 SPEC = register(
     MethodSpec(

@@ -17,8 +17,12 @@ from freelunch.pool.worker import ServedModel, Worker, WorkerDied
 
 
 def request_needs(request: GenerationRequest) -> frozenset[str]:
-    """What a worker must serve to run `request`: its method options, and images if it has any."""
-    return frozenset(request.methods) | ({"images"} if request.images else frozenset())
+    """What a worker must serve to run `request`: its method options, images if it has any, a
+    constraint (structured output, logit_bias) if it has one, and each option with it."""
+    needs = set(request.methods) | ({"images"} if request.images else set())
+    if request.constraint is not None or request.logit_bias:
+        needs |= {"constraint"} | {f"{name}+constraint" for name in request.methods}
+    return frozenset(needs)
 
 
 class PoolOverloaded(RuntimeError):

@@ -169,6 +169,8 @@ class ThreadWorker(Worker):
 def load_engine(config: EngineConfig) -> EngineBackend:
     import torch
 
+    import freelunch.constraints  # noqa: F401 - registers structured outputs and logit bias with the engine
+    import freelunch.methods  # noqa: F401 - registers the shipped decoding methods with the engine
     from freelunch.engine.engine import Engine
     from freelunch.models.loader import load_model, resolve_source
 

@@ -1,0 +1,161 @@
+"""Structured outputs and tools at the API: `response_format` (OpenAI), `structured_outputs`
+(vLLM's names), `tools` / `tool_choice` / `parallel_tool_calls` and `logit_bias` become the
+request's constraint (engine/request.py `ConstraintSpec`) and logit bias.
+
+Every constraint is compiled here first, under a time limit and on a small thread pool, so that
+a bad schema, an unsupported feature or a grammar that explodes is a 400 naming its parameter
+before any decoding, and no request can hang the server with one. Compiled grammars are cached
+by spec (LRU), here and in each worker.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import anyio
+import xgrammar as xgr
+
+from freelunch.api.errors import APIError
+from freelunch.api.protocol import ChatCompletionRequest, SamplingFields
+from freelunch.constraints.grammar import GrammarCompiler, GrammarError
+from freelunch.engine.request import ConstraintSpec
+
+COMPILE_TIMEOUT_S = 5.0  # a grammar that takes longer is refused (the compile runs on, alone)
+COMPILE_THREADS = 2
+TOOL_FORMAT = "qwen_3"  # xgrammar's name for the Hermes format: <tool_call>{"name", "arguments"}</tool_call>
+
+
+class StructuredOutputs:
+    def __init__(self, tokenizer: Any, vocab_size: int, metrics: Any, auto_tool_choice: bool) -> None:
+        self.vocab_size = vocab_size
+        self.metrics = metrics
+        self.auto_tool_choice = auto_tool_choice
+        self._tokenizer = tokenizer
+        self._compiler: GrammarCompiler | None = None  # built at the first constrained request
+        self._threads = anyio.CapacityLimiter(COMPILE_THREADS)
+
+    # ---- what the request asks for ----------------------------------------------------------
+    def spec(self, req: SamplingFields) -> tuple[ConstraintSpec | None, str | None]:
+        """(the constraint, the parameter it came from), refused (400) where the request is
+        contradictory. Tools are a constraint too (a structural tag) unless tool_choice is none."""
+        found: list[tuple[ConstraintSpec, str]] = []
+        rf = req.response_format
+        if rf is not None and rf.type == "json_object":
+            found.append((ConstraintSpec("json_object"), "response_format"))
+        elif rf is not None and rf.type == "json_schema":
+            if rf.json_schema is None or rf.json_schema.schema_ is None:
+                raise APIError(400, "response_format json_schema needs json_schema.schema", "response_format.json_schema")
+            found.append((ConstraintSpec("json_schema", json.dumps(rf.json_schema.schema_)), "response_format"))
+        so = req.structured_outputs
+        if so is not None:
+            found.append((self._structured(so), "structured_outputs"))
+        if isinstance(req, ChatCompletionRequest):
+            tools = self.tool_spec(req)
+            if tools is not None:
+                found.append((tools, "tools"))
+        if len(found) > 1:
+            raise APIError(400, f"give one of {' and '.join(p for _, p in found)}, not both", found[1][1])
+        return found[0] if found else (None, None)
+
+    @staticmethod
+    def _structured(so: Any) -> ConstraintSpec:
+        kinds = {
+            "json": so.json_,
+            "regex": so.regex,
+            "choice": so.choice,
+            "grammar": so.grammar,
+            "json_object": so.json_object,
+            "structural_tag": so.structural_tag,
+        }
+        given = [k for k, v in kinds.items() if v is not None and v is not False]
+        if len(given) != 1:
+            raise APIError(400, "structured_outputs takes exactly one of json, regex, choice, grammar, json_object, structural_tag", "structured_outputs")
+        kind = given[0]
+        value = kinds[kind]
+        compact = so.disable_any_whitespace
+        if kind == "json":
+            return ConstraintSpec("json_schema", value if isinstance(value, str) else json.dumps(value), compact)
+        if kind == "json_object":
+            return ConstraintSpec("json_object", "", compact)
+        if kind == "choice":
+            return ConstraintSpec("choice", json.dumps(value))
+        if kind == "structural_tag":
+            return ConstraintSpec(kind, value if isinstance(value, str) else json.dumps(value))
+        return ConstraintSpec(kind, value)
+
+    def tool_spec(self, req: ChatCompletionRequest) -> ConstraintSpec | None:
+        """A structural tag for the request's tools: `required` and a named function force a call
+        whose arguments follow the function's schema; `auto` lets the model write text or, once it
+        opens `<tool_call>`, a call constrained the same way; `none` constrains nothing."""
+        choice = req.tool_choice
+        if not req.tools:
+            if choice not in (None, "none"):
+                raise APIError(400, "tool_choice needs tools", "tool_choice")
+            return None
+        if choice == "none":
+            return None
+        if choice in (None, "auto") and not self.auto_tool_choice:
+            raise APIError(
+                400, '"auto" tool choice needs a server started with --enable-auto-tool-choice', "tool_choice"
+            )
+        tools = [t.model_dump(exclude_none=True) for t in req.tools]
+        if hasattr(choice, "function"):
+            names = [t.function.name for t in req.tools]
+            if choice.function.name not in names:
+                raise APIError(400, f"tool_choice names `{choice.function.name}`, which is not in tools", "tool_choice")
+            mode: Any = choice.model_dump()
+        else:
+            mode = choice or "auto"
+        try:
+            tag = xgr.get_model_structural_tag(
+                TOOL_FORMAT,
+                tools=tools,
+                tool_choice=mode,
+                reasoning="disabled",
+                parallel_tool_calls=req.parallel_tool_calls is not False,
+            )
+        except (ValueError, TypeError) as e:
+            raise APIError(400, f"the tools cannot be turned into a grammar: {e}", "tools") from None
+        return ConstraintSpec("structural_tag", tag.model_dump_json())
+
+    def logit_bias(self, req: SamplingFields) -> dict[int, float] | None:
+        """OpenAI's `logit_bias`: token id (a string key) -> bias in [-100, 100]."""
+        if not req.logit_bias:
+            return None
+        bias: dict[int, float] = {}
+        for key, value in req.logit_bias.items():
+            param = f"logit_bias.{key}"
+            try:
+                token = int(key)
+            except ValueError:
+                raise APIError(400, f"logit_bias keys are token ids, not {key!r}", param) from None
+            if not 0 <= token < self.vocab_size:
+                raise APIError(400, f"logit_bias token ids must be in [0, {self.vocab_size}), not {token}", param)
+            if not -100 <= value <= 100:
+                raise APIError(400, f"logit_bias values must be in [-100, 100], not {value}", param)
+            bias[token] = float(value)
+        return bias
+
+    # ---- compiling before admission -------------------------------------------------------------
+    async def check(self, spec: ConstraintSpec, param: str) -> None:
+        """Compile `spec` (or find it cached) within COMPILE_TIMEOUT_S; 400 naming `param` if it
+        cannot be compiled, or not in time."""
+        if self._compiler is None:
+            self._compiler = await anyio.to_thread.run_sync(GrammarCompiler, self._tokenizer, self.vocab_size)
+        compiler = self._compiler
+        hits = compiler.hits
+        start = time.perf_counter()
+        try:
+            with anyio.fail_after(COMPILE_TIMEOUT_S):
+                # abandon_on_cancel: past the limit the request is answered; the compile finishes alone
+                await anyio.to_thread.run_sync(compiler.compile, spec, limiter=self._threads, abandon_on_cancel=True)
+        except TimeoutError:
+            raise APIError(400, f"the {param} did not compile within {COMPILE_TIMEOUT_S:g} s: simplify it", param) from None
+        except GrammarError as e:
+            raise APIError(400, str(e), param) from None
+        if compiler.hits > hits:
+            self.metrics.grammar_cache_hits.inc()
+        else:
+            self.metrics.grammar_compile_seconds.observe(time.perf_counter() - start)

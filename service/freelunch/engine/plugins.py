@@ -1,0 +1,65 @@
+"""Where request-level stages plug into the engine. Decoding methods (freelunch.methods) and
+constraints (freelunch.constraints) register here when their packages are imported; the engine
+reads these registries and imports neither. Whoever builds an engine imports the packages it
+wants served (pool/worker.py: all of them).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from freelunch.engine.errors import OptionError
+from freelunch.engine.request import GenerationRequest, Sequence
+from freelunch.engine.strategy import DecodingStrategy
+
+
+class StrategyPlugin(Protocol):
+    """What the engine needs of a method's spec (methods/spec.py)."""
+
+    option: str
+
+    def build(self, request: GenerationRequest, main: Sequence, model_info: Any) -> DecodingStrategy: ...
+
+    def off(self, options: dict[str, Any]) -> bool: ...
+
+
+class ConstraintBuilder(Protocol):
+    """Builds requests' constraints for one model: `build(request)` -> a constraint or None."""
+
+    def build(self, request: GenerationRequest) -> Any: ...
+
+
+# option name -> the method that serves it
+STRATEGIES: dict[str, StrategyPlugin] = {}
+# (tokenizer, vocab size) -> ConstraintBuilder; the last registered serves
+CONSTRAINTS: list[Callable[[Any, int], ConstraintBuilder]] = []
+# (takes images, decoder layers) -> the KV cache's split layer a method wants by default, or None
+KV_SPLIT_HINTS: list[Callable[[bool, int], int | None]] = []
+
+
+def build_strategy(request: GenerationRequest, main: Sequence, model_info: Any) -> DecodingStrategy:
+    """The request's strategy: its one method option's (plain decoding without one)."""
+    chosen = [name for name in request.methods if name in STRATEGIES and not STRATEGIES[name].off(request.methods[name])]
+    unknown = sorted(name for name in request.methods if name not in STRATEGIES)
+    if unknown:
+        raise OptionError(f"method option(s) not available on this engine: {', '.join(unknown)}", unknown[0])
+    if len(chosen) > 1:
+        raise OptionError(f"these options cannot be combined yet: {', '.join(sorted(chosen))}", sorted(chosen)[1])
+    if chosen:
+        try:
+            return STRATEGIES[chosen[0]].build(request, main, model_info)
+        except OptionError:
+            raise
+        except ValueError as e:
+            raise OptionError(str(e), chosen[0]) from e
+    return DecodingStrategy(request, main)
+
+
+def constraint_builder(tokenizer: Any, vocab_size: int) -> ConstraintBuilder | None:
+    return CONSTRAINTS[-1](tokenizer, vocab_size) if CONSTRAINTS else None
+
+
+def kv_split_hint(takes_images: bool, num_layers: int) -> int:
+    hints = [h(takes_images, num_layers) for h in KV_SPLIT_HINTS]
+    return max((h for h in hints if h is not None), default=0)
