@@ -19,7 +19,7 @@ vllm = pytest.importorskip("vllm", reason="the vllm extra is not installed")
 
 from freelunch.api.app import create_app
 from freelunch.config import EngineConfig
-from freelunch.engine.request import GenerationRequest, SamplingParams
+from freelunch.engine.request import ConstraintSpec, GenerationRequest, SamplingParams
 from freelunch.pool.pool import WorkerPool
 from freelunch.pool.worker import ThreadWorker
 from live_server import live_server
@@ -263,12 +263,23 @@ def test_default_model_greedy_matches_native_engine():
     chats = ["What is the capital of France?", "Write a haiku about the sea.", "List three prime numbers."]
     texts = [tok.apply_chat_template([{"role": "user", "content": c}], add_generation_prompt=True, tokenize=False) for c in chats]
     ids = [tok.encode(t, add_special_tokens=False) for t in texts]
-    reqs = lambda: [GenerationRequest(f"c{i}", p, greedy(24)) for i, p in enumerate(ids)]
+    schema = {"type": "object", "properties": {"answer": {"type": "string"}, "sure": {"type": "boolean"}},
+              "required": ["answer", "sure"], "additionalProperties": False}
+    spec = ConstraintSpec("json_schema", json.dumps(schema))
+
+    def reqs():  # plain, then the same chats under a JSON schema (vLLM's own structured outputs)
+        plain = [GenerationRequest(f"c{i}", p, greedy(24)) for i, p in enumerate(ids)]
+        return plain + [GenerationRequest(f"j{i}", p, greedy(48), constraint=spec) for i, p in enumerate(ids)]
+
     got = run_all(vllm_engine, reqs())
     want = run_all(load_engine(config), reqs())
     for i in range(len(ids)):
         assert tokens(got[f"c{i}"]) == tokens(want[f"c{i}"]), chats[i]
         assert "".join(o.new_text for o in got[f"c{i}"]) == "".join(o.new_text for o in want[f"c{i}"])
+        assert tokens(got[f"j{i}"]) == tokens(want[f"j{i}"]), chats[i]
+        structured = "".join(o.new_text for o in want[f"j{i}"])
+        if want[f"j{i}"][-1].finish_reason == "stop":
+            assert set(json.loads(structured)) == {"answer", "sure"}
 
 
 def test_cli_serves_vllm_with_native_workers(tiny):

@@ -16,15 +16,25 @@ from typing import Any
 
 import anyio
 import xgrammar as xgr
+from xgrammar.structural_tag import JSONSchemaFormat, StructuralTag, TagFormat, TagsWithSeparatorFormat
 
 from freelunch.api.errors import APIError
 from freelunch.api.protocol import ChatCompletionRequest, SamplingFields
-from freelunch.constraints.grammar import GrammarCompiler, GrammarError
+from freelunch.constraints.grammar import MAX_JSON_WHITESPACE, GrammarCompiler, GrammarError
 from freelunch.engine.request import ConstraintSpec
 
 COMPILE_TIMEOUT_S = 5.0  # a grammar that takes longer is refused (the compile runs on, alone)
 COMPILE_THREADS = 2
 TOOL_FORMAT = "qwen_3"  # xgrammar's name for the Hermes format: <tool_call>{"name", "arguments"}</tool_call>
+
+
+def _call_tag(function: dict[str, Any]) -> TagFormat:
+    """One Hermes call of `function`, its arguments following its parameter schema."""
+    return TagFormat(
+        begin=f'<tool_call>\n{{"name": "{function["name"]}", "arguments": ',
+        content=JSONSchemaFormat(json_schema=function.get("parameters") or {"type": "object"}, max_whitespace_cnt=MAX_JSON_WHITESPACE),
+        end="}\n</tool_call>",
+    )
 
 
 class StructuredOutputs:
@@ -105,17 +115,23 @@ class StructuredOutputs:
             names = [t.function.name for t in req.tools]
             if choice.function.name not in names:
                 raise APIError(400, f"tool_choice names `{choice.function.name}`, which is not in tools", "tool_choice")
-            mode: Any = choice.model_dump()
-        else:
-            mode = choice or "auto"
+            tools = [t for t in tools if t["function"]["name"] == choice.function.name]
+        parallel = req.parallel_tool_calls is not False
         try:
-            tag = xgr.get_model_structural_tag(
-                TOOL_FORMAT,
-                tools=tools,
-                tool_choice=mode,
-                reasoning="disabled",
-                parallel_tool_calls=req.parallel_tool_calls is not False,
-            )
+            if choice in (None, "auto"):  # text, or calls once the model opens <tool_call>
+                tag = xgr.get_model_structural_tag(
+                    TOOL_FORMAT, tools=tools, tool_choice="auto", reasoning="disabled", parallel_tool_calls=parallel,
+                    max_whitespace_cnt=MAX_JSON_WHITESPACE,
+                )
+            else:  # required or named: calls from the first token on, no free text to wander off in
+                tag = StructuralTag(
+                    format=TagsWithSeparatorFormat(
+                        tags=[_call_tag(t["function"]) for t in tools],
+                        separator="\n",
+                        at_least_one=True,
+                        stop_after_first=not parallel or hasattr(choice, "function"),
+                    )
+                )
         except (ValueError, TypeError) as e:
             raise APIError(400, f"the tools cannot be turned into a grammar: {e}", "tools") from None
         return ConstraintSpec("structural_tag", tag.model_dump_json())

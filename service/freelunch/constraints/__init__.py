@@ -28,7 +28,7 @@ class Constraint:
         self.bias_ids = torch.tensor(list(bias), dtype=torch.long) if bias else None
         self.bias_values = torch.tensor(list(bias.values()), dtype=torch.float32) if bias else None
         self.grammar = grammar
-        self.masked_tokens = 0  # selections where the constraint changed the model's top choice
+        self.masked_tokens = 0  # selections whose top choice the constraint changed
         self.rollbacks = 0  # grammar tokens taken back (draft nodes a verification rejected)
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
@@ -41,16 +41,9 @@ class Constraint:
             out = self.grammar.mask(out)
         return out
 
-    def select_greedy(self, logits: torch.Tensor) -> int:
-        """The argmax of the constrained logits (counting when it is not the model's own)."""
-        choice = int(torch.argmax(self.apply(logits)))
-        if choice != int(torch.argmax(logits)):
-            self.masked_tokens += 1
-        return choice
-
-    def note(self, logits: torch.Tensor, constrained: torch.Tensor, token: int) -> None:
-        """Count a sampled selection the constraint decided (the model's argmax was forbidden)."""
-        if int(torch.argmax(logits)) != token and constrained[int(torch.argmax(logits))] == float("-inf"):
+    def note(self, logits: torch.Tensor, constrained: torch.Tensor) -> None:
+        """Count a selection whose top choice the constraint changed."""
+        if int(torch.argmax(constrained)) != int(torch.argmax(logits)):
             self.masked_tokens += 1
 
     def accept(self, token: int) -> bool:

@@ -23,6 +23,10 @@ import xgrammar as xgr
 
 from freelunch.engine.request import ConstraintSpec
 
+_XGRAMMAR_PREFIX = re.compile(r"^\[[\d:]+\] \S+:\d+: ")
+# JSON whitespace between two elements, at most: pretty-printing needs a few characters, and
+# without a bound a model that keeps choosing spaces or newlines never finishes (small models do).
+MAX_JSON_WHITESPACE = 32
 CACHE_ENTRIES = 256  # compiled grammars kept per process (LRU)
 MAX_SPEC_CHARS = 1 << 16  # a schema, regex or grammar as the request holds it
 
@@ -85,10 +89,10 @@ class GrammarCompiler:
         c = self._compiler
         separators = (",", ":") if spec.compact else None
         try:
-            if spec.kind == "json_schema":
-                return c.compile_json_schema(spec.value, any_whitespace=not spec.compact, separators=separators)
-            if spec.kind == "json_object":
-                return c.compile_json_schema('{"type": "object"}', any_whitespace=not spec.compact, separators=separators)
+            if spec.kind in ("json_schema", "json_object"):
+                schema = spec.value if spec.kind == "json_schema" else '{"type": "object"}'
+                space = {"any_whitespace": False} if spec.compact else {"max_whitespace_cnt": MAX_JSON_WHITESPACE}
+                return c.compile_json_schema(schema, separators=separators, **space)
             if spec.kind == "regex":
                 return c.compile_regex(spec.value)
             if spec.kind == "choice":
@@ -98,7 +102,8 @@ class GrammarCompiler:
             if spec.kind == "structural_tag":
                 return c.compile_structural_tag(xgr.StructuralTag.model_validate_json(spec.value))
         except (RuntimeError, ValueError, TypeError) as e:  # xgrammar's parse and schema errors
-            raise GrammarError(f"the {spec.kind.replace('_', ' ')} cannot be compiled: {e}") from None
+            detail = _XGRAMMAR_PREFIX.sub("", str(e).strip())  # "[12:00:00] /project/cpp/x.cc:42: "
+            raise GrammarError(f"the {spec.kind.replace('_', ' ')} cannot be compiled: {detail}") from None
         raise GrammarError(f"unknown constraint kind {spec.kind!r}")
 
 

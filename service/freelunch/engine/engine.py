@@ -303,7 +303,7 @@ class Engine:
             ]
             for (state, constrained, raw), (token, record) in zip(selected, sample(rows)):
                 if state.constraint is not None:
-                    state.constraint.note(raw, constrained, token)
+                    state.constraint.note(raw, constrained)
                 decided.append((state, [Sampled(token, record)]))
         now = time.monotonic()
         for state, tokens in decided:

@@ -64,15 +64,23 @@ def parse_options(raw: Any, model_info: Any) -> MoeContrastOptions:
     return opts.model_copy(update={"strong_top_k": None if opts.strong_top_k == moe.top_k else opts.strong_top_k})
 
 
-def contrast(strong: torch.Tensor, weak: torch.Tensor, beta: float, alpha: float) -> torch.Tensor:
-    """SCMoE scores [vocab] from the strong and weak rows' logits [vocab]; implausible tokens -inf.
+# With a constraint on top (a grammar), implausible tokens are pushed this far down instead of to
+# -inf: the same selection whenever the grammar allows a plausible token (exp(-1e4) is 0 in float32),
+# and the grammar's best implausible token, by contrast score, when it allows none.
+SOFT_MASK = 1e4
+
+
+def contrast(strong: torch.Tensor, weak: torch.Tensor, beta: float, alpha: float, soft: bool = False) -> torch.Tensor:
+    """SCMoE scores [vocab] from the strong and weak rows' logits [vocab]; implausible tokens -inf
+    (`soft`: SOFT_MASK below their score).
 
     alpha = 0 keeps every token plausible. The strong argmax is always plausible."""
     s = torch.log_softmax(strong, dim=-1)
     w = torch.log_softmax(weak, dim=-1)
     scores = (1 + beta) * s - beta * w
     if alpha > 0:
-        scores = scores.masked_fill(s < s.max() + math.log(alpha), -math.inf)
+        implausible = s < s.max() + math.log(alpha)
+        scores = torch.where(implausible, scores - SOFT_MASK, scores) if soft else scores.masked_fill(implausible, -math.inf)
     return scores
 
 
@@ -98,7 +106,8 @@ class MoeContrast(ShadowRowStrategy):
         return plan
 
     def combine(self, main_logits: torch.Tensor, shadow_logits: torch.Tensor) -> torch.Tensor:
-        return contrast(main_logits, shadow_logits, self.options.beta, self.options.alpha)
+        soft = self.constraint is not None  # the grammar must keep a token to choose
+        return contrast(main_logits, shadow_logits, self.options.beta, self.options.alpha, soft)
 
     def stats(self) -> dict[str, Any]:
         opts = self.options

@@ -349,9 +349,8 @@ class TokenRecycling(DecodingStrategy):
         path, node = [0], 0
         while True:
             selected[node] = c.apply(out[node])
+            c.note(out[node], selected[node])
             want = int(torch.argmax(selected[node]))
-            if want != int(torch.argmax(out[node])):
-                c.masked_tokens += 1
             target[node] = want
             child = next((n for n in tree.children[node] if drafted[n] == want), -1)
             if child < 0 or not c.accept(want):
