@@ -12,8 +12,8 @@ heavy load started just before them:
   - 2 requests with a 3,000-token prompt;
   - 1 request with n 16 and 192 tokens per choice.
 It reports the light requests' latency (p50, p99) and TTFT, alone and beside the load, and then
-a burst of 296 requests at a server with a queue of 8: how many got 429 and how long the slowest
-429 took. Run it on an idle machine; it prints the CPU it ran on.
+a burst of 296 requests at a server with a queue of 8 (raw connections: an HTTP client library
+would measure itself): how many got 429 and how long the slowest 429 took. Run it on an idle machine; it prints the CPU it ran on.
 """
 
 from __future__ import annotations
@@ -94,16 +94,30 @@ async def measure(base: str, light: int) -> dict:
     return {"light_alone": alone, "light_beside_heavy": beside, "heavy_wall_s": heavy_s, "heavy_tree_nodes": tree}
 
 
+BURST_BODY = b'{"messages":[{"role":"user","content":"Say hello."}],"max_tokens":8}'
+
+
 async def burst(base: str, count: int) -> dict:
-    async with httpx.AsyncClient(base_url=base, timeout=httpx.Timeout(900.0), limits=httpx.Limits(max_connections=count + 8)) as client:
-        model = (await client.get("/v1/models")).json()["data"][0]["id"]
+    """`count` chat requests at once, on raw connections (an HTTP client library's own overhead
+    would be most of what this measures on 2 cores): status codes and how long the 429s took."""
+    host, port = base.removeprefix("http://").split(":")
+    head = (
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nConnection: close\r\n"
+        b"Content-Length: " + str(len(BURST_BODY)).encode() + b"\r\n\r\n"
+    )
 
-        async def one() -> tuple[int, float]:
-            start = time.perf_counter()
-            r = await client.post("/v1/chat/completions", json={"model": model, "messages": LIGHT, "max_tokens": 8})
-            return r.status_code, time.perf_counter() - start
+    async def one() -> tuple[int, float]:
+        start = time.perf_counter()
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(head + BURST_BODY)
+        await writer.drain()
+        code = int((await reader.readline()).split()[1])
+        seconds = time.perf_counter() - start
+        await reader.read()  # the rest of the answer (a served one streams nothing: it is not `stream`)
+        writer.close()
+        return code, seconds
 
-        answers = await asyncio.gather(*(one() for _ in range(count)))
+    answers = await asyncio.gather(*(one() for _ in range(count)))
     refused = [s for code, s in answers if code == 429]
     return {
         "requests": count,
@@ -129,6 +143,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--light", type=int, default=24)
     parser.add_argument("--out", default="bench/results/fairness.json")
+    parser.add_argument("--burst-only", action="store_true", help="measure the burst alone, into an existing --out")
     args = parser.parse_args()
     if os.getloadavg()[0] > 0.5:
         print(f"warning: load average {os.getloadavg()[0]:.2f}; benchmark on an idle machine")
@@ -138,6 +153,9 @@ def main() -> None:
         "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "date": time.strftime("%Y-%m-%d")},
         "policies": {},
     }
+    if args.burst_only:
+        result = json.loads(Path(args.out).read_text())
+        configs = {}
     for name, serve_args in configs.items():
         with tempfile.TemporaryFile() as log:
             proc, base = start_server(serve_args, log)

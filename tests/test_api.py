@@ -215,9 +215,9 @@ def test_echo_with_zero_max_tokens_scores_the_prompt(server):
     assert r.json()["usage"]["completion_tokens"] == 0
 
 
-def test_server_default_method_gives_way_to_the_request_own(tiny_llama):
+def test_server_default_method_composes_with_the_request_own(tiny_llama):
     """`serve --speculative token_recycling`: plain requests get it; a request that asks for another
-    method gets that one instead (not a 400 for combining them); `{"method": "none"}` opts out."""
+    method gets both (composed); `{"method": "none"}` opts out."""
     folder, _ = tiny_llama
     app, _ = tiny_app(folder, default_methods={"speculative": {"method": "token_recycling"}})
     body = {"model": folder.name, "prompt": "Hello there", "max_tokens": 6, "temperature": 0, "ignore_eos": True}
@@ -227,6 +227,6 @@ def test_server_default_method_gives_way_to_the_request_own(tiny_llama):
         off = httpx.post(base + "/v1/completions", json=body | {"speculative": {"method": "none"}}).json()
     assert set(default["usage"]["method_stats"]) == {"speculative"}
     assert guided.status_code == 200, guided.text
-    assert set(guided.json()["usage"]["method_stats"]) == {"guidance"}
+    assert set(guided.json()["usage"]["method_stats"]) == {"guidance", "speculative"}
     assert not off["usage"].get("method_stats")
     assert off["choices"][0]["text"] == default["choices"][0]["text"]  # lossless

@@ -271,13 +271,6 @@ def test_bad_options_are_refused(loaded, bad, field):
     engine.check_no_leaks()
 
 
-def test_not_combined_with_speculative(loaded):
-    engine = _engine(loaded)
-    req = GenerationRequest("b", [1, 2, 3], SamplingParams(), {"guidance": {}, "speculative": {}})
-    with pytest.raises(EngineError, match="cannot be combined"):
-        engine.add_request(req)
-
-
 # ---- over HTTP ---------------------------------------------------------------------------
 
 
@@ -360,7 +353,3 @@ def test_bad_guidance_over_http_is_400(server, path, guidance, param):
     assert httpx.get(base + "/health").status_code == 200
 
 
-def test_guidance_with_speculative_is_400(server):
-    base, name, *_ = server
-    r = _post(base, "/v1/completions", {"model": name, "prompt": "x", "guidance": {}, "speculative": {}})
-    assert r.status_code == 400 and "cannot be combined" in r.json()["error"]["message"]

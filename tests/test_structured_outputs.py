@@ -188,6 +188,21 @@ def test_token_recycling_under_a_schema_equals_constrained_greedy(loaded, tree, 
         assert sum(s["speculative"]["jump_forward_tokens"] for r, s in _run.stats.items() if r != "plain") > 0
 
 
+def test_token_recycling_can_draft_the_grammar_s_end(loaded):
+    """A draft may reach the grammar's stop token (a table that has seen the answer drafts all of
+    it, EOS included): the walk ends there, nothing is asked of a terminated grammar, and the
+    output is still constrained greedy's."""
+    tok = loaded.tokenizer
+    spec = ConstraintSpec("choice", json.dumps(["alpha beta gamma delta", "omega"]))
+    ids = tok.encode("Pick one:")
+    expected = _run(_engine(loaded), [_request("r", ids, spec)])["r"]
+    engine = _engine(loaded)
+    tr = {"speculative": {"method": "token_recycling", "tree": 8}}
+    for attempt in range(3):  # the table learns the answer, then drafts it to its end
+        assert _run(engine, [_request(f"r{attempt}", ids, spec, tr)])[f"r{attempt}"] == expected
+    assert _run.stats["r2"]["speculative"]["accepted_tokens"] > 0
+
+
 def test_guidance_and_moe_contrast_outputs_validate(loaded, tiny_llama):
     tok = loaded.tokenizer
     schema = SCHEMAS[-1]

@@ -204,7 +204,7 @@ def test_kv_after_commit_equals_plain_decoding(loaded):
     for _ in range(6):
         spec_engine.step()
     s = spec_engine.requests["s"].main
-    assert _run.stats.get("s") is None and spec_engine.requests["s"].strategy.accepted_tokens > 0
+    assert _run.stats.get("s") is None and spec_engine.requests["s"].strategy.stage("speculative").accepted_tokens > 0
     p = plain_engine.requests["p"].main
     while p.num_computed < s.num_computed:
         plain_engine.step()

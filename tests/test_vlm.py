@@ -357,7 +357,7 @@ def test_fastv_keeps_what_transformers_attention_picks(vlm, one_image, layer, ke
     engine.add_request(request("f", one_image, pruning={"method": "fastv", "keep": keep, "layer": layer}))
     strategy = engine.requests["f"].strategy
     tokens = list(engine.step()[0].new_token_ids)  # the prefill, pruned at `layer`
-    assert strategy.kept_offsets.tolist() == expected_keep
+    assert strategy.stage("visual_pruning").kept_offsets.tolist() == expected_keep
     kept = round(PATCHES * keep)
     main = strategy.main
     assert main.pruned_from == layer and len(main.pruned_offsets()) == PATCHES - kept

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import ipaddress
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,3 +118,8 @@ def image_host_pattern(entry: str) -> str:
     if not name or not (ipv6 or hostname):
         raise ValueError(f"an allowed image host is a host name, an IP address or *.domain, not {entry!r}")
     return host
+
+
+def cache_dir() -> Path:
+    """Where converted models and built kernels are kept: FREELUNCH_CACHE_DIR, or ~/.cache/freelunch."""
+    return Path(os.environ.get("FREELUNCH_CACHE_DIR", Path.home() / ".cache" / "freelunch"))

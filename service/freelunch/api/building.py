@@ -140,19 +140,19 @@ class RequestBuilder:
 
     # ---- method options --------------------------------------------------------------------
     async def methods(self, req: SamplingFields) -> dict[str, dict[str, Any]]:
-        """The request's own method options (with a chat request's top-level aliases), or else
-        the server's defaults (a request that asks for a method of its own does not also get the
-        defaults); an option that says "off" (`speculative: {"method": "none"}`) opts out of a
-        default. Prompts inside options become token ids."""
+        """The request's method options (with a chat request's top-level aliases) over the
+        server's defaults; an option that says "off" (`speculative: {"method": "none"}`) opts
+        out of its default. Prompts inside options become token ids."""
         own = req.method_options()
         for name, aliases in getattr(req, "method_aliases", {}).items():
             for alias in aliases:
                 value = getattr(req, alias, None)
                 if value is not None:
                     own.setdefault(name, {})[alias] = value
-        methods = {name: opts for name, opts in own.items() if not self.specs[name].off(opts)}
-        if not methods:
-            methods = {name: dict(opts) for name, opts in self.default_methods.items() if name not in own}
+        # the server's defaults compose with the request's own options; an option the request
+        # sets replaces that option's default, and one that says "off" removes it
+        merged = {name: dict(opts) for name, opts in self.default_methods.items()} | own
+        methods = {name: opts for name, opts in merged.items() if not self.specs[name].off(opts)}
         for name, opts in methods.items():
             try:
                 validate_options(name, opts)  # again: aliases and defaults joined in

@@ -64,6 +64,11 @@ class Constraint:
             return True
         return False
 
+    @property
+    def finished(self) -> bool:
+        """The grammar has taken its stop token: no token may follow."""
+        return self.grammar is not None and self.grammar.finished
+
     def forced_text(self) -> str:
         """What the grammar forces next ("" without a grammar or where it allows a choice)."""
         return self.grammar.jump_forward() if self.grammar is not None else ""

@@ -387,8 +387,7 @@ class Engine:
 
     @staticmethod
     def _method_stats(state: RequestState) -> dict | None:
-        stats = state.strategy.stats()
-        out = {state.strategy.name: stats} if stats is not None and state.strategy.name else {}
+        out = dict(state.strategy.method_stats() or {})
         if state.constraint is not None:
             out["structured_output"] = state.constraint.stats()
         return out or None
@@ -400,9 +399,9 @@ class Engine:
         if not torch.equal(kept, moved_to):
             src, dst = self.blocks.slots_at(seq, kept), self.blocks.slots_at(seq, moved_to)
             upper_src = upper_dst = None
-            if self.blocks.split is not None:  # a drafting sequence is never pruned: its upper table is in offset order
-                upper_src = self.blocks.upper_slots(seq, kept).to(self.device)
-                upper_dst = self.blocks.upper_slots(seq, moved_to).to(self.device)
+            if self.blocks.split is not None:  # the upper table's entries for those offsets (packed when pruned)
+                upper_src = self.blocks.upper_slots(seq, _upper_index(seq, kept)).to(self.device)
+                upper_dst = self.blocks.upper_slots(seq, _upper_index(seq, moved_to)).to(self.device)
             self.kv.copy_slots(src.to(self.device), dst.to(self.device), upper_src, upper_dst)
         seq.num_computed = base + len(kept_offsets)
         self.blocks.truncate(seq, max(seq.num_computed, seq.num_tokens))
@@ -411,3 +410,11 @@ class Engine:
         if self.requests:
             raise AssertionError(f"{len(self.requests)} requests still live")
         self.blocks.check_no_leaks()
+
+
+def _upper_index(seq: Sequence, offsets: torch.Tensor) -> torch.Tensor:
+    """Upper-table positions of offsets past a row's prompt: the offset itself, or in a table packed
+    by a prune, the kept prompt tokens first (offsets of drafts are never below the prune's base)."""
+    if not seq.upper_packed:
+        return offsets
+    return offsets - seq.pruned_base + seq.upper_count(seq.pruned_base)

@@ -13,7 +13,6 @@ from freelunch.engine.kv_cache import KVCache
 from freelunch.engine.request import Sequence
 from freelunch.engine.strategy import RowPlan
 from freelunch.models.attention import AttentionBatch, AttentionGroup, PrunePlan
-from freelunch.models.expert_routing import EXPERT_RANK, EXPERT_TOP_K, ExpertRouting
 
 
 View = tuple[int, torch.Tensor, torch.Tensor]  # (from layer, [L] slots, [n, L] bool mask)
@@ -78,8 +77,7 @@ class ModelRunner:
         )
         if any(p.prune_layer is not None for p in plans):
             attn.prune = self._prune_plan(plans, layouts, slot_mappings)
-        row_ranks = [(p.extras.get(EXPERT_RANK, 0), p.extras.get(EXPERT_TOP_K, 0), len(p.tokens)) for p in plans]
-        attn.routing = ExpertRouting.from_rows(row_ranks, self.device)  # MoE routing overrides, if any
+        attn.row_inputs = [(p.extras, len(p.tokens)) for p in plans]  # per-row model inputs, opaque here
         inputs = {}
         if embed_index:  # only models that take images get the keyword
             inputs["input_embeds"] = (torch.cat(embed_index).to(self.device), torch.cat(embed_values))

@@ -32,6 +32,8 @@ class ConstraintBuilder(Protocol):
 
 # option name -> the method that serves it
 STRATEGIES: dict[str, StrategyPlugin] = {}
+# (request, main row, model info, the chosen methods' stages) -> one strategy running them all
+COMPOSERS: list[Callable[[GenerationRequest, Sequence, Any, list[Any]], DecodingStrategy]] = []
 # (tokenizer, vocab size) -> ConstraintBuilder; the last registered serves
 CONSTRAINTS: list[Callable[[Any, int], ConstraintBuilder]] = []
 # (takes images, decoder layers) -> the KV cache's split layer a method wants by default, or None
@@ -39,21 +41,33 @@ KV_SPLIT_HINTS: list[Callable[[bool, int], int | None]] = []
 
 
 def build_strategy(request: GenerationRequest, main: Sequence, model_info: Any) -> DecodingStrategy:
-    """The request's strategy: its one method option's (plain decoding without one)."""
+    """The request's strategy: its method options' stages, composed (plain decoding without any).
+    A method whose build returns a whole DecodingStrategy runs alone."""
     chosen = [name for name in request.methods if name in STRATEGIES and not STRATEGIES[name].off(request.methods[name])]
     unknown = sorted(name for name in request.methods if name not in STRATEGIES)
     if unknown:
         raise OptionError(f"method option(s) not available on this engine: {', '.join(unknown)}", unknown[0])
-    if len(chosen) > 1:
-        raise OptionError(f"these options cannot be combined yet: {', '.join(sorted(chosen))}", sorted(chosen)[1])
-    if chosen:
+    if not chosen:
+        return DecodingStrategy(request, main)
+    built = []
+    for name in chosen:
         try:
-            return STRATEGIES[chosen[0]].build(request, main, model_info)
+            built.append(STRATEGIES[name].build(request, main, model_info))
         except OptionError:
             raise
         except ValueError as e:
-            raise OptionError(str(e), chosen[0]) from e
-    return DecodingStrategy(request, main)
+            raise OptionError(str(e), name) from e
+    whole = [name for name, b in zip(chosen, built) if isinstance(b, DecodingStrategy)]
+    if whole and len(built) == 1:
+        return built[0]
+    if whole or not COMPOSERS:
+        raise OptionError(f"{', '.join(sorted(chosen))} cannot be combined on this engine", sorted(chosen)[-1])
+    try:
+        return COMPOSERS[-1](request, main, model_info, built)
+    except OptionError:
+        raise
+    except ValueError as e:
+        raise OptionError(str(e), chosen[-1]) from e
 
 
 def constraint_builder(tokenizer: Any, vocab_size: int) -> ConstraintBuilder | None:

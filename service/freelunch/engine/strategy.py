@@ -153,3 +153,8 @@ class DecodingStrategy:
     def stats(self) -> dict[str, Any] | None:
         return None
 
+    def method_stats(self) -> dict[str, dict[str, Any]] | None:
+        """`usage.method_stats`: stats by option name (a composed strategy reports several)."""
+        stats = self.stats()
+        return {self.name: stats} if stats is not None and self.name else None
+

@@ -83,7 +83,7 @@ def trusted(path: Path) -> bool:
 
 def _locate() -> Path | None:
     """The cached library (an image may ship it prebuilt, with no compiler), else a fresh build."""
-    from freelunch.models.loader import cache_dir
+    from freelunch.config import cache_dir
 
     folder = cache_dir() / "kernels"
     cached = folder / library_name()

@@ -53,5 +53,13 @@ def fallbacks(request: GenerationRequest) -> dict[str, str]:
 
 
 
+def _compose(request: GenerationRequest, main: Any, model_info: Any, stages: list[Any]) -> Any:
+    from freelunch.methods.pipeline import Pipeline
+
+    return Pipeline(request, main, model_info, stages)
+
+
+plugins.COMPOSERS.append(_compose)
+
 # The shipped methods register themselves (after `register` exists: they import it).
 from freelunch.methods import guidance, moe_contrast, token_recycling, visual_pruning  # noqa: E402, F401

@@ -20,7 +20,6 @@ and the request decodes exactly as a plain one.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import torch
@@ -29,7 +28,7 @@ from pydantic_core import PydanticCustomError
 
 from freelunch.engine.request import GenerationRequest, Sequence
 from freelunch.methods import OptionError, register, validate_options
-from freelunch.methods.shadow_row import ShadowRowStrategy
+from freelunch.methods.pipeline import Stage, Variant
 from freelunch.methods.spec import MethodOptions, MethodSpec, PromptField, TokenId
 
 DEFAULT_SCALE = 1.5
@@ -73,40 +72,43 @@ def parse_options(raw: Any, vocab: int, max_model_len: int) -> GuidanceOptions:
 
 
 def guide(cond: torch.Tensor, uncond: torch.Tensor, scale: float, rescale: float | None) -> torch.Tensor:
-    """Guided log-probabilities [vocab] from the two rows' logits [vocab] (transformers' CFG),
-    std-rescaled by `rescale` phi (Lin et al. 2023, eq. 15-16)."""
+    """Guided log-probabilities [..., vocab] from the two rows' logits [..., vocab] (transformers'
+    CFG), std-rescaled by `rescale` phi (Lin et al. 2023, eq. 15-16)."""
     cond = torch.log_softmax(cond, dim=-1)
     uncond = torch.log_softmax(uncond, dim=-1)
     guided = scale * (cond - uncond) + uncond
     if rescale:
-        rescaled = guided * (cond.std() / guided.std())
+        rescaled = guided * (cond.std(dim=-1, keepdim=True) / guided.std(dim=-1, keepdim=True))
         guided = rescale * rescaled + (1 - rescale) * guided
     return guided
 
 
-class ClassifierFreeGuidance(ShadowRowStrategy):
-    name = "guidance"
+class ClassifierFreeGuidance(Stage):
+    """Row expansion (the unconditional row) and combination (outermost: guidance over whatever
+    the rows inside it combine to, e.g. SCMoE's contrast)."""
+
+    option = "guidance"
+    order = 1
+    expands = True
 
     def __init__(self, request: GenerationRequest, main: Sequence, model_info: Any) -> None:
-        super().__init__(request, main)
         opts = parse_options(request.methods["guidance"], model_info.config.vocab_size, model_info.max_model_len)
         self.options = opts
+        self._variants: list[Variant] = []
         # Scale 1 is plain decoding (transformers adds no CFG processor then); a scoring-only
         # request (max_tokens 0) samples nothing to guide. Neither runs a shadow row.
         if opts.scale != 1 and request.params.max_tokens > 0:
             uncond = opts.negative_prompt_ids or [main.token_ids[-1]]
-            self.add_shadow(Sequence(list(uncond), len(uncond)))
-            # The shadow row appends every output token too: the request ends (`length`) when
-            # either row would pass the context limit.
-            room = model_info.max_model_len - len(uncond)
-            if request.params.max_tokens > room:
-                request.params = dataclasses.replace(request.params, max_tokens=room)
+            self._variants = [Variant(), Variant(prompt=list(uncond))]
 
-    def combine(self, main_logits: torch.Tensor, shadow_logits: torch.Tensor) -> torch.Tensor:
-        return guide(main_logits, shadow_logits, self.options.scale, self.options.rescale)
+    def variants(self) -> list[Variant]:
+        return self._variants
+
+    def combine(self, logits: list[torch.Tensor]) -> tuple[torch.Tensor, None]:
+        return guide(logits[0], logits[1], self.options.scale, self.options.rescale), None
 
     def stats(self) -> dict[str, Any]:
-        return {"scale": self.options.scale} | self.shadow_stats()
+        return {"scale": self.options.scale}
 
 
 SPEC = register(
@@ -115,6 +117,7 @@ SPEC = register(
         options=GuidanceOptions,
         description="classifier-free guidance (Sanchez et al. 2023): stronger adherence to the prompt",
         build=ClassifierFreeGuidance,
+        stages=("row_expansion", "combination"),
         prompts={"negative_prompt": PromptField("text", "negative_prompt_ids"),
                  "negative_messages": PromptField("chat", "negative_prompt_ids")},
         chat_aliases=("negative_messages",),

@@ -23,9 +23,8 @@ import torch
 from pydantic import Field
 
 from freelunch.engine.request import GenerationRequest, Sequence
-from freelunch.engine.strategy import RowPlan
 from freelunch.methods import OptionError, register, validate_options
-from freelunch.methods.shadow_row import ShadowRowStrategy
+from freelunch.methods.pipeline import Stage, Variant
 from freelunch.methods.spec import MethodOptions, MethodSpec
 from freelunch.models.expert_routing import EXPERT_RANK, EXPERT_TOP_K
 
@@ -64,54 +63,46 @@ def parse_options(raw: Any, model_info: Any) -> MoeContrastOptions:
     return opts.model_copy(update={"strong_top_k": None if opts.strong_top_k == moe.top_k else opts.strong_top_k})
 
 
-# With a constraint on top (a grammar), implausible tokens are pushed this far down instead of to
-# -inf: the same selection whenever the grammar allows a plausible token (exp(-1e4) is 0 in float32),
-# and the grammar's best implausible token, by contrast score, when it allows none.
-SOFT_MASK = 1e4
-
-
-def contrast(strong: torch.Tensor, weak: torch.Tensor, beta: float, alpha: float, soft: bool = False) -> torch.Tensor:
-    """SCMoE scores [vocab] from the strong and weak rows' logits [vocab]; implausible tokens -inf
-    (`soft`: SOFT_MASK below their score).
-
-    alpha = 0 keeps every token plausible. The strong argmax is always plausible."""
+def contrast(strong: torch.Tensor, weak: torch.Tensor, beta: float, alpha: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """SCMoE scores [..., vocab] from the strong and weak rows' logits, and the implausible tokens
+    (True; None when alpha is 0: every token is plausible). The strong argmax is always plausible."""
     s = torch.log_softmax(strong, dim=-1)
     w = torch.log_softmax(weak, dim=-1)
     scores = (1 + beta) * s - beta * w
-    if alpha > 0:
-        implausible = s < s.max() + math.log(alpha)
-        scores = torch.where(implausible, scores - SOFT_MASK, scores) if soft else scores.masked_fill(implausible, -math.inf)
-    return scores
+    if alpha <= 0:
+        return scores, None
+    return scores, s < s.max(dim=-1, keepdim=True).values + math.log(alpha)
 
 
-class MoeContrast(ShadowRowStrategy):
-    name = "moe_contrast"
+class MoeContrast(Stage):
+    """Row expansion (the weak row: same prompt, weak routing) and combination (innermost)."""
+
+    option = "moe_contrast"
+    order = 0
+    expands = True
 
     def __init__(self, request: GenerationRequest, main: Sequence, model_info: Any) -> None:
-        super().__init__(request, main)
-        self.options = parse_options(request.methods["moe_contrast"], model_info)
-        # beta 0 is plain decoding; a scoring-only request (max_tokens 0) samples nothing.
-        # The weak row has the main row's length, so it needs no room of its own.
-        if self.options.beta != 0 and request.params.max_tokens > 0:
-            self.add_shadow(Sequence(list(main.token_ids), main.num_prompt))
+        self.options = opts = parse_options(request.methods["moe_contrast"], model_info)
+        # The strong branch's routing (the model's own, or `strong_top_k` experts), on every row
+        # that is not weak; the weak row's prompt is routed weakly too: its KV cache is the weak
+        # model's (never shareable with the main row's, although the tokens are the same).
+        strong = Variant(extras={EXPERT_TOP_K: opts.strong_top_k} if opts.strong_top_k is not None else {})
+        self._variants = [strong] if strong.extras else []
+        # beta 0 is plain decoding; a scoring-only request (max_tokens 0) samples nothing
+        if opts.beta != 0 and request.params.max_tokens > 0:
+            self._variants = [strong, Variant(extras={EXPERT_RANK: opts.weak_rank})]
 
-    def plain_plan(self, seq: Sequence, token_budget: int) -> RowPlan | None:
-        plan = super().plain_plan(seq, token_budget)
-        # The weak row's prompt is routed weakly too: its KV cache is the weak model's (never
-        # shareable with the main row's, although the tokens are the same).
-        if plan is not None and seq is self.shadow:
-            plan.extras[EXPERT_RANK] = self.options.weak_rank
-        elif plan is not None and self.options.strong_top_k is not None:
-            plan.extras[EXPERT_TOP_K] = self.options.strong_top_k
-        return plan
+    def variants(self) -> list[Variant]:
+        return self._variants
 
-    def combine(self, main_logits: torch.Tensor, shadow_logits: torch.Tensor) -> torch.Tensor:
-        soft = self.constraint is not None  # the grammar must keep a token to choose
-        return contrast(main_logits, shadow_logits, self.options.beta, self.options.alpha, soft)
+    def combine(self, logits: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if len(logits) == 1:  # only the strong routing changed: no contrast
+            return logits[0], None
+        return contrast(logits[0], logits[1], self.options.beta, self.options.alpha)
 
     def stats(self) -> dict[str, Any]:
         opts = self.options
-        stats = {"beta": opts.beta, "alpha": opts.alpha, "weak_rank": opts.weak_rank} | self.shadow_stats()
+        stats = {"beta": opts.beta, "alpha": opts.alpha, "weak_rank": opts.weak_rank}
         return stats | ({"strong_top_k": opts.strong_top_k} if opts.strong_top_k is not None else {})
 
 
@@ -121,5 +112,7 @@ SPEC = register(
         options=MoeContrastOptions,
         description="SCMoE self-contrast (Shi et al. 2024) for Mixture-of-Experts models",
         build=MoeContrast,
+        stages=("row_expansion", "combination"),
+        requires=("moe",),
     )
 )

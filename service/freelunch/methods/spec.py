@@ -41,13 +41,17 @@ class MethodSpec:
     option: str  # the request body field
     options: type[MethodOptions]  # validated at the API and again by the engine
     description: str  # one line, for /openapi.json
-    # (request, main row, model info) -> the request's DecodingStrategy (engine side)
+    # (request, main row, model info) -> its pipeline Stage (or, alone, a whole DecodingStrategy)
     build: Callable[..., Any]
     # why a request with these parameters decodes without the method (None: it does not); known
     # before it runs, so that the API can say so in a header as well as in `usage.method_stats`
     fallback: Callable[[Any], str | None] | None = None
     # options that mean "not this method" (a request opting out of a server default)
     off: Callable[[dict[str, Any]], bool] = lambda options: False
+    # the pipeline stages it fills (methods/pipeline.py): prefill_transform, row_expansion,
+    # combination, selection; and what the served model must have for it (moe, vision)
+    stages: tuple[str, ...] = ()
+    requires: tuple[str, ...] = ()
     prompts: dict[str, PromptField] = field(default_factory=dict)
     # chat-request fields that are this option's fields too (`negative_messages` at the top level)
     chat_aliases: tuple[str, ...] = ()

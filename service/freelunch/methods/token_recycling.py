@@ -21,6 +21,8 @@ back to plain decoding and say so in `usage.method_stats.speculative.fallback`.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 import torch
@@ -28,8 +30,9 @@ from pydantic import Field
 
 from freelunch.engine.request import GenerationRequest, Sequence
 from freelunch.engine.sampler import top_logprobs
-from freelunch.engine.strategy import DecodingStrategy, RowPlan, Sampled, StepContext
+from freelunch.engine.strategy import RowPlan, Sampled, StepContext
 from freelunch.methods import OptionError, register, validate_options
+from freelunch.methods.pipeline import Pipeline, Stage
 from freelunch.methods.spec import MethodOptions, MethodSpec
 from freelunch.methods.tree_sizing import RankAcceptance, VerifyCost, best_tree
 from freelunch.methods.tree_templates import TEMPLATE_222, DraftTree, sub_template
@@ -90,16 +93,20 @@ class AdjacencyTable:
     def __init__(self, vocab: int, k: int) -> None:
         self.table = torch.zeros(vocab, k, dtype=torch.long)
         self.acceptance = RankAcceptance(k)  # what its candidates' ranks are worth, by depth
-        self._default: DraftTree | None = None
+        self._default: dict[int, DraftTree] = {}  # by the rows a request verifies it on
         self._steps_since_choice = 0
 
-    def default_tree(self, cost: VerifyCost) -> DraftTree:
+    def default_tree(self, cost: VerifyCost, rows: int = 1) -> DraftTree:
         """The tree for requests that name none: the most tokens per second under the observed
-        acceptance (`tree_sizing.best_tree`), re-chosen every RECHOOSE_EVERY verify steps."""
-        if self._default is None or self._steps_since_choice >= RECHOOSE_EVERY:
-            self._default = DraftTree.from_template(best_tree(cost, self.acceptance.probabilities()))
+        acceptance (`tree_sizing.best_tree`), for a verify forward over `rows` rows (a guided
+        request verifies on both of its rows), re-chosen every RECHOOSE_EVERY verify steps."""
+        if self._steps_since_choice >= RECHOOSE_EVERY:
+            self._default.clear()
             self._steps_since_choice = 0
-        return self._default
+        if rows not in self._default:
+            scaled = cost if rows == 1 else (lambda tokens: cost(tokens * rows))
+            self._default[rows] = DraftTree.from_template(best_tree(scaled, self.acceptance.probabilities()))
+        return self._default[rows]
 
     def observe(self, ranks: list[int]) -> None:
         self.acceptance.observe(ranks)
@@ -183,13 +190,37 @@ def verify_cost(model_info: Any) -> VerifyCost | None:
     return state["token_recycling_cost"]
 
 
-class TokenRecycling(DecodingStrategy):
-    name = "speculative"
+@dataclass(slots=True)
+class Draft:
+    """One step's draft: the tree and its tokens (node 0 is the root, the last accepted token),
+    fed to every row of the request."""
+
+    tree: DraftTree
+    tokens: torch.Tensor  # [N] token ids
+    table_rows: torch.Tensor  # [N, k] the table's candidates for each drafted token, as drafted
+    forced: bool  # a chain of text the grammar forces (jump-forward), not the table's tree
+
+    def plans(self, rows: list[Sequence], extras: Callable[[Sequence], dict[str, Any]]) -> list[RowPlan]:
+        """Each row sees its own committed context, then the tree's ancestors (positions by depth)."""
+        n, tokens, plans = self.tree.size, self.tokens.tolist(), []
+        for seq in rows:
+            start = seq.num_computed
+            mask = torch.cat([torch.ones(n, start, dtype=torch.bool), self.tree.ancestor_mask], dim=1)
+            positions = (start + self.tree.depth).tolist()
+            plans.append(RowPlan(seq, tokens, list(range(n)), positions, mask, advance=False, extras=extras(seq)))
+        return plans
+
+
+class TokenRecycling(Stage):
+    """The selection stage: drafts from the adjacency table, verifies on the combined (and
+    constrained) distribution of every row the request has."""
+
+    option = "speculative"
 
     def __init__(self, request: GenerationRequest, main: Sequence, model_info: Any) -> None:
-        super().__init__(request, main)
+        self.request, self.main = request, main
         self.fallback = fallback_reason(request)
-        template, k = parse_options(request.methods["speculative"])
+        self.template, k = parse_options(request.methods["speculative"])
         tables = model_info.shared_state.setdefault("token_recycling", {})
         # One table per API key (the request's tenant): another tenant's text never shapes a
         # tenant's drafts, so acceptance rates (and latency) reveal nothing about it.
@@ -197,92 +228,79 @@ class TokenRecycling(DecodingStrategy):
         if key not in tables:
             tables[key] = AdjacencyTable(model_info.config.vocab_size, k)
         self.table: AdjacencyTable = tables[key]
-        # Without a tree of its own, the request drafts with the table's default, which follows
-        # the measured cost and the observed acceptance. A request that falls back never drafts.
-        measured = None if self.fallback else verify_cost(model_info)
-        # A request's own tree may cost at most `max_step_cost` decode steps per verify step: the
-        # forward rides in the batch every other request waits on (the paper's tree: ~6x on 2 CPU cores).
-        limit = model_info.max_step_cost
+        self.model_info = model_info
+        self.max_len = model_info.max_model_len
+        self.tokenizer = model_info.tokenizer
+        # under a grammar, draft the text it forces (jump-forward) where it forces any
+        self.jump_forward = request.methods["speculative"].get("jump_forward", True)
+        self.cost: VerifyCost | None = None
+        self.tree = DraftTree.from_template(sub_template(1))  # until `attach` knows the rows
+        self._rows = 1
+        self._seeded = False  # the prompt seeds the table at the first draft (a fallback never drafts)
+        self.steps = self.draft_tokens = self.accepted_tokens = self.plain_steps = 0
+        self.jump_forward_tokens = self.pruned_draft_tokens = 0
+
+    def attach(self, pipeline: Pipeline) -> None:
+        """Choose the tree, now that the rows a verify forward covers are known. Without a tree of
+        its own, the request drafts with the table's default, which follows the measured cost and
+        the observed acceptance; a request's own tree may cost at most `max_step_cost` decode steps
+        per verify (the forward rides in the batch every other request waits on: the paper's tree
+        is ~6x on 2 CPU cores). A request that falls back never drafts."""
+        self._rows = len(pipeline.rows)
+        measured = None if self.fallback else verify_cost(self.model_info)
+        limit = self.model_info.max_step_cost
+        template = self.template
         if template is not None and measured is not None:
-            cap = measured.max_nodes(limit)
+            cap = measured.max_nodes(limit) if self._rows == 1 else max(
+                (n for n in range(1, len(TEMPLATE_222) + 1) if measured((n + 1) * self._rows) <= limit * measured(1)), default=1
+            )
             if len(template) > cap:
+                cost = measured((len(template) + 1) * self._rows) / measured(1)
                 raise OptionError(
-                    f"speculative.tree: at most {cap} nodes on this server: verifying {len(template) + 1} tokens "
-                    f"costs {measured(len(template) + 1) / measured(1):.1f}x a decode step here, which every request "
-                    f"in the batch would wait on (the limit, --max-step-cost, is {limit:g}x)",
+                    f"speculative.tree: at most {cap} nodes on this server: verifying {len(template) + 1} tokens on "
+                    f"{self._rows} row(s) costs {cost:.1f}x a decode step here, which every request in the batch would "
+                    f"wait on (the limit, --max-step-cost, is {limit:g}x)",
                     "speculative.tree",
                 )
         self.cost = None if template is not None else measured
         if self.cost is not None:
-            self.tree = self.table.default_tree(self.cost)
+            self.tree = self.table.default_tree(self.cost, self._rows)
         elif template is not None:
             self.tree = DraftTree.from_template(template)
         else:
-            device = "gpu" if str(model_info.device).startswith("cuda") else "cpu"
+            device = "gpu" if str(self.model_info.device).startswith("cuda") else "cpu"
             self.tree = DraftTree.from_template(sub_template(1 if self.fallback else FALLBACK_TREE_SIZE[device]))
-        self._rows: torch.Tensor | None = None  # the table's rows for the drafted tokens, as drafted
-        self.max_len = model_info.max_model_len
-        self._draft: torch.Tensor | None = None
-        self._step_tree = self.tree  # this step's tree (pruned, or a forced chain, under a grammar)
-        self._jumped = False
-        self.tokenizer = model_info.tokenizer
-        # under a grammar, draft the text it forces (jump-forward) where it forces any
-        self.jump_forward = request.methods["speculative"].get("jump_forward", True)
-        self.jump_forward_tokens = self.pruned_draft_tokens = 0
-        self._seeded = False  # the prompt seeds the table at the first draft (a fallback never drafts)
-        self.steps = self.draft_tokens = self.accepted_tokens = self.plain_steps = 0
 
     def tokens_needed(self) -> int:
         return self.tree.size
 
-    def plan(self, token_budget: int) -> list[RowPlan]:
-        seq = self.main
-        self._draft = None
+    def draft(self, pipeline: Pipeline, budget: int) -> Draft | None:
         if self.cost is not None:  # the table's default may have changed since the last step
-            self.tree = self.table.default_tree(self.cost)
+            self.tree = self.table.default_tree(self.cost, self._rows)
         deepest = int(self.tree.depth.max())
-        if (
-            self.fallback is not None
-            or seq.pending != 1  # still prefilling (or recomputing after preemption)
-            or token_budget < self.tree.size
-            or seq.num_computed + deepest + 1 >= self.max_len
-        ):
-            return super().plan(token_budget)
+        longest = max(seq.num_computed for seq in pipeline.rows)
+        if self.fallback is not None or budget < self.tree.size * self._rows or longest + deepest + 1 >= self.max_len:
+            return None
+        main = self.main
         if not self._seeded:  # at its first draft: requests seed in the order they start drafting
-            self.table.seed(seq.token_ids)
+            self.table.seed(main.token_ids)
             self._seeded = True
-        start = seq.num_computed
-        tree, draft = self.tree, self.table.fill(seq.token_ids[-1], self.tree)
-        self._jumped = False
-        if self.constraint is not None:  # draft what the grammar allows, or what it forces
-            tree, draft = self._constrained(tree, draft)
-        self._step_tree, self._draft = tree, draft
-        self._rows = self.table.table[draft]
-        n = tree.size
-        mask = torch.cat([torch.ones(n, start, dtype=torch.bool), tree.ancestor_mask], dim=1)
-        return [
-            RowPlan(
-                seq,
-                draft.tolist(),
-                logits_at=list(range(n)),
-                positions=(start + tree.depth).tolist(),
-                mask=mask,
-                advance=False,
-            )
-        ]
+        tree, tokens = self.tree, self.table.fill(main.token_ids[-1], self.tree)
+        forced = False
+        if pipeline.constraint is not None:  # draft what the grammar allows, or what it forces
+            tree, tokens, forced = self._constrained(pipeline.constraint, tree, tokens)
+        return Draft(tree, tokens, self.table.table[tokens], forced)
 
-    def _constrained(self, tree: DraftTree, draft: torch.Tensor) -> tuple[DraftTree, torch.Tensor]:
+    def _constrained(self, c: Any, tree: DraftTree, draft: torch.Tensor) -> tuple[DraftTree, torch.Tensor, bool]:
         """The step's draft under a grammar: the text the grammar forces next, as a chain (jump-
         forward), where it forces any; else the table's tree without the nodes the grammar
         rejects (a draft it could never accept would only cost verification)."""
-        c = self.constraint
         if self.jump_forward:
             forced = c.forced_text()
             ids = self.tokenizer.encode(forced, add_special_tokens=False)[: tree.size - 1] if forced else []
             if ids:
-                self._jumped = True
                 self.jump_forward_tokens += len(ids)
-                return DraftTree.chain(len(ids)), torch.tensor([int(draft[0]), *ids])
+                return DraftTree.chain(len(ids)), torch.tensor([int(draft[0]), *ids]), True
         drafted = draft.tolist()
         keep = [0]
 
@@ -290,28 +308,27 @@ class TokenRecycling(DecodingStrategy):
             for child in tree.children[node]:
                 if c.accept(drafted[child]):
                     keep.append(child)
-                    visit(child)
+                    if not c.finished:  # nothing can follow a grammar's stop token
+                        visit(child)
                     c.rollback(1)
 
         visit(0)
         if len(keep) == tree.size:
-            return tree, draft
+            return tree, draft, False
         self.pruned_draft_tokens += tree.size - len(keep)
         keep.sort()
-        return tree.subtree(keep), draft[keep]
+        return tree.subtree(keep), draft[keep], False
 
-    def on_logits(self, logits: dict[int, torch.Tensor], ctx: StepContext) -> torch.Tensor | list[Sampled] | None:
-        out = logits.get(self.main.seq_id)
-        if self._draft is None:
-            if out is not None and self.main.pending == 0:
-                self.plain_steps += 1
-            return super().on_logits(logits, ctx)
-        draft, tree = self._draft, self._step_tree
-        top = torch.topk(out, self.table.table.shape[1], dim=-1)
-        drafted = draft.tolist()
-        selected = out
-        if self.constraint is None:
-            target = _greedy(out, top).tolist()  # the model's greedy choice after each node
+    def verify(self, pipeline: Pipeline, draft: Draft, rows: list[torch.Tensor], ctx: StepContext) -> list[Sampled]:
+        """Greedy acceptance on the combined distribution of every row ([N, vocab] each): walk from
+        the root while the drafted child is the argmax at its parent; the argmax at the last
+        accepted node is the bonus token. Every row keeps only the accepted path's KV."""
+        combined = pipeline.combined(rows)  # [N, vocab]
+        tree, drafted = draft.tree, draft.tokens.tolist()
+        top = torch.topk(combined, self.table.table.shape[1], dim=-1)
+        selected = combined
+        if pipeline.constraint is None:
+            target = _greedy(combined, top).tolist()  # the greedy choice after each node
             path = [0]
             node = 0
             while True:  # Python lists: a tensor element read costs ~1 us, and this is per step
@@ -321,13 +338,16 @@ class TokenRecycling(DecodingStrategy):
                     break
                 path.append(node)
         else:
-            path, target, selected = self._constrained_walk(out, tree, drafted)
-        if not self._jumped:  # a forced chain says nothing of the table's ranks
-            self.table.observe(self._ranks(path, target))
-        self.table.update(draft, top.indices)
-        start = self.main.num_computed
-        ctx.commit_kv(self.main, [start + i for i in path])
-        tokens = [drafted[i] for i in path[1:]] + [target[path[-1]]]
+            path, target, selected = _constrained_walk(pipeline.constraint, combined, tree, drafted)
+        if not draft.forced:  # a forced chain says nothing of the table's ranks
+            self.table.observe(_ranks(draft.table_rows, path, target))
+        self.table.update(draft.tokens, top.indices)  # the table learns the combined distribution
+        for seq in pipeline.rows:
+            start = seq.num_computed
+            ctx.commit_kv(seq, [start + i for i in path])
+        tokens = [drafted[i] for i in path[1:]]
+        if target[path[-1]] >= 0:  # the bonus token (none after a grammar's last token)
+            tokens.append(target[path[-1]])
         self.steps += 1
         self.draft_tokens += tree.size - 1
         self.accepted_tokens += len(path) - 1
@@ -336,35 +356,8 @@ class TokenRecycling(DecodingStrategy):
             return [Sampled(t) for t in tokens]
         return [Sampled(t, top_logprobs(torch.log_softmax(selected[i], -1), t, k)) for i, t in zip(path, tokens)]
 
-    def _constrained_walk(
-        self, out: torch.Tensor, tree: DraftTree, drafted: list[int]
-    ) -> tuple[list[int], list[int], torch.Tensor]:
-        """Greedy acceptance on the constrained distribution: at each node on the path the target
-        is the argmax of its logits under the grammar's state after the path so far. The grammar
-        is rolled back afterwards: the engine accepts the tokens it keeps. Returns (path, target
-        by node, the constrained logits by node)."""
-        c = self.constraint
-        target = [-1] * tree.size
-        selected = out.clone()
-        path, node = [0], 0
-        while True:
-            selected[node] = c.apply(out[node])
-            c.note(out[node], selected[node])
-            want = int(torch.argmax(selected[node]))
-            target[node] = want
-            child = next((n for n in tree.children[node] if drafted[n] == want), -1)
-            if child < 0 or not c.accept(want):
-                break
-            path.append(child)
-            node = child
-        c.rollback(len(path) - 1)
-        return path, target, selected
-
-    def _ranks(self, path: list[int], target: list[int]) -> list[int]:
-        """The rank of the model's choice among the drafted-from candidates at each node of the
-        accepted path (k: not among them), depth 1 first."""
-        rows = self._rows[path].tolist()
-        return [row.index(target[n]) if target[n] in row else len(row) for n, row in zip(path, rows)]
+    def on_plain_step(self) -> None:
+        self.plain_steps += 1
 
     def stats(self) -> dict[str, Any]:
         stats: dict[str, Any] = {
@@ -379,9 +372,40 @@ class TokenRecycling(DecodingStrategy):
             stats["fallback"] = self.fallback
         else:
             stats["tree_nodes"] = self.tree.size - 1
-        if self.constraint is not None:
+        if self.jump_forward_tokens or self.pruned_draft_tokens:
             stats |= {"jump_forward_tokens": self.jump_forward_tokens, "pruned_draft_tokens": self.pruned_draft_tokens}
         return stats
+
+
+def _constrained_walk(c: Any, combined: torch.Tensor, tree: DraftTree, drafted: list[int]) -> tuple[list[int], list[int], torch.Tensor]:
+    """Greedy acceptance on the constrained distribution: at each node on the path the target is
+    the argmax of its scores under the grammar's state after the path so far. The grammar is
+    rolled back afterwards: the engine accepts the tokens it keeps. Returns (path, target by node,
+    the constrained scores by node)."""
+    target = [-1] * tree.size
+    selected = combined.clone()
+    path, node = [0], 0
+    while True:
+        selected[node] = c.apply(combined[node])
+        c.note(combined[node], selected[node])
+        want = int(torch.argmax(selected[node]))
+        target[node] = want
+        child = next((n for n in tree.children[node] if drafted[n] == want), -1)
+        if child < 0 or not c.accept(want):
+            break
+        path.append(child)
+        node = child
+        if c.finished:  # the grammar took its stop token: the output ends here, nothing follows
+            break
+    c.rollback(len(path) - 1)
+    return path, target, selected
+
+
+def _ranks(table_rows: torch.Tensor, path: list[int], target: list[int]) -> list[int]:
+    """The rank of the chosen token among the drafted-from candidates at each node of the accepted
+    path (k: not among them), depth 1 first."""
+    rows = table_rows[path].tolist()
+    return [row.index(target[n]) if target[n] in row else len(row) for n, row in zip(path, rows)]
 
 
 SPEC = register(
@@ -390,6 +414,7 @@ SPEC = register(
         options=SpeculativeOptions,
         description="Token Recycling (Luo et al. 2024): lossless speculative decoding for greedy requests",
         build=TokenRecycling,
+        stages=("selection",),
         fallback=fallback_reason,
         off=lambda options: options.get("method") == "none",
     )

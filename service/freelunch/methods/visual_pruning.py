@@ -27,8 +27,9 @@ from pydantic import Field
 
 from freelunch.engine import plugins
 from freelunch.engine.request import GenerationRequest, Sequence
-from freelunch.engine.strategy import DecodingStrategy, ImageEncoder, RowPlan
+from freelunch.engine.strategy import ImageEncoder, RowPlan
 from freelunch.methods import OptionError, register, validate_options
+from freelunch.methods.pipeline import Pipeline, Stage
 from freelunch.methods.spec import MethodOptions, MethodSpec
 
 DEFAULT_KEEP = 0.5
@@ -69,11 +70,17 @@ def parse_options(raw: Any, model_info: Any) -> PruningOptions:
     return opts.model_copy(update={"layer": layer})
 
 
-class VisualPruning(DecodingStrategy):
-    name = "visual_pruning"
+def _unpruned(encoder: ImageEncoder, pixel_values: torch.Tensor) -> list[torch.Tensor]:
+    return list(encoder.project(encoder.encode_images(pixel_values)[0]))
+
+
+class VisualPruning(Stage):
+    """A prefill transform of the main row."""
+
+    option = "visual_pruning"
 
     def __init__(self, request: GenerationRequest, main: Sequence, options: PruningOptions) -> None:
-        super().__init__(request, main)
+        self.main = main
         self.options = options
         self.image_tokens = 0
         self.kept_image_tokens = 0
@@ -102,7 +109,7 @@ class ClsPruning(VisualPruning):
         self.image_tokens += count * per_image
         self.kept_image_tokens += count * kept
         if kept == per_image:
-            return super().image_features(encoder, pixel_values)
+            return _unpruned(encoder, pixel_values)
         features, scores = encoder.encode_images(pixel_values, cls_attention_from=self.options.layer)
         top = scores.topk(kept, dim=1).indices.sort(dim=1).values  # [N, kept], original order
         selected = features.gather(1, top[..., None].expand(-1, -1, features.shape[-1]))
@@ -130,7 +137,7 @@ class FastV(VisualPruning):
         return embeds.offsets if embeds is not None else torch.empty(0, dtype=torch.long)
 
     def image_features(self, encoder: ImageEncoder, pixel_values: torch.Tensor) -> list[torch.Tensor]:
-        features = super().image_features(encoder, pixel_values)
+        features = _unpruned(encoder, pixel_values)
         if self.packs_upper:  # admitted with upper blocks for the kept tokens only
             self.main.reserve_packed(self._kept_count(sum(f.shape[0] for f in features)), self.main.num_prompt)
         return features
@@ -139,14 +146,14 @@ class FastV(VisualPruning):
         """Prompt tokens the prune keeps: every text token and round(N * keep) image tokens."""
         return self.main.num_prompt - image_tokens + round(image_tokens * self.options.keep)
 
-    def plan(self, token_budget: int) -> list[RowPlan]:
+    def main_plan(self, pipeline: Pipeline, token_budget: int) -> list[RowPlan] | None:
         main = self.main
         if self.options.keep == 1 or main.num_computed > 0 or self._image_offsets().numel() == 0:
-            return super().plan(token_budget)
+            return None
         if token_budget < main.num_tokens:
             return []  # wait for a step with room for the whole prompt
         # from offset 0: the prompt, and after a preemption the generated tokens too
-        plan = self.plain_plan(main, token_budget)
+        plan = pipeline.plain_plan(main, token_budget)
         plan.prune_layer = self.options.layer
         if self.kept_offsets is None:
             plan.prune_select = self._select
@@ -173,7 +180,7 @@ class FastV(VisualPruning):
         return image_tokens, self.kept_image_tokens if pruned else image_tokens
 
 
-def build(request: GenerationRequest, main: Sequence, model_info: Any) -> DecodingStrategy:
+def build(request: GenerationRequest, main: Sequence, model_info: Any) -> VisualPruning:
     options = parse_options(request.methods["visual_pruning"], model_info)
     if options.method == "cls":
         return ClsPruning(request, main, options)
@@ -190,5 +197,7 @@ SPEC = register(
         options=PruningOptions,
         description="FastV / [CLS] visual token pruning for vision-language models",
         build=build,
+        stages=("prefill_transform",),
+        requires=("vision",),
     )
 )

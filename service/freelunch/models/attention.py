@@ -11,6 +11,7 @@ import functools
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -88,6 +89,9 @@ class AttentionBatch:
     groups: list[AttentionGroup]
     scale: float
     prune: PrunePlan | None = None
+    # per row, in packing order: (extra model inputs, token count): e.g. a MoE routing override the
+    # model interprets (models/moe.py); opaque to the engine
+    row_inputs: list[tuple[dict[str, Any], int]] = field(default_factory=list)
     routing: ExpertRouting | None = None  # per-token MoE routing override (None: every token routes by default)
 
     def keep_before_layer(self, layer: int) -> torch.Tensor | None:

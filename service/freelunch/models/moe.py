@@ -10,10 +10,12 @@ in ascending expert order, as transformers' eager experts do.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
-from freelunch.models.expert_routing import ExpertRouting, route
+from freelunch.models.expert_routing import EXPERT_RANK, EXPERT_TOP_K, ExpertRouting, route
 from freelunch.models.llama import MLP, CheckpointWeights, DecoderConfig, LlamaForCausalLM, load_gated_mlp
 from freelunch.models.moe_config import MoeConfig
 
@@ -67,6 +69,12 @@ class MoeForCausalLM(LlamaForCausalLM):
         if cfg.moe is None:
             raise ValueError(f"{type(hf_config).__name__} describes no Mixture-of-Experts model")
         super().__init__(cfg, hf_config)
+
+    def routing_override(self, row_inputs: list[tuple[dict[str, Any], int]], device: torch.device) -> ExpertRouting | None:
+        """Rows that ask for their own routing (`expert_rank` r: the router's r-th expert alone;
+        `expert_top_k`: that many experts), per token; None when every row routes by default."""
+        rows = [(extras.get(EXPERT_RANK, 0), extras.get(EXPERT_TOP_K, 0), n) for extras, n in row_inputs]
+        return ExpertRouting.from_rows(rows, device)
 
     def feed_forward(self, layer_idx: int) -> nn.Module:
         if not self.config.moe.sparse_layers[layer_idx]:
