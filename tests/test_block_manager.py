@@ -21,7 +21,7 @@ def _check_invariants(bm: BlockManager, seqs: list[Sequence]) -> None:
     assert set(owned).isdisjoint(bm.lower.free), "a block is both free and owned"
     assert all(0 <= b < bm.num_blocks for b in owned)
     for s in seqs:
-        assert all(bm.lower.owner[b] == s.seq_id for b in s.block_table)
+        assert all(bm.lower.holders[b] == [s.seq_id] for b in s.block_table)
 
 
 def test_random_allocate_grow_truncate_free():

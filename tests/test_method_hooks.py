@@ -443,6 +443,10 @@ class PruneStrategy(DecodingStrategy):
             self.pruned = True
         return plans
 
+    def cache_extras(self, seq):
+        # a pruned prompt's KV is its own (and the prune needs the whole prompt in one step)
+        return None if self.keep is not None else {}
+
 
 def _register_prune(monkeypatch):
     def factory(req, main, info):

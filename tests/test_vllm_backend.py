@@ -152,7 +152,7 @@ def test_bad_requests_are_refused_with_the_field(tiny):
         (GenerationRequest("b1", [], greedy()), "prompt"),
         (GenerationRequest("b2", [10**6], greedy()), "prompt"),
         (GenerationRequest("b3", PROMPTS[0], greedy(), {"speculative": {"method": "token_recycling"}}), "speculative"),
-        (GenerationRequest("b4", PROMPTS[0], greedy(), {"guidance": {"scale": -1}}), "guidance"),
+        (GenerationRequest("b4", PROMPTS[0], greedy(), {"guidance": {"scale": -1}}), "guidance.scale"),
         (GenerationRequest("b5", PROMPTS[0], greedy(logprobs=1), {"guidance": {"scale": 2}}), "logprobs"),
     ]
     for request, param in cases:
@@ -160,6 +160,20 @@ def test_bad_requests_are_refused_with_the_field(tiny):
             vllm_engine.add_request(request)
         assert e.value.param == param
     assert not vllm_engine.requests
+
+
+def test_prefix_cache_reports_cached_tokens_and_salts_per_tenant(tiny):
+    """vLLM's own prefix caching is on, reported as ours, and salted by the API key."""
+    _, _, vllm_engine, native = tiny
+    prompt = [1] + list(range(500, 800))
+    outs = {}
+    for rid, tenant in [("p1", "alice"), ("p2", "alice"), ("p3", "bob")]:
+        request = GenerationRequest(rid, prompt, greedy(ignore_eos=True), tenant=tenant)
+        outs[rid] = run_all(vllm_engine, [request])[rid]
+    native_out = run_all(native, [GenerationRequest("n", prompt, greedy(ignore_eos=True))])["n"]
+    cached = {rid: o[-1].num_cached_tokens for rid, o in outs.items()}
+    assert cached["p1"] == 0 and 0 < cached["p2"] < len(prompt) and cached["p3"] == 0
+    assert tokens(outs["p1"]) == tokens(outs["p2"]) == tokens(outs["p3"]) == tokens(native_out)
 
 
 # ---- the HTTP API over a mixed pool ---------------------------------------------------------------
@@ -186,7 +200,9 @@ def test_api_plain_requests_run_on_vllm_and_match_native(mixed_server, tiny):
     want = run_all(native, [GenerationRequest("n", ids, greedy(10, ignore_eos=True))])["n"]
     body = r.json()
     assert body["choices"][0]["text"] == "".join(o.new_text for o in want)
-    assert body["usage"] == {"prompt_tokens": len(ids), "completion_tokens": 10, "total_tokens": len(ids) + 10}
+    assert body["usage"] == {
+        "prompt_tokens": len(ids), "completion_tokens": 10, "total_tokens": len(ids) + 10, "prompt_tokens_details": {"cached_tokens": 0},
+    }  # fmt: skip
 
 
 def test_api_streaming_stop_and_n(mixed_server):
@@ -299,7 +315,7 @@ def test_cli_serves_vllm_with_native_workers(tiny):
         assert spec["choices"][0]["text"] == plain["choices"][0]["text"]
         assert "speculative" in spec["usage"]["method_stats"]
         metrics = {
-            line.split(" ")[0]: float(line.split(" ")[1])
+            line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
             for line in httpx.get(base + "/metrics").text.splitlines()
             if line and not line.startswith("#")
         }
@@ -308,3 +324,4 @@ def test_cli_serves_vllm_with_native_workers(tiny):
         assert metrics["freelunch_workers_alive"] == 2
     finally:
         stop_server(proc)
+

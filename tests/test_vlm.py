@@ -405,8 +405,9 @@ def test_fastv_frees_the_upper_layers_kv_of_what_it_drops(vlm, one_image):
     fastv = {"method": "fastv", "keep": 0.25}
     alone = run(vlm.engine(), [request("f", one_image, 8, fastv)])["f"][0]
 
-    def peak_running(options) -> tuple[int, dict]:
-        engine = vlm.engine(kv_cache_gib=budget, max_num_seqs=8)
+    def peak_running(options, caching=False) -> tuple[int, dict]:
+        # without prefix caching: six requests with one prompt would share its blocks
+        engine = vlm.engine(kv_cache_gib=budget, max_num_seqs=8, enable_prefix_caching=caching)
         assert (engine.blocks.num_blocks, engine.blocks.upper.num_blocks) == (24, 12)
         reqs = [request(f"r{i}", one_image, 8, options) for i in range(6)]
         for r in reqs:
@@ -423,6 +424,7 @@ def test_fastv_frees_the_upper_layers_kv_of_what_it_drops(vlm, one_image):
     pruned_peak, pruned = peak_running(fastv)
     # a 65-token prompt + 8 tokens: 5 blocks in each pool plain; 5 lower + 3 upper pruned (28 kept)
     assert plain_peak == 2
+    assert peak_running(None, caching=True)[0] == 6  # with it, the six share the prompt's blocks and all run
     assert pruned_peak == 4  # the lower pool is the limit now: 24 // 5
     assert all(tokens == alone for tokens in pruned.values())
 

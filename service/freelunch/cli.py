@@ -20,6 +20,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default=env("FREELUNCH_HOST", "127.0.0.1"))
     serve.add_argument("--port", type=int, default=int(env("FREELUNCH_PORT", "8000")))
     serve.add_argument("--dtype", default=env("FREELUNCH_DTYPE", "auto"), choices=["auto", "float32", "bfloat16", "float16"])
+    serve.add_argument(
+        "--quantization",
+        default=env("FREELUNCH_QUANTIZATION", "none"),
+        choices=["none", "int8", "int4", "gguf"],
+        help="weight-only quantised linears on CPU (native engine): int8 per channel, int4 in groups of 32 "
+        "(Q4_1's scheme), gguf: int4 exactly where the weights are a Q4_1 file's numbers, float elsewhere",
+    )
     serve.add_argument("--max-model-len", type=int, default=int(env("FREELUNCH_MAX_MODEL_LEN", "0")) or None)
     serve.add_argument(
         "--engine",
@@ -62,6 +69,25 @@ def build_parser() -> argparse.ArgumentParser:
         help="n x max_tokens a request may ask for (400 beyond)",
     )
     serve.add_argument("--kv-cache-gib", type=float, default=float(env("FREELUNCH_KV_CACHE_GIB", "2")))
+    serve.add_argument(
+        "--no-prefix-caching",
+        action="store_true",
+        default=env("FREELUNCH_NO_PREFIX_CACHING", "") not in ("", "0", "false"),
+        help="recompute every prompt from its first token (automatic prefix caching is on by default)",
+    )
+    serve.add_argument(
+        "--prefix-cache-blocks",
+        type=int,
+        default=int(env("FREELUNCH_PREFIX_CACHE_BLOCKS", "-1")),
+        help="keep at most this many KV blocks no request holds for the prefix cache (-1: every free block)",
+    )
+    serve.add_argument(
+        "--prefix-cache-salt",
+        default=env("FREELUNCH_PREFIX_CACHE_SALT", "per-key"),
+        choices=["per-key", "shared"],
+        help="per-key: cached prefixes are shared only among requests of one API key (no timing side channel "
+        "between tenants); shared: among all requests",
+    )
     serve.add_argument(
         "--kv-split-layer",
         type=int,
@@ -174,6 +200,7 @@ def main(argv: list[str] | None = None) -> int:
             model=args.model,
             served_model_name=args.served_model_name,
             dtype=args.dtype,
+            quantization=args.quantization,
             max_model_len=args.max_model_len,
             max_num_seqs=args.max_num_seqs,
             max_num_batched_tokens=args.max_num_batched_tokens,
@@ -181,6 +208,9 @@ def main(argv: list[str] | None = None) -> int:
             max_step_cost=args.max_step_cost,
             long_prefill_token_threshold=args.long_prefill_token_threshold,
             kv_cache_gib=args.kv_cache_gib,
+            enable_prefix_caching=not args.no_prefix_caching,
+            prefix_cache_blocks=None if args.prefix_cache_blocks < 0 else args.prefix_cache_blocks,
+            prefix_cache_salt=args.prefix_cache_salt,
             kv_split_layer=args.kv_split_layer,
             kv_lower_blocks_ratio=args.kv_lower_blocks_ratio,
             num_threads=args.threads,

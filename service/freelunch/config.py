@@ -13,6 +13,7 @@ class EngineConfig:
     model: str | None = None  # folder or .gguf; None = the embedded default model
     served_model_name: str | None = None
     dtype: str = "auto"
+    quantization: str = "none"  # weight-only: none, int8, int4, gguf (models/quantization.py)
     device: str = "cpu"
     max_model_len: int | None = None  # None = the model's max_position_embeddings (capped at 8192)
     max_num_seqs: int = 64  # batch rows at once
@@ -24,6 +25,12 @@ class EngineConfig:
     long_prefill_token_threshold: int = 256
     block_size: int = 16
     kv_cache_gib: float = 2.0
+    # automatic prefix caching (engine/block_manager.py): full blocks of committed tokens are kept,
+    # content-addressed, for later requests; at most `prefix_cache_blocks` unheld ones (None: any
+    # free block); `prefix_cache_salt` "per-key" keys them by API key (no sharing across tenants)
+    enable_prefix_caching: bool = True
+    prefix_cache_blocks: int | None = None
+    prefix_cache_salt: str = "per-key"
     # Split the KV cache at this decoder layer into two block pools, so that requests pruned by
     # FastV at that layer (or below) hold fewer blocks above it. -1 = FastV's default layer for
     # a model that takes images, no split otherwise; 0 = no split.
@@ -43,6 +50,10 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, not {self.dtype!r}")
+        if self.quantization not in ("none", "int8", "int4", "gguf"):
+            raise ValueError(f"quantization must be none, int8, int4 or gguf, not {self.quantization!r}")
+        if self.quantization != "none" and self.engine != "native":
+            raise ValueError("--quantization applies to the native engine (vLLM quantises through its own checkpoints)")
         if self.max_model_len is not None and self.max_model_len < 16:
             raise ValueError("max_model_len must be at least 16")
         if self.max_num_seqs < 1 or self.max_num_batched_tokens < 16 or self.block_size < 1:
@@ -51,6 +62,10 @@ class EngineConfig:
             raise ValueError(f"scheduling_policy must be fair or fifo, not {self.scheduling_policy!r}")
         if not self.max_step_cost >= 1:
             raise ValueError("max_step_cost must be at least 1")
+        if self.prefix_cache_salt not in ("per-key", "shared"):
+            raise ValueError(f"prefix_cache_salt must be per-key or shared, not {self.prefix_cache_salt!r}")
+        if self.prefix_cache_blocks is not None and self.prefix_cache_blocks < 0:
+            raise ValueError("prefix_cache_blocks must be >= 0")
         if self.long_prefill_token_threshold < 1:
             raise ValueError("long_prefill_token_threshold must be positive")
         if self.engine not in ("native", "vllm"):

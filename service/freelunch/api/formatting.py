@@ -23,6 +23,7 @@ class ChoiceState:
     prompt_logprobs: list[TokenLogprob | None] | None = None
     finish_reason: str | None = None
     output_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens served from the prefix cache
     method_stats: dict[str, Any] | None = None
     first_token_at: float | None = None
 
@@ -32,12 +33,13 @@ def envelope(rid: str, obj: str, created: int, model: str, choices: list[dict], 
     return {"id": rid, "object": obj, "created": created, "model": model, "choices": choices, **extra}
 
 
-def usage(choices: list[ChoiceState], prompt_tokens: int) -> dict:
+def usage(choices: list[ChoiceState], prompt_tokens: int, cached_tokens: int) -> dict:
     completion = sum(c.output_tokens for c in choices)
     out: dict[str, Any] = {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion,
         "total_tokens": prompt_tokens + completion,
+        "prompt_tokens_details": {"cached_tokens": cached_tokens},
     }
     # counts add up over choices; means are averaged
     stats: dict[str, dict[str, Any]] = {}
@@ -124,7 +126,12 @@ class ChatShapes:
                     "finish_reason": self._finish(c.finish_reason, bool(calls)),
                 }
             )
-        return envelope(self.rid, "chat.completion", self.created, self.model, out, usage=usage(choices, self.call.prompt_tokens))
+        return envelope(self.rid, "chat.completion", self.created, self.model, out, usage=self.usage(choices))
+
+    def usage(self, choices: list[ChoiceState]) -> dict:
+        # the prompt counts once for all `n` choices: so does its use of the cache (the first
+        # choice's; the others reuse the blocks it computed)
+        return usage(choices, self.call.prompt_tokens, choices[0].cached_tokens if choices else 0)
 
     def chunk(self, choices: list[dict[str, Any]], usage_now: dict | None = None) -> dict:
         extra = {"usage": usage_now} if self.include_usage else {}
@@ -151,7 +158,7 @@ class ChatShapes:
         return chunks
 
     def usage_chunk(self, choices: list[ChoiceState]) -> dict:
-        return self.chunk([], usage(choices, self.call.prompt_tokens))
+        return self.chunk([], self.usage(choices))
 
 
 class CompletionShapes:
@@ -201,8 +208,11 @@ class CompletionShapes:
                 }
                 for c in choices
             ],
-            usage=usage(choices, self.call.prompt_tokens),
+            usage=self.usage(choices),
         )
+
+    def usage(self, choices: list[ChoiceState]) -> dict:
+        return usage(choices, self.call.prompt_tokens, sum(c.cached_tokens for c in choices))
 
     def chunk(self, choices: list[dict], usage_now: dict | None = None) -> dict:
         extra = {"usage": usage_now} if self.include_usage else {}
@@ -226,4 +236,4 @@ class CompletionShapes:
         return [self.chunk([choice])]
 
     def usage_chunk(self, choices: list[ChoiceState]) -> dict:
-        return self.chunk([], usage(choices, self.call.prompt_tokens))
+        return self.chunk([], self.usage(choices))

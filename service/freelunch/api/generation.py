@@ -133,6 +133,7 @@ class GenerationRunner:
         if out.prompt_logprobs is not None:
             choice.prompt_logprobs = out.prompt_logprobs
         choice.output_tokens = out.num_output_tokens
+        choice.cached_tokens = max(choice.cached_tokens, out.num_cached_tokens)
         if out.finished:
             # "abort" and "error" say so: a cut or failed choice is never passed off as `length`
             choice.finish_reason = out.finish_reason if out.finish_reason in FINISH_REASONS else "error"
@@ -145,6 +146,7 @@ class GenerationRunner:
                 ttft,
                 time.monotonic() - started,
                 out.method_stats,
+                choice.cached_tokens,
             )
 
     def _choices(self, call: Call) -> list[ChoiceState]:

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from typing import Callable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client.core import CounterMetricFamily
+
+from freelunch.cpu_features import cpu_features, cpu_name, isa_level
 
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 _TOKEN_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5)
@@ -15,6 +18,9 @@ class Metrics:
         """`stats()` returns an object with running, waiting and kv_usage (the pool's)."""
         self.registry = CollectorRegistry()
         r = self.registry
+        Info("freelunch_cpu", "The CPU, its widest instruction-set level and its features", registry=r).info(
+            {"model": cpu_name(), "isa": isa_level(), "features": " ".join(cpu_features())}
+        )
         Gauge("freelunch_workers_alive", "Engine workers serving requests", registry=r).set_function(workers_alive)
         Gauge("freelunch_requests_running", "Requests in the running batch", registry=r).set_function(
             lambda: stats().running
@@ -24,6 +30,16 @@ class Metrics:
         )
         Gauge("freelunch_kv_cache_usage_ratio", "Fraction of KV-cache blocks in use", registry=r).set_function(
             lambda: stats().kv_usage
+        )
+        Gauge("freelunch_prefix_cache_blocks", "KV blocks named in the prefix cache", registry=r).set_function(
+            lambda: stats().prefix_cache_blocks
+        )
+        r.register(_EvictionCollector(stats))
+        self.prefix_cache_queries = Counter(
+            "freelunch_prefix_cache_queries", "Prompt tokens looked up in the prefix cache", registry=r
+        )
+        self.prefix_cache_hits = Counter(
+            "freelunch_prefix_cache_hits", "Prompt tokens found in the prefix cache (not computed)", registry=r
         )
         self.request_success = Counter(
             "freelunch_request_success", "Finished requests by finish reason", ["finished_reason"], registry=r
@@ -84,9 +100,12 @@ class Metrics:
         ttft: float | None,
         e2e: float,
         method_stats: dict | None = None,
+        cached_tokens: int = 0,
     ) -> None:
         self.request_success.labels(finished_reason=finish_reason).inc()
         self.prompt_tokens.inc(prompt_tokens)
+        self.prefix_cache_queries.inc(prompt_tokens)
+        self.prefix_cache_hits.inc(cached_tokens)
         self.generation_tokens.inc(output_tokens)
         if ttft is not None:
             self.ttft.observe(ttft)
@@ -106,3 +125,15 @@ class Metrics:
         if pruning:
             pruned = pruning.get("image_tokens", 0) - pruning.get("kept_image_tokens", 0)
             self.pruned_image_tokens.labels(method=pruning.get("method", "")).inc(pruned)
+
+
+class _EvictionCollector:
+    """The workers' eviction totals, as a counter (each worker counts since it started)."""
+
+    def __init__(self, stats: Callable[[], object]) -> None:
+        self.stats = stats
+
+    def collect(self):
+        yield CounterMetricFamily(
+            "freelunch_prefix_cache_evictions", "Cached KV blocks whose memory went to other requests", value=self.stats().prefix_cache_evictions
+        )

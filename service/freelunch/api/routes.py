@@ -9,7 +9,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from freelunch.api.deps import Services, get_services
 from freelunch.api.errors import APIError
-from freelunch.api.formatting import ChatShapes, CompletionShapes, usage
+from freelunch.api.formatting import ChatShapes, CompletionShapes
 from freelunch.api.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, new_id, now, with_methods
 from freelunch.methods.spec import MethodSpec
 
@@ -70,7 +70,7 @@ def build_router(specs: dict[str, MethodSpec]) -> APIRouter:
         shapes = ChatShapes(api.formatter, call, rid, now(), model, body.logprobs, include_usage, tools)
         if not body.stream:
             return JSONResponse(shapes.response(await api.runner.collect(call, raw)), headers=call.headers)
-        return await api.runner.sse(call, shapes, include_usage, (lambda cs: usage(cs, call.prompt_tokens)) if continuous else None)
+        return await api.runner.sse(call, shapes, include_usage, shapes.usage if continuous else None)
 
     @router.post("/v1/completions", response_model=None)
     async def completions(body: CompletionBody, raw: Request, api: ServicesDep) -> Response:  # type: ignore[valid-type]
@@ -94,6 +94,6 @@ def build_router(specs: dict[str, MethodSpec]) -> APIRouter:
         shapes = CompletionShapes(api.formatter, call, rid, now(), model, body.n, body.logprobs, texts, include_usage)
         if not body.stream:
             return JSONResponse(shapes.response(await api.runner.collect(call, raw)), headers=call.headers)
-        return await api.runner.sse(call, shapes, include_usage, (lambda cs: usage(cs, call.prompt_tokens)) if continuous else None)
+        return await api.runner.sse(call, shapes, include_usage, shapes.usage if continuous else None)
 
     return router

@@ -53,6 +53,7 @@ class _Tracked:
     base: int = 0  # output tokens decoded before the current vLLM request started (its prompt has them)
     guided: _Guided | None = None
     scoring_only: bool = False  # max_tokens 0: vLLM decodes one token, which is dropped
+    cached_tokens: int | None = None  # prompt tokens vLLM's prefix cache served (its first start)
 
     @property
     def vllm_ids(self) -> list[str]:
@@ -104,11 +105,14 @@ class VllmEngine:
             max_num_batched_tokens=max(config.max_num_batched_tokens, self.max_model_len),
             enable_chunked_prefill=False,
             enforce_eager=True,
+            # vLLM's own automatic prefix caching, salted per API key as ours (config.py)
+            enable_prefix_caching=config.enable_prefix_caching,
             logits_processors=[PairedGuidance],
             seed=0,
             disable_log_stats=True,
         )
         self.llm = LLMEngine.from_engine_args(args)
+        self.salted = config.prefix_cache_salt == "per-key"
         self.requests: dict[str, _Tracked] = {}  # our request id -> state
         self._by_vllm_id: dict[str, str] = {}  # vLLM request id -> our request id
         self._finished: list[RequestOutput] = []  # aborts and failures, reported at the next step
@@ -127,6 +131,11 @@ class VllmEngine:
     def kv_usage(self) -> float:
         manager = getattr(self._scheduler(), "kv_cache_manager", None)
         return float(getattr(manager, "usage", 0.0) or 0.0)
+
+    # vLLM keeps these in its own stats loggers, not on the engine: reported as 0 (its usage field
+    # and our prefix-cache query and hit counters, which the API counts, do cover it)
+    prefix_cache_blocks = 0
+    prefix_cache_evictions = 0
 
     def has_work(self) -> bool:
         return bool(self.requests) or bool(self._finished)
@@ -239,13 +248,19 @@ class VllmEngine:
             uncond_id = tracked.vllm_ids[1]
             self._by_vllm_id[uncond_id] = request.request_id
             # the unconditional branch first: both are admitted in the same scheduler pass
-            self.llm.add_request(uncond_id, TokensPrompt(prompt_token_ids=g.uncond_prompt + done), uncond)
+            self.llm.add_request(uncond_id, self._prompt(TokensPrompt, g.uncond_prompt + done, request), uncond)
         self._by_vllm_id[tracked.vllm_id] = request.request_id
         try:
-            self.llm.add_request(tracked.vllm_id, TokensPrompt(prompt_token_ids=request.prompt_token_ids + done), params)
+            self.llm.add_request(tracked.vllm_id, self._prompt(TokensPrompt, request.prompt_token_ids + done, request), params)
         except ValueError as e:  # vLLM's own parameter validation
             self._drop(tracked)
             raise EngineError(str(e)) from e
+
+    def _prompt(self, prompt_type: Any, token_ids: list[int], request: GenerationRequest) -> Any:
+        prompt = prompt_type(prompt_token_ids=token_ids)
+        if self.salted and request.tenant is not None:
+            prompt["cache_salt"] = request.tenant  # vLLM's per-request salt of its block hashes
+        return prompt
 
     def _sampling_params(self, p: SamplingParams, done: int) -> Any:
         """vLLM's parameters for the rest of a request, `done` tokens in (a scoring-only request,
@@ -292,6 +307,8 @@ class VllmEngine:
         text = completion.text
         logprobs = completion.logprobs
         finished = vout.finished
+        if tracked.cached_tokens is None and getattr(vout, "num_cached_tokens", None) is not None:
+            tracked.cached_tokens = int(vout.num_cached_tokens)
         prompt_logprobs = None
         if vout.prompt_logprobs is not None and tracked.request.params.prompt_logprobs is not None:
             prompt_logprobs = [
@@ -380,6 +397,7 @@ class VllmEngine:
             prompt_logprobs=prompt_logprobs,
             num_prompt_tokens=len(tracked.request.prompt_token_ids),
             num_output_tokens=len(tracked.output_ids),
+            num_cached_tokens=min(tracked.cached_tokens or 0, len(tracked.request.prompt_token_ids)),
             method_stats=stats,
             error=error,
         )

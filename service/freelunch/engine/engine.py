@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import random
 import time
 from collections.abc import Callable
@@ -89,11 +90,12 @@ def _kv_blocks(
         raise ValueError(f"kv_split_layer must be below the model's {num_layers} layers")
     block_layer_bytes = KVCache.bytes_per_token(1, num_kv_heads, head_dim, dtype) * config.block_size
     budget = int(config.kv_cache_gib * (1 << 30))
+    cached = config.prefix_cache_blocks if config.enable_prefix_caching else 0
     if split <= 0:
-        return BlockManager(max(1, budget // (block_layer_bytes * num_layers)), config.block_size)
+        return BlockManager(max(1, budget // (block_layer_bytes * num_layers)), config.block_size, cache_blocks=cached)
     ratio = config.kv_lower_blocks_ratio
     upper = max(1, int(budget / (block_layer_bytes * (ratio * split + num_layers - split))))
-    return BlockManager(max(1, int(upper * ratio)), config.block_size, upper, (split, num_layers))
+    return BlockManager(max(1, int(upper * ratio)), config.block_size, upper, (split, num_layers), cached)
 
 
 class Engine:
@@ -150,6 +152,7 @@ class Engine:
         except ValueError as e:
             raise EngineError(str(e), getattr(e, "param", None)) from e
         self._place_images(request, strategy)
+        self._name_prefixes(request, strategy)
         constraint = self._constraint(request)
         strategy.constraint = constraint  # a strategy that selects tokens itself (drafts) applies it too
         if not self._fits_in_cache(strategy):
@@ -222,6 +225,23 @@ class Engine:
         main.token_ids, main.num_prompt = ids, len(ids)
         main.input_embeds = InputEmbeds(torch.tensor(offsets), torch.cat(features))
 
+    def _name_prefixes(self, request: GenerationRequest, strategy: DecodingStrategy) -> None:
+        """Each row's prefix-cache key: what besides its tokens changes its KV (the tenant's salt,
+        its images, its routing). A request that asks for prompt logprobs computes its whole prompt
+        (a cached prefix has no logits) and shares nothing."""
+        if not self.blocks.caching or request.params.prompt_logprobs is not None:
+            return
+        salt = request.tenant if self.config.prefix_cache_salt == "per-key" else None
+        for seq in strategy.rows:
+            extras = strategy.cache_extras(seq)
+            if extras is None:
+                continue
+            key = hashlib.blake2b(repr((salt, sorted(extras.items()))).encode(), digest_size=16)
+            if seq.input_embeds is not None:
+                key.update(seq.input_embeds.offsets.numpy().tobytes())
+                key.update(seq.input_embeds.values.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+            seq.cache_key = key.digest()
+
     def abort(self, request_id: str) -> bool:
         state = self.requests.get(request_id)
         if state is None:
@@ -252,6 +272,14 @@ class Engine:
     @property
     def kv_usage(self) -> float:
         return self.blocks.usage
+
+    @property
+    def prefix_cache_blocks(self) -> int:
+        return self.blocks.cached_blocks
+
+    @property
+    def prefix_cache_evictions(self) -> int:
+        return self.blocks.cache_stats.evictions
 
     @property
     def num_running(self) -> int:
@@ -313,6 +341,8 @@ class Engine:
                 self._accept(state, tok)
                 if state.finish_reason is not None:
                     break
+        for plan in batch.plans:  # name the blocks the step filled with committed tokens
+            self.blocks.register_committed(plan.seq)
         for state in batch.requests:
             finished = state.finish_reason is not None
             if state.new_tokens or finished:
@@ -378,6 +408,7 @@ class Engine:
             logprobs=state.new_logprobs if state.request.params.logprobs is not None else None,
             num_prompt_tokens=state.main.num_prompt,
             num_output_tokens=state.num_output_tokens,
+            num_cached_tokens=min(state.main.num_cached or 0, state.main.num_prompt),
             method_stats=self._method_stats(state) if finished else None,
         )
         if state.prompt_logprobs is not None and not state.pending_prompt_logprobs:

@@ -117,6 +117,13 @@ class Sequence:
     upper_packed: bool = False
     upper_reserved: int = 0  # packed upper entries held for a prune not yet run (its kept count)
     input_embeds: InputEmbeds | None = None
+    # prefix caching (block_manager.py): what besides its tokens changes this row's KV (None: never
+    # cached), the names of its full blocks, how many are registered, and the tokens found cached
+    cache_key: bytes | None = None
+    block_keys: list[bytes] = field(default_factory=list)
+    hashed_blocks: int = 0
+    num_cached: int | None = None  # tokens found cached when the row first started
+    prefix_wait: bool = False  # another row is computing this row's first block: wait, then reuse it
 
     @property
     def num_tokens(self) -> int:
@@ -132,7 +139,7 @@ class Sequence:
 
     def reset_cache_state(self) -> None:
         """After preemption: everything must be recomputed."""
-        self.num_computed = 0
+        self.num_computed = self.hashed_blocks = 0
         self.block_table, self.upper_table = [], []
         self.pruned_from = self.pruned_kept = None
         self.pruned_base, self.upper_packed, self.upper_reserved = 0, False, 0
@@ -217,5 +224,6 @@ class RequestOutput:
     prompt_logprobs: list[TokenLogprob | None] | None = None
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0
+    num_cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
     method_stats: dict[str, Any] | None = None
     error: str | None = None  # the engine gave up on the request: the worker fails it with this message

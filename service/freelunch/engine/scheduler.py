@@ -14,6 +14,12 @@ Fairness (policy "fair", the default), so that a heavy request cannot starve lig
 - waiting requests are admitted tenant by tenant: the next is the oldest of the tenant (API key)
   with the fewest requests running, FIFO within a tenant.
 Policy "fifo" is the plain order: admission order, whole budget, FIFO admission.
+
+Prefix caching: a row that starts from nothing first takes the longest cached chain of its
+blocks (block_manager.py). A row whose first missing block another row is computing right now
+(the other choices of `n` > 1, guidance's rows sharing a system prompt, a burst of requests with
+one few-shot prefix) waits until that row has computed it and then takes it, instead of computing
+the same prefix beside it.
 """
 
 from __future__ import annotations
@@ -100,6 +106,37 @@ class Scheduler:
         self.waiting.appendleft(req)
         self.num_preemptions += 1
 
+    def _computing(self) -> dict[bytes, object]:
+        """The names of the blocks rows are computing now -> the row."""
+        computing: dict[bytes, object] = {}
+        for req in self.running:
+            for seq in req.strategy.rows:
+                if seq.num_computed > 0 and seq.pending > 1:
+                    for key in self.blocks.computing(seq):
+                        computing.setdefault(key, seq)
+        return computing
+
+    def _attach(self, req: Schedulable, computing: dict[bytes, object]) -> None:
+        """The rows of `req` that start from nothing take their cached prefix, or wait while
+        another row computes the first block they miss (and then take it too)."""
+        for seq in req.strategy.rows:
+            if seq.num_computed or seq.block_table:
+                continue
+            missing = self.blocks.first_missing(seq)
+            seq.prefix_wait = missing is not None and computing.get(missing, seq) is not seq
+            if seq.prefix_wait:
+                continue
+            self.blocks.attach_prefix(seq)
+            for key in self.blocks.computing(seq):
+                computing.setdefault(key, seq)
+
+    def _detach(self, req: Schedulable) -> None:
+        """Undo `_attach` for a request that is not admitted after all."""
+        for seq in req.strategy.rows:
+            self.blocks.free(seq)
+            seq.reset_cache_state()
+            seq.num_cached = None
+
     def _in_turn(self) -> list:
         """The running requests in this step's order. Fair: the decoding ones first, in an order
         that rotates every step, then the prefilling ones, the fewest prompt tokens left first
@@ -138,11 +175,14 @@ class Scheduler:
         preempted = 0
         # while requests decode, prompts share `prefill_chunk` tokens a step (fair policy)
         prefill_left = self.prefill_chunk if self.fair and any(not _prefilling(r) for r in self.running) else None
+        computing = self._computing() if self.blocks.caching else {}
         for req in self._in_turn():
             if req not in self.running:  # preempted by an earlier request of this loop
                 continue
             if budget <= 0:
                 break
+            if self.blocks.caching:
+                self._attach(req, computing)
             req_plans = self._plan(req, budget, prefill_left)
             if not req_plans:
                 continue
@@ -167,12 +207,15 @@ class Scheduler:
             req = self._next_waiting()
             if rows + len(req.strategy.rows) > self.max_num_seqs:
                 break
+            if self.blocks.caching:
+                self._attach(req, computing)
             # admit only if the whole prompt (plus the first decode step) of every row fits
             whole = sum(
                 (self.blocks.need(seq, seq.num_tokens + req.strategy.tokens_needed()) for seq in req.strategy.rows),
                 BlockNeed(),
             )
             if not self.blocks.has_room(whole):
+                self._detach(req)
                 break
             req_plans = self._plan(req, budget, prefill_left)
             self.waiting.remove(req)

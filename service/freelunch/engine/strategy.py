@@ -112,6 +112,8 @@ class DecodingStrategy:
         return plans
 
     def plain_plan(self, seq: Sequence, token_budget: int) -> RowPlan | None:
+        if seq.prefix_wait:  # another row is computing its prefix (scheduler.py)
+            return None
         n = min(seq.pending, token_budget)
         if n <= 0:
             return None
@@ -133,6 +135,11 @@ class DecodingStrategy:
     def tokens_needed(self) -> int:
         """KV slots to reserve per row at admission beyond the prompt (drafts need more)."""
         return 1
+
+    def cache_extras(self, seq: Sequence) -> dict[str, Any] | None:
+        """What besides its tokens (and images) changes `seq`'s KV, for the prefix cache's key: the
+        row's model inputs (a routing override). None: the row's KV is its own (never cached)."""
+        return {}
 
     # ---- results -------------------------------------------------------------------------
     def on_logits(self, logits: dict[int, torch.Tensor], ctx: StepContext) -> torch.Tensor | list[Sampled] | None:

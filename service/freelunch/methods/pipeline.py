@@ -78,6 +78,11 @@ class Stage:
     def attach(self, pipeline: Pipeline) -> None:
         """Called once the request's rows exist (a check or choice that depends on them)."""
 
+    def caches(self, pipeline: Pipeline, seq: Sequence) -> bool:
+        """Whether `seq`'s KV, given its tokens, images and extras, may be shared through the
+        prefix cache (False: the stage makes it the request's own)."""
+        return True
+
     # accounting
     def tokens_needed(self) -> int:
         return 1
@@ -176,6 +181,11 @@ class Pipeline(DecodingStrategy):
 
     def tokens_needed(self) -> int:
         return max((s.tokens_needed() for s in self.stages), default=1)
+
+    def cache_extras(self, seq: Sequence) -> dict[str, Any] | None:
+        if not all(stage.caches(self, seq) for stage in self.stages):
+            return None
+        return self._extras(seq)
 
     # ---- results ------------------------------------------------------------------------------------
     def on_logits(self, logits: dict[int, torch.Tensor], ctx: StepContext) -> torch.Tensor | list[Sampled] | None:

@@ -164,6 +164,11 @@ class FastV(VisualPruning):
             main.reserve_packed(kept, len(plan.tokens))
         return [plan]
 
+    def caches(self, pipeline: Pipeline, seq: Sequence) -> bool:
+        # the prune is chosen from the whole prompt's attention in one forward: a pruned row
+        # computes its prompt itself (a cached prefix has no attention to choose from)
+        return seq is not self.main or self.options.keep == 1 or self._image_offsets().numel() == 0
+
     def _select(self, attention: torch.Tensor) -> torch.Tensor:
         """The last prompt token's attention over the prompt [n] -> offsets to keep (FastV's top-k)."""
         image = self._image_offsets().to(attention.device)

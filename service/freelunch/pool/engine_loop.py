@@ -23,6 +23,8 @@ class WorkerStats:
     running: int = 0
     waiting: int = 0
     kv_usage: float = 0.0
+    prefix_cache_blocks: int = 0  # blocks named in the prefix cache
+    prefix_cache_evictions: int = 0  # cached blocks whose memory went to other rows, since start
 
 
 class Sink(Protocol):
@@ -45,6 +47,8 @@ class EngineBackend(Protocol):
     num_running: int
     num_waiting: int
     kv_usage: float
+    prefix_cache_blocks: int
+    prefix_cache_evictions: int
 
     def add_request(self, request: GenerationRequest) -> None: ...
 
@@ -85,7 +89,7 @@ class EngineLoop:
 
     def stats(self) -> WorkerStats:
         e = self.engine
-        return WorkerStats(e.num_running, e.num_waiting, e.kv_usage)
+        return WorkerStats(e.num_running, e.num_waiting, e.kv_usage, e.prefix_cache_blocks, e.prefix_cache_evictions)
 
     def _post(self, kind: str, item: GenerationRequest | str) -> None:
         with self._lock:

@@ -88,7 +88,13 @@ class WorkerPool:
         running, waiting = sum(p.running for p in parts), sum(p.waiting for p in parts)
         # admitted choices no engine knows of yet (in the pipe, or between steps) wait too
         queued = max(0, self.in_flight - running - waiting)
-        return WorkerStats(running, waiting + queued, sum(p.kv_usage for p in parts) / len(parts))
+        return WorkerStats(
+            running,
+            waiting + queued,
+            sum(p.kv_usage for p in parts) / len(parts),
+            sum(p.prefix_cache_blocks for p in parts),
+            sum(p.prefix_cache_evictions for p in parts),
+        )
 
     def worker_states(self) -> list[WorkerState]:
         return [WorkerState(w.name, w.alive, w.load_score, w.restarts) for w in self.workers]
