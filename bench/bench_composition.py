@@ -16,22 +16,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import time
 from pathlib import Path
 
 import torch
+from host import machine  # bench/host.py
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main() -> None:
@@ -59,7 +51,7 @@ def main() -> None:
     }
     result: dict = {
         "command": "python bench/bench_composition.py" + (f" --max-tokens {args.max_tokens}" if args.max_tokens != 128 else ""),
-        "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")},
+        "machine": {**machine(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")},
         "methods": {},
     }
     for name, (model, methods) in setups.items():

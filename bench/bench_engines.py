@@ -1,6 +1,13 @@
 """vLLM (CPU build) vs our native engine vs transformers `generate`, on the default model.
 
-    python bench/bench_engines.py [--max-tokens 128] [--concurrency 16] [--backends native,vllm,hf,native-tr]
+    python bench/bench_engines.py [--max-tokens 128] [--concurrency 16] [--backends native,vllm,hf,native-tr] [--rounds 1]
+
+Backends: `native` (float32), `native-bf16`, `native-int8`, `native-int4`, `native-gguf`
+(--quantization; gguf: the Q4_1 file's own numbers in int4 kernels), `native-tr`, `hf`,
+`hf-bf16`, `vllm`, `vllm-mp`. With --rounds R, the backends run R times in turn (interleaved) and
+each figure is the median. Also measured: the machine's memory bandwidth (a large copy) and, per
+native backend, the weight bytes a decode step reads, hence the fraction of the bandwidth that
+single-stream decoding reaches.
 
 Each backend runs in its own subprocess, one after another (vLLM changes process-wide torch
 threading, and two heavy processes on 2 cores would slow each other 10-35x): the same chat
@@ -19,11 +26,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
+import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from host import machine  # bench/host.py
 
 CHATS = [
     "Give me three tips for learning a new language.",
@@ -61,13 +70,37 @@ def run_engine(engine, requests) -> tuple[float, int, float]:
     return time.perf_counter() - start, total, first or 0.0
 
 
+VARIANTS = {"bf16": ("bfloat16", "none"), "int8": (None, "int8"), "int4": (None, "int4"), "gguf": (None, "gguf")}
+
+
+def weight_bytes(model) -> int:
+    """Bytes one decode step reads in weights: every tensor of every layer but the embedding table
+    (one row of it is read; a tied output layer reads all of it and counts as such) and the RoPE
+    tables. Packed and quantised layers keep their weights in plain tensor attributes."""
+    import torch
+    from torch import nn
+
+    seen, total = set(), 0
+    for module in model.modules():
+        if isinstance(module, nn.Embedding):
+            continue
+        tensors = {**module._parameters, **module._buffers, **{k: v for k, v in vars(module).items() if isinstance(v, torch.Tensor)}}
+        for name, t in tensors.items():
+            if t is None or t.data_ptr() in seen or name in ("cos", "sin", "inv_freq") or name.startswith("_"):
+                continue
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total
+
+
 def measure_engine(backend: str, args) -> dict:
     from freelunch.config import EngineConfig
     from freelunch.engine.request import GenerationRequest, SamplingParams
 
+    dtype, quantization = VARIANTS.get(backend.split("-", 1)[-1], (None, "none"))
     config = EngineConfig(
-        dtype=args.dtype, max_model_len=2048, max_num_seqs=max(16, args.concurrency), kv_cache_gib=1.0,
-        engine="vllm" if backend.startswith("vllm") else "native",
+        dtype=dtype or args.dtype, quantization=quantization, max_model_len=2048, max_num_seqs=max(16, args.concurrency),
+        kv_cache_gib=1.0, engine="vllm" if backend.startswith("vllm") else "native",
     )  # fmt: skip
     t0 = time.perf_counter()
     if backend.startswith("vllm"):
@@ -92,6 +125,8 @@ def measure_engine(backend: str, args) -> dict:
         single_s, single_tok = single_s + s, single_tok + n
         ttft.append(first)
     result = {"startup_s": startup, "single_tok_s": single_tok / single_s, "ttft_s": sorted(ttft)[len(ttft) // 2]}
+    if not backend.startswith("vllm"):
+        result["weight_bytes_per_step"] = weight_bytes(engine.model)
     if backend != "native-tr":
         s, n, _ = run_engine(engine, [GenerationRequest(f"c{i}", p, params()) for i, p in enumerate(ids[: args.concurrency])])
         result["concurrent_tok_s"] = n / s
@@ -148,7 +183,7 @@ def measure_hf(args) -> dict:
 
     t0 = time.perf_counter()
     folder = gguf_to_folder(default_model_path())
-    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.bfloat16 if args.child == "hf-bf16" else torch.float32).eval()
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(folder))
@@ -183,42 +218,61 @@ def main() -> None:
     ap.add_argument("--single", type=int, default=3, help="single-stream requests (run one after another)")
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "engines.json"))
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:  # one backend, in this subprocess: print its JSON
-        measure = {"hf": measure_hf, "vllm-mp": measure_vllm_mp}.get(args.child)
+        measure = {"hf": measure_hf, "hf-bf16": measure_hf, "vllm-mp": measure_vllm_mp}.get(args.child)
         result = measure(args) if measure else measure_engine(args.child, args)
         print("RESULT " + json.dumps(result), flush=True)
         return
-    results: dict[str, dict] = {}
-    for backend in args.backends.split(","):
-        cmd = [sys.executable, __file__, "--child", backend, "--max-tokens", str(args.max_tokens), "--single", str(args.single),
-               "--concurrency", str(args.concurrency), "--dtype", args.dtype]  # fmt: skip
-        print(f"... {backend}", file=sys.stderr, flush=True)
-        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-        line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
-        if line is None:
-            print(proc.stderr[-3000:], file=sys.stderr)
-            results[backend] = {"error": f"exit {proc.returncode}"}
-            continue
-        results[backend] = json.loads(line[7:])
-    ref = results.get("hf", {})
-    print(f"\nSmolLM2-135M-Instruct, {args.dtype}, {args.max_tokens} tokens per request, {os.cpu_count()} cores\n")
-    print("| backend | start-up s | single-stream tok/s | vs HF | TTFT ms | %d concurrent tok/s | vs HF |" % args.concurrency)
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    runs: dict[str, list[dict]] = {}
+    for round_ in range(args.rounds):  # interleaved: every backend once per round
+        for backend in args.backends.split(","):
+            cmd = [sys.executable, __file__, "--child", backend, "--max-tokens", str(args.max_tokens), "--single", str(args.single),
+                   "--concurrency", str(args.concurrency), "--dtype", args.dtype]  # fmt: skip
+            print(f"... round {round_ + 1}: {backend}", file=sys.stderr, flush=True)
+            proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+            line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+            if line is None:
+                print(proc.stderr[-3000:], file=sys.stderr)
+                continue
+            runs.setdefault(backend, []).append(json.loads(line[7:]))
+    results = {name: {k: statistics.median(r[k] for r in rs) for k in rs[0]} | {"rounds": len(rs)} for name, rs in runs.items()}
+    bandwidth = memory_bandwidth()
+    for r in results.values():
+        if "weight_bytes_per_step" in r:
+            r["bandwidth_fraction"] = r["single_tok_s"] * r["weight_bytes_per_step"] / bandwidth
+    ref = max((results[h] for h in ("hf", "hf-bf16") if h in results), key=lambda r: r["single_tok_s"], default={})
+    host = machine()
+    print(f"\nSmolLM2-135M-Instruct, {args.max_tokens} tokens per request, {host['cpu']} ({host['isa']}: {' '.join(host['features'])}), "
+          f"{host['cores']} cores, memory bandwidth {bandwidth / 1e9:.1f} GB/s, medians of {args.rounds} round(s)\n")  # fmt: skip
+    print("| backend | start-up s | single-stream tok/s | vs HF (faster dtype) | of bandwidth | TTFT ms | %d concurrent tok/s | vs HF |" % args.concurrency)
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for name, r in results.items():
-        if "error" in r:
-            print(f"| {name} | {r['error']} | | | | | |")
-            continue
         ratio = lambda k: f"{r[k] / ref[k]:.2f}x" if k in r and k in ref else ""  # noqa: E731
         conc = f"{r['concurrent_tok_s']:.1f}" if "concurrent_tok_s" in r else ""
         ttft = f"{1000 * r['ttft_s']:.0f}" if "ttft_s" in r else ""
-        print(f"| {name} | {r['startup_s']:.1f} | {r['single_tok_s']:.1f} | {ratio('single_tok_s')} | {ttft} | {conc} | {ratio('concurrent_tok_s')} |")
+        frac = f"{r['bandwidth_fraction']:.0%}" if "bandwidth_fraction" in r else ""
+        print(f"| {name} | {r['startup_s']:.1f} | {r['single_tok_s']:.1f} | {ratio('single_tok_s')} | {frac} | {ttft} | {conc} | {ratio('concurrent_tok_s')} |")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    meta = {"machine": platform.processor() or platform.machine(), "cores": os.cpu_count(), "args": vars(args)}
-    Path(args.out).write_text(json.dumps({"meta": meta, "results": results}, indent=2))
+    meta = {"machine": host, "memory_bandwidth_bytes_s": bandwidth, "date": time.strftime("%Y-%m-%d"), "args": {k: v for k, v in vars(args).items() if k != "child"}}
+    Path(args.out).write_text(json.dumps({"meta": meta, "results": results, "runs": runs}, indent=2) + "\n")
 
+
+def memory_bandwidth() -> float:
+    """Bytes per second of a large copy (read + write), with all threads, median of 5."""
+    import torch
+
+    src = torch.ones(64 << 20)  # 256 MB: far beyond any cache
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(6):
+        t = time.perf_counter()
+        dst.copy_(src)
+        times.append(time.perf_counter() - t)
+    return 2 * src.numel() * src.element_size() / statistics.median(times[1:])
 
 if __name__ == "__main__":
     main()

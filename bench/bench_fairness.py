@@ -22,7 +22,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -31,6 +30,7 @@ from pathlib import Path
 import httpx
 
 from freelunch.benchmark import PLAIN, Stream, start_server, stop_server, stream_once
+from host import machine  # bench/host.py
 
 LIGHT = [{"role": "user", "content": "Say hello in one short sentence."}]
 LONG_PROMPT = " ".join(f"item {i} is on the list;" for i in range(600))  # ~3,000 tokens
@@ -129,14 +129,6 @@ async def burst(base: str, count: int) -> dict:
     }
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main() -> None:
@@ -150,7 +142,7 @@ def main() -> None:
     configs = {"fair (default)": [], "fifo, no tree bound (before)": ["--scheduling-policy", "fifo", "--max-step-cost", "100"]}
     result: dict = {
         "command": "python bench/bench_fairness.py" + (f" --light {args.light}" if args.light != 24 else ""),
-        "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "date": time.strftime("%Y-%m-%d")},
+        "machine": {**machine(), "date": time.strftime("%Y-%m-%d")},
         "policies": {},
     }
     if args.burst_only:

@@ -17,12 +17,12 @@ import argparse
 import copy
 import json
 import os
-import platform
 import statistics
 import time
 from pathlib import Path
 
 import torch
+from host import machine  # bench/host.py
 
 CHATS = [
     "List three European cities with their countries and populations as JSON.",
@@ -74,14 +74,6 @@ LARGE_SCHEMA = {
 }
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main() -> None:
@@ -131,7 +123,7 @@ def main() -> None:
         return {"tokens_per_s": tokens / seconds, "seconds": time.perf_counter() - start, "outputs": [out[k] for k in sorted(out)],
                 "mean_accepted": statistics.mean(stats) if stats else None}
 
-    result: dict = {"machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")},
+    result: dict = {"machine": {**machine(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")},
                     "command": "python bench/bench_structured.py", "max_tokens": args.max_tokens}
 
     # 1. overhead at batch 1 and 16, interleaved rounds

@@ -8,6 +8,8 @@ order and batch shape: observed differences are ~1e-6).
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from freelunch.config import EngineConfig
@@ -18,6 +20,8 @@ from freelunch.models.loader import load_model, resolve_source
 from tiny_models import build_tiny_model
 
 LOGPROB_ATOL = 1e-4
+# bench/device_check.sh runs this file on a GPU: FREELUNCH_TEST_DEVICE=cuda (transformers stays on CPU)
+DEVICE = os.environ.get("FREELUNCH_TEST_DEVICE", "cpu")
 
 PROMPT_TEXTS = [
     "Hello, my name is",
@@ -37,7 +41,7 @@ class Model:
     def __init__(self, folder, hf) -> None:
         self.folder = folder
         self.hf = hf
-        self.loaded = load_model(resolve_source(str(folder)), "float32")
+        self.loaded = load_model(resolve_source(str(folder)), "float32", DEVICE)
         self.tok = self.loaded.tokenizer
 
     def engine(self, kv_blocks: int | None = None, **config) -> Engine:
@@ -46,7 +50,7 @@ class Model:
             per_token = KVCache.bytes_per_token(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, torch.float32)
             config["kv_cache_gib"] = kv_blocks * config.get("block_size", 16) * per_token / (1 << 30)
         config.setdefault("kv_cache_gib", 0.02)
-        return Engine(self.loaded, EngineConfig(model=str(self.folder), **config))
+        return Engine(self.loaded, EngineConfig(model=str(self.folder), device=DEVICE, **config))
 
     def ids(self, text: str) -> list[int]:
         return self.tok(text)["input_ids"]

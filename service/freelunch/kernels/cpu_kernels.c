@@ -87,6 +87,157 @@ void fl_linear(const float* x, int64_t M, int64_t K, const float* packed, int64_
     }
 }
 
+/* ---- weight-only quantised linears (models/quantization.py) ---------------------------------------
+ * The same panels and row tiles as fl_linear, with weights stored small and widened to float32 in
+ * registers: decoding reads 1/4 (int8) or 1/8 (int4) of the bytes per step.
+ * fl_linear_q8: y = (x @ q^T) * scale[n] (+ bias); q int8, panels [ceil(N/8)][K][8]; scale [ceil(N/8) * 8].
+ * fl_linear_q4: groups of QG inputs, y = sum_g d[n,g] (x_g . q_g[n]) + m[n,g] sum(x_g) (+ bias); q in [0, 15],
+ *   panels [ceil(N/8)][K][4 bytes] (column c: bits 4c..4c+3 of the little-endian word); d and m per
+ *   panel [K/QG][2][8]. Each group's dot product is summed in k order, then folded in. */
+#define QG 32
+#define TILE_ROWS_Q4 6
+#define SCALE(m) a##m = _mm256_mul_ps(a##m, sc);
+#define GACC(m) __m256 g##m = _mm256_setzero_ps();
+#define GFMA(m) g##m = _mm256_fmadd_ps(_mm256_broadcast_ss(x + (m) * K + k), w, g##m);
+#define GFOLD(m) a##m = _mm256_fmadd_ps(d, g##m, _mm256_fmadd_ps(mn, _mm256_broadcast_ss(xs + (m) * groups + gi), a##m));
+
+#define TILE_Q8(MR)                                                                               \
+    static void q8tile##MR(const float* x, int64_t K, const int8_t* p, const float* s, float* y, \
+                           int64_t N, const float* bias, int ncols) {                             \
+        R##MR(ACC)                                                                                \
+        for (int64_t k = 0; k < K; k++) {                                                         \
+            __m256 w = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(p + k * PANEL)))); \
+            if ((k & 7) == 0) _mm_prefetch((const char*)(p + k * PANEL + 4 * PREFETCH_FLOATS), _MM_HINT_T0); \
+            R##MR(FMA)                                                                            \
+        }                                                                                         \
+        __m256 sc = _mm256_loadu_ps(s);                                                           \
+        R##MR(SCALE)                                                                              \
+        R##MR(STORE)                                                                              \
+    }
+TILE_Q8(2) TILE_Q8(3) TILE_Q8(4) TILE_Q8(5) TILE_Q8(6) TILE_Q8(7) TILE_Q8(8) TILE_Q8(9) TILE_Q8(10) TILE_Q8(11) TILE_Q8(12)
+
+/* One row (decoding one sequence): four accumulators over k mod 4, so that the FMAs do not wait on
+ * each other's latency (a single chain of dependent FMAs, not memory, bounds one row otherwise).
+ * K is a multiple of 4 (cpu_kernels.py checks). */
+static inline __m256 widen8(const int8_t* p) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)p)));
+}
+static void q8row(const float* x, int64_t K, const int8_t* p, const float* s, float* y, int64_t N, const float* bias,
+                  int ncols) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    for (int64_t k = 0; k < K; k += 4) {
+        if ((k & 7) == 0) _mm_prefetch((const char*)(p + k * PANEL + 4 * PREFETCH_FLOATS), _MM_HINT_T0);
+        a0 = _mm256_fmadd_ps(_mm256_broadcast_ss(x + k), widen8(p + k * PANEL), a0);
+        a1 = _mm256_fmadd_ps(_mm256_broadcast_ss(x + k + 1), widen8(p + (k + 1) * PANEL), a1);
+        a2 = _mm256_fmadd_ps(_mm256_broadcast_ss(x + k + 2), widen8(p + (k + 2) * PANEL), a2);
+        a3 = _mm256_fmadd_ps(_mm256_broadcast_ss(x + k + 3), widen8(p + (k + 3) * PANEL), a3);
+    }
+    __m256 sc = _mm256_loadu_ps(s);
+    store_row(_mm256_mul_ps(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)), sc), y, bias, ncols);
+}
+
+typedef void (*q8tile_fn)(const float*, int64_t, const int8_t*, const float*, float*, int64_t, const float*, int);
+static const q8tile_fn Q8TILES[TILE_ROWS + 1] = {0, q8row, q8tile2, q8tile3, q8tile4, q8tile5, q8tile6,
+                                                 q8tile7, q8tile8, q8tile9, q8tile10, q8tile11, q8tile12};
+
+void fl_linear_q8(const float* x, int64_t M, int64_t K, const int8_t* packed, const float* scale, int64_t N,
+                  const float* bias, float* y, int threads) {
+    int64_t panels = (N + PANEL - 1) / PANEL;
+#pragma omp parallel num_threads(threads)
+    for (int64_t r0 = 0; r0 < M; r0 += ROW_BLOCK) {
+        int64_t r1 = r0 + ROW_BLOCK < M ? r0 + ROW_BLOCK : M;
+#pragma omp for schedule(static)
+        for (int64_t j = 0; j < panels; j++) {
+            int ncols = N - j * PANEL < PANEL ? (int)(N - j * PANEL) : PANEL;
+            const float* b = bias ? bias + j * PANEL : 0;
+            for (int64_t m0 = r0; m0 < r1; m0 += TILE_ROWS) {
+                int mr = r1 - m0 < TILE_ROWS ? (int)(r1 - m0) : TILE_ROWS;
+                Q8TILES[mr](x + m0 * K, K, packed + j * K * PANEL, scale + j * PANEL, y + m0 * N + j * PANEL, N, b, ncols);
+            }
+        }
+    }
+}
+
+#define TILE_Q4(MR)                                                                               \
+    static void q4tile##MR(const float* x, int64_t K, const uint8_t* p, const float* dm,          \
+                           const float* xs, float* y, int64_t N, const float* bias, int ncols) {  \
+        const __m256i shifts = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);                    \
+        const __m256i low = _mm256_set1_epi32(15);                                                \
+        int64_t groups = K / QG;                                                                  \
+        R##MR(ACC)                                                                                \
+        for (int64_t gi = 0; gi < groups; gi++) {                                                 \
+            R##MR(GACC)                                                                           \
+            for (int64_t k = gi * QG; k < (gi + 1) * QG; k++) {                                   \
+                uint32_t word;                                                                    \
+                memcpy(&word, p + k * 4, 4);                                                      \
+                __m256i q = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32((int)word), shifts), low); \
+                __m256 w = _mm256_cvtepi32_ps(q);                                                 \
+                R##MR(GFMA)                                                                       \
+            }                                                                                     \
+            _mm_prefetch((const char*)(p + (gi + 8) * QG * 4), _MM_HINT_T0);                      \
+            __m256 d = _mm256_loadu_ps(dm + gi * 16), mn = _mm256_loadu_ps(dm + gi * 16 + 8);     \
+            R##MR(GFOLD)                                                                          \
+        }                                                                                         \
+        R##MR(STORE)                                                                              \
+    }
+TILE_Q4(2) TILE_Q4(3) TILE_Q4(4) TILE_Q4(5) TILE_Q4(6)
+
+static inline __m256 nibbles8(const uint8_t* p, __m256i shifts, __m256i low) {
+    uint32_t word;
+    memcpy(&word, p, 4);
+    return _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32((int)word), shifts), low));
+}
+static void q4row(const float* x, int64_t K, const uint8_t* p, const float* dm, const float* xs, float* y, int64_t N,
+                  const float* bias, int ncols) {
+    const __m256i shifts = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28), low = _mm256_set1_epi32(15);
+    __m256 a = _mm256_setzero_ps();
+    for (int64_t gi = 0; gi < K / QG; gi++) {
+        __m256 g0 = _mm256_setzero_ps(), g1 = g0, g2 = g0, g3 = g0;
+        _mm_prefetch((const char*)(p + (gi + 8) * QG * 4), _MM_HINT_T0);
+        for (int64_t k = gi * QG; k < (gi + 1) * QG; k += 4) {
+            g0 = _mm256_fmadd_ps(_mm256_broadcast_ss(x + k), nibbles8(p + k * 4, shifts, low), g0);
+            g1 = _mm256_fmadd_ps(_mm256_broadcast_ss(x + k + 1), nibbles8(p + (k + 1) * 4, shifts, low), g1);
+            g2 = _mm256_fmadd_ps(_mm256_broadcast_ss(x + k + 2), nibbles8(p + (k + 2) * 4, shifts, low), g2);
+            g3 = _mm256_fmadd_ps(_mm256_broadcast_ss(x + k + 3), nibbles8(p + (k + 3) * 4, shifts, low), g3);
+        }
+        __m256 g = _mm256_add_ps(_mm256_add_ps(g0, g1), _mm256_add_ps(g2, g3));
+        __m256 d = _mm256_loadu_ps(dm + gi * 16), mn = _mm256_loadu_ps(dm + gi * 16 + 8);
+        a = _mm256_fmadd_ps(d, g, _mm256_fmadd_ps(mn, _mm256_broadcast_ss(xs + gi), a));
+    }
+    store_row(a, y, bias, ncols);
+}
+
+typedef void (*q4tile_fn)(const float*, int64_t, const uint8_t*, const float*, const float*, float*, int64_t,
+                          const float*, int);
+static const q4tile_fn Q4TILES[TILE_ROWS_Q4 + 1] = {0, q4row, q4tile2, q4tile3, q4tile4, q4tile5, q4tile6};
+
+void fl_linear_q4(const float* x, int64_t M, int64_t K, const uint8_t* packed, const float* dm, int64_t N,
+                  const float* bias, float* y, int threads) {
+    int64_t panels = (N + PANEL - 1) / PANEL, groups = K / QG;
+    float* xs = malloc(sizeof(float) * (M * groups + 1)); /* each row's sum over each group */
+    for (int64_t r = 0; r < M; r++)
+        for (int64_t g = 0; g < groups; g++) {
+            float t = 0.0f;
+            for (int64_t k = g * QG; k < (g + 1) * QG; k++) t += x[r * K + k];
+            xs[r * groups + g] = t;
+        }
+#pragma omp parallel num_threads(threads)
+    for (int64_t r0 = 0; r0 < M; r0 += ROW_BLOCK) {
+        int64_t r1 = r0 + ROW_BLOCK < M ? r0 + ROW_BLOCK : M;
+#pragma omp for schedule(static)
+        for (int64_t j = 0; j < panels; j++) {
+            int ncols = N - j * PANEL < PANEL ? (int)(N - j * PANEL) : PANEL;
+            const float* b = bias ? bias + j * PANEL : 0;
+            for (int64_t m0 = r0; m0 < r1; m0 += TILE_ROWS_Q4) {
+                int mr = r1 - m0 < TILE_ROWS_Q4 ? (int)(r1 - m0) : TILE_ROWS_Q4;
+                Q4TILES[mr](x + m0 * K, K, packed + j * K * 4, dm + j * groups * 16, xs + m0 * groups,
+                            y + m0 * N + j * PANEL, N, b, ncols);
+            }
+        }
+    }
+    free(xs);
+}
+
 /* ---- paged attention for few queries ------------------------------------------------------------
  * out[b, i, h] = softmax_j(scale * q[b, i, h] . K[j]) @ V over the keys j < L of row b that the mask
  * lets query i see, where K[j] = k_cache[kv_index[b, j], h / (H / Hkv)] (grouped-query heads).

