@@ -57,7 +57,8 @@ def main() -> None:
     for name, (model, methods) in setups.items():
         loaded = load_model(resolve_source(model), "float32")
         tok = loaded.tokenizer
-        engine = Engine(loaded, EngineConfig(kv_cache_gib=0.5))
+        # no prefix cache: each chat is decoded twice, and the second run would find its prompt cached
+        engine = Engine(loaded, EngineConfig(kv_cache_gib=0.5, enable_prefix_caching=False))
 
         def encode(conv: list[dict]) -> list[int]:
             ids = tok.apply_chat_template(conv, add_generation_prompt=True)

@@ -27,12 +27,11 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-from host import machine  # bench/host.py
+from host import machine, run_child  # bench/host.py
 
 CHATS = [
     "Give me three tips for learning a new language.",
@@ -85,6 +84,8 @@ def weight_bytes(model) -> int:
         if isinstance(module, nn.Embedding):
             continue
         tensors = {**module._parameters, **module._buffers, **{k: v for k, v in vars(module).items() if isinstance(v, torch.Tensor)}}
+        if getattr(module, "library", None) is not None and hasattr(module, "c_packed"):  # a quantised layer on our kernels
+            tensors = {"c_packed": module.c_packed, "c_scales": module.c_scales, "bias": module.bias}
         for name, t in tensors.items():
             if t is None or t.data_ptr() in seen or name in ("cos", "sin", "inv_freq") or name.startswith("_"):
                 continue
@@ -233,12 +234,9 @@ def main() -> None:
             cmd = [sys.executable, __file__, "--child", backend, "--max-tokens", str(args.max_tokens), "--single", str(args.single),
                    "--concurrency", str(args.concurrency), "--dtype", args.dtype]  # fmt: skip
             print(f"... round {round_ + 1}: {backend}", file=sys.stderr, flush=True)
-            proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-            line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
-            if line is None:
-                print(proc.stderr[-3000:], file=sys.stderr)
-                continue
-            runs.setdefault(backend, []).append(json.loads(line[7:]))
+            result = run_child(cmd)
+            if result is not None:
+                runs.setdefault(backend, []).append(result)
     results = {name: {k: statistics.median(r[k] for r in rs) for k in rs[0]} | {"rounds": len(rs)} for name, rs in runs.items()}
     bandwidth = memory_bandwidth()
     for r in results.values():

@@ -25,12 +25,11 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-from host import machine  # bench/host.py
+from host import machine, run_child  # bench/host.py
 
 QUESTIONS = [
     "Which plan should a team of five pick?",
@@ -156,12 +155,9 @@ def main() -> None:
                 name = f"{backend}-{'on' if caching else 'off'}"
                 print(f"... round {round_ + 1}: {name}", file=sys.stderr, flush=True)
                 cmd = [sys.executable, __file__, "--child", backend, "--caching", str(caching), "--system-tokens", str(args.system_tokens)]
-                proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-                line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
-                if line is None:
-                    print(proc.stderr[-3000:], file=sys.stderr)
-                    continue
-                runs.setdefault(name, []).append(json.loads(line[7:]))
+                result = run_child(cmd)
+                if result is not None:
+                    runs.setdefault(name, []).append(result)
     summary: dict[str, dict] = {}
     for name, rs in runs.items():
         turns = [median([r["conversation"]["ttft_s"][k] for r in rs]) for k in range(len(QUESTIONS))]

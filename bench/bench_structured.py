@@ -96,7 +96,8 @@ def main() -> None:
         print(f"warning: load average {os.getloadavg()[0]:.2f}; benchmark on an idle machine")
     loaded = load_model(resolve_source(None), "float32")
     tok = loaded.tokenizer
-    engine = Engine(loaded, EngineConfig(kv_cache_gib=0.5))
+    # no prefix cache: the runs compared decode the same chats, and the later one would find their prompts cached
+    engine = Engine(loaded, EngineConfig(kv_cache_gib=0.5, enable_prefix_caching=False))
     spec = ConstraintSpec("json_schema", json.dumps(SCHEMA))
 
     def encode(text: str) -> list[int]:

@@ -105,7 +105,8 @@ def main(argv: list[str] | None = None) -> dict:
     warmup = [encode(m) for m in WARMUP]
     trees: list = [t if t in ("2.2.2", "default") else int(t) for t in args.trees.split(",")]
 
-    engine = Engine(loaded, EngineConfig(kv_cache_gib=0.5))
+    # no prefix cache: the runs compared decode the same chats, and the later one would find their prompts cached
+    engine = Engine(loaded, EngineConfig(kv_cache_gib=0.5, enable_prefix_caching=False))
     cost = engine.runner.forward_cost(len(encoded["code"][0]), (1, 2, 4, 8, 12, 16, 20, 32, 48, 81), repeats=5)
     results: dict = {"verify_cost_s": cost, "categories": {}}
     hf_model = None

@@ -10,3 +10,18 @@ from freelunch.cpu_features import cpu_features, cpu_name, isa_level
 
 def machine() -> dict:
     return {"cpu": cpu_name(), "isa": isa_level(), "features": cpu_features(), "cores": os.cpu_count()}
+
+
+def run_child(cmd: list[str]) -> dict | None:
+    """Run one measurement in its own process (`cmd` prints `RESULT <json>`): its result, or None
+    after printing the end of its stderr."""
+    import json
+    import subprocess
+    import sys
+
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+    if line is None:
+        print(proc.stderr[-3000:], file=sys.stderr)
+        return None
+    return json.loads(line[7:])
