@@ -69,22 +69,24 @@ typedef void (*tile_fn)(const float*, int64_t, const float*, float*, int64_t, co
 static const tile_fn TILES[TILE_ROWS + 1] = {0,     tile1, tile2, tile3, tile4,  tile5, tile6,
                                              tile7, tile8, tile9, tile10, tile11, tile12};
 
+/* Rows in blocks of ROW_BLOCK; a block's panels split over the threads; each panel's rows in tiles
+ * of at most TILE rows, each computed by the statement given (m0, mr, j, ncols and b in scope). */
+#define FOR_TILES(M, N, TILE, ...)                                                                 \
+    _Pragma("omp parallel num_threads(threads)") for (int64_t r0 = 0; r0 < (M); r0 += ROW_BLOCK) { \
+        int64_t r1 = r0 + ROW_BLOCK < (M) ? r0 + ROW_BLOCK : (M);                                  \
+        _Pragma("omp for schedule(static)") for (int64_t j = 0; j < ((N) + PANEL - 1) / PANEL; j++) { \
+            int ncols = (N) - j * PANEL < PANEL ? (int)((N) - j * PANEL) : PANEL;                  \
+            const float* b = bias ? bias + j * PANEL : 0;                                          \
+            for (int64_t m0 = r0; m0 < r1; m0 += (TILE)) {                                         \
+                int mr = r1 - m0 < (TILE) ? (int)(r1 - m0) : (TILE);                               \
+                __VA_ARGS__;                                                                       \
+            }                                                                                      \
+        }                                                                                          \
+    }
+
 void fl_linear(const float* x, int64_t M, int64_t K, const float* packed, int64_t N, const float* bias,
                float* y, int threads) {
-    int64_t panels = (N + PANEL - 1) / PANEL;
-#pragma omp parallel num_threads(threads)
-    for (int64_t r0 = 0; r0 < M; r0 += ROW_BLOCK) {
-        int64_t r1 = r0 + ROW_BLOCK < M ? r0 + ROW_BLOCK : M;
-#pragma omp for schedule(static)
-        for (int64_t j = 0; j < panels; j++) {
-            int ncols = N - j * PANEL < PANEL ? (int)(N - j * PANEL) : PANEL;
-            const float* b = bias ? bias + j * PANEL : 0;
-            for (int64_t m0 = r0; m0 < r1; m0 += TILE_ROWS) {
-                int mr = r1 - m0 < TILE_ROWS ? (int)(r1 - m0) : TILE_ROWS;
-                TILES[mr](x + m0 * K, K, packed + j * K * PANEL, y + m0 * N + j * PANEL, N, b, ncols);
-            }
-        }
-    }
+    FOR_TILES(M, N, TILE_ROWS, TILES[mr](x + m0 * K, K, packed + j * K * PANEL, y + m0 * N + j * PANEL, N, b, ncols))
 }
 
 /* ---- weight-only quantised linears (models/quantization.py) ---------------------------------------
@@ -142,20 +144,8 @@ static const q8tile_fn Q8TILES[TILE_ROWS + 1] = {0, q8row, q8tile2, q8tile3, q8t
 
 void fl_linear_q8(const float* x, int64_t M, int64_t K, const int8_t* packed, const float* scale, int64_t N,
                   const float* bias, float* y, int threads) {
-    int64_t panels = (N + PANEL - 1) / PANEL;
-#pragma omp parallel num_threads(threads)
-    for (int64_t r0 = 0; r0 < M; r0 += ROW_BLOCK) {
-        int64_t r1 = r0 + ROW_BLOCK < M ? r0 + ROW_BLOCK : M;
-#pragma omp for schedule(static)
-        for (int64_t j = 0; j < panels; j++) {
-            int ncols = N - j * PANEL < PANEL ? (int)(N - j * PANEL) : PANEL;
-            const float* b = bias ? bias + j * PANEL : 0;
-            for (int64_t m0 = r0; m0 < r1; m0 += TILE_ROWS) {
-                int mr = r1 - m0 < TILE_ROWS ? (int)(r1 - m0) : TILE_ROWS;
-                Q8TILES[mr](x + m0 * K, K, packed + j * K * PANEL, scale + j * PANEL, y + m0 * N + j * PANEL, N, b, ncols);
-            }
-        }
-    }
+    FOR_TILES(M, N, TILE_ROWS,
+              Q8TILES[mr](x + m0 * K, K, packed + j * K * PANEL, scale + j * PANEL, y + m0 * N + j * PANEL, N, b, ncols))
 }
 
 #define TILE_Q4(MR)                                                                               \
@@ -213,7 +203,7 @@ static const q4tile_fn Q4TILES[TILE_ROWS_Q4 + 1] = {0, q4row, q4tile2, q4tile3, 
 
 void fl_linear_q4(const float* x, int64_t M, int64_t K, const uint8_t* packed, const float* dm, int64_t N,
                   const float* bias, float* y, int threads) {
-    int64_t panels = (N + PANEL - 1) / PANEL, groups = K / QG;
+    int64_t groups = K / QG;
     float* xs = malloc(sizeof(float) * (M * groups + 1)); /* each row's sum over each group */
     for (int64_t r = 0; r < M; r++)
         for (int64_t g = 0; g < groups; g++) {
@@ -221,20 +211,9 @@ void fl_linear_q4(const float* x, int64_t M, int64_t K, const uint8_t* packed, c
             for (int64_t k = g * QG; k < (g + 1) * QG; k++) t += x[r * K + k];
             xs[r * groups + g] = t;
         }
-#pragma omp parallel num_threads(threads)
-    for (int64_t r0 = 0; r0 < M; r0 += ROW_BLOCK) {
-        int64_t r1 = r0 + ROW_BLOCK < M ? r0 + ROW_BLOCK : M;
-#pragma omp for schedule(static)
-        for (int64_t j = 0; j < panels; j++) {
-            int ncols = N - j * PANEL < PANEL ? (int)(N - j * PANEL) : PANEL;
-            const float* b = bias ? bias + j * PANEL : 0;
-            for (int64_t m0 = r0; m0 < r1; m0 += TILE_ROWS_Q4) {
-                int mr = r1 - m0 < TILE_ROWS_Q4 ? (int)(r1 - m0) : TILE_ROWS_Q4;
-                Q4TILES[mr](x + m0 * K, K, packed + j * K * 4, dm + j * groups * 16, xs + m0 * groups,
-                            y + m0 * N + j * PANEL, N, b, ncols);
-            }
-        }
-    }
+    FOR_TILES(M, N, TILE_ROWS_Q4,
+              Q4TILES[mr](x + m0 * K, K, packed + j * K * 4, dm + j * groups * 16, xs + m0 * groups, y + m0 * N + j * PANEL, N,
+                          b, ncols))
     free(xs);
 }
 
