@@ -169,6 +169,11 @@ def test_metrics_exported(server, client):
         "freelunch_e2e_request_latency_seconds_bucket", "freelunch_kv_cache_usage_ratio",
     ):
         assert metric in text, metric
+    # the CPU the server runs on, as /proc/cpuinfo names it
+    from freelunch.cpu_features import cpu_features, isa_level
+
+    info = next(line for line in text.splitlines() if line.startswith("freelunch_cpu_info{"))
+    assert f'isa="{isa_level()}"' in info and f'features="{" ".join(cpu_features())}"' in info
 
 
 def test_stream_disconnect_frees_kv(server):

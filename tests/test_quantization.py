@@ -110,3 +110,23 @@ def test_gguf_mode_refuses_a_model_without_q4_1_numbers(tiny_llama):
     folder, _ = tiny_llama
     with pytest.raises(ModelLoadError, match="Q4_1"):
         load_model(resolve_source(str(folder)), "float32", quantization="gguf")
+
+
+@pytest.mark.parametrize(
+    "flags, level",
+    [
+        ("fpu sse2 avx2 fma f16c", "avx2"),
+        ("avx2 fma avx512f avx512bw avx512vl avx512_vnni", "avx512"),
+        ("avx2 fma avx512f avx512bw avx512vl avx512_bf16 avx512_vnni", "avx512_bf16"),
+        ("avx2 fma avx512f avx512bw avx512vl avx512_bf16 amx_bf16 amx_int8", "amx"),
+        ("fp asimd", "neon"),
+        ("sse2", "baseline"),
+    ],
+)
+def test_cpu_features_name_the_widest_level(monkeypatch, flags, level):
+    from freelunch import cpu_features
+
+    key = "Features" if "asimd" in flags else "flags"
+    monkeypatch.setattr(cpu_features, "_cpuinfo", lambda: ("model name\t: Test CPU", f"{key}\t\t: {flags}"))
+    assert cpu_features.isa_level() == level and cpu_features.cpu_name() == "Test CPU"
+    assert set(cpu_features.cpu_features()) <= set(flags.split())
