@@ -1,0 +1,92 @@
+"""What a dtype or `--quantization` costs in quality, on the default model: perplexity on fixed
+English text, and how often greedy decoding agrees with float32.
+
+    python bench/eval_quantization.py [--modes float32,bfloat16,int8,int4,gguf] [--out bench/results/quantization_quality.json]
+
+Engine level. Text: the docstrings of a fixed list of Python standard-library modules (shipped
+with every Python, so the same text everywhere), cut into 256-token pieces, scored with prompt
+logprobs. Agreement: 8 chats decoded greedily for 64 tokens; the fraction of tokens equal to
+float32's before the first difference (a divergence makes the rest incomparable). Not a task
+benchmark: a check that quantisation keeps the model's distribution, measured the same way for
+every mode.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import math
+import time
+from pathlib import Path
+
+from host import machine  # bench/host.py
+
+MODULES = ["json", "argparse", "collections", "functools", "itertools", "pathlib", "statistics", "textwrap", "heapq", "bisect"]
+CHATS = [
+    "Give me three tips for learning a new language.",
+    "Why is the sky blue?",
+    "Write a short story about a robot who learns to paint.",
+    "Explain what a hash table is to a beginner.",
+    "A shop sells pens at 3 dollars each. Tom buys 7 pens. How much does he pay?",
+    "List five fruits and their colours.",
+    "Summarize the plot of Romeo and Juliet in two sentences.",
+    "Translate to French: The weather is nice today.",
+]
+
+
+def run(engine, requests) -> dict:
+    for r in requests:
+        engine.add_request(r)
+    out: dict = {}
+    while engine.has_work():
+        for o in engine.step():
+            got = out.setdefault(o.request_id, {"tokens": [], "prompt_logprobs": None})
+            got["tokens"] += o.new_token_ids
+            got["prompt_logprobs"] = o.prompt_logprobs or got["prompt_logprobs"]
+    return out
+
+
+def measure(mode: str) -> dict:
+    import freelunch.methods  # noqa: F401 - registers the methods, as a worker does
+    from freelunch.config import EngineConfig
+    from freelunch.engine.request import GenerationRequest, SamplingParams
+    from freelunch.pool.worker import load_engine
+
+    dtype, quantization = ("bfloat16", "none") if mode == "bfloat16" else ("float32", "none" if mode == "float32" else mode)
+    engine = load_engine(EngineConfig(dtype=dtype, quantization=quantization, kv_cache_gib=0.5, enable_prefix_caching=False))
+    tok = engine.tokenizer
+    text = "\n\n".join(importlib.import_module(m).__doc__ or "" for m in MODULES)
+    ids = tok.encode(text)
+    pieces = [ids[i : i + 256] for i in range(0, len(ids) - 256, 256)]
+    scored = run(engine, [GenerationRequest(f"p{i}", p, SamplingParams(max_tokens=0, prompt_logprobs=0)) for i, p in enumerate(pieces)])
+    nll = [-lp.logprob for o in scored.values() for lp in o["prompt_logprobs"][1:]]
+    chats = [tok.encode(tok.apply_chat_template([{"role": "user", "content": c}], add_generation_prompt=True, tokenize=False), add_special_tokens=False) for c in CHATS]
+    greedy = run(engine, [GenerationRequest(f"c{i}", p, SamplingParams(max_tokens=64, temperature=0.0, ignore_eos=True)) for i, p in enumerate(chats)])
+    return {"perplexity": math.exp(sum(nll) / len(nll)), "scored_tokens": len(nll), "greedy": [greedy[f"c{i}"]["tokens"] for i in range(len(chats))]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--modes", default="float32,bfloat16,int8,int4,gguf")
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "quantization_quality.json"))
+    args = ap.parse_args()
+    results = {mode: measure(mode) for mode in args.modes.split(",")}
+    ref = results.get("float32")
+    print(f"\nSmolLM2-135M-Instruct, {machine()['cpu']}\n\n| mode | perplexity | vs float32 | greedy tokens agreeing with float32 (before the first difference) |")
+    print("| --- | ---: | ---: | ---: |")
+    for mode, r in results.items():
+        if ref is not None:
+            agree = []
+            for a, b in zip(r["greedy"], ref["greedy"]):
+                n = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+                agree.append(n)
+            r["greedy_prefix_agreement"] = sum(agree) / sum(len(b) for b in ref["greedy"])
+            r["perplexity_ratio"] = r["perplexity"] / ref["perplexity"]
+        print(f"| {mode} | {r['perplexity']:.3f} | {r.get('perplexity_ratio', 1):.4f}x | {r.get('greedy_prefix_agreement', 1):.0%} |")
+    meta = {"machine": machine(), "date": time.strftime("%Y-%m-%d"), "modules": MODULES, "command": "python bench/eval_quantization.py"}
+    Path(args.out).write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
