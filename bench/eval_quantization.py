@@ -20,19 +20,10 @@ import math
 import time
 from pathlib import Path
 
+from bench_engines import CHATS, prompts  # the chats every engine benchmark decodes
 from host import machine  # bench/host.py
 
 MODULES = ["json", "argparse", "collections", "functools", "itertools", "pathlib", "statistics", "textwrap", "heapq", "bisect"]
-CHATS = [
-    "Give me three tips for learning a new language.",
-    "Why is the sky blue?",
-    "Write a short story about a robot who learns to paint.",
-    "Explain what a hash table is to a beginner.",
-    "A shop sells pens at 3 dollars each. Tom buys 7 pens. How much does he pay?",
-    "List five fruits and their colours.",
-    "Summarize the plot of Romeo and Juliet in two sentences.",
-    "Translate to French: The weather is nice today.",
-]
 
 
 def run(engine, requests) -> dict:
@@ -61,7 +52,7 @@ def measure(mode: str) -> dict:
     pieces = [ids[i : i + 256] for i in range(0, len(ids) - 256, 256)]
     scored = run(engine, [GenerationRequest(f"p{i}", p, SamplingParams(max_tokens=0, prompt_logprobs=0)) for i, p in enumerate(pieces)])
     nll = [-lp.logprob for o in scored.values() for lp in o["prompt_logprobs"][1:]]
-    chats = [tok.encode(tok.apply_chat_template([{"role": "user", "content": c}], add_generation_prompt=True, tokenize=False), add_special_tokens=False) for c in CHATS]
+    chats = prompts(tok, len(CHATS))
     greedy = run(engine, [GenerationRequest(f"c{i}", p, SamplingParams(max_tokens=64, temperature=0.0, ignore_eos=True)) for i, p in enumerate(chats)])
     return {"perplexity": math.exp(sum(nll) / len(nll)), "scored_tokens": len(nll), "greedy": [greedy[f"c{i}"]["tokens"] for i in range(len(chats))]}
 
