@@ -267,10 +267,11 @@ class BlockManager:
         after it. Returns the tokens found cached."""
         if not self.caching or seq.cache_key is None or seq.num_computed or seq.block_table:
             return 0
-        keys, found = self._found(seq)
-        self.lower.share(seq, seq.block_table, self.lower.lookup(keys[:found]))
+        _, lower, upper = self._found(seq)
+        found = len(lower)
+        self.lower.share(seq, seq.block_table, lower)
         if self.upper is not None:
-            self.upper.share(seq, seq.upper_table, self.upper.lookup(keys[:found]))
+            self.upper.share(seq, seq.upper_table, upper)
         seq.hashed_blocks = found
         seq.num_computed = found * self.block_size
         if seq.num_cached is None:  # (a recompute after preemption finds its own blocks: not a hit to report)
@@ -292,22 +293,23 @@ class BlockManager:
                 self.upper.register(seq.upper_table[i], keys[i])
         seq.hashed_blocks = full
 
-    def _found(self, seq: Sequence) -> tuple[list[bytes], int]:
-        """The names of the blocks `seq` may find cached (all but its last token's), and how many
-        of them, from the first, are."""
+    def _found(self, seq: Sequence) -> tuple[list[bytes], list[int], list[int]]:
+        """The names of the blocks `seq` may find cached (all but its last token's), and the
+        cached blocks of the longest prefix of them in each pool (the same length in both)."""
         keys = self._keys(seq, (seq.num_tokens - 1) // self.block_size)
-        found = len(self.lower.lookup(keys))
-        if self.upper is not None:
-            found = len(self.upper.lookup(keys[:found]))
-        return keys, found
+        lower = self.lower.lookup(keys)
+        if self.upper is None:
+            return keys, lower, lower
+        upper = self.upper.lookup(keys[: len(lower)])
+        return keys, lower[: len(upper)], upper
 
     def first_missing(self, seq: Sequence) -> bytes | None:
         """The name of `seq`'s first block that is not cached (None: none it could take is missing,
         or the row is not cached)."""
         if not self.caching or seq.cache_key is None:
             return None
-        keys, found = self._found(seq)
-        return keys[found] if found < len(keys) else None
+        keys, lower, _ = self._found(seq)
+        return keys[len(lower)] if len(lower) < len(keys) else None
 
     def computing(self, seq: Sequence) -> list[bytes]:
         """The names of the full blocks a row is computing now (from its first uncomputed block to
