@@ -185,6 +185,12 @@ def pack_q4(q: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> tuple[torch.Te
     return packed, dm.permute(0, 2, 3, 1).contiguous()
 
 
+def unpack_q4(packed: torch.Tensor, out_features: int) -> torch.Tensor:
+    """pack_q4's panels back to q [out_features, K] uint8 (references and tests)."""
+    cols = torch.stack([packed & 15, packed >> 4], dim=-1).flatten(-2)  # [P, K, 8]
+    return cols.transpose(1, 2).reshape(-1, packed.shape[1])[:out_features]
+
+
 def linear_quantized(
     library: ctypes.CDLL, kind: str, x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, out_features: int,
     bias: torch.Tensor | None,

@@ -112,16 +112,17 @@ class Int4Linear(_QuantizedLinear):
     ) -> None:
         super().__init__(linear, use_c_kernel)
         q, self.d, self.m = quantized if quantized is not None else int4_quantize(linear.weight)
-        self.q = q.to(torch.uint8)  # for dequantized(): references and tests
         if self.library is not None:
             self.c_packed, self.c_scales = cpu_kernels.pack_q4(q, self.d, self.m)
         else:
+            self._q = q.to(torch.uint8)  # PyTorch's packing cannot be read back: kept for dequantized()
             self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
             # PyTorch's kernel computes (q - 8) * scale + zero: zero = m + 8 d; [K / 32, N, 2]
             self.scale_zero = torch.stack([self.d, self.m + 8 * self.d], dim=-1).transpose(0, 1).contiguous()
 
     def dequantized(self) -> torch.Tensor:
-        return int4_dequantize(self.q, self.d, self.m)
+        q = cpu_kernels.unpack_q4(self.c_packed, self.out_features) if self.library is not None else self._q
+        return int4_dequantize(q, self.d, self.m)
 
     def torch_matmul(self, rows: torch.Tensor) -> torch.Tensor:
         if self.library is not None:  # packed for ours: 16-bit activations widened to float32
@@ -143,21 +144,19 @@ def _exact_int4(linear: nn.Linear) -> tuple[torch.Tensor, torch.Tensor, torch.Te
     return quantized if error <= EXACT * max(w.abs().max().item(), 1e-30) else None
 
 
-def quantize_linears(model: nn.Module, mode: str, skip: tuple[str, ...] = ()) -> dict[str, int]:
-    """Replace the model's CPU nn.Linear layers (not under a module named in `skip`) by quantised
-    ones; returns counts by kind ({"int4": 210, "float": 1})."""
+def quantize_linears(model: nn.Module, mode: str) -> dict[str, int]:
+    """Replace the model's CPU nn.Linear layers by quantised ones; returns counts by kind
+    ({"int4": 210, "float": 1})."""
     if mode not in MODES:
         raise ValueError(f"quantization must be one of {MODES}, not {mode!r}")
     counts: dict[str, int] = {}
     if mode == "none":
         return counts
-    for parent_name, parent in list(model.named_modules()):
-        if any(parent_name == s or parent_name.startswith(s + ".") for s in skip):
-            continue
+    for parent in list(model.modules()):
         if isinstance(parent, nn.MultiheadAttention):  # reads its out_proj's .weight directly (SigLIP's pooling head)
             continue
         for name, child in list(parent.named_children()):
-            if not isinstance(child, nn.Linear) or child.weight.device.type != "cpu" or name in skip:
+            if not isinstance(child, nn.Linear) or child.weight.device.type != "cpu":
                 continue
             if mode == "int8":
                 layer: nn.Module | None = Int8Linear(child)
