@@ -1,6 +1,7 @@
 """Weight-only quantised linears (`--quantization`): each kernel against its dequantised reference
-(the same weights in float32, the same activations), GGUF Q4_1 numbers recovered exactly, and the
-engine on quantised weights against transformers on the same weights dequantised."""
+(the same weights in float32, the same activations), GGUF blocks decoded as the gguf package
+dequantises them, and the engine on quantised weights (int8, int4, a GGUF's own blocks) against
+transformers on the same weights dequantised."""
 
 from __future__ import annotations
 
@@ -10,18 +11,69 @@ import torch
 from freelunch.config import EngineConfig
 from freelunch.engine.engine import Engine
 from freelunch.engine.request import GenerationRequest, SamplingParams
+from freelunch.models import gguf_blocks
 from freelunch.models.loader import ModelLoadError, load_model, resolve_source
 from freelunch.models.quantization import Int4Linear, Int8Linear, int4_dequantize, int4_quantize, int8_quantize, quantize_linears
 from tiny_models import build_tiny_model
 from torch import nn
 
 
-def _q4_1_numbers(weight: torch.Tensor) -> torch.Tensor:
-    """`weight` quantised to GGUF Q4_1 and back by the gguf package (llama.cpp's reference)."""
-    from gguf.quants import GGMLQuantizationType, dequantize, quantize
+def _blocks(qtype: str, weight: torch.Tensor, rng: np.random.Generator) -> np.ndarray:
+    """GGUF blocks of type `qtype` for a [N, K] layer: llama.cpp's reference quantiser (the gguf
+    package) where it has one, else random integers under scales that give weights of about
+    `weight`'s size (the K-quants: any bytes are valid blocks)."""
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+    from gguf.quants import quantize
 
-    blocks = quantize(weight.numpy().astype(np.float32), GGMLQuantizationType.Q4_1)
-    return torch.from_numpy(np.asarray(dequantize(blocks, GGMLQuantizationType.Q4_1), dtype=np.float32)).reshape(weight.shape)
+    if qtype in ("Q4_0", "Q4_1", "Q8_0"):
+        return quantize(weight.numpy().astype(np.float32), GGMLQuantizationType[qtype])
+    n, k = weight.shape
+    block, size = GGML_QUANT_SIZES[GGMLQuantizationType[qtype]]
+    raw = rng.integers(0, 256, size=(n, k // block, size), dtype=np.uint8)
+    top = float(weight.abs().max())
+    if qtype == "Q4_K":  # w = d sc q - dmin m, sc and m up to 63, q up to 15
+        raw[..., 0:2] = (rng.uniform(0.5, 1.0, (n, k // block, 1)) * top / (63 * 15)).astype(np.float16).view(np.uint8)
+        raw[..., 2:4] = (rng.uniform(0.5, 1.0, (n, k // block, 1)) * top / (63 * 2)).astype(np.float16).view(np.uint8)
+    else:  # Q6_K: w = d sc (q - 32), sc an int8, q - 32 in [-32, 31]
+        raw[..., 208:210] = (rng.uniform(0.5, 1.0, (n, k // block, 1)) * top / (128 * 32)).astype(np.float16).view(np.uint8)
+    return raw.reshape(n, -1)
+
+
+def _stored(qtype: str, weight: torch.Tensor, rng: np.random.Generator) -> tuple[gguf_blocks.StoredTensor, torch.Tensor]:
+    """(the stored tensor, its reference dequantisation by the gguf package)."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    blocks = _blocks(qtype, weight, rng)
+    reference = torch.from_numpy(np.asarray(dequantize(blocks, GGMLQuantizationType[qtype]), dtype=np.float32))
+    return gguf_blocks.StoredTensor(qtype, blocks, gguf_blocks.row_keys(reference)), reference
+
+
+@pytest.mark.parametrize("qtype", gguf_blocks.SERVED_TYPES)
+def test_blocks_decode_to_the_gguf_packages_dequantisation(qtype):
+    rng = np.random.default_rng(len(qtype))
+    stored, reference = _stored(qtype, torch.randn(24, 512) * 0.05, rng)
+    rows = gguf_blocks.decode(stored.blocks, qtype)
+    assert rows.kind == ("int4" if qtype.startswith("Q4") else "int8")
+    # the file's own numbers: equal up to the float32 rounding of one product and one sum
+    assert (rows.dequantize() - reference).abs().max() <= 1e-6 * reference.abs().max()
+    assert torch.equal(gguf_blocks.row_keys(reference), stored.keys)
+    assert not torch.equal(gguf_blocks.row_keys(reference[:, torch.randperm(512)]), stored.keys)
+
+
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q6_K"])
+@pytest.mark.parametrize("rows", [1, 5, 17])
+def test_grouped_int8_kernel_equals_its_dequantized_reference(qtype, rows):
+    torch.manual_seed(rows)
+    linear = nn.Linear(512, 200, bias=True)
+    stored, reference = _stored(qtype, linear.weight.detach(), np.random.default_rng(rows))
+    decoded = gguf_blocks.decode(stored.blocks, qtype)
+    layer = Int8Linear(linear, (decoded.q, decoded.d))
+    assert torch.equal(layer.dequantized(), decoded.dequantize())
+    x = torch.randn(rows, 512)
+    want = torch.nn.functional.linear(x, reference, linear.bias)
+    assert (layer(x) - want).abs().max() <= 1e-5 * want.abs().max()
+    assert (layer(x.bfloat16()).float() - want).abs().max() <= 2e-2 * want.abs().max()  # bf16 activations
 
 
 @pytest.mark.parametrize("kind", [Int8Linear, Int4Linear])
@@ -52,19 +104,6 @@ def test_quantize_round_trips():
     assert torch.equal(again[0], q4)
 
 
-def test_q4_1_file_numbers_are_recovered_exactly():
-    torch.manual_seed(1)
-    numbers = _q4_1_numbers(torch.randn(96, 576) * 0.05)
-    q, d, m = int4_quantize(numbers)
-    assert (int4_dequantize(q, d, m) - numbers).abs().max() <= 1e-6 * numbers.abs().max()
-    model = nn.Sequential(nn.Linear(576, 96, bias=False), nn.Linear(96, 576, bias=False))
-    with torch.no_grad():
-        model[0].weight.copy_(numbers)  # Q4_1 numbers
-        model[1].weight.normal_()  # not: stays float
-    assert quantize_linears(model, "gguf") == {"int4": 1, "float": 1}
-    assert isinstance(model[0], Int4Linear) and isinstance(model[1], nn.Linear)
-
-
 def _dequantized_copy(hf, mode: str) -> None:
     """Write each linear's quantised-then-dequantised weights into `hf` (the reference)."""
     with torch.no_grad():
@@ -74,21 +113,12 @@ def _dequantized_copy(hf, mode: str) -> None:
                 if mode == "int8":
                     q, s = int8_quantize(w)
                     w.copy_(q.float() * s[:, None])
-                elif mode == "int4":
-                    w.copy_(int4_dequantize(*int4_quantize(w)))
                 else:
-                    w.copy_(_q4_1_numbers(w.detach().clone()))
+                    w.copy_(int4_dequantize(*int4_quantize(w)))
 
 
-@pytest.mark.parametrize("mode", ["int8", "int4", "gguf"])
-def test_engine_on_quantized_weights_equals_transformers_on_them_dequantized(tmp_path, mode):
-    hf = build_tiny_model(tmp_path, "llama", seed=5)
-    _dequantized_copy(hf, mode)
-    hf.save_pretrained(tmp_path, safe_serialization=True)
-    loaded = load_model(resolve_source(str(tmp_path)), "float32", quantization=mode)
-    kinds = {type(m) for m in loaded.model.modules()}
-    assert (Int8Linear if mode == "int8" else Int4Linear) in kinds
-    engine = Engine(loaded, EngineConfig(model=str(tmp_path), max_model_len=256, kv_cache_gib=0.02, quantization=mode))
+def _engine_equals_transformers(hf, loaded, folder, mode: str) -> None:
+    engine = Engine(loaded, EngineConfig(model=str(folder), max_model_len=256, kv_cache_gib=0.02, quantization=mode))
     prompts = [[1, 5, 9, 200, 31], [1, 4000, 17, 18, 19, 20, 21, 22], [1] + list(range(300, 340))]
     for i, p in enumerate(prompts):
         engine.add_request(GenerationRequest(f"r{i}", p, SamplingParams(max_tokens=10, temperature=0, ignore_eos=True, logprobs=1)))
@@ -106,10 +136,48 @@ def test_engine_on_quantized_weights_equals_transformers_on_them_dequantized(tmp
         assert torch.allclose(torch.tensor([lp.logprob for lp in got[f"r{i}"]]), want, atol=1e-4)
 
 
-def test_gguf_mode_refuses_a_model_without_q4_1_numbers(tiny_llama):
-    folder, _ = tiny_llama
-    with pytest.raises(ModelLoadError, match="Q4_1"):
-        load_model(resolve_source(str(folder)), "float32", quantization="gguf")
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_engine_on_quantized_weights_equals_transformers_on_them_dequantized(tmp_path, mode):
+    hf = build_tiny_model(tmp_path, "llama", seed=5)
+    _dequantized_copy(hf, mode)
+    hf.save_pretrained(tmp_path, safe_serialization=True)
+    loaded = load_model(resolve_source(str(tmp_path)), "float32", quantization=mode)
+    kinds = {type(m) for m in loaded.model.modules()}
+    assert (Int8Linear if mode == "int8" else Int4Linear) in kinds
+    _engine_equals_transformers(hf, loaded, tmp_path, mode)
+
+
+# A llama.cpp-style mix: each projection stored in its own type; layer 1's v in Q8_0 while its q
+# and k are int4 (their fused layer cannot hold both: it stays float).
+GGUF_TYPES = {"q_proj": "Q4_K", "k_proj": "Q4_0", "v_proj": "Q4_1", "o_proj": "Q8_0", "gate_proj": "Q6_K", "up_proj": "Q8_0", "down_proj": "Q4_K", "lm_head": "Q6_K"}
+
+
+def test_engine_serves_a_gguf_files_blocks_as_transformers_computes_them(tmp_path):
+    hf = build_tiny_model(tmp_path, "llama", seed=6, hidden_size=256, intermediate_size=512)  # K-quants: 256 inputs a block
+    rng = np.random.default_rng(6)
+    stored = {}
+    with torch.no_grad():
+        for name, module in hf.named_modules():
+            if isinstance(module, nn.Linear):
+                qtype = "Q8_0" if name == "model.layers.1.self_attn.v_proj" else GGUF_TYPES[name.rsplit(".", 1)[-1]]
+                t, reference = _stored(qtype, module.weight.detach(), rng)
+                module.weight.copy_(reference)
+                if name.endswith("q_proj"):  # stored in another row order (llama.cpp permutes q and k)
+                    order = torch.randperm(reference.shape[0])
+                    t = gguf_blocks.StoredTensor(qtype, t.blocks[order.numpy()], t.keys[order])
+                stored[name] = t
+    hf.save_pretrained(tmp_path, safe_serialization=True)
+    with pytest.raises(ModelLoadError, match="gguf"):  # no blocks in the folder: nothing to serve
+        load_model(resolve_source(str(tmp_path)), "float32", quantization="gguf")
+    gguf_blocks.save(stored, tmp_path)
+    loaded = load_model(resolve_source(str(tmp_path)), "float32", quantization="gguf")
+    model = loaded.model
+    assert isinstance(model.layers[0].self_attn.qkv_proj, Int4Linear)
+    assert not isinstance(model.layers[1].self_attn.qkv_proj, (Int4Linear, Int8Linear))  # int4 and int8 rows
+    assert isinstance(model.layers[0].self_attn.o_proj, Int8Linear)
+    assert isinstance(model.layers[0].mlp.gate_up_proj, Int8Linear)  # Q6_K and Q8_0: groups of 16
+    assert isinstance(model.layers[0].mlp.down_proj, Int4Linear) and isinstance(model.lm_head, Int8Linear)
+    _engine_equals_transformers(hf, loaded, tmp_path, "gguf")
 
 
 @pytest.mark.parametrize(

@@ -92,7 +92,8 @@ void fl_linear(const float* x, int64_t M, int64_t K, const float* packed, int64_
 /* ---- weight-only quantised linears (models/quantization.py) ---------------------------------------
  * The same panels and row tiles as fl_linear, with weights stored small and widened to float32 in
  * registers: decoding reads 1/4 (int8) or 1/8 (int4) of the bytes per step.
- * fl_linear_q8: y = (x @ q^T) * scale[n] (+ bias); q int8, panels [ceil(N/8)][K][8]; scale [ceil(N/8) * 8].
+ * fl_linear_q8: y = sum_g scale[n,g] (x_g . q_g[n]) (+ bias) over groups of G inputs (G = K: one scale per
+ *   output channel; GGUF's Q8_0: 32, Q6_K: 16); q int8, panels [ceil(N/8)][K][8]; scale per panel [K/G][8].
  * fl_linear_q4: groups of QG inputs, y = sum_g d[n,g] (x_g . q_g[n]) + m[n,g] sum(x_g) (+ bias); q in [0, 15],
  *   panels [ceil(N/8)][K][4 bytes] (column c: bits 4c..4c+3 of the little-endian word); d and m per
  *   panel [K/QG][2][8]. Each group's dot product is summed in k order, then folded in. */
@@ -103,12 +104,17 @@ void fl_linear(const float* x, int64_t M, int64_t K, const float* packed, int64_
 #define GFMA(m) g##m = _mm256_fmadd_ps(_mm256_broadcast_ss(x + (m) * K + k), w, g##m);
 #define GFOLD(m) a##m = _mm256_fmadd_ps(d, g##m, _mm256_fmadd_ps(mn, _mm256_broadcast_ss(xs + (m) * groups + gi), a##m));
 
+static inline __m256 widen8(const int8_t* p) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)p)));
+}
+
 #define TILE_Q8(MR)                                                                               \
-    static void q8tile##MR(const float* x, int64_t K, const int8_t* p, const float* s, float* y, \
-                           int64_t N, const float* bias, int ncols) {                             \
+    static void q8tile##MR(const float* x, int64_t K, int64_t G, const int8_t* p, const float* s, \
+                           float* y, int64_t N, const float* bias, int ncols) {                   \
+        (void)G; /* one scale per output channel */                                               \
         R##MR(ACC)                                                                                \
         for (int64_t k = 0; k < K; k++) {                                                         \
-            __m256 w = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(p + k * PANEL)))); \
+            __m256 w = widen8(p + k * PANEL);                                                     \
             if ((k & 7) == 0) _mm_prefetch((const char*)(p + k * PANEL + 4 * PREFETCH_FLOATS), _MM_HINT_T0); \
             R##MR(FMA)                                                                            \
         }                                                                                         \
@@ -121,31 +127,56 @@ TILE_Q8(2) TILE_Q8(3) TILE_Q8(4) TILE_Q8(5) TILE_Q8(6) TILE_Q8(7) TILE_Q8(8) TIL
 /* One row (decoding one sequence): four accumulators over k mod 4, so that the FMAs do not wait on
  * each other's latency (a single chain of dependent FMAs, not memory, bounds one row otherwise).
  * K is a multiple of 4 (cpu_kernels.py checks). */
-static inline __m256 widen8(const int8_t* p) {
-    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)p)));
-}
-static void q8row(const float* x, int64_t K, const int8_t* p, const float* s, float* y, int64_t N, const float* bias,
-                  int ncols) {
-    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-    for (int64_t k = 0; k < K; k += 4) {
-        if ((k & 7) == 0) _mm_prefetch((const char*)(p + k * PANEL + 4 * PREFETCH_FLOATS), _MM_HINT_T0);
-        a0 = _mm256_fmadd_ps(_mm256_broadcast_ss(x + k), widen8(p + k * PANEL), a0);
-        a1 = _mm256_fmadd_ps(_mm256_broadcast_ss(x + k + 1), widen8(p + (k + 1) * PANEL), a1);
-        a2 = _mm256_fmadd_ps(_mm256_broadcast_ss(x + k + 2), widen8(p + (k + 2) * PANEL), a2);
-        a3 = _mm256_fmadd_ps(_mm256_broadcast_ss(x + k + 3), widen8(p + (k + 3) * PANEL), a3);
+static void q8row(const float* x, int64_t K, int64_t G, const int8_t* p, const float* s, float* y, int64_t N,
+                  const float* bias, int ncols) {
+    __m256 a = _mm256_setzero_ps();
+    for (int64_t g0 = 0; g0 < K; g0 += G) {
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        for (int64_t k = g0; k < g0 + G; k += 4) {
+            if ((k & 7) == 0) _mm_prefetch((const char*)(p + k * PANEL + 4 * PREFETCH_FLOATS), _MM_HINT_T0);
+            a0 = _mm256_fmadd_ps(_mm256_broadcast_ss(x + k), widen8(p + k * PANEL), a0);
+            a1 = _mm256_fmadd_ps(_mm256_broadcast_ss(x + k + 1), widen8(p + (k + 1) * PANEL), a1);
+            a2 = _mm256_fmadd_ps(_mm256_broadcast_ss(x + k + 2), widen8(p + (k + 2) * PANEL), a2);
+            a3 = _mm256_fmadd_ps(_mm256_broadcast_ss(x + k + 3), widen8(p + (k + 3) * PANEL), a3);
+        }
+        __m256 g = _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3));
+        a = _mm256_fmadd_ps(_mm256_loadu_ps(s + g0 / G * PANEL), g, a);  /* G = K: the one scale times the sum */
     }
-    __m256 sc = _mm256_loadu_ps(s);
-    store_row(_mm256_mul_ps(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)), sc), y, bias, ncols);
+    store_row(a, y, bias, ncols);
 }
 
-typedef void (*q8tile_fn)(const float*, int64_t, const int8_t*, const float*, float*, int64_t, const float*, int);
+/* Several rows with several scale groups: a group's sums beside the running totals (2 x 6 registers). */
+#define GFOLD8(m) a##m = _mm256_fmadd_ps(sc, g##m, a##m);
+#define TILE_Q8G(MR)                                                                              \
+    static void q8gtile##MR(const float* x, int64_t K, int64_t G, const int8_t* p, const float* s, \
+                            float* y, int64_t N, const float* bias, int ncols) {                  \
+        R##MR(ACC)                                                                                \
+        for (int64_t k0 = 0; k0 < K; k0 += G) {                                                   \
+            R##MR(GACC)                                                                           \
+            for (int64_t k = k0; k < k0 + G; k++) {                                               \
+                __m256 w = widen8(p + k * PANEL);                                                 \
+                if ((k & 7) == 0) _mm_prefetch((const char*)(p + k * PANEL + 4 * PREFETCH_FLOATS), _MM_HINT_T0); \
+                R##MR(GFMA)                                                                       \
+            }                                                                                     \
+            __m256 sc = _mm256_loadu_ps(s + k0 / G * PANEL);                                      \
+            R##MR(GFOLD8)                                                                         \
+        }                                                                                         \
+        R##MR(STORE)                                                                              \
+    }
+TILE_Q8G(2) TILE_Q8G(3) TILE_Q8G(4) TILE_Q8G(5) TILE_Q8G(6)
+
+/* The per-channel tiles (G = K) keep up to 12 rows' sums; grouped scales, up to 6. */
+typedef void (*q8tile_fn)(const float*, int64_t, int64_t, const int8_t*, const float*, float*, int64_t, const float*, int);
 static const q8tile_fn Q8TILES[TILE_ROWS + 1] = {0, q8row, q8tile2, q8tile3, q8tile4, q8tile5, q8tile6,
                                                  q8tile7, q8tile8, q8tile9, q8tile10, q8tile11, q8tile12};
+static const q8tile_fn Q8GTILES[TILE_ROWS_Q4 + 1] = {0, q8row, q8gtile2, q8gtile3, q8gtile4, q8gtile5, q8gtile6};
 
-void fl_linear_q8(const float* x, int64_t M, int64_t K, const int8_t* packed, const float* scale, int64_t N,
+void fl_linear_q8(const float* x, int64_t M, int64_t K, const int8_t* packed, const float* scale, int64_t G, int64_t N,
                   const float* bias, float* y, int threads) {
-    FOR_TILES(M, N, TILE_ROWS,
-              Q8TILES[mr](x + m0 * K, K, packed + j * K * PANEL, scale + j * PANEL, y + m0 * N + j * PANEL, N, b, ncols))
+    const q8tile_fn* tiles = G == K ? Q8TILES : Q8GTILES;
+    int64_t groups = K / G;
+    FOR_TILES(M, N, G == K ? TILE_ROWS : TILE_ROWS_Q4,
+              tiles[mr](x + m0 * K, K, G, packed + j * K * PANEL, scale + j * groups * PANEL, y + m0 * N + j * PANEL, N, b, ncols))
 }
 
 #define TILE_Q4(MR)                                                                               \

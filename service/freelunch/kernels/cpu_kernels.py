@@ -130,13 +130,15 @@ def load() -> ctypes.CDLL | None:
         ctypes.c_void_p, ctypes.c_int,
     ]  # fmt: skip
     library.fl_paged_attention.restype = None
-    for name in ("fl_linear_q8", "fl_linear_q4"):
-        fn = getattr(library, name)
-        fn.argtypes = [
-            ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
-            ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
-        ]  # fmt: skip
-        fn.restype = None
+    library.fl_linear_q8.argtypes = [
+        ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+        ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
+    ]  # fmt: skip
+    library.fl_linear_q4.argtypes = [
+        ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
+        ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
+    ]  # fmt: skip
+    library.fl_linear_q8.restype = library.fl_linear_q4.restype = None
     _library = library
     return library
 
@@ -172,8 +174,15 @@ def _panels(t: torch.Tensor) -> torch.Tensor:
 
 
 def pack_q8(q: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """int8 q [N, K], scales [N] -> (panels [ceil(N / 8), K, 8] int8, scales padded to the panels)."""
-    return _panels(q).transpose(1, 2).contiguous(), _panels(scales.float()).reshape(-1).contiguous()
+    """int8 q [N, K], scales [N] (one per output channel) or [N, K / G] (groups of G inputs) ->
+    (panels [ceil(N / 8), K, 8] int8, scales per panel [ceil(N / 8), groups, 8] float32)."""
+    grouped = scales.float().reshape(q.shape[0], -1)
+    return _panels(q).transpose(1, 2).contiguous(), _panels(grouped).transpose(1, 2).contiguous()
+
+
+def unpack_q8(packed: torch.Tensor, out_features: int) -> torch.Tensor:
+    """pack_q8's panels back to q [out_features, K] int8 (references and tests)."""
+    return packed.transpose(1, 2).reshape(-1, packed.shape[1])[:out_features]
 
 
 def pack_q4(q: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -195,13 +204,14 @@ def linear_quantized(
     library: ctypes.CDLL, kind: str, x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, out_features: int,
     bias: torch.Tensor | None,
 ) -> torch.Tensor:
-    """x [M, K] float32 contiguous -> x W^T + bias [M, out_features], W int8 ("q8": pack_q8) or int4
-    in groups of 32 ("q4": pack_q4)."""
+    """x [M, K] float32 contiguous -> x W^T + bias [M, out_features], W int8 ("q8": pack_q8, the
+    scale groups read off the scales' shape) or int4 in groups of 32 ("q4": pack_q4)."""
     m, k = x.shape
     y = torch.empty(m, out_features, dtype=torch.float32)
     if m:
+        group = (k // scales.shape[1],) if kind == "q8" else ()
         getattr(library, f"fl_linear_{kind}")(
-            x.data_ptr(), m, k, packed.data_ptr(), scales.data_ptr(), out_features,
+            x.data_ptr(), m, k, packed.data_ptr(), scales.data_ptr(), *group, out_features,
             None if bias is None else bias.data_ptr(), y.data_ptr(), torch.get_num_threads(),
         )  # fmt: skip
     return y

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from freelunch.config import cache_dir
+from freelunch.models import gguf_blocks
 from freelunch.models.cpu_linear import pack_linears
 from freelunch.models.quantization import quantize_linears
 
@@ -195,31 +196,49 @@ def load_model(source: ModelSource, dtype: str = "auto", device: str = "cpu", qu
     from freelunch.models import ARCHITECTURES
     from freelunch.models.llama import DecoderConfig
 
-    from_gguf = source.is_gguf
+    gguf_file = source.path if source.is_gguf else None
     source = source.as_folder()  # with a read-only cache, the GGUF is read directly every time
     hf_config = load_hf_config(source)
     archs = getattr(hf_config, "architectures", None) or ["LlamaForCausalLM"]
     cls = ARCHITECTURES.get(archs[0])
     if cls is None:
         raise ModelLoadError(f"unsupported architecture {archs[0]}; supported: {sorted(ARCHITECTURES)}")
-    torch_dtype = resolve_dtype(dtype, hf_config, from_gguf)
+    torch_dtype = resolve_dtype(dtype, hf_config, gguf_file is not None)
     tensors = _read_gguf(source.path, hf_config) if source.is_gguf else _read_safetensors(source.path)
     cfg = DecoderConfig.from_hf(hf_config)
     with _no_weight_init():  # every weight is overwritten from the checkpoint next
         model = cls(cfg, hf_config)
     model.load_hf_state_dict(tensors)
     del tensors
+    model.eval().requires_grad_(False)
+    if quantization != "none":
+        if torch.device(device).type != "cpu":
+            raise ModelLoadError(f"--quantization {quantization} runs on CPU only (our and PyTorch's packed-weight CPU matmuls)")
+        # before the dtype conversion: gguf finds a layer's stored rows by their float32 bits
+        stored = _stored_blocks(source, gguf_file) if quantization == "gguf" else None
+        counts = quantize_linears(model, quantization, stored)
+        if quantization == "gguf" and not (counts.get("int4") or counts.get("int8")):
+            raise ModelLoadError(
+                f"--quantization gguf: no layer of this file is stored as one of {', '.join(gguf_blocks.SERVED_TYPES)}"
+            )
     # Convert parameters only: RoPE tables stay float32 like transformers' own.
     for p in model.parameters():
         p.data = p.data.to(device=device, dtype=torch_dtype)
     model.to(device)  # buffers (RoPE tables, a vision tower's position ids) keep their dtypes
-    model.eval().requires_grad_(False)
-    if quantization != "none":
-        if torch.device(device).type != "cpu":
-            raise ModelLoadError(f"--quantization {quantization} runs on CPU only (PyTorch's packed-weight CPU matmuls)")
-        counts = quantize_linears(model, quantization)
-        if quantization == "gguf" and not counts.get("int4"):
-            raise ModelLoadError("--quantization gguf: no layer holds Q4_1 numbers (load a Q4_1 .gguf, or use int4 / int8)")
     if torch_dtype == torch.float32 and torch.device(device).type == "cpu":
         pack_linears(model)  # the layers left in float32
     return LoadedModel(model, load_tokenizer(source), hf_config, source.served_name, torch_dtype)
+
+
+def _stored_blocks(source: ModelSource, gguf_file: Path | None) -> dict[str, gguf_blocks.StoredTensor]:
+    """A GGUF's quantised blocks: from its converted folder, else read from the file once (about 20 s
+    for the default model) and kept in that folder."""
+    stored = None if source.is_gguf else gguf_blocks.load(source.path)
+    if stored is None and gguf_file is not None:
+        stored = gguf_blocks.read_gguf(gguf_file)
+        if not source.is_gguf:
+            with contextlib.suppress(OSError):  # a read-only cache: read again next time
+                gguf_blocks.save(stored, source.path)
+    if stored is None:
+        raise ModelLoadError("--quantization gguf serves the blocks of a .gguf file: pass one as --model (or use int8 / int4)")
+    return stored

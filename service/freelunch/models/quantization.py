@@ -1,20 +1,16 @@
-"""Weight-only quantised linears (`--quantization`), on PyTorch's packed-weight CPU matmuls.
+"""Weight-only quantised linears (`--quantization`), on our CPU kernels or PyTorch's.
 
 Decoding reads every weight once per step, so on a CPU a step costs about the bytes of its
-weights: 4 bits a weight read as such instead of 32 is the largest speed-up there is. PyTorch
-ships the kernels (`aten._weight_int4pack_mm_for_cpu`, `aten._weight_int8pack_mm`), with
-activations in float32 or bfloat16; this module only packs weights for them and keeps, beside
-each layer, the reference it must equal (`dequantized()`: the same weights in float32).
+weights: 4 bits a weight read as such instead of 32 is the largest speed-up there is. Each layer
+keeps, beside its packed weights, the reference it must equal (`dequantized()`: the same weights
+in float32).
 
 - `int8`: per output channel, symmetric: w = s[n] * q, q in [-127, 127]. Any checkpoint.
 - `int4`: groups of 32 inputs, asymmetric: w = d[n, g] * q + m[n, g], q in [0, 15], d and m from
-  each group's min and max. This is GGUF's Q4_1 scheme: for weights dequantised from a Q4_1 file
-  every group holds its q = 0 and q = 15 (llama.cpp's quantiser puts the group's min and max
-  there), so the min and max give back the file's d and m, and the layer computes with the
-  file's own numbers (to float32 rounding).
-- `gguf`: `int4` for the layers whose weights are exactly Q4_1 numbers (checked per layer:
-  re-quantising must give the same weights back), float for the others (a Q8_0 embedding and its
-  tied output layer stay float32); only for a model loaded from a .gguf file.
+  each group's min and max (GGUF's Q4_1 scheme). Any checkpoint.
+- `gguf`: the blocks of a .gguf file as stored (models/gguf_blocks.py): Q4_0, Q4_1 and Q4_K
+  layers run as int4, Q8_0 and Q6_K ones as int8 with a scale per group of 32 or 16 inputs, on
+  the file's own numbers; other types stay float.
 """
 
 from __future__ import annotations
@@ -25,12 +21,13 @@ import torch
 from torch import nn
 
 from freelunch.kernels import cpu_kernels
+from freelunch.models.gguf_blocks import QuantizedRows, StoredTensor, decode, row_keys
 
 log = logging.getLogger(__name__)
 
 MODES = ("none", "int8", "int4", "gguf")
 GROUP = 32  # inputs per int4 group (GGUF's block)
-# a layer's weights are "the file's numbers" when re-quantising reproduces them to this (relative)
+# a layer serves a file's blocks when they give back its weights to this (relative to the largest)
 EXACT = 1e-6
 
 
@@ -60,9 +57,10 @@ def int4_dequantize(q: torch.Tensor, d: torch.Tensor, m: torch.Tensor, group: in
 
 
 class _QuantizedLinear(nn.Module):
-    """Float32 activations run in our AVX2 kernels (kernels/cpu_kernels.c: the weights widened in
-    registers, one pass over them per step); bfloat16 / float16 ones, or a CPU without AVX2, in
-    PyTorch's (which only have fast paths for 16-bit activations)."""
+    """Runs in our AVX2 kernels (kernels/cpu_kernels.c: the weights widened in registers, one pass
+    over them per step; 16-bit activations widened to float32), or in PyTorch's on a CPU without
+    AVX2 (their fast paths are for 16-bit activations only: float32 ones were 5-70x slower than
+    F.linear on an AVX2 CPU)."""
 
     kind = ""  # the C kernel's: "q8" or "q4"
 
@@ -75,8 +73,9 @@ class _QuantizedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features).contiguous()
-        if self.library is not None and rows.dtype == torch.float32:
-            y = cpu_kernels.linear_quantized(self.library, self.kind, rows, self.c_packed, self.c_scales, self.out_features, self.bias)
+        if self.library is not None:  # 16-bit activations widened to float32
+            y = cpu_kernels.linear_quantized(self.library, self.kind, rows.float(), self.c_packed, self.c_scales, self.out_features, self.bias)
+            y = y.to(rows.dtype)
         else:
             y = self.torch_matmul(rows)
             if self.bias is not None:
@@ -85,18 +84,29 @@ class _QuantizedLinear(nn.Module):
 
 
 class Int8Linear(_QuantizedLinear):
-    """y = x (s * q)^T + b, per output channel."""
+    """y = x (s * q)^T + b: one scale per output channel, or per group of inputs (GGUF's Q8_0, Q6_K)."""
 
     kind = "q8"
 
-    def __init__(self, linear: nn.Linear, use_c_kernel: bool = True) -> None:
+    def __init__(
+        self, linear: nn.Linear, quantized: tuple[torch.Tensor, torch.Tensor] | None = None, use_c_kernel: bool = True
+    ) -> None:
         super().__init__(linear, use_c_kernel)
-        self.q, self.scales = int8_quantize(linear.weight)
+        q, scales = quantized if quantized is not None else int8_quantize(linear.weight)
         if self.library is not None:
-            self.c_packed, self.c_scales = cpu_kernels.pack_q8(self.q, self.scales)
+            self.c_packed, self.c_scales = cpu_kernels.pack_q8(q, scales)
+        elif scales.dim() == 1:
+            self.q, self.scales = q, scales
+        else:
+            raise ValueError("int8 weights with grouped scales need our CPU kernels (AVX2)")
 
     def dequantized(self) -> torch.Tensor:
-        return self.q.float() * self.scales[:, None]
+        if self.library is None:
+            return QuantizedRows(self.q, self.scales[:, None], None, self.in_features).dequantize()
+        groups = self.c_scales.shape[1]
+        scales = self.c_scales.transpose(1, 2).reshape(-1, groups)[: self.out_features]
+        q = cpu_kernels.unpack_q8(self.c_packed, self.out_features)
+        return QuantizedRows(q, scales, None, self.in_features // groups).dequantize()
 
     def torch_matmul(self, rows: torch.Tensor) -> torch.Tensor:
         return torch.ops.aten._weight_int8pack_mm(rows, self.q, self.scales.to(rows.dtype))
@@ -125,8 +135,6 @@ class Int4Linear(_QuantizedLinear):
         return int4_dequantize(q, self.d, self.m)
 
     def torch_matmul(self, rows: torch.Tensor) -> torch.Tensor:
-        if self.library is not None:  # packed for ours: 16-bit activations widened to float32
-            return cpu_kernels.linear_quantized(self.library, "q4", rows.float(), self.c_packed, self.c_scales, self.out_features, None).to(rows.dtype)
         return torch.ops.aten._weight_int4pack_mm_for_cpu(rows, self.packed, GROUP, self.scale_zero.to(rows.dtype))
 
 
@@ -134,42 +142,66 @@ def _int4_fits(linear: nn.Linear) -> bool:
     return linear.in_features % GROUP == 0 and linear.out_features % 8 == 0
 
 
-def _exact_int4(linear: nn.Linear) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-    """The layer's int4 form when its weights are exactly int4 (Q4_1) numbers, else None."""
-    if not _int4_fits(linear):
+def _from_file(linear: nn.Linear, index: dict[int, tuple[str, int]], stored: dict[str, StoredTensor], decoded: dict) -> QuantizedRows | None:
+    """The file's blocks for every row of `linear` (rows found by key, all of one kind, giving the
+    layer's weights back), else None."""
+    weight = linear.weight.detach().float()
+    found = [index.get(key) for key in row_keys(weight).tolist()]
+    if any(f is None for f in found):
         return None
-    quantized = int4_quantize(linear.weight)
-    w = linear.weight.detach().float()
-    error = (int4_dequantize(*quantized) - w).abs().max()
-    return quantized if error <= EXACT * max(w.abs().max().item(), 1e-30) else None
+    parts, start = [], 0
+    while start < len(found):  # runs of consecutive rows from one stored tensor
+        name, first = found[start]
+        end = start + 1
+        while end < len(found) and found[end][0] == name:
+            end += 1
+        if name not in decoded:
+            decoded[name] = decode(stored[name].blocks, stored[name].qtype)
+        parts.append(decoded[name].select(torch.tensor([row for _, row in found[start:end]])))
+        start = end
+    if len({p.kind for p in parts}) != 1:
+        return None  # e.g. q/k in Q4_K, v in Q6_K in one fused layer: stays float
+    rows = QuantizedRows.concat(parts)
+    error = (rows.dequantize() - weight).abs().max()
+    return rows if error <= EXACT * max(weight.abs().max().item(), 1e-30) else None
 
 
-def quantize_linears(model: nn.Module, mode: str) -> dict[str, int]:
+def _linears(model: nn.Module):
+    """(parent, attribute name, layer) for each CPU nn.Linear that may be replaced."""
+    for parent in list(model.modules()):
+        if isinstance(parent, nn.MultiheadAttention):  # reads its out_proj's .weight directly (SigLIP's pooling head)
+            continue
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.Linear) and child.weight.device.type == "cpu":
+                yield parent, name, child
+
+
+def quantize_linears(model: nn.Module, mode: str, stored: dict[str, StoredTensor] | None = None) -> dict[str, int]:
     """Replace the model's CPU nn.Linear layers by quantised ones; returns counts by kind
-    ({"int4": 210, "float": 1})."""
+    ({"int4": 210, "int8": 1}). `gguf` serves `stored` (gguf_blocks.read_gguf / load)."""
     if mode not in MODES:
         raise ValueError(f"quantization must be one of {MODES}, not {mode!r}")
     counts: dict[str, int] = {}
     if mode == "none":
         return counts
-    for parent in list(model.modules()):
-        if isinstance(parent, nn.MultiheadAttention):  # reads its out_proj's .weight directly (SigLIP's pooling head)
-            continue
-        for name, child in list(parent.named_children()):
-            if not isinstance(child, nn.Linear) or child.weight.device.type != "cpu":
-                continue
-            if mode == "int8":
-                layer: nn.Module | None = Int8Linear(child)
-            elif mode == "int4":
-                layer = Int4Linear(child) if _int4_fits(child) else None
-            else:
-                exact = _exact_int4(child)
-                layer = Int4Linear(child, exact) if exact is not None else None
-            kind = mode if mode != "gguf" else "int4"
-            if layer is None:
-                kind = "float"
-            else:
-                setattr(parent, name, layer)
-            counts[kind] = counts.get(kind, 0) + 1
+    index = {key: (name, row) for name, t in (stored or {}).items() for row, key in enumerate(t.keys.tolist())}
+    decoded: dict[str, QuantizedRows] = {}
+    have_kernels = cpu_kernels.load() is not None  # grouped int8 runs only there
+    for parent, name, child in _linears(model):
+        layer: nn.Module | None = None
+        if mode == "int8":
+            layer = Int8Linear(child)
+        elif mode == "int4":
+            layer = Int4Linear(child) if _int4_fits(child) else None
+        else:
+            rows = _from_file(child, index, stored or {}, decoded)
+            if rows is not None and rows.kind == "int4" and (have_kernels or _int4_fits(child)):
+                layer = Int4Linear(child, (rows.q, rows.d, rows.m))
+            elif rows is not None and rows.kind == "int8" and have_kernels:
+                layer = Int8Linear(child, (rows.q, rows.d))
+        kind = "float" if layer is None else ("int4" if isinstance(layer, Int4Linear) else "int8")
+        if layer is not None:
+            setattr(parent, name, layer)
+        counts[kind] = counts.get(kind, 0) + 1
     log.info("quantization %s: %s", mode, ", ".join(f"{n} {k}" for k, n in sorted(counts.items())))
     return counts
