@@ -150,3 +150,34 @@ def test_the_model_takes_the_kernel_for_few_queries_and_sdpa_for_many(monkeypatc
     finally:
         monkeypatch.delenv("FREELUNCH_CPU_ATTENTION")
         attention._attention_library.cache_clear()
+
+
+@pytest.mark.parametrize("rows", [1, 3, 40])
+@pytest.mark.parametrize("width", [5, 64, 576])
+def test_elementwise_kernels_match_pytorch(rows: int, width: int) -> None:
+    """RMSNorm (with and without the residual add), RoPE and SwiGLU's gate against the PyTorch ops
+    the model uses without them: float32 rounding apart (~1e-6 relative)."""
+    library = cpu_kernels.load()
+    from freelunch.models.llama import rotate_half
+
+    gen = torch.Generator().manual_seed(rows * 7 + width)
+    x, delta = (torch.randn(rows, width, generator=gen) * 3 for _ in range(2))
+    weight = torch.randn(width, generator=gen)
+    total, normed = cpu_kernels.rms_norm(library, x, weight, 1e-5, delta)
+    assert torch.equal(total, x + delta)
+    torch.testing.assert_close(normed, F.rms_norm(x + delta, (width,), weight, 1e-5), rtol=1e-5, atol=1e-5)
+    same, normed = cpu_kernels.rms_norm(library, x, weight, 1e-5)
+    assert same is x
+    torch.testing.assert_close(normed, F.rms_norm(x, (width,), weight, 1e-5), rtol=1e-5, atol=1e-5)
+
+    gate_up = torch.randn(rows, 2 * width, generator=gen) * 6  # includes gates far into both tails
+    want = F.silu(gate_up[:, :width]) * gate_up[:, width:]
+    torch.testing.assert_close(cpu_kernels.silu_mul(library, gate_up), want, rtol=1e-5, atol=1e-6)
+
+    head_dim, heads, other = 2 * width if width % 2 else width, 3, 2  # RoPE on 3 heads of 5 per row
+    qkv = torch.randn(rows, heads + other, head_dim, generator=gen)
+    cos, sin = torch.randn(rows, head_dim, generator=gen), torch.randn(rows, head_dim, generator=gen)
+    qk = qkv[:, :heads]
+    want = torch.cat([qk * cos[:, None] + rotate_half(qk) * sin[:, None], qkv[:, heads:]], dim=1)
+    cpu_kernels.rope_(library, qkv, heads, head_dim, cos, sin)
+    torch.testing.assert_close(qkv, want, rtol=1e-5, atol=1e-5)

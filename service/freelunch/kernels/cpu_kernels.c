@@ -255,7 +255,7 @@ void fl_linear_q4(const float* x, int64_t M, int64_t K, const uint8_t* packed, c
  * the values. SDPA's CPU kernel spends most of its time on set-up at these sizes, and the keys are
  * read straight from the cache (no gathered copy). */
 
-/* e^x for 8 floats (Cephes' single-precision polynomial, as in avx_mathfun); x <= 0 here. */
+/* e^x for 8 floats (Cephes' single-precision polynomial, as in avx_mathfun); x <= 88 (no overflow). */
 static inline __m256 exp8(__m256 x) {
     x = _mm256_max_ps(x, _mm256_set1_ps(-87.3365f));
     __m256 fx = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
@@ -376,5 +376,86 @@ void fl_paged_attention(const float* q, int64_t B, int64_t n, int64_t H, int64_t
         }
         free(slot);
         free(score);
+    }
+}
+
+/* ---- the elementwise steps between a decoder layer's matmuls ---------------------------------------
+ * A decode step runs them once per layer on a few rows, where PyTorch's per-op set-up (~5-30 us
+ * an op, several ops a step) costs more than the arithmetic; each is one call here. */
+
+static inline float hsum8(__m256 v) {
+    float t[8];
+    _mm256_storeu_ps(t, v);
+    return ((t[0] + t[4]) + (t[1] + t[5])) + ((t[2] + t[6]) + (t[3] + t[7]));
+}
+
+/* RMSNorm, after a residual add when `delta` is given: sum = x (+ delta) into `sum` (may be x),
+ * out = sum / sqrt(mean(sum^2) + eps) * weight. Rows of K floats. */
+void fl_rms_norm(const float* x, const float* delta, const float* weight, float eps, int64_t M, int64_t K, float* sum,
+                 float* out) {
+    for (int64_t m = 0; m < M; m++) {
+        const float* xr = x + m * K;
+        float* s = sum + m * K;
+        __m256 sq = _mm256_setzero_ps();
+        int64_t k = 0;
+        for (; k + 8 <= K; k += 8) {
+            __m256 v = _mm256_loadu_ps(xr + k);
+            if (delta) v = _mm256_add_ps(v, _mm256_loadu_ps(delta + m * K + k));
+            _mm256_storeu_ps(s + k, v);
+            sq = _mm256_fmadd_ps(v, v, sq);
+        }
+        float ss = hsum8(sq);
+        for (; k < K; k++) {
+            float v = xr[k] + (delta ? delta[m * K + k] : 0.0f);
+            s[k] = v;
+            ss += v * v;
+        }
+        float inv = 1.0f / sqrtf(ss / (float)K + eps);
+        __m256 iv = _mm256_set1_ps(inv);
+        for (k = 0; k + 8 <= K; k += 8)
+            _mm256_storeu_ps(out + m * K + k, _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(s + k), iv), _mm256_loadu_ps(weight + k)));
+        for (; k < K; k++) out[m * K + k] = s[k] * inv * weight[k];
+    }
+}
+
+/* Rotary embedding in place on the first `heads` heads of each of T rows (a row: `stride` floats,
+ * a head: D, D even): x1' = x1 cos - x2 sin, x2' = x2 cos + x1 sin over the halves, cos and sin
+ * [T, D] (transformers' rotate_half convention). */
+void fl_rope(float* x, int64_t T, int64_t heads, int64_t D, int64_t stride, const float* cos, const float* sin) {
+    int64_t half = D / 2;
+    for (int64_t t = 0; t < T; t++) {
+        const float *c = cos + t * D, *s = sin + t * D;
+        for (int64_t h = 0; h < heads; h++) {
+            float* x1 = x + t * stride + h * D;
+            float* x2 = x1 + half;
+            int64_t i = 0;
+            for (; i + 8 <= half; i += 8) {
+                __m256 a = _mm256_loadu_ps(x1 + i), b = _mm256_loadu_ps(x2 + i);
+                _mm256_storeu_ps(x1 + i, _mm256_sub_ps(_mm256_mul_ps(a, _mm256_loadu_ps(c + i)), _mm256_mul_ps(b, _mm256_loadu_ps(s + i))));
+                _mm256_storeu_ps(x2 + i, _mm256_add_ps(_mm256_mul_ps(b, _mm256_loadu_ps(c + half + i)),
+                                                       _mm256_mul_ps(a, _mm256_loadu_ps(s + half + i))));
+            }
+            for (; i < half; i++) {
+                float a = x1[i], b = x2[i];
+                x1[i] = a * c[i] - b * s[i];
+                x2[i] = b * c[half + i] + a * s[half + i];
+            }
+        }
+    }
+}
+
+/* SwiGLU's gate: out[m, i] = silu(gu[m, i]) * gu[m, I + i], gu rows [gate | up] of 2 I floats. */
+void fl_silu_mul(const float* gu, int64_t M, int64_t I, float* out) {
+    const __m256 one = _mm256_set1_ps(1.0f), top = _mm256_set1_ps(88.0f);
+    for (int64_t m = 0; m < M; m++) {
+        const float *g = gu + m * 2 * I, *u = g + I;
+        float* o = out + m * I;
+        int64_t i = 0;
+        for (; i + 8 <= I; i += 8) {
+            __m256 x = _mm256_loadu_ps(g + i);
+            __m256 e = exp8(_mm256_min_ps(_mm256_sub_ps(_mm256_setzero_ps(), x), top)); /* e^-x */
+            _mm256_storeu_ps(o + i, _mm256_mul_ps(_mm256_div_ps(x, _mm256_add_ps(one, e)), _mm256_loadu_ps(u + i)));
+        }
+        for (; i < I; i++) o[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
     }
 }

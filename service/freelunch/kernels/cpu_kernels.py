@@ -8,6 +8,8 @@
   paged cache by slot id, with an optional mask (decoding, tree verification): the PyTorch
   reference gathers the keys into a copy, then SDPA spends most of its time on set-up at
   these sizes.
+- `rms_norm` (with the residual add before it), `rope`, `silu_mul`: the elementwise steps
+  between a layer's matmuls, one call each instead of several PyTorch ops.
 
 The shared library is compiled from the shipped source at first use (about a second with gcc)
 into `<FREELUNCH_CACHE_DIR>/kernels/`, named by a hash of the source and the flags; a read-only
@@ -139,6 +141,11 @@ def load() -> ctypes.CDLL | None:
         ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
     ]  # fmt: skip
     library.fl_linear_q8.restype = library.fl_linear_q4.restype = None
+    p, i64 = ctypes.c_void_p, ctypes.c_int64
+    library.fl_rms_norm.argtypes = [p, p, p, ctypes.c_float, i64, i64, p, p]
+    library.fl_rope.argtypes = [p, i64, i64, i64, i64, p, p]
+    library.fl_silu_mul.argtypes = [p, i64, i64, p]
+    library.fl_rms_norm.restype = library.fl_rope.restype = library.fl_silu_mul.restype = None
     _library = library
     return library
 
@@ -239,4 +246,36 @@ def paged_attention(
         kv_index.data_ptr(), kv_index.shape[1], None if mask is None else mask.data_ptr(), scale,
         out.data_ptr(), torch.get_num_threads(),
     )  # fmt: skip
+    return out
+
+
+def rms_norm(
+    library: ctypes.CDLL, x: torch.Tensor, weight: torch.Tensor, eps: float, delta: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [..., K] float32 (+ delta) -> (x + delta, RMSNorm(x + delta) * weight); without delta the
+    first is x itself."""
+    x = x.contiguous()
+    k = x.shape[-1]
+    out = torch.empty_like(x)
+    total = x if delta is None else torch.empty_like(x)
+    library.fl_rms_norm(
+        x.data_ptr(), None if delta is None else delta.contiguous().data_ptr(), weight.data_ptr(), eps,
+        x.numel() // k, k, total.data_ptr(), out.data_ptr(),
+    )  # fmt: skip
+    return total, out
+
+
+def rope_(library: ctypes.CDLL, x: torch.Tensor, heads: int, head_dim: int, cos: torch.Tensor, sin: torch.Tensor) -> None:
+    """Rotary embedding in place on the first `heads` heads of each row of x [T, ...] (contiguous
+    float32 rows); cos, sin [T, head_dim] float32."""
+    t = x.shape[0]
+    library.fl_rope(x.data_ptr(), t, heads, head_dim, x.stride(0), cos.contiguous().data_ptr(), sin.contiguous().data_ptr())
+
+
+def silu_mul(library: ctypes.CDLL, gate_up: torch.Tensor) -> torch.Tensor:
+    """[..., 2 I] float32 rows [gate | up] -> silu(gate) * up [..., I]."""
+    gate_up = gate_up.contiguous()
+    i = gate_up.shape[-1] // 2
+    out = gate_up.new_empty(*gate_up.shape[:-1], i)
+    library.fl_silu_mul(gate_up.data_ptr(), gate_up.numel() // (2 * i), i, out.data_ptr())
     return out

@@ -112,8 +112,8 @@ class AttentionBatch:
             prune.observed = [query_attention(q[query], k[keys], self.scale) for query, keys in prune.probes]
         k_cache, v_cache = self.kv_caches[layer]
         slots = next(m for start, m in reversed(self.slot_mappings) if start <= layer)
-        k_cache.index_copy_(0, slots, k.to(k_cache.dtype))
-        v_cache.index_copy_(0, slots, v.to(v_cache.dtype))
+        k_cache.index_copy_(0, slots, k if k.dtype == k_cache.dtype else k.to(k_cache.dtype))
+        v_cache.index_copy_(0, slots, v if v.dtype == v_cache.dtype else v.to(v_cache.dtype))
         t, h, d = q.shape
         if len(self.groups) == 1 and self.groups[0].q_index is None:
             return self._attend_group(self.groups[0], layer, q, k, v).reshape(t, h * d)

@@ -12,10 +12,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import functools
+import os
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from freelunch.kernels import cpu_kernels
 from freelunch.models.attention import AttentionBatch
 from freelunch.models.expert_routing import ExpertRouting
 from freelunch.models.moe_config import MoeConfig
@@ -87,6 +91,20 @@ def _sliding_window(c) -> int | None:
     return window
 
 
+@functools.cache
+def _elementwise_library():
+    """The C kernels for norms, RoPE and SwiGLU unless FREELUNCH_CPU_ELEMENTWISE=torch (read once)."""
+    return None if os.environ.get("FREELUNCH_CPU_ELEMENTWISE", "kernel") == "torch" else cpu_kernels.load()
+
+
+def _fused(*tensors: torch.Tensor):
+    """The C kernels' library when every tensor is float32 on the CPU (else None: PyTorch ops)."""
+    for t in tensors:
+        if t.dtype != torch.float32 or t.device.type != "cpu":
+            return None
+    return _elementwise_library()
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
@@ -94,6 +112,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        library = _fused(x, self.weight)
+        if library is not None:  # one call (~2 us at a decode step's size, against ~25 for F.rms_norm)
+            return cpu_kernels.rms_norm(library, x, self.weight, self.eps)[1]
         if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
             # one fused op (bit-identical to the composite below in float32; ~3x fewer us per call)
             return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
@@ -101,6 +122,14 @@ class RMSNorm(nn.Module):
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * h.to(dtype)
+
+    def add_forward(self, x: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x + delta, the norm of it): the residual add and the norm in one pass where fused."""
+        library = _fused(x, delta, self.weight)
+        if library is not None:
+            return cpu_kernels.rms_norm(library, x, self.weight, self.eps, delta)
+        total = x + delta
+        return total, self(total)
 
 
 class RotaryTable(nn.Module):
@@ -162,8 +191,12 @@ class Attention(nn.Module):
         qk, v = qkv[:, : self.num_heads + self.num_kv_heads], qkv[:, self.num_heads + self.num_kv_heads :]
         if self.qk_norm == "head":
             qk = torch.cat([self.q_norm(qk[:, : self.num_heads]), self.k_norm(qk[:, self.num_heads :])], dim=1)
-        # RoPE on q and k heads at once (half the elementwise ops of doing them apart)
-        qk = qk * cos[:, None, :] + rotate_half(qk) * sin[:, None, :]
+        library = _fused(qkv, cos) if self.qk_norm != "head" and qkv.is_contiguous() else None
+        if library is not None:  # in place on the q and k heads of the projection's output
+            cpu_kernels.rope_(library, qkv, self.num_heads + self.num_kv_heads, self.head_dim, cos, sin)
+            qk = qkv[:, : self.num_heads + self.num_kv_heads]
+        else:  # RoPE on q and k heads at once (half the elementwise ops of doing them apart)
+            qk = qk * cos[:, None, :] + rotate_half(qk) * sin[:, None, :]
         q, k = qk[:, : self.num_heads], qk[:, self.num_heads :]
         out = attn.attend(self.layer_idx, q, k, v)  # [T, H*D]
         return self.o_proj(out)
@@ -179,7 +212,11 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.intermediate, dim=-1)
+        gate_up = self.gate_up_proj(x)
+        library = _fused(gate_up)
+        if library is not None:
+            return self.down_proj(cpu_kernels.silu_mul(library, gate_up))
+        gate, up = gate_up.split(self.intermediate, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
 
@@ -192,8 +229,7 @@ class DecoderLayer(nn.Module):
         self.mlp = feed_forward
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: AttentionBatch) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn)
-        h = self.post_attention_layernorm(x)
+        x, h = self.post_attention_layernorm.add_forward(x, self.self_attn(self.input_layernorm(x), cos, sin, attn))
         # a dense MLP sees only hidden states; a MoE block also the batch's per-token routing override
         return x + (self.mlp(h) if isinstance(self.mlp, MLP) else self.mlp(h, attn.routing))
 

@@ -73,7 +73,9 @@ class _QuantizedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features).contiguous()
-        if self.library is not None:  # 16-bit activations widened to float32
+        if self.library is not None and rows.dtype == torch.float32:
+            y = cpu_kernels.linear_quantized(self.library, self.kind, rows, self.c_packed, self.c_scales, self.out_features, self.bias)
+        elif self.library is not None:  # 16-bit activations widened to float32
             y = cpu_kernels.linear_quantized(self.library, self.kind, rows.float(), self.c_packed, self.c_scales, self.out_features, self.bias)
             y = y.to(rows.dtype)
         else:
