@@ -3,8 +3,9 @@
     python bench/bench_engines.py [--max-tokens 128] [--concurrency 16] [--backends native,vllm,hf,native-tr] [--rounds 1]
 
 Backends: `native` (float32), `native-bf16`, `native-int8`, `native-int4`, `native-gguf`
-(--quantization; gguf: the Q4_1 file's own numbers in int4 kernels), `native-tr`, `hf`,
-`hf-bf16`, `vllm`, `vllm-mp`. With --rounds R, the backends run R times in turn (interleaved) and
+(--quantization; gguf: the file's own blocks: Q4_1 layers in int4 kernels, the Q8_0 output layer in int8), `native-tr`, `hf`,
+`hf-bf16`, `vllm`, `vllm-mp`, and `llama.cpp` (llama-cpp-python on the same GGUF, in the
+environment whose interpreter --llama-cpp-python names: bench/llama_cpp_child.py). With --rounds R, the backends run R times in turn (interleaved) and
 each figure is the median. Also measured: the machine's memory bandwidth (a large copy) and, per
 native backend, the weight bytes a decode step reads, hence the fraction of the bandwidth that
 single-stream decoding reaches.
@@ -134,6 +135,17 @@ def measure_engine(backend: str, args) -> dict:
     return result
 
 
+def llama_cpp_job(args) -> str:
+    """stdin for bench/llama_cpp_child.py: the default GGUF, the same prompt token ids, all cores."""
+    from freelunch.models.loader import default_model_path, load_tokenizer, resolve_source
+
+    if not args.llama_cpp_python:
+        raise SystemExit("the llama.cpp backend needs --llama-cpp-python PATH (an environment with llama-cpp-python)")
+    ids = prompts(load_tokenizer(resolve_source(None)), args.single)
+    job = {"model": str(default_model_path()), "prompts": ids, "single": args.single, "max_tokens": args.max_tokens, "threads": os.cpu_count()}
+    return json.dumps(job)
+
+
 def measure_vllm_mp(args) -> dict:
     """vLLM's own LLMEngine with its default multiprocess engine core, on the same prompts."""
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1"
@@ -222,6 +234,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "engines.json"))
     ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--llama-cpp-python", help="interpreter of an environment with llama-cpp-python: adds the llama.cpp backend")
     args = ap.parse_args()
     if args.child:  # one backend, in this subprocess: print its JSON
         measure = {"hf": measure_hf, "hf-bf16": measure_hf, "vllm-mp": measure_vllm_mp}.get(args.child)
@@ -231,13 +244,17 @@ def main() -> None:
     runs: dict[str, list[dict]] = {}
     for round_ in range(args.rounds):  # interleaved: every backend once per round
         for backend in args.backends.split(","):
-            cmd = [sys.executable, __file__, "--child", backend, "--max-tokens", str(args.max_tokens), "--single", str(args.single),
-                   "--concurrency", str(args.concurrency), "--dtype", args.dtype]  # fmt: skip
             print(f"... round {round_ + 1}: {backend}", file=sys.stderr, flush=True)
-            result = run_child(cmd)
+            if backend == "llama.cpp":
+                result = run_child([args.llama_cpp_python, str(Path(__file__).with_name("llama_cpp_child.py"))], llama_cpp_job(args))
+            else:
+                cmd = [sys.executable, __file__, "--child", backend, "--max-tokens", str(args.max_tokens), "--single", str(args.single),
+                       "--concurrency", str(args.concurrency), "--dtype", args.dtype]  # fmt: skip
+                result = run_child(cmd)
             if result is not None:
                 runs.setdefault(backend, []).append(result)
-    results = {name: {k: statistics.median(r[k] for r in rs) for k in rs[0]} | {"rounds": len(rs)} for name, rs in runs.items()}
+    median = lambda rs, k: statistics.median(r[k] for r in rs) if isinstance(rs[0][k], (int, float)) else rs[0][k]  # noqa: E731
+    results = {name: {k: median(rs, k) for k in rs[0]} | {"rounds": len(rs)} for name, rs in runs.items()}
     bandwidth = memory_bandwidth()
     for r in results.values():
         if "weight_bytes_per_step" in r:

@@ -12,14 +12,14 @@ def machine() -> dict:
     return {"cpu": cpu_name(), "isa": isa_level(), "features": cpu_features(), "cores": os.cpu_count()}
 
 
-def run_child(cmd: list[str]) -> dict | None:
-    """Run one measurement in its own process (`cmd` prints `RESULT <json>`): its result, or None
-    after printing the end of its stderr."""
+def run_child(cmd: list[str], stdin: str | None = None) -> dict | None:
+    """Run one measurement in its own process (`cmd` prints `RESULT <json>`; `stdin` is its input):
+    its result, or None after printing the end of its stderr."""
     import json
     import subprocess
     import sys
 
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    proc = subprocess.run(cmd, input=stdin, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
     if line is None:
         print(proc.stderr[-3000:], file=sys.stderr)

@@ -513,7 +513,8 @@ def _hf_from_gguf(source, hf_config):
 
 
 @pytest.mark.slow
-def test_default_model_greedy_matches_transformers_gguf(monkeypatch):
+@pytest.mark.parametrize("quantization", ["none", "auto"])  # float32, and the file's own blocks (auto: gguf)
+def test_default_model_greedy_matches_transformers_gguf(monkeypatch, quantization):
     import functools
 
     import gguf
@@ -523,7 +524,8 @@ def test_default_model_greedy_matches_transformers_gguf(monkeypatch):
         gguf, "get_tensor_name_map", functools.lru_cache(maxsize=None)(gguf.get_tensor_name_map)
     )
     source = resolve_source(None)
-    loaded = load_model(source)
+    loaded = load_model(source, quantization=quantization)
+    assert loaded.quantization == ("gguf" if quantization == "auto" else "none")
     engine = Engine(loaded, EngineConfig(kv_cache_gib=0.05))
     hf = _hf_from_gguf(source, loaded.hf_config)
     tok = loaded.tokenizer

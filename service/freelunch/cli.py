@@ -22,10 +22,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--dtype", default=env("FREELUNCH_DTYPE", "auto"), choices=["auto", "float32", "bfloat16", "float16"])
     serve.add_argument(
         "--quantization",
-        default=env("FREELUNCH_QUANTIZATION", "none"),
-        choices=["none", "int8", "int4", "gguf"],
-        help="weight-only quantised linears on CPU (native engine): int8 per channel, int4 in groups of 32 "
-        "(Q4_1's scheme), gguf: int4 exactly where the weights are a Q4_1 file's numbers, float elsewhere",
+        default=env("FREELUNCH_QUANTIZATION", "auto"),
+        choices=["auto", "none", "int8", "int4", "gguf"],
+        help="weight-only quantised linears on CPU (native engine): gguf serves a .gguf file's own blocks "
+        "(Q4_0/Q4_1/Q4_K, Q8_0/Q6_K; other types float), int8 per channel, int4 in groups of 32; "
+        "auto (default): gguf for a .gguf model on CPU, none (the checkpoint's dtype) otherwise",
     )
     serve.add_argument("--max-model-len", type=int, default=int(env("FREELUNCH_MAX_MODEL_LEN", "0")) or None)
     serve.add_argument(

@@ -13,7 +13,8 @@ class EngineConfig:
     model: str | None = None  # folder or .gguf; None = the embedded default model
     served_model_name: str | None = None
     dtype: str = "auto"
-    quantization: str = "none"  # weight-only: none, int8, int4, gguf (models/quantization.py)
+    # weight-only (models/quantization.py): auto (gguf for a .gguf model on CPU, else none), none, int8, int4, gguf
+    quantization: str = "auto"
     device: str = "cpu"
     max_model_len: int | None = None  # None = the model's max_position_embeddings (capped at 8192)
     max_num_seqs: int = 64  # batch rows at once
@@ -50,9 +51,9 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, not {self.dtype!r}")
-        if self.quantization not in ("none", "int8", "int4", "gguf"):
-            raise ValueError(f"quantization must be none, int8, int4 or gguf, not {self.quantization!r}")
-        if self.quantization != "none" and self.engine != "native":
+        if self.quantization not in ("auto", "none", "int8", "int4", "gguf"):
+            raise ValueError(f"quantization must be auto, none, int8, int4 or gguf, not {self.quantization!r}")
+        if self.quantization not in ("auto", "none") and self.engine != "native":
             raise ValueError("--quantization applies to the native engine (vLLM quantises through its own checkpoints)")
         if self.max_model_len is not None and self.max_model_len < 16:
             raise ValueError("max_model_len must be at least 16")

@@ -57,6 +57,7 @@ class LoadedModel:
     hf_config: object
     name: str
     dtype: torch.dtype
+    quantization: str = "none"  # as served ("auto" resolved)
 
 
 def default_model_path() -> Path:
@@ -197,6 +198,11 @@ def load_model(source: ModelSource, dtype: str = "auto", device: str = "cpu", qu
     from freelunch.models.llama import DecoderConfig
 
     gguf_file = source.path if source.is_gguf else None
+    if quantization == "auto":  # a GGUF's own blocks: its numbers, at a fraction of float32's bytes a step
+        quantization = "gguf" if gguf_file is not None and torch.device(device).type == "cpu" else "none"
+        explicit = False
+    else:
+        explicit = quantization != "none"
     source = source.as_folder()  # with a read-only cache, the GGUF is read directly every time
     hf_config = load_hf_config(source)
     archs = getattr(hf_config, "architectures", None) or ["LlamaForCausalLM"]
@@ -217,7 +223,7 @@ def load_model(source: ModelSource, dtype: str = "auto", device: str = "cpu", qu
         # before the dtype conversion: gguf finds a layer's stored rows by their float32 bits
         stored = _stored_blocks(source, gguf_file) if quantization == "gguf" else None
         counts = quantize_linears(model, quantization, stored)
-        if quantization == "gguf" and not (counts.get("int4") or counts.get("int8")):
+        if quantization == "gguf" and explicit and not (counts.get("int4") or counts.get("int8")):
             raise ModelLoadError(
                 f"--quantization gguf: no layer of this file is stored as one of {', '.join(gguf_blocks.SERVED_TYPES)}"
             )
@@ -227,7 +233,7 @@ def load_model(source: ModelSource, dtype: str = "auto", device: str = "cpu", qu
     model.to(device)  # buffers (RoPE tables, a vision tower's position ids) keep their dtypes
     if torch_dtype == torch.float32 and torch.device(device).type == "cpu":
         pack_linears(model)  # the layers left in float32
-    return LoadedModel(model, load_tokenizer(source), hf_config, source.served_name, torch_dtype)
+    return LoadedModel(model, load_tokenizer(source), hf_config, source.served_name, torch_dtype, quantization)
 
 
 def _stored_blocks(source: ModelSource, gguf_file: Path | None) -> dict[str, gguf_blocks.StoredTensor]:

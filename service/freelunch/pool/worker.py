@@ -11,10 +11,14 @@ import logging
 import threading
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from freelunch.config import EngineConfig
 from freelunch.engine.request import GenerationRequest, RequestOutput
 from freelunch.pool.engine_loop import EngineBackend, EngineLoop, WorkerStats
+
+if TYPE_CHECKING:
+    from freelunch.models.loader import LoadedModel
 
 log = logging.getLogger("freelunch.worker")
 
@@ -184,11 +188,11 @@ def load_engine(config: EngineConfig) -> EngineBackend:
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
     loaded = load_model(resolve_source(config.model, config.served_model_name), config.dtype, config.device, config.quantization)
-    log_kernels(loaded.model, config)
+    log_kernels(loaded)
     return Engine(loaded, config)
 
 
-def log_kernels(model: object, config: EngineConfig) -> None:
+def log_kernels(loaded: LoadedModel) -> None:
     """One line: the CPU's features and which kernels its layers run on."""
     from collections import Counter
 
@@ -196,9 +200,9 @@ def log_kernels(model: object, config: EngineConfig) -> None:
 
     from freelunch.cpu_features import cpu_features, cpu_name, isa_level
 
-    layers = Counter(type(m).__name__ for m in model.modules() if type(m).__name__.endswith("Linear"))
+    layers = Counter(type(m).__name__ for m in loaded.model.modules() if type(m).__name__.endswith("Linear"))
     log.info(
         "cpu: %s (%s: %s); torch dispatch %s, %d threads; dtype %s, quantization %s; linears: %s",
         cpu_name(), isa_level(), " ".join(cpu_features()) or "-", torch.backends.cpu.get_cpu_capability(),
-        torch.get_num_threads(), config.dtype, config.quantization, ", ".join(f"{n} {k}" for k, n in layers.most_common()),
+        torch.get_num_threads(), loaded.dtype, loaded.quantization, ", ".join(f"{n} {k}" for k, n in layers.most_common()),
     )  # fmt: skip
