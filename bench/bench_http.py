@@ -5,7 +5,7 @@
 Measures single-stream decode tokens/s and time to first token through the streaming API, and
 aggregate throughput at several concurrency levels; then transformers `generate` on the same
 weights (single stream, and batched with left padding), and llama.cpp through
-llama-cpp-python on the GGUF when it is installed. Writes JSON (default
+llama-cpp-python on the GGUF, in process, with --llama-cpp-python PATH (its own environment). Writes JSON (default
 bench/results/http.json) and prints a table of ratios. Run on an idle machine.
 """
 
@@ -15,7 +15,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -23,6 +22,7 @@ from pathlib import Path
 
 import httpx
 import torch
+from host import machine  # bench/host.py
 from freelunch.benchmark import (  # shared with `freelunch bench`
     PROMPTS,
     start_server,
@@ -36,17 +36,32 @@ async def http_levels(base: str, levels: list[int], max_tokens: int) -> dict:
     async with httpx.AsyncClient(base_url=base, timeout=None, limits=httpx.Limits(max_connections=256)) as client:
         await stream_once(client, None, PROMPTS[0], 8, {})  # warm-up
         for c in levels:
+            health: list[float] = []
+            probe = asyncio.create_task(probe_health(client, health))  # is the API responsive under this load?
             start = time.perf_counter()
             # {}: the server's own defaults (e.g. --speculative) apply, as for any client
             runs = await asyncio.gather(*(stream_once(client, None, PROMPTS[i % len(PROMPTS)], max_tokens, {}) for i in range(c)))
             wall = max(r.end for r in runs) - start
+            probe.cancel()
             out[c] = {
                 "throughput_tps": sum(r.tokens for r in runs) / wall,
                 "ttft_median_s": statistics.median(r.ttft for r in runs),
                 "decode_tps_median": statistics.median(r.decode_tps for r in runs),
+                "health_median_s": statistics.median(health) if health else None,
+                "health_max_s": max(health, default=None),
             }
-            print(f"  freelunch c={c}: {out[c]['throughput_tps']:.1f} tok/s, TTFT {out[c]['ttft_median_s'] * 1e3:.0f} ms", flush=True)
+            print(f"  freelunch c={c}: {out[c]['throughput_tps']:.1f} tok/s, TTFT {out[c]['ttft_median_s'] * 1e3:.0f} ms, "
+                  f"/health median {1e3 * (out[c]['health_median_s'] or 0):.1f} ms", flush=True)  # fmt: skip
     return out
+
+
+async def probe_health(client: httpx.AsyncClient, latencies: list[float]) -> None:
+    """GET /health every 100 ms, recording each answer's latency, until cancelled."""
+    while True:
+        t = time.perf_counter()
+        await client.get("/health")
+        latencies.append(time.perf_counter() - t)
+        await asyncio.sleep(0.1)
 
 
 def hf_bench(folder: Path, dtype: torch.dtype, max_tokens: int, batches: list[int]) -> dict:
@@ -78,16 +93,21 @@ def hf_bench(folder: Path, dtype: torch.dtype, max_tokens: int, batches: list[in
     return out
 
 
-def llamacpp_bench(gguf: Path, max_tokens: int) -> dict:
-    try:
-        from llama_cpp import Llama
-    except ImportError:
-        return {"status": "llama-cpp-python not installed"}
-    llm = Llama(model_path=str(gguf), n_threads=os.cpu_count(), n_ctx=2048, verbose=False, use_extra_bufts=False)
-    t0 = time.perf_counter()
-    r = llm(PROMPTS[0], max_tokens=max_tokens, temperature=0)
-    n = r["usage"]["completion_tokens"]
-    return {"decode_tps": n / (time.perf_counter() - t0)}
+def llamacpp_bench(python: str | None, max_tokens: int) -> dict:
+    """llama.cpp on the same GGUF, in its own environment (bench/llama_cpp_child.py: in process, no
+    HTTP), single stream on this benchmark's prompts; {} without --llama-cpp-python."""
+    if not python:
+        return {}
+    from freelunch.models.loader import default_model_path, load_tokenizer, resolve_source
+    from host import run_child  # bench/host.py
+
+    tok = load_tokenizer(resolve_source(None))
+    ids = [tok.encode(p) for p in PROMPTS[:3]]  # the completions this benchmark streams
+    job = {"model": str(default_model_path()), "prompts": ids, "single": len(ids), "max_tokens": max_tokens, "threads": os.cpu_count()}
+    result = run_child([python, str(Path(__file__).with_name("llama_cpp_child.py"))], json.dumps(job)) or {}
+    if result:
+        print(f"  llama.cpp single: {result['single_tok_s']:.1f} tok/s", flush=True)
+    return result
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -99,6 +119,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--skip-hf", action="store_true")
     parser.add_argument("--out", default="bench/results/http.json")
     parser.add_argument("--server-args", default="", help="extra flags for freelunch serve")
+    parser.add_argument("--llama-cpp-python", help="interpreter of an environment with llama-cpp-python (bench/llama_cpp_child.py)")
     args = parser.parse_args(argv)
     from freelunch.models.loader import default_model_path, gguf_to_folder
 
@@ -114,10 +135,9 @@ def main(argv: list[str] | None = None) -> dict:
             stop_server(proc)
     gguf = default_model_path()
     hf = {} if args.skip_hf else hf_bench(gguf_to_folder(gguf), getattr(torch, args.dtype), args.max_tokens, [int(b) for b in args.hf_batches.split(",")])
-    lcpp = llamacpp_bench(gguf, args.max_tokens)
+    lcpp = llamacpp_bench(args.llama_cpp_python, args.max_tokens)
     result = {
-        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "torch": torch.__version__,
-                    "date": time.strftime("%Y-%m-%d"), "load_average_at_start": load},
+        "machine": machine() | {"torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "load_average_at_start": load},
         "dtype": args.dtype, "max_tokens": args.max_tokens, "freelunch": ours, "transformers": hf, "llama_cpp": lcpp,
     }
     single = ours[levels[0]]["decode_tps_median"]
@@ -129,7 +149,8 @@ def main(argv: list[str] | None = None) -> dict:
         ref = hf.get(f"batch{c}_tps")
         cells = f"{ours[c]['throughput_tps']:>12.1f}" + (f"{ref:>14.1f}{ours[c]['throughput_tps'] / ref:>7.2f}x" if ref else f"{'':>14}")
         print(f"{f'throughput @ {c} concurrent tok/s':<34}{cells}")
-    print(f"llama.cpp: {lcpp}")
+    if lcpp:
+        print(f"{'single stream vs llama.cpp (in process)':<34}{single:>12.1f}{lcpp['single_tok_s']:>14.1f}{single / lcpp['single_tok_s']:>7.2f}x")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
     return result

@@ -170,6 +170,7 @@ def test_engine_serves_a_gguf_files_blocks_as_transformers_computes_them(tmp_pat
     with pytest.raises(ModelLoadError, match="gguf"):  # no blocks in the folder: nothing to serve
         load_model(resolve_source(str(tmp_path)), "float32", quantization="gguf")
     gguf_blocks.save(stored, tmp_path)
+    assert [p.name for p in tmp_path.glob("*.safetensors")] == ["model.safetensors"]  # vLLM loads every one there
     loaded = load_model(resolve_source(str(tmp_path)), "float32", quantization="gguf")
     model = loaded.model
     assert isinstance(model.layers[0].self_attn.qkv_proj, Int4Linear)

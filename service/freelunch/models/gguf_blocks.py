@@ -27,7 +27,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-BLOCKS_FILE = "gguf_blocks.safetensors"
+# in a folder of its own: vLLM and transformers load every *.safetensors file at a model folder's top
+BLOCKS_FILE = "gguf_blocks/blocks.safetensors"
 INT4_TYPES = ("Q4_0", "Q4_1", "Q4_K")
 INT8_GROUPS = {"Q8_0": 32, "Q6_K": 16}
 SERVED_TYPES = (*INT4_TYPES, *INT8_GROUPS)
@@ -168,6 +169,7 @@ def save(stored: dict[str, StoredTensor], folder: Path) -> None:
     for name, t in stored.items():
         tensors[f"{name}/blocks"] = torch.from_numpy(np.array(t.blocks))  # a copy: the reader maps the file read-only
         tensors[f"{name}/keys"] = t.keys
+    (folder / BLOCKS_FILE).parent.mkdir(exist_ok=True)
     tmp = folder / f"{BLOCKS_FILE}.tmp{os.getpid()}"
     save_file(tensors, str(tmp), metadata={name: t.qtype for name, t in stored.items()})
     os.replace(tmp, folder / BLOCKS_FILE)  # a worker loading at the same time never reads half a file
