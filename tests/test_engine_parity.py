@@ -9,6 +9,7 @@ order and batch shape: observed differences are ~1e-6).
 from __future__ import annotations
 
 import os
+from collections import Counter
 
 import pytest
 import torch
@@ -526,6 +527,9 @@ def test_default_model_greedy_matches_transformers_gguf(monkeypatch, quantizatio
     source = resolve_source(None)
     loaded = load_model(source, quantization=quantization)
     assert loaded.quantization == ("gguf" if quantization == "auto" else "none")
+    if quantization == "auto":  # every Q4_1 layer in int4, the tied Q8_0 output layer in int8: none left in float
+        kinds = Counter(type(m).__name__ for m in loaded.model.modules() if type(m).__name__.endswith("Linear"))
+        assert kinds == {"Int4Linear": 120, "Int8Linear": 1}, kinds
     engine = Engine(loaded, EngineConfig(kv_cache_gib=0.05))
     hf = _hf_from_gguf(source, loaded.hf_config)
     tok = loaded.tokenizer

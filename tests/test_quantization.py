@@ -59,6 +59,11 @@ def test_blocks_decode_to_the_gguf_packages_dequantisation(qtype):
     assert (rows.dequantize() - reference).abs().max() <= 1e-6 * reference.abs().max()
     assert torch.equal(gguf_blocks.row_keys(reference), stored.keys)
     assert not torch.equal(gguf_blocks.row_keys(reference[:, torch.randperm(512)]), stored.keys)
+    twins = reference[:2].clone()
+    twins[1] = twins[0]
+    twins[1, 1] += 1.0  # a column the sampled part of the key does not read: the rows still differ
+    keys = gguf_blocks.row_keys(twins)
+    assert keys[0] != keys[1]
 
 
 @pytest.mark.parametrize("qtype", ["Q8_0", "Q6_K"])
@@ -166,6 +171,8 @@ def test_engine_serves_a_gguf_files_blocks_as_transformers_computes_them(tmp_pat
                     order = torch.randperm(reference.shape[0])
                     t = gguf_blocks.StoredTensor(qtype, t.blocks[order.numpy()], t.keys[order])
                 stored[name] = t
+        # layer 1's o_proj no longer holds the file's numbers, in a column its rows' keys do not read
+        hf.model.layers[1].self_attn.o_proj.weight[3, 1] += 1e-3
     hf.save_pretrained(tmp_path, safe_serialization=True)
     with pytest.raises(ModelLoadError, match="gguf"):  # no blocks in the folder: nothing to serve
         load_model(resolve_source(str(tmp_path)), "float32", quantization="gguf")
@@ -176,6 +183,7 @@ def test_engine_serves_a_gguf_files_blocks_as_transformers_computes_them(tmp_pat
     assert isinstance(model.layers[0].self_attn.qkv_proj, Int4Linear)
     assert not isinstance(model.layers[1].self_attn.qkv_proj, (Int4Linear, Int8Linear))  # int4 and int8 rows
     assert isinstance(model.layers[0].self_attn.o_proj, Int8Linear)
+    assert not isinstance(model.layers[1].self_attn.o_proj, Int8Linear)  # found by key, refused by value: float
     assert isinstance(model.layers[0].mlp.gate_up_proj, Int8Linear)  # Q6_K and Q8_0: groups of 16
     assert isinstance(model.layers[0].mlp.down_proj, Int4Linear) and isinstance(model.lm_head, Int8Linear)
     _engine_equals_transformers(hf, loaded, tmp_path, "gguf")

@@ -126,19 +126,23 @@ def decode(blocks: np.ndarray, qtype: str) -> QuantizedRows:
     )
 
 
-_COEFFICIENTS: dict[int, torch.Tensor] = {}
+KEY_COLUMNS = 64  # a row's key reads this many of its columns, spread over it
+KEY_VERSION = "64-columns-and-sum-1"  # stored with the keys: a file of other keys is read anew
+_COEFFICIENTS = torch.randint(1, 2**24, (2, KEY_COLUMNS), generator=torch.Generator().manual_seed(0), dtype=torch.int64)
 
 
 def row_keys(weight: torch.Tensor) -> torch.Tensor:
-    """[N, K] float32 -> [N] int64: a hash of each row's exact bits (the same bits, the same key)."""
+    """[N, K] float32 -> [N] int64: a hash of the exact bits of each row: KEY_COLUMNS of its columns
+    mixed, and the sum of all its columns' bits (hashing every column took ~6 s a start for the
+    default model; rows that only the sum tells apart do occur, e.g. unused tokens' embeddings).
+    A key match is then checked value by value."""
     k = weight.shape[1]
-    if k not in _COEFFICIENTS:
-        g = torch.Generator().manual_seed(k)
-        _COEFFICIENTS[k] = torch.randint(1, 2**24, (2, k), generator=g, dtype=torch.int64)
-    bits = weight.detach().float().contiguous().view(torch.int32).to(torch.int64)
-    low, high = bits & 0xFFFF, (bits >> 16) & 0xFFFF  # 16-bit halves by 24-bit numbers: no sum overflows
-    c = _COEFFICIENTS[k]
-    return (low * c[0]).sum(1) ^ (high * c[1]).sum(1)
+    bits = weight.detach().float().contiguous().view(torch.int32)
+    columns = torch.linspace(0, k - 1, KEY_COLUMNS).round().long() if k > KEY_COLUMNS else torch.arange(k)
+    sample = bits[:, columns].to(torch.int64)
+    low, high = sample & 0xFFFF, (sample >> 16) & 0xFFFF  # 16-bit halves by 24-bit numbers: no sum overflows
+    c = _COEFFICIENTS[:, : sample.shape[1]]
+    return (low * c[0]).sum(1) ^ (high * c[1]).sum(1) ^ bits.sum(1, dtype=torch.int64)
 
 
 @dataclass(frozen=True)
@@ -171,19 +175,21 @@ def save(stored: dict[str, StoredTensor], folder: Path) -> None:
         tensors[f"{name}/keys"] = t.keys
     (folder / BLOCKS_FILE).parent.mkdir(exist_ok=True)
     tmp = folder / f"{BLOCKS_FILE}.tmp{os.getpid()}"
-    save_file(tensors, str(tmp), metadata={name: t.qtype for name, t in stored.items()})
+    save_file(tensors, str(tmp), metadata={"keys": KEY_VERSION} | {name: t.qtype for name, t in stored.items()})
     os.replace(tmp, folder / BLOCKS_FILE)  # a worker loading at the same time never reads half a file
 
 
 def load(folder: Path) -> dict[str, StoredTensor] | None:
-    """What `save` wrote into `folder`, or None when it holds no blocks file."""
+    """What `save` wrote into `folder`, or None when it holds no blocks file (or one with other keys)."""
     from safetensors import safe_open
 
     path = folder / BLOCKS_FILE
     if not path.exists():
         return None
     with safe_open(str(path), framework="pt") as f:
-        types = f.metadata() or {}
+        types = dict(f.metadata() or {})
+        if types.pop("keys", None) != KEY_VERSION:
+            return None  # written with other row keys: read the GGUF again
         return {
             name: StoredTensor(qtype, f.get_tensor(f"{name}/blocks").numpy(), f.get_tensor(f"{name}/keys"))
             for name, qtype in types.items()
