@@ -525,6 +525,8 @@ def test_default_model_greedy_matches_transformers_gguf(monkeypatch, quantizatio
         gguf, "get_tensor_name_map", functools.lru_cache(maxsize=None)(gguf.get_tensor_name_map)
     )
     source = resolve_source(None)
+    # workers load the folder converted from the GGUF: the same choice there
+    assert load_model(source.as_folder(), quantization=quantization).quantization == ("gguf" if quantization == "auto" else "none")
     loaded = load_model(source, quantization=quantization)
     assert loaded.quantization == ("gguf" if quantization == "auto" else "none")
     if quantization == "auto":  # every Q4_1 layer in int4, the tied Q8_0 output layer in int8: none left in float

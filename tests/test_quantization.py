@@ -176,9 +176,12 @@ def test_engine_serves_a_gguf_files_blocks_as_transformers_computes_them(tmp_pat
     hf.save_pretrained(tmp_path, safe_serialization=True)
     with pytest.raises(ModelLoadError, match="gguf"):  # no blocks in the folder: nothing to serve
         load_model(resolve_source(str(tmp_path)), "float32", quantization="gguf")
+    assert load_model(resolve_source(str(tmp_path)), "float32", quantization="auto").quantization == "none"
     gguf_blocks.save(stored, tmp_path)
     assert [p.name for p in tmp_path.glob("*.safetensors")] == ["model.safetensors"]  # vLLM loads every one there
-    loaded = load_model(resolve_source(str(tmp_path)), "float32", quantization="gguf")
+    # a folder holding a GGUF's blocks is one converted from a GGUF (what workers load): auto serves them
+    loaded = load_model(resolve_source(str(tmp_path)), "float32", quantization="auto")
+    assert loaded.quantization == "gguf"
     model = loaded.model
     assert isinstance(model.layers[0].self_attn.qkv_proj, Int4Linear)
     assert not isinstance(model.layers[1].self_attn.qkv_proj, (Int4Linear, Int8Linear))  # int4 and int8 rows

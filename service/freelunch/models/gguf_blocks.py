@@ -179,6 +179,17 @@ def save(stored: dict[str, StoredTensor], folder: Path) -> None:
     os.replace(tmp, folder / BLOCKS_FILE)  # a worker loading at the same time never reads half a file
 
 
+def present(folder: Path) -> bool:
+    """Whether `folder` holds a blocks file with this version's keys (reads its header only)."""
+    from safetensors import safe_open
+
+    path = folder / BLOCKS_FILE
+    if not path.exists():
+        return False
+    with safe_open(str(path), framework="pt") as f:
+        return (f.metadata() or {}).get("keys") == KEY_VERSION
+
+
 def load(folder: Path) -> dict[str, StoredTensor] | None:
     """What `save` wrote into `folder`, or None when it holds no blocks file (or one with other keys)."""
     from safetensors import safe_open
