@@ -153,7 +153,7 @@ def _from_file(linear: nn.Linear, index: dict[int, tuple[str, int]], stored: dic
         return None
     parts, start = [], 0
     while start < len(found):  # runs of consecutive rows from one stored tensor
-        name, first = found[start]
+        name = found[start][0]
         end = start + 1
         while end < len(found) and found[end][0] == name:
             end += 1
