@@ -240,7 +240,10 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError("--speculative runs on native workers: with --engine vllm, add --native-workers N")
         waits = []
         if server.workers == 0:
-            workers = [ThreadWorker.load(config)]
+            # native: one torch thread unless told; libgomp throttles the spinning of OpenMP teams
+            # started from a thread other than the process's first (EngineLoop.run_here): 2.4x slower at 2
+            threads = config.num_threads or (1 if config.engine == "native" else None)
+            workers = [ThreadWorker.load(replace(config, num_threads=threads))]
         else:
             workers, wait = start_process_workers(config, server.workers, args.log_level)
             waits.append(wait)
