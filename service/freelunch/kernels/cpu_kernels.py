@@ -255,11 +255,12 @@ def rms_norm(
     """x [..., K] float32 (+ delta) -> (x + delta, RMSNorm(x + delta) * weight); without delta the
     first is x itself."""
     x = x.contiguous()
+    delta = None if delta is None else delta.contiguous()  # held here: the C call reads its memory
     k = x.shape[-1]
     out = torch.empty_like(x)
     total = x if delta is None else torch.empty_like(x)
     library.fl_rms_norm(
-        x.data_ptr(), None if delta is None else delta.contiguous().data_ptr(), weight.data_ptr(), eps,
+        x.data_ptr(), None if delta is None else delta.data_ptr(), weight.data_ptr(), eps,
         x.numel() // k, k, total.data_ptr(), out.data_ptr(),
     )  # fmt: skip
     return total, out
@@ -268,8 +269,8 @@ def rms_norm(
 def rope_(library: ctypes.CDLL, x: torch.Tensor, heads: int, head_dim: int, cos: torch.Tensor, sin: torch.Tensor) -> None:
     """Rotary embedding in place on the first `heads` heads of each row of x [T, ...] (contiguous
     float32 rows); cos, sin [T, head_dim] float32."""
-    t = x.shape[0]
-    library.fl_rope(x.data_ptr(), t, heads, head_dim, x.stride(0), cos.contiguous().data_ptr(), sin.contiguous().data_ptr())
+    cos, sin = cos.contiguous(), sin.contiguous()  # held here: the C call reads their memory
+    library.fl_rope(x.data_ptr(), x.shape[0], heads, head_dim, x.stride(0), cos.data_ptr(), sin.data_ptr())
 
 
 def silu_mul(library: ctypes.CDLL, gate_up: torch.Tensor) -> torch.Tensor:

@@ -9,11 +9,10 @@ MoE models (moe.py) reuse it with sparse feed-forward blocks (`feed_forward`, `l
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
-
 import functools
 import os
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -113,7 +112,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         library = _fused(x, self.weight)
-        if library is not None:  # one call (~2 us at a decode step's size, against ~25 for F.rms_norm)
+        if library is not None:  # one call: F.rms_norm's ops took 25-60 us at a decode step's size
             return cpu_kernels.rms_norm(library, x, self.weight, self.eps)[1]
         if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
             # one fused op (bit-identical to the composite below in float32; ~3x fewer us per call)
