@@ -7,7 +7,8 @@
 ARG CUDA_BASE=nvidia/cuda:12.8.1-base-ubuntu24.04
 
 FROM python:3.11-slim AS build
-# gcc builds the CPU kernels (service/freelunch/kernels/cpu_kernels.c: linear, attention) here; the final image loads it prebuilt.
+# gcc builds the CPU kernels (service/freelunch/kernels/cpu_kernels.c: linears, elementwise steps, attention) here; the final image loads them prebuilt.
+# The default model is converted, and its GGUF blocks kept, at build time (no start pays for it).
 RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
