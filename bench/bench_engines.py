@@ -32,7 +32,7 @@ import sys
 import time
 from pathlib import Path
 
-from host import machine, run_child  # bench/host.py
+from host import machine, run_child, run_llama_cpp  # bench/host.py
 
 CHATS = [
     "Give me three tips for learning a new language.",
@@ -135,15 +135,13 @@ def measure_engine(backend: str, args) -> dict:
     return result
 
 
-def llama_cpp_job(args) -> str:
-    """stdin for bench/llama_cpp_child.py: the default GGUF, the same prompt token ids, all cores."""
-    from freelunch.models.loader import default_model_path, load_tokenizer, resolve_source
+def measure_llama_cpp(args) -> dict | None:
+    """llama.cpp on the same GGUF and the same prompt token ids, in its own environment."""
+    from freelunch.models.loader import load_tokenizer, resolve_source
 
     if not args.llama_cpp_python:
         raise SystemExit("the llama.cpp backend needs --llama-cpp-python PATH (an environment with llama-cpp-python)")
-    ids = prompts(load_tokenizer(resolve_source(None)), args.single)
-    job = {"model": str(default_model_path()), "prompts": ids, "single": args.single, "max_tokens": args.max_tokens, "threads": os.cpu_count()}
-    return json.dumps(job)
+    return run_llama_cpp(args.llama_cpp_python, prompts(load_tokenizer(resolve_source(None)), args.single), args.max_tokens)
 
 
 def measure_vllm_mp(args) -> dict:
@@ -250,7 +248,7 @@ def main() -> None:
         for backend in args.backends.split(","):
             print(f"... round {round_ + 1}: {backend}", file=sys.stderr, flush=True)
             if backend == "llama.cpp":
-                result = run_child([args.llama_cpp_python, str(Path(__file__).with_name("llama_cpp_child.py"))], llama_cpp_job(args))
+                result = measure_llama_cpp(args)
             else:
                 cmd = [sys.executable, __file__, "--child", backend, "--max-tokens", str(args.max_tokens), "--single", str(args.single),
                        "--concurrency", str(args.concurrency), "--dtype", args.dtype]  # fmt: skip

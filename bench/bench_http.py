@@ -22,7 +22,7 @@ from pathlib import Path
 
 import httpx
 import torch
-from host import machine  # bench/host.py
+from host import machine, run_llama_cpp  # bench/host.py
 from freelunch.benchmark import (  # shared with `freelunch bench`
     PROMPTS,
     start_server,
@@ -98,13 +98,10 @@ def llamacpp_bench(python: str | None, max_tokens: int) -> dict:
     HTTP), single stream on this benchmark's prompts; {} without --llama-cpp-python."""
     if not python:
         return {}
-    from freelunch.models.loader import default_model_path, load_tokenizer, resolve_source
-    from host import run_child  # bench/host.py
+    from freelunch.models.loader import load_tokenizer, resolve_source
 
     tok = load_tokenizer(resolve_source(None))
-    ids = [tok.encode(p) for p in PROMPTS[:3]]  # the completions this benchmark streams
-    job = {"model": str(default_model_path()), "prompts": ids, "single": len(ids), "max_tokens": max_tokens, "threads": os.cpu_count()}
-    result = run_child([python, str(Path(__file__).with_name("llama_cpp_child.py"))], json.dumps(job)) or {}
+    result = run_llama_cpp(python, [tok.encode(p) for p in PROMPTS[:3]], max_tokens) or {}  # the completions streamed here
     if result:
         print(f"  llama.cpp single: {result['single_tok_s']:.1f} tok/s", flush=True)
     return result

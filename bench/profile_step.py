@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import time
@@ -96,10 +95,7 @@ def main() -> None:
             name = f"{mode}, elementwise {'C kernels' if fused else 'PyTorch ops'}"
             print(f"... round {round_ + 1}: {name}", file=sys.stderr, flush=True)
             env = {} if fused else {"FREELUNCH_CPU_ELEMENTWISE": "torch"}
-            os.environ.update(env)
-            result = run_child([sys.executable, __file__, "--child", mode, "--tokens", str(args.tokens)])
-            for key in env:
-                del os.environ[key]
+            result = run_child([sys.executable, __file__, "--child", mode, "--tokens", str(args.tokens)], env=env)
             if result is not None:
                 runs.setdefault(name, []).append(result)
     results = {

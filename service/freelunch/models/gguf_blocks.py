@@ -194,13 +194,11 @@ def load(folder: Path) -> dict[str, StoredTensor] | None:
     """What `save` wrote into `folder`, or None when it holds no blocks file (or one with other keys)."""
     from safetensors import safe_open
 
-    path = folder / BLOCKS_FILE
-    if not path.exists():
+    if not present(folder):  # none, or written with other row keys: read the GGUF again
         return None
-    with safe_open(str(path), framework="pt") as f:
+    with safe_open(str(folder / BLOCKS_FILE), framework="pt") as f:
         types = dict(f.metadata() or {})
-        if types.pop("keys", None) != KEY_VERSION:
-            return None  # written with other row keys: read the GGUF again
+        del types["keys"]
         return {
             name: StoredTensor(qtype, f.get_tensor(f"{name}/blocks").numpy(), f.get_tensor(f"{name}/keys"))
             for name, qtype in types.items()

@@ -244,14 +244,11 @@ def load_model(source: ModelSource, dtype: str = "auto", device: str = "cpu", qu
 
 
 def _stored_blocks(source: ModelSource, gguf_file: Path | None) -> dict[str, gguf_blocks.StoredTensor]:
-    """A GGUF's quantised blocks: from its converted folder, else read from the file once (about 20 s
-    for the default model) and kept in that folder."""
+    """A GGUF's quantised blocks: from its converted folder (gguf_to_folder keeps them there), else
+    read from the file (about 20 s for the default model; a read-only cache)."""
     stored = None if source.is_gguf else gguf_blocks.load(source.path)
     if stored is None and gguf_file is not None:
         stored = gguf_blocks.read_gguf(gguf_file)
-        if not source.is_gguf:
-            with contextlib.suppress(OSError):  # a read-only cache: read again next time
-                gguf_blocks.save(stored, source.path)
     if stored is None:
         raise ModelLoadError("--quantization gguf serves the blocks of a .gguf file: pass one as --model (or use int8 / int4)")
     return stored
