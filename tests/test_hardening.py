@@ -243,3 +243,31 @@ def test_a_failing_hand_off_releases_everything(api, monkeypatch):
     assert len(worker.mailboxes) == 0 and in_flight(base, app) == 0
     monkeypatch.undo()
     assert httpx.post(base + COMPLETIONS, json={"prompt": "hi", "max_tokens": 2}).status_code == 200
+
+
+
+def test_a_second_loop_on_a_driven_engine_is_refused_until_the_first_stops(api):
+    """Two loops stepping one engine corrupt it mid-request (vLLM failed a request this way); a
+    second worker on a served engine must fail to start, by name, and serving goes on."""
+    from freelunch.pool.engine_loop import EngineBusy, EngineLoop
+    from freelunch.pool.worker import ThreadWorker
+
+    base, _, worker = api
+    second = ThreadWorker(worker.engine, "second")
+    with pytest.raises(EngineBusy, match="worker-0"):
+        second.start()
+    assert not second.alive
+    assert httpx.post(base + COMPLETIONS, json={"prompt": "hi", "max_tokens": 2}).status_code == 200
+
+    class Idle:  # an engine with nothing to do, to free and take again
+        requests: dict = {}
+        has_work = staticmethod(lambda: False)
+
+    engine = Idle()
+    first, then = EngineLoop(engine, None, "first"), EngineLoop(engine, None, "then")
+    first.start()
+    with pytest.raises(EngineBusy, match="first"):
+        then.start()
+    first.stop()
+    then.start()  # free once the first loop has stopped
+    then.stop()

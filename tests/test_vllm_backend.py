@@ -177,9 +177,10 @@ def test_prefix_cache_reports_cached_tokens_and_salts_per_tenant(tiny):
     assert "cache_salt" not in vllm_engine._prompt(TokensPrompt, prompt, GenerationRequest("u", prompt, greedy()))
 
 # ---- the HTTP API over a mixed pool ---------------------------------------------------------------
-@pytest.fixture(scope="module")
+@pytest.fixture
 def mixed_server(tiny):
-    """The API over the vLLM engine plus one native worker (for the options vLLM cannot run)."""
+    """The API over the vLLM engine plus one native worker (for the options vLLM cannot run).
+    Per test: one loop drives an engine at a time, and other tests put the same engines in other pools."""
     folder, _, vllm_engine, native = tiny
     pool = WorkerPool([ThreadWorker(vllm_engine, "vllm-0", backend="vllm"), ThreadWorker(native, "native-0")])
     with live_server(create_app(pool)) as base:
@@ -196,6 +197,7 @@ def test_api_plain_requests_run_on_vllm_and_match_native(mixed_server, tiny):
     prompt = "The capital of France is"
     r = complete(base, model=model, prompt=prompt, max_tokens=10, temperature=0, ignore_eos=True)
     assert r.status_code == 200, r.text
+    pool.shutdown()  # the native engine is stepped from here next, and one loop drives an engine at a time
     ids = pool.served.tokenizer.encode(prompt)
     want = run_all(native, [GenerationRequest("n", ids, greedy(10, ignore_eos=True))])["n"]
     body = r.json()

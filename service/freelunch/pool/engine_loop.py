@@ -17,6 +17,15 @@ from freelunch.engine.request import GenerationRequest, RequestOutput
 
 log = logging.getLogger("freelunch.worker")
 
+# Engines being driven, by id: an engine's step is not thread-safe, and two loops stepping one engine
+# corrupt its state (vLLM: "sample_tokens() must be called after execute_model()") instead of failing.
+_driven: dict[int, "EngineLoop"] = {}
+_driven_lock = threading.Lock()
+
+
+class EngineBusy(RuntimeError):
+    """The engine is already driven by another loop."""
+
 
 @dataclass(slots=True)
 class WorkerStats:
@@ -73,6 +82,7 @@ class EngineLoop:
         self.broken = False  # the engine could not recover from an error
 
     def start(self) -> None:
+        self._claim()
         self._thread.start()
 
     def run_here(self) -> None:
@@ -80,7 +90,19 @@ class EngineLoop:
         thread. libgomp keeps its threads spinning between parallel regions only while its threads
         do not outnumber the cores; a second thread's team counts on top of the first thread's, so
         the same decode step ran 2.4x slower from any other thread (2 threads, 2 cores)."""
+        self._claim()
         self._run()
+
+    def _claim(self) -> None:
+        with _driven_lock:
+            owner = _driven.setdefault(id(self.engine), self)
+        if owner is not self:
+            raise EngineBusy(f"the engine is already driven by loop {owner._thread.name!r}; stop it first (one loop per engine)")
+
+    def _release(self) -> None:
+        with _driven_lock:
+            if _driven.get(id(self.engine)) is self:
+                del _driven[id(self.engine)]
 
     def stop(self, timeout: float = 10.0) -> None:
         self._stop = True
@@ -117,6 +139,12 @@ class EngineLoop:
         return bool(inbox)
 
     def _run(self) -> None:
+        try:
+            self._steps()
+        finally:
+            self._release()
+
+    def _steps(self) -> None:
         while not self._stop:
             changed = self._drain_inbox()
             if not self.engine.has_work():

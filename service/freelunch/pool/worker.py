@@ -149,8 +149,8 @@ class ThreadWorker(Worker):
 
     def start(self) -> None:
         if not self._started:
-            self._started = True
             self._loop.start()
+            self._started = True
 
     def shutdown(self) -> None:
         self._loop.stop()
