@@ -144,12 +144,12 @@ def test_the_model_takes_the_kernel_for_few_queries_and_sdpa_for_many(monkeypatc
     assert attention._cpu_kernels_for(q, cache, 17) is None
     assert attention._cpu_kernels_for(q.double(), cache, 1) is None
     monkeypatch.setenv("FREELUNCH_CPU_ATTENTION", "sdpa")
-    attention._attention_library.cache_clear()
+    attention.attention_library.cache_clear()
     try:
         assert attention._cpu_kernels_for(q, cache, 1) is None
     finally:
         monkeypatch.delenv("FREELUNCH_CPU_ATTENTION")
-        attention._attention_library.cache_clear()
+        attention.attention_library.cache_clear()
 
 
 @pytest.mark.parametrize("rows", [1, 3, 40])

@@ -10,6 +10,8 @@
   these sizes.
 - `rms_norm` (with the residual add before it), `rope`, `silu_mul`: the elementwise steps
   between a layer's matmuls, one call each instead of several PyTorch ops.
+- `decoder`: all the layers of a dense Llama-family decoder in one call, built from the kernels
+  above (models/cpu_decoder.py).
 
 The shared library is compiled from the shipped source at first use (about a second with gcc)
 into `<FREELUNCH_CACHE_DIR>/kernels/`, named by a hash of the source and the flags; a read-only
@@ -27,6 +29,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -146,6 +149,9 @@ def load() -> ctypes.CDLL | None:
     library.fl_rope.argtypes = [p, i64, i64, i64, i64, p, p]
     library.fl_silu_mul.argtypes = [p, i64, i64, p]
     library.fl_rms_norm.restype = library.fl_rope.restype = library.fl_silu_mul.restype = None
+    f32 = ctypes.c_float
+    library.fl_decoder.argtypes = [p, i64, p, i64, i64, i64, i64, i64, i64, f32, p, p, p, i64, i64, p, i64, p, f32, p, ctypes.c_int]
+    library.fl_decoder.restype = None
     _library = library
     return library
 
@@ -280,3 +286,53 @@ def silu_mul(library: ctypes.CDLL, gate_up: torch.Tensor) -> torch.Tensor:
     out = gate_up.new_empty(*gate_up.shape[:-1], i)
     library.fl_silu_mul(gate_up.data_ptr(), gate_up.numel() // (2 * i), i, out.data_ptr())
     return out
+
+
+@dataclass(frozen=True, slots=True)
+class KernelMatrix:
+    """A linear layer's weights as one of the matmul kernels takes them (what `decoder` needs of it)."""
+
+    kind: str  # "f32" (pack), "q8" (pack_q8) or "q4" (pack_q4)
+    packed: torch.Tensor
+    scales: torch.Tensor | None
+    out_features: int
+    bias: torch.Tensor | None
+
+
+class FlMatrix(ctypes.Structure):
+    _fields_ = [("kind", ctypes.c_int64), ("packed", ctypes.c_void_p), ("scales", ctypes.c_void_p),
+                ("group", ctypes.c_int64), ("out", ctypes.c_int64), ("bias", ctypes.c_void_p)]  # fmt: skip
+
+    @classmethod
+    def of(cls, m: KernelMatrix) -> "FlMatrix":
+        in_features = m.packed.shape[1]
+        group = in_features // m.scales.shape[1] if m.kind == "q8" else 0
+        return cls(
+            ("f32", "q8", "q4").index(m.kind), m.packed.data_ptr(), None if m.scales is None else m.scales.data_ptr(),
+            group, m.out_features, None if m.bias is None else m.bias.data_ptr(),
+        )  # fmt: skip
+
+
+class FlLayer(ctypes.Structure):
+    _fields_ = [("input_norm", ctypes.c_void_p), ("post_norm", ctypes.c_void_p), ("qkv", FlMatrix), ("o", FlMatrix),
+                ("gate_up", FlMatrix), ("down", FlMatrix), ("k_cache", ctypes.c_void_p), ("v_cache", ctypes.c_void_p)]  # fmt: skip
+
+
+def decoder(
+    library: ctypes.CDLL, layers: ctypes.Array, x: torch.Tensor, shape: tuple[int, int, int, int], eps: float,
+    cos: torch.Tensor, sin: torch.Tensor, slots: torch.Tensor, kv_index: torch.Tensor, n: int,
+    mask: torch.Tensor | None, scale: float,
+) -> None:
+    """Run every layer of `layers` (FlLayer, k/v cache pointers filled in) over x [T, K] in place:
+    shape = (heads, kv heads, head dim, intermediate size); cos, sin [T, D]; slots [T] where each
+    token's k/v go; the T = B * n queries attend over kv_index [B, Lk] (mask [B, n, Lk] bool or None)."""
+    t, k = x.shape
+    h, hkv, d, i = shape
+    scratch = torch.empty(t * (2 * k + (h + 2 * hkv) * d + 2 * h * d + 3 * i), dtype=torch.float32)
+    cos, sin, slots, kv_index = cos.contiguous(), sin.contiguous(), slots.contiguous(), kv_index.contiguous()
+    mask = None if mask is None else mask.contiguous()  # held here: the C call reads their memory
+    library.fl_decoder(
+        ctypes.addressof(layers), len(layers), x.data_ptr(), t, k, h, hkv, d, i, eps, cos.data_ptr(), sin.data_ptr(),
+        slots.data_ptr(), kv_index.shape[0], n, kv_index.data_ptr(), kv_index.shape[1],
+        None if mask is None else mask.data_ptr(), scale, scratch.data_ptr(), torch.get_num_threads(),
+    )  # fmt: skip

@@ -22,20 +22,20 @@ from freelunch.models.expert_routing import ExpertRouting
 # Up to this many queries per row, the C kernel (freelunch/kernels/cpu_kernels.c) beats gathering the keys
 # and calling SDPA on float32 CPUs: 12 vs 140 us for one query over 107 keys, 31 vs 149 us for 7,
 # 159 vs 4300 us for 16 decode rows over 300; at 32 queries SDPA wins.
-_CPU_KERNEL_MAX_QUERIES = 16
+CPU_KERNEL_MAX_QUERIES = 16
 
 
 @functools.cache
-def _attention_library():
+def attention_library():
     """The C kernels' library unless FREELUNCH_CPU_ATTENTION=sdpa (read once: ~10 us a lookup, 30 a step)."""
     return None if os.environ.get("FREELUNCH_CPU_ATTENTION", "kernel") == "sdpa" else cpu_kernels.load()
 
 
 def _cpu_kernels_for(q: torch.Tensor, k_cache: torch.Tensor, n: int):
     """The C attention kernel's library when it serves these queries, else None."""
-    if n > _CPU_KERNEL_MAX_QUERIES or q.device.type != "cpu" or q.dtype != torch.float32 or k_cache.dtype != torch.float32:
+    if n > CPU_KERNEL_MAX_QUERIES or q.device.type != "cpu" or q.dtype != torch.float32 or k_cache.dtype != torch.float32:
         return None
-    return _attention_library()
+    return attention_library()
 
 
 @dataclass(slots=True)

@@ -53,6 +53,9 @@ class PanelLinear(nn.Module):
         self.packed = cpu_kernels.pack(linear.weight.detach())
         self.bias = None if linear.bias is None else linear.bias.detach().contiguous().clone()
 
+    def kernel_matrix(self) -> cpu_kernels.KernelMatrix:
+        return cpu_kernels.KernelMatrix("f32", self.packed, None, self.out_features, self.bias)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features).contiguous()
         y = cpu_kernels.linear(self.library, rows, self.packed, self.out_features, self.bias)

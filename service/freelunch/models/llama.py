@@ -20,6 +20,7 @@ from torch import nn
 
 from freelunch.kernels import cpu_kernels
 from freelunch.models.attention import AttentionBatch
+from freelunch.models.cpu_decoder import CpuDecoderStack
 from freelunch.models.expert_routing import ExpertRouting
 from freelunch.models.moe_config import MoeConfig
 
@@ -91,7 +92,7 @@ def _sliding_window(c) -> int | None:
 
 
 @functools.cache
-def _elementwise_library():
+def elementwise_library():
     """The C kernels for norms, RoPE and SwiGLU unless FREELUNCH_CPU_ELEMENTWISE=torch (read once)."""
     return None if os.environ.get("FREELUNCH_CPU_ELEMENTWISE", "kernel") == "torch" else cpu_kernels.load()
 
@@ -101,7 +102,7 @@ def _fused(*tensors: torch.Tensor):
     for t in tensors:
         if t.dtype != torch.float32 or t.device.type != "cpu":
             return None
-    return _elementwise_library()
+    return elementwise_library()
 
 
 class RMSNorm(nn.Module):
@@ -264,12 +265,24 @@ class LlamaForCausalLM(nn.Module):
             index, values = input_embeds
             x = x.index_copy(0, index, values.to(x.dtype))
         cos, sin = self.rotary(positions, x.dtype)
+        stack = self._cpu_stack()
+        if stack is not None and stack.serves(x, attn):  # every layer in one C call, bit-identical
+            stack.run(x, cos, sin, attn)
+            return self.norm(x)
         for i, layer in enumerate(self.layers):
             keep = attn.keep_before_layer(i)
             if keep is not None:  # a prefill transform drops tokens from here on
                 x, cos, sin = x[keep], cos[keep], sin[keep]
             x = layer(x, cos, sin, attn)
         return self.norm(x)
+
+    def _cpu_stack(self) -> CpuDecoderStack | None:
+        """The layers' C descriptors, built at the first step (after loading has packed or quantised
+        the weights) and again if a layer's modules were replaced since."""
+        built = self.__dict__.get("_cpu_stack_built")
+        if built is None or not CpuDecoderStack.built_from(built[0], self.layers):
+            built = self.__dict__["_cpu_stack_built"] = (CpuDecoderStack.modules_of(self.layers), CpuDecoderStack.build(self.layers))
+        return built[1]
 
     def routing_override(self, row_inputs: list[tuple[dict[str, Any], int]], device: torch.device) -> ExpertRouting | None:
         """Per-token routing from the rows' inputs (a dense model has none to override)."""

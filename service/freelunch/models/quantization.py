@@ -71,6 +71,12 @@ class _QuantizedLinear(nn.Module):
         # the kernels take 4 inputs a step (int4 layers: groups of 32)
         self.library = cpu_kernels.load() if use_c_kernel and linear.in_features % 4 == 0 else None
 
+    def kernel_matrix(self) -> cpu_kernels.KernelMatrix | None:
+        """The weights as our matmul kernel reads them (None where PyTorch's kernels run)."""
+        if self.library is None:
+            return None
+        return cpu_kernels.KernelMatrix(self.kind, self.c_packed, self.c_scales, self.out_features, self.bias)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features).contiguous()
         if self.library is not None and rows.dtype == torch.float32:

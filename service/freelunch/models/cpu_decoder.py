@@ -1,0 +1,106 @@
+"""A dense Llama-family decoder's layers as one C call, for steps whose rows form one attention group.
+
+Each layer's Python path (models/llama.py) makes a dozen calls into our C kernels and PyTorch,
+and between them PyTorch dispatch, ctypes and allocation cost about 0.3 ms a layer: on the
+default model (30 layers, 2 AVX2 cores) about 8 of a 23 ms decode step. `fl_decoder`
+(kernels/cpu_kernels.c) runs the same kernels in the same order over all layers, so its result
+is bit-identical to the per-layer path, which still serves every step it does not: several
+attention groups (prefill chunks beside decode rows), fresh prompts, pruning, more than 16
+queries a row, and models or layers the kernels do not cover. FREELUNCH_CPU_DECODER=layers
+turns it off (profiling, comparisons).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+
+import torch
+from torch import nn
+
+from freelunch.kernels import cpu_kernels
+from freelunch.models.attention import CPU_KERNEL_MAX_QUERIES, AttentionBatch, attention_library
+
+
+class CpuDecoderStack:
+    """The C descriptors of a model's layers (weights held here), reused by every step it serves."""
+
+    def __init__(self, library: ctypes.CDLL, layers: nn.ModuleList, matrices: list[list[cpu_kernels.KernelMatrix]]) -> None:
+        first = layers[0]
+        attn = first.self_attn
+        self.library = library
+        self.matrices = matrices  # holds the weights the descriptors point at
+        self.shape = (attn.num_heads, attn.num_kv_heads, attn.head_dim, first.mlp.intermediate)
+        self.eps = first.input_layernorm.eps
+        self.layers = (cpu_kernels.FlLayer * len(layers))()
+        for desc, layer, (qkv, o, gate_up, down) in zip(self.layers, layers, matrices):
+            desc.input_norm = layer.input_layernorm.weight.data_ptr()
+            desc.post_norm = layer.post_attention_layernorm.weight.data_ptr()
+            desc.qkv, desc.o, desc.gate_up, desc.down = (cpu_kernels.FlMatrix.of(m) for m in (qkv, o, gate_up, down))
+
+    @classmethod
+    def build(cls, layers: nn.ModuleList) -> "CpuDecoderStack | None":
+        """The stack for these layers, or None where a layer is not one the C path computes alike."""
+        from freelunch.models.llama import MLP, DecoderLayer, elementwise_library
+
+        library = elementwise_library()
+        if os.environ.get("FREELUNCH_CPU_DECODER", "stack") == "layers" or library is None or attention_library() is None:
+            return None
+        if not len(layers) or not all(type(layer) is DecoderLayer and type(layer.mlp) is MLP for layer in layers):
+            return None
+        first = layers[0]
+        matrices = []
+        for layer in layers:
+            attn, norms = layer.self_attn, (layer.input_layernorm, layer.post_attention_layernorm)
+            if attn.qk_norm is not None or attn.clip_qkv is not None:
+                return None
+            if any(nm.weight.dtype != torch.float32 or nm.weight.device.type != "cpu" or nm.eps != first.input_layernorm.eps for nm in norms):
+                return None
+            if layer.mlp.intermediate != first.mlp.intermediate:
+                return None
+            found = [getattr(m, "kernel_matrix", lambda: None)() for m in _layer_modules(layer)]
+            if any(m is None for m in found):
+                return None
+            matrices.append(found)
+        return cls(library, layers, matrices)
+
+    @staticmethod
+    def modules_of(layers: nn.ModuleList) -> list[tuple[nn.Module | None, ...]]:
+        """The linear modules a stack is built from, layer by layer."""
+        return [_layer_modules(layer) for layer in layers]
+
+    @staticmethod
+    def built_from(modules: list[tuple[nn.Module | None, ...]], layers: nn.ModuleList) -> bool:
+        """Whether the layers still hold these modules (loading packs or quantises after a model is
+        made; a stack built before then, or before a layer was replaced, is stale)."""
+        return len(layers) == len(modules) and all(
+            all(a is b for a, b in zip(_layer_modules(layer), seen)) for layer, seen in zip(layers, modules)
+        )
+
+    def serves(self, x: torch.Tensor, attn: AttentionBatch) -> bool:
+        """Whether this step is one the C path computes: float32 rows on the CPU in one attention
+        group over the cache (decode rows, or one row of a draft tree), nothing pruned."""
+        if x.dtype != torch.float32 or x.device.type != "cpu" or x.dim() != 2 or not x.is_contiguous():
+            return False
+        if attn.prune is not None or attn.routing is not None or len(attn.slot_mappings) != 1 or len(attn.groups) != 1:
+            return False
+        group = attn.groups[0]
+        if group.q_index is not None or group.views is None or len(group.views) != 1 or group.n > CPU_KERNEL_MAX_QUERIES:
+            return False
+        k_cache, v_cache = attn.kv_caches[0]
+        return k_cache.dtype == v_cache.dtype == torch.float32 and k_cache.is_contiguous() and v_cache.is_contiguous()
+
+    def run(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: AttentionBatch) -> None:
+        """Every layer over x [T, hidden] in place (a step `serves` accepted)."""
+        for desc, (k_cache, v_cache) in zip(self.layers, attn.kv_caches):
+            desc.k_cache, desc.v_cache = k_cache.data_ptr(), v_cache.data_ptr()
+        group = attn.groups[0]
+        _, kv_index, mask = group.views[0]
+        cpu_kernels.decoder(
+            self.library, self.layers, x, self.shape, self.eps, cos, sin, attn.slot_mappings[0][1], kv_index, group.n, mask, attn.scale
+        )
+
+
+def _layer_modules(layer: nn.Module) -> tuple[nn.Module | None, ...]:
+    attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+    return tuple(getattr(owner, name, None) for owner, name in ((attn, "qkv_proj"), (attn, "o_proj"), (mlp, "gate_up_proj"), (mlp, "down_proj")))
