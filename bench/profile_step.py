@@ -2,12 +2,14 @@
 
     python bench/profile_step.py [--modes gguf,none] [--tokens 64] [--rounds 3] [--out bench/results/step_profile.json]
 
-For each `--quantization` mode, and each with the C elementwise kernels (RMSNorm with its residual
-add, RoPE, SwiGLU's gate) on and off (FREELUNCH_CPU_ELEMENTWISE=torch), in its own process: the
-milliseconds a step spends in the matmul kernels, in the attention kernel, in the output layer,
-and in everything else (PyTorch ops, Python, the engine's bookkeeping), timed by wrapping the
-kernel calls with perf_counter (no profiler: its per-call cost would swamp the small ops). Medians
-of --rounds interleaved rounds. Run it on an idle machine.
+For each `--quantization` mode, three variants, each in its own process: every layer in one C call
+(the default, models/cpu_decoder.py); layer by layer with the C elementwise kernels (RMSNorm with
+its residual add, RoPE, SwiGLU's gate; FREELUNCH_CPU_DECODER=layers); layer by layer with PyTorch's
+elementwise ops (and FREELUNCH_CPU_ELEMENTWISE=torch). For each: the milliseconds a step spends in
+the one C call, in the matmul kernels, in the attention kernel, in the output layer, and in
+everything else (PyTorch ops, Python, the engine's bookkeeping), timed by wrapping the calls with
+perf_counter (no profiler: its per-call cost would swamp the small ops). Medians of --rounds
+interleaved rounds. Run it on an idle machine.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ def measure(mode: str, tokens: int) -> dict:
     from freelunch.engine.engine import Engine
     from freelunch.engine.request import GenerationRequest, SamplingParams
     from freelunch.kernels import cpu_kernels
+    from freelunch.models.cpu_decoder import CpuDecoderStack
     from freelunch.models.loader import load_model, resolve_source
 
     loaded = load_model(resolve_source(None), quantization=mode)
@@ -51,6 +54,7 @@ def measure(mode: str, tokens: int) -> dict:
     for name in ("linear", "linear_quantized"):
         timed(cpu_kernels, name, "matmul kernels")
     timed(cpu_kernels, "paged_attention", "attention kernel")
+    timed(CpuDecoderStack, "run", "layers in one C call")
 
     def run(count: int) -> int:
         engine.add_request(GenerationRequest(f"r{time.perf_counter_ns()}", [1, *range(300, 340)], SamplingParams(max_tokens=count, temperature=0.0, ignore_eos=True)))
@@ -69,7 +73,7 @@ def measure(mode: str, tokens: int) -> dict:
     # the output layer's time is its matmul (counted in "matmul kernels") plus a cast
     ms["matmul kernels, layers"] = ms.get("matmul kernels", 0.0) - ms.get("output layer", 0.0)
     ms["step"] = 1000 * total / steps
-    ms["other"] = ms["step"] - ms.get("matmul kernels", 0.0) - ms.get("attention kernel", 0.0)
+    ms["other"] = ms["step"] - sum(ms.get(k, 0.0) for k in ("matmul kernels", "attention kernel", "layers in one C call"))
     return {"ms_per_step": ms, "tok_s": tokens / total, "threads": torch.get_num_threads()}
 
 
@@ -88,16 +92,20 @@ def main() -> None:
     if args.child:
         print("RESULT " + json.dumps(measure(args.child, args.tokens)), flush=True)
         return
-    variants = [(mode, fused) for mode in args.modes.split(",") for fused in (True, False)]
+    variants = {  # name -> environment
+        "layers in one C call": {},
+        "layer by layer, elementwise C kernels": {"FREELUNCH_CPU_DECODER": "layers"},
+        "layer by layer, elementwise PyTorch ops": {"FREELUNCH_CPU_DECODER": "layers", "FREELUNCH_CPU_ELEMENTWISE": "torch"},
+    }
     runs: dict[str, list[dict]] = {}
     for round_ in range(args.rounds):
-        for mode, fused in variants:
-            name = f"{mode}, elementwise {'C kernels' if fused else 'PyTorch ops'}"
-            print(f"... round {round_ + 1}: {name}", file=sys.stderr, flush=True)
-            env = {} if fused else {"FREELUNCH_CPU_ELEMENTWISE": "torch"}
-            result = run_child([sys.executable, __file__, "--child", mode, "--tokens", str(args.tokens)], env=env)
-            if result is not None:
-                runs.setdefault(name, []).append(result)
+        for mode in args.modes.split(","):
+            for variant, env in variants.items():
+                name = f"{mode}, {variant}"
+                print(f"... round {round_ + 1}: {name}", file=sys.stderr, flush=True)
+                result = run_child([sys.executable, __file__, "--child", mode, "--tokens", str(args.tokens)], env=env)
+                if result is not None:
+                    runs.setdefault(name, []).append(result)
     results = {
         name: {"tok_s": statistics.median(r["tok_s"] for r in rs), "ms_per_step": {k: statistics.median(r["ms_per_step"][k] for r in rs) for k in rs[0]["ms_per_step"]}}
         for name, rs in runs.items()
@@ -111,7 +119,7 @@ def main() -> None:
 def table(data: dict) -> str:
     meta = data["meta"]
     host, a = meta["machine"], meta["args"]
-    cols = ["step", "matmul kernels, layers", "output layer", "attention kernel", "other"]
+    cols = ["step", "layers in one C call", "matmul kernels, layers", "output layer", "attention kernel", "other"]
     lines = [
         f"Default model, single stream, {a['tokens']} tokens, {host['cpu']} ({host['isa']}), {host['cores']} cores, "
         f"ms a decode step, medians of {a['rounds']} interleaved rounds, {meta['date']}",
