@@ -4,10 +4,11 @@
  * fl_linear: y[M, N] = x[M, K] @ W^T (+ bias). Built for the few rows of decoding and of
  * verifying a draft tree (M = 1..16), where the weights stream from memory once per step: W is
  * packed once into panels of 8 output columns, [ceil(N / 8)][K][8] (zero-padded), so one panel
- * is one sequential stream, and a tile keeps up to 12 rows' accumulators in registers (12 of
- * AVX2's 16). Each weight vector loaded then feeds up to 12 FMAs, so a step of 1 to 12 rows
- * costs about one pass over the weights.
- * Rows are taken in blocks of ROW_BLOCK; threads split a block's panels (OpenMP).
+ * is one sequential stream, and a tile computes two panels for up to 6 rows with its 12
+ * accumulators in registers (of AVX2's 16). Each broadcast input feeds 2 FMAs and each weight
+ * vector up to 6, so a step of 1 to 6 rows costs about one pass over the weights, and many rows
+ * run near the FMA units' rate (a 12-row, one-panel tile loads 13 vectors for its 12 FMAs).
+ * Rows are taken in blocks of ROW_BLOCK; threads split a block's pairs of panels (OpenMP).
  * Each output is summed in k order, one FMA at a time.
  */
 #include <immintrin.h>
@@ -51,24 +52,6 @@ static inline void store_row(__m256 acc, float* y, const float* bias, int ncols)
     for (int c = 0; c < ncols; c++) y[c] = t[c] + (bias ? bias[c] : 0.0f);
 }
 
-/* Named accumulators (not an array) so that the compiler keeps them all in registers. */
-#define TILE(MR)                                                                                  \
-    static void tile##MR(const float* x, int64_t K, const float* p, float* y, int64_t N,          \
-                         const float* bias, int ncols) {                                          \
-        R##MR(ACC)                                                                                \
-        for (int64_t k = 0; k < K; k++) {                                                         \
-            __m256 w = _mm256_loadu_ps(p + k * PANEL);                                            \
-            if ((k & 1) == 0) _mm_prefetch((const char*)(p + k * PANEL + PREFETCH_FLOATS), _MM_HINT_T0); \
-            R##MR(FMA)                                                                            \
-        }                                                                                         \
-        R##MR(STORE)                                                                              \
-    }
-TILE(1) TILE(2) TILE(3) TILE(4) TILE(5) TILE(6) TILE(7) TILE(8) TILE(9) TILE(10) TILE(11) TILE(12)
-
-typedef void (*tile_fn)(const float*, int64_t, const float*, float*, int64_t, const float*, int);
-static const tile_fn TILES[TILE_ROWS + 1] = {0,     tile1, tile2, tile3, tile4,  tile5, tile6,
-                                             tile7, tile8, tile9, tile10, tile11, tile12};
-
 /* Rows in blocks of ROW_BLOCK; a block's panels split over the threads; each panel's rows in tiles
  * of at most TILE rows, each computed by the statement given (m0, mr, j, ncols and b in scope). */
 #define FOR_TILES(M, N, TILE, ...)                                                                 \
@@ -84,9 +67,75 @@ static const tile_fn TILES[TILE_ROWS + 1] = {0,     tile1, tile2, tile3, tile4, 
         }                                                                                          \
     }
 
+/* Two panels (16 output columns) by up to 6 rows: each broadcast row value feeds 2 FMAs, so the
+ * loads (2 weight vectors + 6 broadcasts a k) no longer outnumber the FMAs (12), which the 12 x 8
+ * tile's 1 + 12 loads for 12 FMAs do: the tile for many rows. Same k order, one FMA at a time, as
+ * the other tiles: the same bits. */
+#define PAIR_ROWS 6
+#define ACC2(m) __m256 a##m = _mm256_setzero_ps(), b##m = _mm256_setzero_ps();
+#define FMA2(m)                                                  \
+    {                                                            \
+        __m256 xv = _mm256_broadcast_ss(x + (m) * K + k);        \
+        a##m = _mm256_fmadd_ps(xv, w0, a##m);                    \
+        b##m = _mm256_fmadd_ps(xv, w1, b##m);                    \
+    }
+#define STORE2(m)                                                                      \
+    store_row(a##m, y + (m) * N, bias, nc0);                                           \
+    if (nc1 > 0) store_row(b##m, y + (m) * N + PANEL, bias ? bias + PANEL : 0, nc1);
+#define PAIR(MR)                                                                                   \
+    static void pair##MR(const float* x, int64_t K, const float* p0, const float* p1, float* y,    \
+                         int64_t N, const float* bias, int nc0, int nc1) {                         \
+        R##MR(ACC2)                                                                                \
+        for (int64_t k = 0; k < K; k++) {                                                          \
+            __m256 w0 = _mm256_loadu_ps(p0 + k * PANEL), w1 = _mm256_loadu_ps(p1 + k * PANEL);     \
+            if ((k & 1) == 0) {                                                                    \
+                _mm_prefetch((const char*)(p0 + k * PANEL + PREFETCH_FLOATS), _MM_HINT_T0);        \
+                _mm_prefetch((const char*)(p1 + k * PANEL + PREFETCH_FLOATS), _MM_HINT_T0);        \
+            }                                                                                      \
+            R##MR(FMA2)                                                                            \
+        }                                                                                          \
+        R##MR(STORE2)                                                                              \
+    }
+PAIR(1) PAIR(2) PAIR(3) PAIR(4) PAIR(5) PAIR(6)
+typedef void (*pair_fn)(const float*, int64_t, const float*, const float*, float*, int64_t, const float*, int, int);
+static const pair_fn PAIRS[PAIR_ROWS + 1] = {0, pair1, pair2, pair3, pair4, pair5, pair6};
+
+/* Columns of panel j (8 but the last) and of its pair j + 1 (0 past the end). */
+#define PAIR_COLS(N, j)                                                             \
+    int nc0 = (N) - (j) * PANEL < PANEL ? (int)((N) - (j) * PANEL) : PANEL;         \
+    int64_t rest1 = (N) - ((j) + 1) * PANEL;                                        \
+    int nc1 = rest1 <= 0 ? 0 : rest1 < PANEL ? (int)rest1 : PANEL;
+
+/* Rows in blocks of ROW_BLOCK; a block's pairs of panels split over the threads; the rows shared
+ * evenly among tiles of at most PAIR_ROWS (8 = 4 + 4, not 6 + 2). SELECT points p0 and p1 at the
+ * float32 panels j and j + 1 (p1 = p0 past the end), using w (SCRATCH floats a thread) if it widens
+ * them from a packed form. */
+#define FOR_PAIRS(M, N, SCRATCH, SELECT)                                                            \
+    _Pragma("omp parallel num_threads(threads)") {                                                  \
+        float* w = (SCRATCH) > 0 ? malloc(sizeof(float) * (SCRATCH)) : 0;                               \
+        int64_t panels = ((N) + PANEL - 1) / PANEL;                                                 \
+        for (int64_t r0 = 0; r0 < (M); r0 += ROW_BLOCK) {                                           \
+            int64_t r1 = r0 + ROW_BLOCK < (M) ? r0 + ROW_BLOCK : (M);                               \
+            int64_t tiles = (r1 - r0 + PAIR_ROWS - 1) / PAIR_ROWS;                                  \
+            _Pragma("omp for schedule(static)") for (int64_t jj = 0; jj < (panels + 1) / 2; jj++) { \
+                int64_t j = 2 * jj;                                                                 \
+                PAIR_COLS(N, j)                                                                     \
+                const float *p0, *p1;                                                               \
+                SELECT;                                                                             \
+                const float* b = bias ? bias + j * PANEL : 0;                                       \
+                for (int64_t t = 0, m0 = r0; t < tiles; t++) {                                      \
+                    int mr = (int)((r1 - m0) / (tiles - t));                                        \
+                    PAIRS[mr](x + m0 * K, K, p0, p1, y + m0 * (N) + j * PANEL, (N), b, nc0, nc1);   \
+                    m0 += mr;                                                                       \
+                }                                                                                   \
+            }                                                                                       \
+        }                                                                                           \
+        free(w);                                                                                    \
+    }
+
 void fl_linear(const float* x, int64_t M, int64_t K, const float* packed, int64_t N, const float* bias,
                float* y, int threads) {
-    FOR_TILES(M, N, TILE_ROWS, TILES[mr](x + m0 * K, K, packed + j * K * PANEL, y + m0 * N + j * PANEL, N, b, ncols))
+    FOR_PAIRS(M, N, 0, p0 = packed + j * K * PANEL; p1 = nc1 ? p0 + K * PANEL : p0)
 }
 
 /* ---- weight-only quantised linears (models/quantization.py) ---------------------------------------
@@ -178,24 +227,16 @@ static const q8tile_fn Q8GTILES[TILE_ROWS_Q4 + 1] = {0, q8row, q8gtile2, q8gtile
  * 1053 -> 927 us int4, 1070 -> 904 grouped int8; float32 757); per-channel int8's 12-row tiles
  * widen as cheaply as this (764 us) and keep them. */
 #define WIDEN_ROWS 8
-#define FOR_WIDENED_PANELS(M, N, K, WIDEN)                                                         \
-    _Pragma("omp parallel num_threads(threads)") {                                                 \
-        float* w = malloc(sizeof(float) * (K) * PANEL);                                            \
-        for (int64_t r0 = 0; r0 < (M); r0 += ROW_BLOCK) {                                          \
-            int64_t r1 = r0 + ROW_BLOCK < (M) ? r0 + ROW_BLOCK : (M);                              \
-            _Pragma("omp for schedule(static)") for (int64_t j = 0; j < ((N) + PANEL - 1) / PANEL; j++) { \
-                int ncols = (N) - j * PANEL < PANEL ? (int)((N) - j * PANEL) : PANEL;              \
-                const float* b = bias ? bias + j * PANEL : 0;                                      \
-                WIDEN;                                                                             \
-                for (int64_t m0 = r0; m0 < r1; m0 += TILE_ROWS) {                                  \
-                    int mr = r1 - m0 < TILE_ROWS ? (int)(r1 - m0) : TILE_ROWS;                     \
-                    TILES[mr](x + m0 * (K), (K), w, y + m0 * (N) + j * PANEL, (N), b, ncols);      \
-                }                                                                                  \
-            }                                                                                      \
-        }                                                                                          \
-        free(w);                                                                                   \
+/* FOR_PAIRS's SELECT for packed panels: WIDEN fills `out` [K][8] from panel i. */
+#define WIDEN_PAIR(WIDEN)                                       \
+    {                                                           \
+        for (int64_t i = j; i < j + (nc1 ? 2 : 1); i++) {       \
+            float* out = w + (i - j) * K * PANEL;               \
+            WIDEN;                                              \
+        }                                                       \
+        p0 = w;                                                 \
+        p1 = nc1 ? w + K * PANEL : w;                           \
     }
-
 static void widen_q8(const int8_t* p, const float* s, int64_t K, int64_t G, float* w) {
     for (int64_t k0 = 0; k0 < K; k0 += G) {
         __m256 sc = _mm256_loadu_ps(s + k0 / G * PANEL);
@@ -207,7 +248,7 @@ void fl_linear_q8(const float* x, int64_t M, int64_t K, const int8_t* packed, co
                   const float* bias, float* y, int threads) {
     int64_t groups = K / G;
     if (M >= WIDEN_ROWS && G < K) {
-        FOR_WIDENED_PANELS(M, N, K, widen_q8(packed + j * K * PANEL, scale + j * groups * PANEL, K, G, w))
+        FOR_PAIRS(M, N, 2 * K * PANEL, WIDEN_PAIR(widen_q8(packed + i * K * PANEL, scale + i * groups * PANEL, K, G, out)))
         return;
     }
     const q8tile_fn* tiles = G == K ? Q8TILES : Q8GTILES;
@@ -281,7 +322,7 @@ void fl_linear_q4(const float* x, int64_t M, int64_t K, const uint8_t* packed, c
                   const float* bias, float* y, int threads) {
     int64_t groups = K / QG;
     if (M >= WIDEN_ROWS) {
-        FOR_WIDENED_PANELS(M, N, K, widen_q4(packed + j * K * 4, dm + j * groups * 16, K, w))
+        FOR_PAIRS(M, N, 2 * K * PANEL, WIDEN_PAIR(widen_q4(packed + i * K * 4, dm + i * groups * 16, K, out)))
         return;
     }
     float* xs = malloc(sizeof(float) * (M * groups + 1)); /* each row's sum over each group */
