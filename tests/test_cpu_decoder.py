@@ -74,16 +74,25 @@ def test_stack_steps_equal_the_per_layer_path_bit_for_bit(tmp_path, monkeypatch,
 def test_layers_the_kernels_do_not_cover_take_the_per_layer_path(tmp_path):
     build_tiny_model(tmp_path, "qwen3", seed=1)  # q/k norms per head: not in the C stack
     loaded = load_model(resolve_source(str(tmp_path)), "float32")
-    assert loaded.model._cpu_stack() is None
+    assert loaded.model.cpu_decoder_stack() is None
 
 
 def test_a_stack_is_rebuilt_when_a_layer_is_replaced(tmp_path):
     """Its descriptors point into the modules' weights: a replaced module must not be read stale."""
     build_tiny_model(tmp_path, "llama", seed=2)
     model = load_model(resolve_source(str(tmp_path)), "float32").model
-    before = model._cpu_stack()
-    assert before is not None and model._cpu_stack() is before
+    before = model.cpu_decoder_stack()
+    assert before is not None and model.cpu_decoder_stack() is before
     mlp = model.layers[0].mlp
     mlp.down_proj = PanelLinear(nn.Linear(mlp.intermediate, model.config.hidden_size), cpu_kernels.load())
-    after = model._cpu_stack()
+    after = model.cpu_decoder_stack()
     assert after is not before and after.matrices[0][3].packed is mlp.down_proj.packed
+
+
+def test_the_worker_says_how_decode_steps_run(tmp_path, caplog):
+    from freelunch.pool.worker import log_kernels
+
+    build_tiny_model(tmp_path, "llama", seed=3)
+    with caplog.at_level("INFO", logger="freelunch.worker"):
+        log_kernels(load_model(resolve_source(str(tmp_path)), "float32"))
+    assert "decode steps: all layers in one C call" in caplog.text

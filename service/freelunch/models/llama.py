@@ -265,7 +265,7 @@ class LlamaForCausalLM(nn.Module):
             index, values = input_embeds
             x = x.index_copy(0, index, values.to(x.dtype))
         cos, sin = self.rotary(positions, x.dtype)
-        stack = self._cpu_stack()
+        stack = self.cpu_decoder_stack()
         if stack is not None and stack.serves(x, attn):  # every layer in one C call, bit-identical
             stack.run(x, cos, sin, attn)
             return self.norm(x)
@@ -276,7 +276,7 @@ class LlamaForCausalLM(nn.Module):
             x = layer(x, cos, sin, attn)
         return self.norm(x)
 
-    def _cpu_stack(self) -> CpuDecoderStack | None:
+    def cpu_decoder_stack(self) -> CpuDecoderStack | None:
         """The layers' C descriptors, built at the first step (after loading has packed or quantised
         the weights) and again if a layer's modules were replaced since."""
         built = self.__dict__.get("_cpu_stack_built")

@@ -201,8 +201,10 @@ def log_kernels(loaded: LoadedModel) -> None:
     from freelunch.cpu_features import cpu_features, cpu_name, isa_level
 
     layers = Counter(type(m).__name__ for m in loaded.model.modules() if type(m).__name__.endswith("Linear"))
+    stack = getattr(loaded.model, "cpu_decoder_stack", lambda: None)()
     log.info(
-        "cpu: %s (%s: %s); torch dispatch %s, %d threads; dtype %s, quantization %s; linears: %s",
+        "cpu: %s (%s: %s); torch dispatch %s, %d threads; dtype %s, quantization %s; linears: %s; decode steps: %s",
         cpu_name(), isa_level(), " ".join(cpu_features()) or "-", torch.backends.cpu.get_cpu_capability(),
         torch.get_num_threads(), loaded.dtype, loaded.quantization, ", ".join(f"{n} {k}" for k, n in layers.most_common()),
+        "all layers in one C call" if stack is not None else "layer by layer",
     )  # fmt: skip
