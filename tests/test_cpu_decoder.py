@@ -35,7 +35,8 @@ def _run(folder, mode: str, monkeypatch, stack: bool) -> tuple[dict[str, list], 
         return run(self, x, cos, sin, attn)
 
     monkeypatch.setattr(CpuDecoderStack, "run", counted)
-    engine = Engine(loaded, EngineConfig(model=str(folder), max_model_len=256, kv_cache_gib=0.02, quantization=mode, max_step_cost=float("inf")))
+    config = EngineConfig(model=str(folder), max_model_len=256, kv_cache_gib=0.02, quantization=mode, max_step_cost=float("inf"))
+    engine = Engine(loaded, config)
     greedy = lambda: SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, logprobs=2)  # noqa: E731
     got: dict[str, list] = {}
     # decode rows of different lengths (one padded group), then a small draft tree alone (2 + 4 + 8

@@ -112,7 +112,7 @@ static const pair_fn PAIRS[PAIR_ROWS + 1] = {0, pair1, pair2, pair3, pair4, pair
  * them from a packed form. */
 #define FOR_PAIRS(M, N, SCRATCH, SELECT)                                                            \
     _Pragma("omp parallel num_threads(threads)") {                                                  \
-        float* w = (SCRATCH) > 0 ? malloc(sizeof(float) * (SCRATCH)) : 0;                               \
+        float* w = (SCRATCH) > 0 ? malloc(sizeof(float) * (SCRATCH)) : 0;                           \
         int64_t panels = ((N) + PANEL - 1) / PANEL;                                                 \
         for (int64_t r0 = 0; r0 < (M); r0 += ROW_BLOCK) {                                           \
             int64_t r1 = r0 + ROW_BLOCK < (M) ? r0 + ROW_BLOCK : (M);                               \

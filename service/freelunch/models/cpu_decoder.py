@@ -54,7 +54,8 @@ class CpuDecoderStack:
             attn, norms = layer.self_attn, (layer.input_layernorm, layer.post_attention_layernorm)
             if attn.qk_norm is not None or attn.clip_qkv is not None:
                 return None
-            if any(nm.weight.dtype != torch.float32 or nm.weight.device.type != "cpu" or nm.eps != first.input_layernorm.eps for nm in norms):
+            eps = first.input_layernorm.eps
+            if any(nm.weight.dtype != torch.float32 or nm.weight.device.type != "cpu" or nm.eps != eps for nm in norms):
                 return None
             if layer.mlp.intermediate != first.mlp.intermediate:
                 return None
@@ -96,11 +97,11 @@ class CpuDecoderStack:
             desc.k_cache, desc.v_cache = k_cache.data_ptr(), v_cache.data_ptr()
         group = attn.groups[0]
         _, kv_index, mask = group.views[0]
-        cpu_kernels.decoder(
-            self.library, self.layers, x, self.shape, self.eps, cos, sin, attn.slot_mappings[0][1], kv_index, group.n, mask, attn.scale
-        )
+        slots = attn.slot_mappings[0][1]
+        cpu_kernels.decoder(self.library, self.layers, x, self.shape, self.eps, cos, sin, slots, kv_index, group.n, mask, attn.scale)
 
 
 def _layer_modules(layer: nn.Module) -> tuple[nn.Module | None, ...]:
     attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
-    return tuple(getattr(owner, name, None) for owner, name in ((attn, "qkv_proj"), (attn, "o_proj"), (mlp, "gate_up_proj"), (mlp, "down_proj")))
+    named = ((attn, "qkv_proj"), (attn, "o_proj"), (mlp, "gate_up_proj"), (mlp, "down_proj"))
+    return tuple(getattr(owner, name, None) for owner, name in named)

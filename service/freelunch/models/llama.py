@@ -281,7 +281,8 @@ class LlamaForCausalLM(nn.Module):
         the weights) and again if a layer's modules were replaced since."""
         built = self.__dict__.get("_cpu_stack_built")
         if built is None or not CpuDecoderStack.built_from(built[0], self.layers):
-            built = self.__dict__["_cpu_stack_built"] = (CpuDecoderStack.modules_of(self.layers), CpuDecoderStack.build(self.layers))
+            built = (CpuDecoderStack.modules_of(self.layers), CpuDecoderStack.build(self.layers))
+            self.__dict__["_cpu_stack_built"] = built
         return built[1]
 
     def routing_override(self, row_inputs: list[tuple[dict[str, Any], int]], device: torch.device) -> ExpertRouting | None:
