@@ -1,6 +1,7 @@
 """vLLM (CPU build) vs our native engine vs transformers `generate`, on the default model.
 
     python bench/bench_engines.py [--max-tokens 128] [--concurrency 16] [--backends native,vllm,hf,native-tr] [--rounds 1]
+                                  [--model FOLDER] [--dtype float32]
 
 Backends: `native` (float32), `native-bf16`, `native-int8`, `native-int4`, `native-gguf`
 (--quantization; gguf: the file's own blocks: Q4_1 layers in int4 kernels, the Q8_0 output layer in int8), `native-tr`, `hf`,
@@ -12,7 +13,9 @@ single-stream decoding reaches.
 
 Each backend runs in its own subprocess, one after another (vLLM changes process-wide torch
 threading, and two heavy processes on 2 cores would slow each other 10-35x): the same chat
-prompts, greedy, `ignore_eos` so that every request decodes exactly --max-tokens tokens, float32.
+prompts, greedy, `ignore_eos` so that every request decodes exactly --max-tokens tokens, float32
+(--dtype: the native and vLLM backends' dtype; --model: a model folder instead of the default
+model, e.g. a bfloat16 checkpoint with --dtype auto; llama.cpp always runs the default GGUF).
 Two numbers per backend: single-stream decode tokens/s (one request at a time) and throughput
 with --concurrency requests admitted together. `native-tr` is our engine with Token Recycling,
 which the vLLM backend routes to native workers: its single-stream number is the one to compare
@@ -95,13 +98,20 @@ def weight_bytes(model) -> int:
     return total
 
 
+def model_folder(args) -> str:
+    """--model, else the default model's folder (converted from its GGUF once)."""
+    from freelunch.models.loader import default_model_path, gguf_to_folder
+
+    return args.model or str(gguf_to_folder(default_model_path()))
+
+
 def measure_engine(backend: str, args) -> dict:
     from freelunch.config import EngineConfig
     from freelunch.engine.request import GenerationRequest, SamplingParams
 
     dtype, quantization = VARIANTS.get(backend.split("-", 1)[-1], (None, "none"))
     config = EngineConfig(
-        dtype=dtype or args.dtype, quantization=quantization, max_model_len=2048, max_num_seqs=max(16, args.concurrency),
+        model=model_folder(args), dtype=dtype or args.dtype, quantization=quantization, max_model_len=2048, max_num_seqs=max(16, args.concurrency),
         kv_cache_gib=1.0, engine="vllm" if backend.startswith("vllm") else "native",
     )  # fmt: skip
     t0 = time.perf_counter()
@@ -152,10 +162,10 @@ def measure_vllm_mp(args) -> dict:
     from vllm.inputs import TokensPrompt
     from vllm.v1.engine.llm_engine import LLMEngine
 
-    from freelunch.models.loader import default_model_path, gguf_to_folder, load_tokenizer, resolve_source
+    from freelunch.models.loader import load_tokenizer, resolve_source
 
     t0 = time.perf_counter()
-    folder = gguf_to_folder(default_model_path())
+    folder = model_folder(args)
     engine = LLMEngine.from_engine_args(
         EngineArgs(model=str(folder), dtype=args.dtype, enforce_eager=True, max_model_len=2048, max_num_seqs=max(16, args.concurrency))
     )
@@ -190,10 +200,8 @@ def measure_hf(args) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from freelunch.models.loader import default_model_path, gguf_to_folder
-
     t0 = time.perf_counter()
-    folder = gguf_to_folder(default_model_path())
+    folder = model_folder(args)
     model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.bfloat16 if args.child == "hf-bf16" else torch.float32).eval()
     from transformers import AutoTokenizer
 
@@ -229,6 +237,7 @@ def main() -> None:
     ap.add_argument("--single", type=int, default=3, help="single-stream requests (run one after another)")
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--model", help="a model folder (default: the default model)")
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "engines.json"))
     ap.add_argument("--child", help=argparse.SUPPRESS)
@@ -251,7 +260,7 @@ def main() -> None:
                 result = measure_llama_cpp(args)
             else:
                 cmd = [sys.executable, __file__, "--child", backend, "--max-tokens", str(args.max_tokens), "--single", str(args.single),
-                       "--concurrency", str(args.concurrency), "--dtype", args.dtype]  # fmt: skip
+                       "--concurrency", str(args.concurrency), "--dtype", args.dtype, *(["--model", args.model] if args.model else [])]  # fmt: skip
                 result = run_child(cmd)
             if result is not None:
                 runs.setdefault(backend, []).append(result)
@@ -283,8 +292,9 @@ def table(data: dict) -> str:
     host, a = meta["machine"], meta["args"]
     hf = max((results[h] for h in ("hf", "hf-bf16") if h in results), key=lambda r: r["single_tok_s"], default={})
     anchors = {"single_tok_s": [hf, results.get("llama.cpp", {})], "concurrent_tok_s": [results.get("vllm", {})]}
+    model = f"{a['model']} (`--dtype {a['dtype']}` for the native and vLLM rows)" if a.get("model") else "SmolLM2-135M-Instruct"
     lines = [
-        f"SmolLM2-135M-Instruct, {a['max_tokens']} tokens a request, {host['cpu']} ({host['isa']}: {' '.join(host['features'])}), "
+        f"{model}, {a['max_tokens']} tokens a request, {host['cpu']} ({host['isa']}: {' '.join(host['features'])}), "
         f"{host['cores']} cores, memory bandwidth {meta['memory_bandwidth_bytes_s'] / 1e9:.1f} GB/s, medians of {a['rounds']} "
         f"interleaved round(s), {meta['date']}",
         "",
@@ -294,7 +304,8 @@ def table(data: dict) -> str:
     for name, r in results.items():
         ratio = lambda key, ref: f"{r[key] / ref[key]:.2f}x" if key in r and key in ref else ""  # noqa: E731
         cells = [
-            NAMES.get(name, name), f"{r['single_tok_s']:.1f}", *(ratio("single_tok_s", ref) for ref in anchors["single_tok_s"]),
+            NAMES.get(name, name) if name != "native" or a.get("dtype", "float32") == "float32" else f"native `--dtype {a['dtype']}`",
+            f"{r['single_tok_s']:.1f}", *(ratio("single_tok_s", ref) for ref in anchors["single_tok_s"]),
             f"{r['weight_bytes_per_step'] / 1e6:.0f} MB" if "weight_bytes_per_step" in r else "",
             f"{r['bandwidth_fraction']:.0%}" if "bandwidth_fraction" in r else "", f"{1000 * r['ttft_s']:.0f}" if "ttft_s" in r else "",
             f"{r['concurrent_tok_s']:.1f}" if "concurrent_tok_s" in r else "", ratio("concurrent_tok_s", anchors["concurrent_tok_s"][0]),

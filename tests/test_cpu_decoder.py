@@ -97,3 +97,25 @@ def test_the_worker_says_how_decode_steps_run(tmp_path, caplog):
     with caplog.at_level("INFO", logger="freelunch.worker"):
         log_kernels(load_model(resolve_source(str(tmp_path)), "float32"))
     assert "decode steps: all layers in one C call" in caplog.text
+
+
+def test_a_bfloat16_checkpoint_runs_in_float32_from_bfloat16_panels(tmp_path):
+    """`--dtype auto` on a CPU: transformers' float32 tokens on the checkpoint's own weights, read as
+    bfloat16 through the one C call."""
+    hf = build_tiny_model(tmp_path, "llama", seed=4).to(torch.bfloat16)
+    hf.save_pretrained(tmp_path, safe_serialization=True)
+    loaded = load_model(resolve_source(str(tmp_path)), "auto")
+    assert loaded.dtype == torch.float32
+    stack = loaded.model.cpu_decoder_stack()
+    assert stack is not None and {m.kind for layer in stack.matrices for m in layer} == {"bf16"}
+    engine = Engine(loaded, EngineConfig(model=str(tmp_path), max_model_len=256, kv_cache_gib=0.02))
+    hf = hf.float()
+    for i, p in enumerate(PROMPTS):
+        engine.add_request(GenerationRequest(f"r{i}", p, SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)))
+    got: dict[str, list[int]] = {}
+    while engine.has_work():
+        for o in engine.step():
+            got.setdefault(o.request_id, []).extend(o.new_token_ids)
+    for i, p in enumerate(PROMPTS):
+        ref = hf.generate(torch.tensor([p]), max_new_tokens=10, do_sample=False, min_new_tokens=10)[0, len(p) :]
+        assert got[f"r{i}"] == ref.tolist()

@@ -43,6 +43,26 @@ def test_panel_linear_matches_f_linear(rows: int, in_features: int, out_features
     torch.testing.assert_close(got, F.linear(x, linear.weight, linear.bias), rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("rows", [1, 5, 8, 17])
+@pytest.mark.parametrize("bias", [False, True])
+def test_bfloat16_weights_are_kept_as_bfloat16_and_give_the_float32_bits(rows: int, bias: bool) -> None:
+    """A bfloat16 checkpoint's weights, loaded as float32, are bfloat16 values: stored in half the
+    bytes and widened exactly, the layer gives the very bits of the float32 panels; weights that are
+    not bfloat16 values stay float32."""
+    gen = torch.Generator().manual_seed(rows)
+    linear = torch.nn.Linear(96, 37, bias=bias)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(37, 96, generator=gen).bfloat16().float())
+    x = torch.randn(rows, 96, generator=gen)
+    halved = PanelLinear(linear, cpu_kernels.load())
+    assert halved.packed.dtype == torch.bfloat16 and halved.kernel_matrix().kind == "bf16"
+    full = cpu_kernels.linear(cpu_kernels.load(), x, cpu_kernels.pack(linear.weight.detach()), 37, halved.bias)
+    assert torch.equal(halved(x), full)
+    with torch.no_grad():
+        linear.weight[3, 5] += 1e-4  # no longer a bfloat16 value
+    assert PanelLinear(linear, cpu_kernels.load()).packed.dtype == torch.float32
+
+
 def test_panel_linear_takes_any_leading_shape_and_strides() -> None:
     linear = torch.nn.Linear(40, 24)
     panel = PanelLinear(linear, cpu_kernels.load())

@@ -82,12 +82,13 @@ static inline void store_row(__m256 acc, float* y, const float* bias, int ncols)
 #define STORE2(m)                                                                      \
     store_row(a##m, y + (m) * N, bias, nc0);                                           \
     if (nc1 > 0) store_row(b##m, y + (m) * N + PANEL, bias ? bias + PANEL : 0, nc1);
-#define PAIR(MR)                                                                                   \
-    static void pair##MR(const float* x, int64_t K, const float* p0, const float* p1, float* y,    \
-                         int64_t N, const float* bias, int nc0, int nc1) {                         \
+/* A tile of NAME##MR over panels of T, each k's 8 weights made float32 by LOAD(panel, k). */
+#define PAIR(NAME, T, LOAD, MR)                                                                    \
+    static void NAME##MR(const float* x, int64_t K, const T* p0, const T* p1, float* y, int64_t N, \
+                         const float* bias, int nc0, int nc1) {                                    \
         R##MR(ACC2)                                                                                \
         for (int64_t k = 0; k < K; k++) {                                                          \
-            __m256 w0 = _mm256_loadu_ps(p0 + k * PANEL), w1 = _mm256_loadu_ps(p1 + k * PANEL);     \
+            __m256 w0 = LOAD(p0, k), w1 = LOAD(p1, k);                                             \
             if ((k & 1) == 0) {                                                                    \
                 _mm_prefetch((const char*)(p0 + k * PANEL + PREFETCH_FLOATS), _MM_HINT_T0);        \
                 _mm_prefetch((const char*)(p1 + k * PANEL + PREFETCH_FLOATS), _MM_HINT_T0);        \
@@ -96,9 +97,18 @@ static inline void store_row(__m256 acc, float* y, const float* bias, int ncols)
         }                                                                                          \
         R##MR(STORE2)                                                                              \
     }
-PAIR(1) PAIR(2) PAIR(3) PAIR(4) PAIR(5) PAIR(6)
-typedef void (*pair_fn)(const float*, int64_t, const float*, const float*, float*, int64_t, const float*, int, int);
-static const pair_fn PAIRS[PAIR_ROWS + 1] = {0, pair1, pair2, pair3, pair4, pair5, pair6};
+#define LOAD_F32(p, k) _mm256_loadu_ps((p) + (k) * PANEL)
+/* bfloat16 is the top half of a float32: widening is a shift, exact. */
+#define LOAD_BF16(p, k) \
+    _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)((p) + (k) * PANEL))), 16))
+#define PAIRS_OF(NAME, T, LOAD)                                                                             \
+    PAIR(NAME, T, LOAD, 1) PAIR(NAME, T, LOAD, 2) PAIR(NAME, T, LOAD, 3) PAIR(NAME, T, LOAD, 4)             \
+    PAIR(NAME, T, LOAD, 5) PAIR(NAME, T, LOAD, 6)                                                           \
+    static void (*const NAME##s[PAIR_ROWS + 1])(const float*, int64_t, const T*, const T*, float*, int64_t, \
+                                                const float*, int, int) = {0,       NAME##1, NAME##2, NAME##3, \
+                                                                           NAME##4, NAME##5, NAME##6};
+PAIRS_OF(pair, float, LOAD_F32)
+PAIRS_OF(bpair, uint16_t, LOAD_BF16)
 
 /* Columns of panel j (8 but the last) and of its pair j + 1 (0 past the end). */
 #define PAIR_COLS(N, j)                                                             \
@@ -107,10 +117,10 @@ static const pair_fn PAIRS[PAIR_ROWS + 1] = {0, pair1, pair2, pair3, pair4, pair
     int nc1 = rest1 <= 0 ? 0 : rest1 < PANEL ? (int)rest1 : PANEL;
 
 /* Rows in blocks of ROW_BLOCK; a block's pairs of panels split over the threads; the rows shared
- * evenly among tiles of at most PAIR_ROWS (8 = 4 + 4, not 6 + 2). SELECT points p0 and p1 at the
- * float32 panels j and j + 1 (p1 = p0 past the end), using w (SCRATCH floats a thread) if it widens
- * them from a packed form. */
-#define FOR_PAIRS(M, N, SCRATCH, SELECT)                                                            \
+ * evenly among tiles of at most PAIR_ROWS (8 = 4 + 4, not 6 + 2), run by TILES (pairs: float32
+ * panels; bpairs: bfloat16). SELECT points p0 and p1 at panels j and j + 1 (p1 = p0 past the end),
+ * using w (SCRATCH floats a thread) if it widens them from a packed form. */
+#define FOR_PAIRS(M, N, SCRATCH, T, TILES, SELECT)                                                          \
     _Pragma("omp parallel num_threads(threads)") {                                                  \
         float* w = (SCRATCH) > 0 ? malloc(sizeof(float) * (SCRATCH)) : 0;                           \
         int64_t panels = ((N) + PANEL - 1) / PANEL;                                                 \
@@ -120,12 +130,12 @@ static const pair_fn PAIRS[PAIR_ROWS + 1] = {0, pair1, pair2, pair3, pair4, pair
             _Pragma("omp for schedule(static)") for (int64_t jj = 0; jj < (panels + 1) / 2; jj++) { \
                 int64_t j = 2 * jj;                                                                 \
                 PAIR_COLS(N, j)                                                                     \
-                const float *p0, *p1;                                                               \
+                const T *p0, *p1;                                                                   \
                 SELECT;                                                                             \
                 const float* b = bias ? bias + j * PANEL : 0;                                       \
                 for (int64_t t = 0, m0 = r0; t < tiles; t++) {                                      \
                     int mr = (int)((r1 - m0) / (tiles - t));                                        \
-                    PAIRS[mr](x + m0 * K, K, p0, p1, y + m0 * (N) + j * PANEL, (N), b, nc0, nc1);   \
+                    TILES[mr](x + m0 * K, K, p0, p1, y + m0 * (N) + j * PANEL, (N), b, nc0, nc1);   \
                     m0 += mr;                                                                       \
                 }                                                                                   \
             }                                                                                       \
@@ -135,7 +145,14 @@ static const pair_fn PAIRS[PAIR_ROWS + 1] = {0, pair1, pair2, pair3, pair4, pair
 
 void fl_linear(const float* x, int64_t M, int64_t K, const float* packed, int64_t N, const float* bias,
                float* y, int threads) {
-    FOR_PAIRS(M, N, 0, p0 = packed + j * K * PANEL; p1 = nc1 ? p0 + K * PANEL : p0)
+    FOR_PAIRS(M, N, 0, float, pairs, p0 = packed + j * K * PANEL; p1 = nc1 ? p0 + K * PANEL : p0)
+}
+
+/* fl_linear with the panels stored as bfloat16 (weights that are exactly bfloat16 values, as a
+ * bfloat16 checkpoint's are in float32): half the bytes, the same products, the same bits. */
+void fl_linear_bf16(const float* x, int64_t M, int64_t K, const uint16_t* packed, int64_t N, const float* bias,
+                    float* y, int threads) {
+    FOR_PAIRS(M, N, 0, uint16_t, bpairs, p0 = packed + j * K * PANEL; p1 = nc1 ? p0 + K * PANEL : p0)
 }
 
 /* ---- weight-only quantised linears (models/quantization.py) ---------------------------------------
@@ -248,7 +265,7 @@ void fl_linear_q8(const float* x, int64_t M, int64_t K, const int8_t* packed, co
                   const float* bias, float* y, int threads) {
     int64_t groups = K / G;
     if (M >= WIDEN_ROWS && G < K) {
-        FOR_PAIRS(M, N, 2 * K * PANEL, WIDEN_PAIR(widen_q8(packed + i * K * PANEL, scale + i * groups * PANEL, K, G, out)))
+        FOR_PAIRS(M, N, 2 * K * PANEL, float, pairs, WIDEN_PAIR(widen_q8(packed + i * K * PANEL, scale + i * groups * PANEL, K, G, out)))
         return;
     }
     const q8tile_fn* tiles = G == K ? Q8TILES : Q8GTILES;
@@ -322,7 +339,7 @@ void fl_linear_q4(const float* x, int64_t M, int64_t K, const uint8_t* packed, c
                   const float* bias, float* y, int threads) {
     int64_t groups = K / QG;
     if (M >= WIDEN_ROWS) {
-        FOR_PAIRS(M, N, 2 * K * PANEL, WIDEN_PAIR(widen_q4(packed + i * K * 4, dm + i * groups * 16, K, out)))
+        FOR_PAIRS(M, N, 2 * K * PANEL, float, pairs, WIDEN_PAIR(widen_q4(packed + i * K * 4, dm + i * groups * 16, K, out)))
         return;
     }
     float* xs = malloc(sizeof(float) * (M * groups + 1)); /* each row's sum over each group */
@@ -557,7 +574,7 @@ void fl_silu_mul(const float* gu, int64_t M, int64_t I, float* out) {
  * ctypes and allocation that a layer's dozen calls cost between them (a third of a decode step of
  * the default model on 2 AVX2 cores). */
 typedef struct {
-    int64_t kind; /* 0: float32 panels (fl_linear), 1: int8 (fl_linear_q8), 2: int4 (fl_linear_q4) */
+    int64_t kind; /* 0: float32 panels (fl_linear), 1: int8 (fl_linear_q8), 2: int4 (fl_linear_q4), 3: bfloat16 panels */
     const void* packed;
     const float* scales; /* q8: per panel [K/G][8]; q4: d and m per panel */
     int64_t group;       /* q8: inputs a scale covers */
@@ -576,6 +593,8 @@ typedef struct {
 static void matrix_apply(const fl_matrix* w, const float* x, int64_t M, int64_t K, float* y, int threads) {
     if (w->kind == 0)
         fl_linear(x, M, K, (const float*)w->packed, w->out, w->bias, y, threads);
+    else if (w->kind == 3)
+        fl_linear_bf16(x, M, K, (const uint16_t*)w->packed, w->out, w->bias, y, threads);
     else if (w->kind == 1)
         fl_linear_q8(x, M, K, (const int8_t*)w->packed, w->scales, w->group, w->out, w->bias, y, threads);
     else

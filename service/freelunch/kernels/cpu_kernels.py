@@ -1,7 +1,8 @@
 """Float32 CPU kernels for AVX2 machines (cpu_kernels.c), built once with the system's C compiler.
 
 - `linear`: decoding and draft-tree verification multiply a handful of rows by every weight
-  matrix, so a step costs about one pass over the weights in memory. oneDNN's kernels, tuned
+  matrix, so a step costs about one pass over the weights in memory (weights that are bfloat16
+  values, as a bfloat16 checkpoint's, are kept and read as bfloat16: half the pass). oneDNN's kernels, tuned
   for larger matrices, pay that pass and then the arithmetic on top; this one overlaps them,
   so 5 or 9 rows cost little more than 1 (numbers in freelunch.models.cpu_linear).
 - `paged_attention`: attention of a few queries per row over keys read straight from the
@@ -129,6 +130,8 @@ def load() -> ctypes.CDLL | None:
         ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
     ]  # fmt: skip
     library.fl_linear.restype = None
+    library.fl_linear_bf16.argtypes = library.fl_linear.argtypes
+    library.fl_linear_bf16.restype = None
     library.fl_paged_attention.argtypes = [
         ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
         ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_float,
@@ -156,10 +159,11 @@ def load() -> ctypes.CDLL | None:
     return library
 
 
-def pack(weight: torch.Tensor) -> torch.Tensor:
-    """W [N, K] float32 -> panels [ceil(N / 8), K, 8], zero past N."""
+def pack(weight: torch.Tensor, storage: torch.dtype = torch.float32) -> torch.Tensor:
+    """W [N, K] -> panels [ceil(N / 8), K, 8] of `storage` (float32, or bfloat16 for weights that are
+    bfloat16 values: `linear` widens them exactly), zero past N."""
     n, k = weight.shape
-    padded = torch.zeros((n + PANEL - 1) // PANEL * PANEL, k, dtype=torch.float32)
+    padded = torch.zeros((n + PANEL - 1) // PANEL * PANEL, k, dtype=storage)
     padded[:n] = weight
     return padded.view(-1, PANEL, k).transpose(1, 2).contiguous()
 
@@ -167,11 +171,11 @@ def pack(weight: torch.Tensor) -> torch.Tensor:
 def linear(
     library: ctypes.CDLL, x: torch.Tensor, packed: torch.Tensor, out_features: int, bias: torch.Tensor | None
 ) -> torch.Tensor:
-    """x [M, K] float32 contiguous -> x W^T + bias [M, out_features]."""
+    """x [M, K] float32 contiguous -> x W^T + bias [M, out_features], W from `pack` (either storage)."""
     m, k = x.shape
     y = torch.empty(m, out_features, dtype=torch.float32)
     if m:
-        library.fl_linear(
+        (library.fl_linear_bf16 if packed.dtype == torch.bfloat16 else library.fl_linear)(
             x.data_ptr(), m, k, packed.data_ptr(), out_features,
             None if bias is None else bias.data_ptr(), y.data_ptr(), torch.get_num_threads(),
         )  # fmt: skip
@@ -292,7 +296,7 @@ def silu_mul(library: ctypes.CDLL, gate_up: torch.Tensor) -> torch.Tensor:
 class KernelMatrix:
     """A linear layer's weights as one of the matmul kernels takes them (what `decoder` needs of it)."""
 
-    kind: str  # "f32" (pack), "q8" (pack_q8) or "q4" (pack_q4)
+    kind: str  # "f32" or "bf16" (pack, by storage), "q8" (pack_q8) or "q4" (pack_q4)
     packed: torch.Tensor
     scales: torch.Tensor | None
     out_features: int
@@ -308,7 +312,7 @@ class FlMatrix(ctypes.Structure):
         in_features = m.packed.shape[1]
         group = in_features // m.scales.shape[1] if m.kind == "q8" else 0
         return cls(
-            ("f32", "q8", "q4").index(m.kind), m.packed.data_ptr(), None if m.scales is None else m.scales.data_ptr(),
+            ("f32", "q8", "q4", "bf16").index(m.kind), m.packed.data_ptr(), None if m.scales is None else m.scales.data_ptr(),
             group, m.out_features, None if m.bias is None else m.bias.data_ptr(),
         )  # fmt: skip
 

