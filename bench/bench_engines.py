@@ -4,7 +4,8 @@
                                   [--model FOLDER] [--dtype float32]
 
 Backends: `native` (float32), `native-bf16`, `native-int8`, `native-int4`, `native-gguf`
-(--quantization; gguf: the file's own blocks: Q4_1 layers in int4 kernels, the Q8_0 output layer in int8), `native-tr`, `hf`,
+(--quantization; gguf: the file's own blocks: Q4_1 layers in int4 kernels, the Q8_0 output layer in int8), `native-tr`
+and `native-gguf-tr` (Token Recycling: float32, `gguf`), `hf`,
 `hf-bf16`, `vllm`, `vllm-mp`, and `llama.cpp` (llama-cpp-python on the same GGUF, in the
 environment whose interpreter --llama-cpp-python names: bench/llama_cpp_child.py). With --rounds R, the backends run R times in turn (interleaved) and
 each figure is the median. Also measured: the machine's memory bandwidth (a large copy) and, per
@@ -109,7 +110,8 @@ def measure_engine(backend: str, args) -> dict:
     from freelunch.config import EngineConfig
     from freelunch.engine.request import GenerationRequest, SamplingParams
 
-    dtype, quantization = VARIANTS.get(backend.split("-", 1)[-1], (None, "none"))
+    dtype, quantization = VARIANTS.get(backend.split("-")[1] if "-" in backend else "", (None, "none"))
+    speculative = backend.endswith("-tr")
     config = EngineConfig(
         model=model_folder(args), dtype=dtype or args.dtype, quantization=quantization, max_model_len=2048, max_num_seqs=max(16, args.concurrency),
         kv_cache_gib=1.0, engine="vllm" if backend.startswith("vllm") else "native",
@@ -124,11 +126,11 @@ def measure_engine(backend: str, args) -> dict:
 
         engine = load_engine(config)
     startup = time.perf_counter() - t0
-    methods = {"speculative": {"method": "token_recycling"}} if backend == "native-tr" else {}
+    methods = {"speculative": {"method": "token_recycling"}} if speculative else {}
     params = lambda: SamplingParams(max_tokens=args.max_tokens, temperature=0.0, ignore_eos=True)  # noqa: E731
     ids = prompts(engine.tokenizer, max(args.concurrency, args.single, len(CHATS)))
     run_engine(engine, [GenerationRequest("warm", ids[0], SamplingParams(max_tokens=8, temperature=0.0))])
-    if backend == "native-tr":  # the shared table learns from earlier traffic, as a server's does: other prompts
+    if speculative:  # the shared table learns from earlier traffic, as a server's does: other prompts
         others = ids[args.single : len(CHATS)]  # `ids` cycles through CHATS
         run_engine(engine, [GenerationRequest(f"learn{i}", p, params(), dict(methods)) for i, p in enumerate(others)])
     single_s, single_tok, ttft = 0.0, 0, []
@@ -139,7 +141,7 @@ def measure_engine(backend: str, args) -> dict:
     result = {"startup_s": startup, "single_tok_s": single_tok / single_s, "ttft_s": sorted(ttft)[len(ttft) // 2]}
     if not backend.startswith("vllm"):
         result["weight_bytes_per_step"] = weight_bytes(engine.model)
-    if backend != "native-tr":
+    if not speculative:
         s, n, _ = run_engine(engine, [GenerationRequest(f"c{i}", p, params()) for i, p in enumerate(ids[: args.concurrency])])
         result["concurrent_tok_s"] = n / s
     return result
@@ -281,6 +283,7 @@ NAMES = {
     "hf": "transformers float32", "hf-bf16": "transformers bfloat16", "native": "native float32", "native-bf16": "native bfloat16",
     "native-int8": "native `--quantization int8`", "native-int4": "native `--quantization int4`",
     "native-gguf": "native `--quantization gguf` (default)", "native-tr": "native + Token Recycling",
+    "native-gguf-tr": "native `--quantization gguf` + Token Recycling",
     "vllm": "vLLM-CPU (`--engine vllm`)", "vllm-mp": "vLLM-CPU (its own engine process)", "llama.cpp": "llama.cpp (llama-cpp-python)",
 }  # fmt: skip
 
