@@ -50,6 +50,10 @@ VERIFY_SIZES = (1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 14, 16, 20, 24, 32, 48, 81)
 VERIFY_CONTEXT = 128
 # The default tree is re-chosen from the acceptance counts every this many verify steps.
 RECHOOSE_EVERY = 32
+# Where no tree pays (tree_sizing.best_tree chose none), a request still drafts its likeliest node
+# once every PROBE_EVERY steps: the acceptance that decides whether a tree pays stays measured.
+PROBE_EVERY = 8
+PROBE_TREE = DraftTree.from_template([(0,)])
 
 
 MAX_K = 32
@@ -238,6 +242,7 @@ class TokenRecycling(Stage):
         self._rows = 1
         self._seeded = False  # the prompt seeds the table at the first draft (a fallback never drafts)
         self.steps = self.draft_tokens = self.accepted_tokens = self.plain_steps = 0
+        self.plain_by_cost = 0  # steps decoded plainly because no tree pays here
         self.jump_forward_tokens = self.pruned_draft_tokens = 0
 
     def attach(self, pipeline: Pipeline) -> None:
@@ -272,20 +277,26 @@ class TokenRecycling(Stage):
             self.tree = DraftTree.from_template(sub_template(1 if self.fallback else FALLBACK_TREE_SIZE[device]))
 
     def tokens_needed(self) -> int:
-        return self.tree.size
+        return max(self.tree.size, PROBE_TREE.size)  # a request whose tree has no nodes still probes
 
     def draft(self, pipeline: Pipeline, budget: int) -> Draft | None:
         if self.cost is not None:  # the table's default may have changed since the last step
             self.tree = self.table.default_tree(self.cost, self._rows)
-        deepest = int(self.tree.depth.max())
+        tree = self.tree
+        if tree.size == 1 and self.fallback is None:  # no tree pays here: decode plainly, probing now and then
+            self.plain_by_cost += 1
+            if self.plain_by_cost % PROBE_EVERY:
+                return None
+            tree = PROBE_TREE
+        deepest = int(tree.depth.max())
         longest = max(seq.num_computed for seq in pipeline.rows)
-        if self.fallback is not None or budget < self.tree.size * self._rows or longest + deepest + 1 >= self.max_len:
+        if self.fallback is not None or budget < tree.size * self._rows or longest + deepest + 1 >= self.max_len:
             return None
         main = self.main
         if not self._seeded:  # at its first draft: requests seed in the order they start drafting
             self.table.seed(main.token_ids)
             self._seeded = True
-        tree, tokens = self.tree, self.table.fill(main.token_ids[-1], self.tree)
+        tokens = self.table.fill(main.token_ids[-1], tree)
         forced = False
         if pipeline.constraint is not None:  # draft what the grammar allows, or what it forces
             tree, tokens, forced = self._constrained(pipeline.constraint, tree, tokens)
@@ -368,6 +379,8 @@ class TokenRecycling(Stage):
             "mean_accepted_tokens_per_step": (self.accepted_tokens + self.steps) / self.steps if self.steps else 0.0,
             "plain_steps": self.plain_steps,
         }
+        if self.plain_by_cost:  # said, so that a client sees why its speculation did not speed it up
+            stats["plain_steps_by_cost"] = self.plain_by_cost - self.plain_by_cost // PROBE_EVERY
         if self.fallback:  # it never drafted: no tree to report (its placeholder is not one)
             stats["fallback"] = self.fallback
         else:

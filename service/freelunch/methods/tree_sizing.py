@@ -91,7 +91,7 @@ class RankAcceptance:
 
 def best_tree(cost: VerifyCost, probabilities: torch.Tensor) -> list[tuple[int, ...]]:
     """The 2.2.2 nodes (parents first) that give the most expected tokens per second, given
-    P(rank | depth) ([MAX_DEPTH, k])."""
+    P(rank | depth) ([MAX_DEPTH, k]); none where decoding plainly gives as many."""
     k = probabilities.shape[1]
 
     def score(path: tuple[int, ...]) -> float:
@@ -102,6 +102,11 @@ def best_tree(cost: VerifyCost, probabilities: torch.Tensor) -> list[tuple[int, 
     for size, path in enumerate(ranked, start=1):
         expected += score(path)
         rates.append(expected / cost(size + 1))
+    # Plain decoding is a candidate too: where verifying even one node costs more than it yields
+    # (compute-bound kernels: the default GGUF's int4 layers on 2 AVX2 cores verify 2 tokens at
+    # 1.5x one), no tree is the fastest.
+    if 1.0 / cost(1) >= max(rates):
+        return []
     # The smallest tree within _NEAR_BEST of the best rate: the timings are noisy by a few
     # percent, and where sizes tie within that, a smaller tree leaves more of a batch's forward
     # and of the KV cache to other requests.
