@@ -52,7 +52,7 @@ VERIFY_CONTEXT = 128
 RECHOOSE_EVERY = 32
 # Where no tree pays (tree_sizing.best_tree chose none), a request still drafts its likeliest node
 # once every PROBE_EVERY steps: the acceptance that decides whether a tree pays stays measured.
-PROBE_EVERY = 8
+PROBE_EVERY = 32
 PROBE_TREE = DraftTree.from_template([(0,)])
 
 
