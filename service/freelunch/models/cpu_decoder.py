@@ -73,10 +73,9 @@ class CpuDecoderStack:
     @staticmethod
     def built_from(modules: list[tuple[nn.Module | None, ...]], layers: nn.ModuleList) -> bool:
         """Whether the layers still hold these modules (loading packs or quantises after a model is
-        made; a stack built before then, or before a layer was replaced, is stale)."""
-        return len(layers) == len(modules) and all(
-            all(a is b for a, b in zip(_layer_modules(layer), seen)) for layer, seen in zip(layers, modules)
-        )
+        made; a stack built before then, or before a layer was replaced, is stale). Checked every
+        step: modules compare by identity."""
+        return len(layers) == len(modules) and all(_layer_modules(layer) == seen for layer, seen in zip(layers, modules))
 
     def serves(self, x: torch.Tensor, attn: AttentionBatch) -> bool:
         """Whether this step is one the C path computes: float32 rows on the CPU in one attention
@@ -102,6 +101,9 @@ class CpuDecoderStack:
 
 
 def _layer_modules(layer: nn.Module) -> tuple[nn.Module | None, ...]:
-    attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
-    named = ((attn, "qkv_proj"), (attn, "o_proj"), (mlp, "gate_up_proj"), (mlp, "down_proj"))
-    return tuple(getattr(owner, name, None) for owner, name in named)
+    # read from `_modules` directly: nn.Module.__getattr__ took ~1.5 us a lookup, 430 us a step
+    # over the default model's 30 layers (23 us this way)
+    attn, mlp = layer._modules.get("self_attn"), layer._modules.get("mlp")
+    own_attn = attn._modules if attn is not None else {}
+    own_mlp = mlp._modules if mlp is not None else {}
+    return own_attn.get("qkv_proj"), own_attn.get("o_proj"), own_mlp.get("gate_up_proj"), own_mlp.get("down_proj")
