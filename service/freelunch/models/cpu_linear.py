@@ -67,19 +67,23 @@ class PanelLinear(nn.Module):
         return y.view(*x.shape[:-1], self.out_features)
 
 
+def _panel_library() -> ctypes.CDLL | None:
+    """Our kernel's library where float32 linears run in it (PanelLinear, which also reads bfloat16
+    weights as stored): FREELUNCH_CPU_LINEAR is `panel` (the default) and the kernel builds."""
+    return cpu_kernels.load() if os.environ.get("FREELUNCH_CPU_LINEAR", "panel") == "panel" else None
+
+
 def panel_kernels() -> bool:
-    """Whether float32 linears run in our kernel (PanelLinear), which reads bfloat16 weights as stored."""
-    return os.environ.get("FREELUNCH_CPU_LINEAR", "panel") == "panel" and cpu_kernels.load() is not None
+    return _panel_library() is not None
 
 
 def _packer() -> Callable[[nn.Linear], nn.Module] | None:
     """PanelLinear where our kernel builds, else oneDNN's PackedLinear. FREELUNCH_CPU_LINEAR
     chooses: `panel` (default), `onednn`, or `torch` (plain nn.Linear)."""
-    choice = os.environ.get("FREELUNCH_CPU_LINEAR", "panel")
-    library = cpu_kernels.load() if choice == "panel" else None
+    library = _panel_library()
     if library is not None:
         return lambda linear: PanelLinear(linear, library)
-    if choice != "torch" and onednn_available():
+    if os.environ.get("FREELUNCH_CPU_LINEAR", "panel") != "torch" and onednn_available():
         return PackedLinear
     return None
 
