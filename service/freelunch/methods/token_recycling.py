@@ -242,7 +242,7 @@ class TokenRecycling(Stage):
         self._rows = 1
         self._seeded = False  # the prompt seeds the table at the first draft (a fallback never drafts)
         self.steps = self.draft_tokens = self.accepted_tokens = self.plain_steps = 0
-        self.plain_by_cost = self.probes = 0  # steps where no tree paid here; of them, the ones that probed
+        self.plain_by_cost = 0  # steps where no tree paid here (every PROBE_EVERY-th of them probed)
         self.jump_forward_tokens = self.pruned_draft_tokens = 0
 
     def attach(self, pipeline: Pipeline) -> None:
@@ -284,11 +284,9 @@ class TokenRecycling(Stage):
             self.tree = self.table.default_tree(self.cost, self._rows)
         tree = self.tree
         if tree.size == 1 and self.fallback is None:  # no tree pays here: decode plainly, probing now and then
-            if self.plain_by_cost % PROBE_EVERY:  # the first such step probes, then every PROBE_EVERY-th
-                self.plain_by_cost += 1
-                return None
             self.plain_by_cost += 1
-            self.probes += 1
+            if (self.plain_by_cost - 1) % PROBE_EVERY:  # the first such step probes, then every PROBE_EVERY-th
+                return None
             tree = PROBE_TREE
         deepest = int(tree.depth.max())
         longest = max(seq.num_computed for seq in pipeline.rows)
@@ -381,8 +379,9 @@ class TokenRecycling(Stage):
             "mean_accepted_tokens_per_step": (self.accepted_tokens + self.steps) / self.steps if self.steps else 0.0,
             "plain_steps": self.plain_steps,
         }
-        if self.plain_by_cost > self.probes:  # said, so that a client sees why its speculation did not speed it up
-            stats["plain_steps_by_cost"] = self.plain_by_cost - self.probes
+        probes = -(-self.plain_by_cost // PROBE_EVERY)  # the first, then every PROBE_EVERY-th
+        if self.plain_by_cost > probes:  # said, so that a client sees why its speculation did not speed it up
+            stats["plain_steps_by_cost"] = self.plain_by_cost - probes
         if self.fallback:  # it never drafted: no tree to report (its placeholder is not one)
             stats["fallback"] = self.fallback
         else:
