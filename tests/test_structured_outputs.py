@@ -151,7 +151,7 @@ def test_json_object_regex_and_choice(loaded):
     out = _run(
         engine,
         [
-            _request("obj", ids, ConstraintSpec("json_object", "", compact=True), max_tokens=300),
+            _request("obj", ids, ConstraintSpec("json_object", "", "compact"), max_tokens=300),
             _request("re", ids, ConstraintSpec("regex", r"[A-Z][a-z]{2,5}-\d{3}")),
             _request("choice", ids, ConstraintSpec("choice", json.dumps(["alpha", "beta gamma", "delta"]))),
         ],

@@ -8,6 +8,14 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 
+from freelunch.constraints.json_layout import (
+    ANY_WHITESPACE_MAX,
+    DEFAULT_MAX_NUMBER_DIGITS,
+    DEFAULT_MAX_STRING_LENGTH,
+    DEFAULT_WHITESPACE,
+    TOOL_WHITESPACE_MAX,
+    Whitespace,
+)
 from freelunch.methods.spec import TokenId
 
 # Fields of OpenAI's and vLLM's request schemas that would change the output and that this server
@@ -69,8 +77,10 @@ class ResponseFormat(BaseModel):
 
 
 class StructuredOutputs(BaseModel):
-    """vLLM's `structured_outputs` (its names, 0.32): exactly one of json, regex, choice, grammar,
-    json_object, structural_tag; `disable_any_whitespace` keeps JSON compact."""
+    """vLLM's `structured_outputs` (its names, 0.32): one of json, regex, choice, grammar,
+    json_object, structural_tag. Ours beside them: how JSON may look where its schema does not say
+    (whitespace, free strings and numbers), for this field's JSON and for `response_format` and
+    `tools`: send `structured_outputs` with only these fields beside those."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -80,7 +90,39 @@ class StructuredOutputs(BaseModel):
     grammar: str | None = None
     json_object: bool | None = None
     structural_tag: str | dict[str, Any] | None = None
-    disable_any_whitespace: bool = False
+    disable_any_whitespace: bool = Field(default=False, description='the same as json_whitespace "compact"')
+    json_whitespace: Whitespace | None = Field(
+        default=None,
+        description=f'"single" (default): one space after `,` and `:`, nowhere else; "compact": none; "any": any '
+        f"whitespace, at most {ANY_WHITESPACE_MAX} characters between two tokens. Tool-call arguments: at most "
+        f"{TOOL_WHITESPACE_MAX['single']} character ({ANY_WHITESPACE_MAX} with any)",
+    )
+    max_string_length: int | None = Field(
+        default=DEFAULT_MAX_STRING_LENGTH,
+        ge=1,
+        le=1 << 20,
+        description="characters of a JSON string (or free object key) whose schema sets no maxLength, pattern, "
+        "format, enum or const; null: no bound",
+    )
+    max_number_digits: int | None = Field(
+        default=DEFAULT_MAX_NUMBER_DIGITS,
+        ge=1,
+        le=18,
+        description="digits before the point of a JSON number whose schema sets no minimum / maximum (then also "
+        "at most 6 after it, no exponent); null: no bound",
+    )
+
+    def constraint_kind(self) -> str | None:
+        """The constraint this field sets itself, if any (it may carry JSON options only)."""
+        kinds = {"json": self.json_, "regex": self.regex, "choice": self.choice, "grammar": self.grammar,
+                 "json_object": self.json_object or None, "structural_tag": self.structural_tag}
+        given = [k for k, v in kinds.items() if v is not None]
+        if len(given) > 1:
+            raise ValueError("give at most one of json, regex, choice, grammar, json_object, structural_tag")
+        return given[0] if given else None
+
+    def whitespace(self) -> Whitespace:
+        return self.json_whitespace or ("compact" if self.disable_any_whitespace else DEFAULT_WHITESPACE)
 
 
 class FunctionDefinition(BaseModel):

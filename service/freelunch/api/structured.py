@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import anyio
@@ -20,7 +21,16 @@ from xgrammar.structural_tag import JSONSchemaFormat, StructuralTag, TagFormat, 
 
 from freelunch.api.errors import APIError
 from freelunch.api.protocol import ChatCompletionRequest, SamplingFields
-from freelunch.constraints.grammar import MAX_JSON_WHITESPACE, GrammarCompiler, GrammarError
+from freelunch.api.protocol import StructuredOutputs as ProtocolStructuredOutputs
+from freelunch.constraints.grammar import GrammarCompiler, GrammarError
+from freelunch.constraints.json_layout import (
+    DEFAULT_MAX_NUMBER_DIGITS,
+    DEFAULT_MAX_STRING_LENGTH,
+    DEFAULT_WHITESPACE,
+    TOOL_WHITESPACE_MAX,
+    any_object_schema,
+    bounded_schema,
+)
 from freelunch.engine.request import ConstraintSpec
 
 COMPILE_TIMEOUT_S = 5.0  # a grammar that takes longer is refused (the compile runs on, alone)
@@ -28,13 +38,36 @@ COMPILE_THREADS = 2
 TOOL_FORMAT = "qwen_3"  # xgrammar's name for the Hermes format: <tool_call>{"name", "arguments"}</tool_call>
 
 
-def _call_tag(function: dict[str, Any]) -> TagFormat:
+def _call_tag(function: dict[str, Any], layout: "JSONLayout") -> TagFormat:
     """One Hermes call of `function`, its arguments following its parameter schema."""
     return TagFormat(
         begin=f'<tool_call>\n{{"name": "{function["name"]}", "arguments": ',
-        content=JSONSchemaFormat(json_schema=function.get("parameters") or {"type": "object"}, max_whitespace_cnt=MAX_JSON_WHITESPACE),
+        content=JSONSchemaFormat(json_schema=function["parameters"], max_whitespace_cnt=layout.tool_whitespace),
         end="}\n</tool_call>",
     )
+
+
+@dataclass(frozen=True, slots=True)
+class JSONLayout:
+    """How a request's JSON may look where its schema does not say (json_layout.py)."""
+
+    whitespace: str = DEFAULT_WHITESPACE
+    max_string: int | None = DEFAULT_MAX_STRING_LENGTH
+    max_digits: int | None = DEFAULT_MAX_NUMBER_DIGITS
+
+    @classmethod
+    def of(cls, so: ProtocolStructuredOutputs | None) -> JSONLayout:
+        return cls() if so is None else cls(so.whitespace(), so.max_string_length, so.max_number_digits)
+
+    def schema(self, schema: dict[str, Any]) -> ConstraintSpec:
+        return ConstraintSpec("json_schema", json.dumps(self.bound(schema)), self.whitespace)
+
+    def bound(self, schema: dict[str, Any]) -> dict[str, Any]:
+        return bounded_schema(schema, self.max_string, self.max_digits)
+
+    @property
+    def tool_whitespace(self) -> int:
+        return TOOL_WHITESPACE_MAX[self.whitespace]
 
 
 class StructuredOutputs:
@@ -49,56 +82,65 @@ class StructuredOutputs:
     # ---- what the request asks for ----------------------------------------------------------
     def spec(self, req: SamplingFields) -> tuple[ConstraintSpec | None, str | None]:
         """(the constraint, the parameter it came from), refused (400) where the request is
-        contradictory. Tools are a constraint too (a structural tag) unless tool_choice is none."""
+        contradictory. Tools are a constraint too (a structural tag) unless tool_choice is none.
+        JSON gets the request's layout (`structured_outputs`' JSON options, or the defaults)."""
+        so = req.structured_outputs
+        layout = JSONLayout.of(so)
         found: list[tuple[ConstraintSpec, str]] = []
         rf = req.response_format
         if rf is not None and rf.type == "json_object":
-            found.append((ConstraintSpec("json_object"), "response_format"))
+            found.append((layout.schema(any_object_schema()), "response_format"))
         elif rf is not None and rf.type == "json_schema":
             if rf.json_schema is None or rf.json_schema.schema_ is None:
                 raise APIError(400, "response_format json_schema needs json_schema.schema", "response_format.json_schema")
-            found.append((ConstraintSpec("json_schema", json.dumps(rf.json_schema.schema_)), "response_format"))
-        so = req.structured_outputs
+            found.append((layout.schema(rf.json_schema.schema_), "response_format"))
         if so is not None:
-            found.append((self._structured(so), "structured_outputs"))
+            try:
+                kind = so.constraint_kind()
+            except ValueError as e:
+                raise APIError(400, f"structured_outputs: {e}", "structured_outputs") from None
+            if kind is not None:
+                found.append((self._structured(so, kind, layout), "structured_outputs"))
         if isinstance(req, ChatCompletionRequest):
-            tools = self.tool_spec(req)
+            tools = self.tool_spec(req, layout)
             if tools is not None:
                 found.append((tools, "tools"))
         if len(found) > 1:
             raise APIError(400, f"give one of {' and '.join(p for _, p in found)}, not both", found[1][1])
+        if so is not None and not found:
+            raise APIError(
+                400,
+                "structured_outputs takes one of json, regex, choice, grammar, json_object, structural_tag, or "
+                "JSON options beside response_format or tools",
+                "structured_outputs",
+            )
         return found[0] if found else (None, None)
 
     @staticmethod
-    def _structured(so: Any) -> ConstraintSpec:
-        kinds = {
-            "json": so.json_,
-            "regex": so.regex,
-            "choice": so.choice,
-            "grammar": so.grammar,
-            "json_object": so.json_object,
-            "structural_tag": so.structural_tag,
-        }
-        given = [k for k, v in kinds.items() if v is not None and v is not False]
-        if len(given) != 1:
-            raise APIError(400, "structured_outputs takes exactly one of json, regex, choice, grammar, json_object, structural_tag", "structured_outputs")
-        kind = given[0]
-        value = kinds[kind]
-        compact = so.disable_any_whitespace
+    def _structured(so: ProtocolStructuredOutputs, kind: str, layout: JSONLayout) -> ConstraintSpec:
+        value = getattr(so, "json_" if kind == "json" else kind)
         if kind == "json":
-            return ConstraintSpec("json_schema", value if isinstance(value, str) else json.dumps(value), compact)
+            if isinstance(value, str):
+                try:
+                    value = json.loads(value)
+                except ValueError:
+                    raise APIError(400, "structured_outputs.json is not valid JSON", "structured_outputs.json") from None
+            if not isinstance(value, dict):
+                raise APIError(400, "structured_outputs.json must be a JSON schema (an object)", "structured_outputs.json")
+            return layout.schema(value)
         if kind == "json_object":
-            return ConstraintSpec("json_object", "", compact)
+            return layout.schema(any_object_schema())
         if kind == "choice":
             return ConstraintSpec("choice", json.dumps(value))
         if kind == "structural_tag":
             return ConstraintSpec(kind, value if isinstance(value, str) else json.dumps(value))
         return ConstraintSpec(kind, value)
 
-    def tool_spec(self, req: ChatCompletionRequest) -> ConstraintSpec | None:
+    def tool_spec(self, req: ChatCompletionRequest, layout: JSONLayout = JSONLayout()) -> ConstraintSpec | None:
         """A structural tag for the request's tools: `required` and a named function force a call
         whose arguments follow the function's schema; `auto` lets the model write text or, once it
-        opens `<tool_call>`, a call constrained the same way; `none` constrains nothing."""
+        opens `<tool_call>`, a call constrained the same way; `none` constrains nothing. Argument
+        schemas get the request's JSON bounds."""
         choice = req.tool_choice
         if not req.tools:
             if choice not in (None, "none"):
@@ -111,6 +153,8 @@ class StructuredOutputs:
                 400, '"auto" tool choice needs a server started with --enable-auto-tool-choice', "tool_choice"
             )
         tools = [t.model_dump(exclude_none=True) for t in req.tools]
+        for t in tools:
+            t["function"]["parameters"] = layout.bound(t["function"].get("parameters") or {"type": "object"})
         if hasattr(choice, "function"):
             names = [t.function.name for t in req.tools]
             if choice.function.name not in names:
@@ -121,12 +165,12 @@ class StructuredOutputs:
             if choice in (None, "auto"):  # text, or calls once the model opens <tool_call>
                 tag = xgr.get_model_structural_tag(
                     TOOL_FORMAT, tools=tools, tool_choice="auto", reasoning="disabled", parallel_tool_calls=parallel,
-                    max_whitespace_cnt=MAX_JSON_WHITESPACE,
+                    max_whitespace_cnt=layout.tool_whitespace,
                 )
             else:  # required or named: calls from the first token on, no free text to wander off in
                 tag = StructuralTag(
                     format=TagsWithSeparatorFormat(
-                        tags=[_call_tag(t["function"]) for t in tools],
+                        tags=[_call_tag(t["function"], layout) for t in tools],
                         separator="\n",
                         at_least_one=True,
                         stop_after_first=not parallel or hasattr(choice, "function"),

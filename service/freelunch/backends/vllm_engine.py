@@ -412,16 +412,17 @@ def _token_logprob(token_id: int, entry: dict, k: int) -> TokenLogprob:
 
 
 def _structured_outputs(spec: Any) -> Any:
-    """Our ConstraintSpec as vLLM's StructuredOutputsParams (the same grammar: both use xgrammar)."""
+    """Our ConstraintSpec as vLLM's StructuredOutputsParams (the same grammar: both use xgrammar).
+    JSON goes as the EBNF our compiler builds from it, whitespace layout included: vLLM's own JSON
+    path takes its whitespace from a server-wide setting, not from the request."""
     import json
 
     from vllm.sampling_params import StructuredOutputsParams
 
-    compact = {"disable_any_whitespace": spec.compact}
-    if spec.kind == "json_schema":
-        return StructuredOutputsParams(json=spec.value, **compact)
-    if spec.kind == "json_object":
-        return StructuredOutputsParams(json_object=True, **compact)
+    from freelunch.constraints.grammar import json_grammar
+
+    if spec.kind in ("json_schema", "json_object"):
+        return StructuredOutputsParams(grammar=str(json_grammar(spec)))
     if spec.kind == "choice":
         return StructuredOutputsParams(choice=json.loads(spec.value))
     return StructuredOutputsParams(**{spec.kind: spec.value})

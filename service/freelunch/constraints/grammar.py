@@ -21,12 +21,10 @@ from typing import Any
 import torch
 import xgrammar as xgr
 
+from freelunch.constraints.json_layout import json_grammar_options
 from freelunch.engine.request import ConstraintSpec
 
 _XGRAMMAR_PREFIX = re.compile(r"^\[[\d:]+\] \S+:\d+: ")
-# JSON whitespace between two elements, at most: pretty-printing needs a few characters, and
-# without a bound a model that keeps choosing spaces or newlines never finishes (small models do).
-MAX_JSON_WHITESPACE = 32
 CACHE_ENTRIES = 256  # compiled grammars kept per process (LRU)
 MAX_SPEC_CHARS = 1 << 16  # a schema, regex or grammar as the request holds it
 
@@ -45,6 +43,13 @@ def choice_as_grammar(choices: list[str]) -> str:
         return f"\\u{ord(ch):04x}" if ord(ch) < 0x20 or ord(ch) == 0x7F else ch
 
     return "root ::= " + " | ".join('"' + "".join(escape(c) for c in choice) + '"' for choice in choices)
+
+
+def json_grammar(spec: ConstraintSpec) -> xgr.Grammar:
+    """The grammar of a json_schema or json_object spec with its whitespace layout: what both
+    engines compile (vLLM receives it as EBNF), so that they constrain alike."""
+    schema = spec.value if spec.kind == "json_schema" else '{"type": "object"}'
+    return xgr.Grammar.from_json_schema(schema, **json_grammar_options(spec.whitespace))
 
 
 def is_lark(grammar: str) -> bool:
@@ -68,7 +73,7 @@ class GrammarCompiler:
         self.compile_seconds: list[float] = []  # drained by whoever reports metrics
 
     def compile(self, spec: ConstraintSpec) -> xgr.CompiledGrammar:
-        key = (spec.kind, spec.value, spec.compact)
+        key = (spec.kind, spec.value, spec.whitespace)
         with self._lock:
             if key in self._cache:
                 self._cache.move_to_end(key)
@@ -87,12 +92,9 @@ class GrammarCompiler:
         if len(spec.value) > MAX_SPEC_CHARS:
             raise GrammarError(f"the {spec.kind} is longer than {MAX_SPEC_CHARS} characters")
         c = self._compiler
-        separators = (",", ":") if spec.compact else None
         try:
             if spec.kind in ("json_schema", "json_object"):
-                schema = spec.value if spec.kind == "json_schema" else '{"type": "object"}'
-                space = {"any_whitespace": False} if spec.compact else {"max_whitespace_cnt": MAX_JSON_WHITESPACE}
-                return c.compile_json_schema(schema, separators=separators, **space)
+                return c.compile_grammar(json_grammar(spec))
             if spec.kind == "regex":
                 return c.compile_regex(spec.value)
             if spec.kind == "choice":

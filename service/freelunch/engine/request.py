@@ -188,8 +188,8 @@ class ConstraintSpec:
 
     kind: str
     value: str = ""
-    # JSON: no whitespace beyond what the schema's separators need (vLLM's disable_any_whitespace)
-    compact: bool = False
+    # JSON: the whitespace between tokens (constraints/json_layout.py: single, compact or any)
+    whitespace: str = "single"
 
 
 @dataclass(slots=True)

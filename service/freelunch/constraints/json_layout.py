@@ -1,0 +1,100 @@
+"""What JSON under a constraint may look like where its schema does not say: the whitespace
+between tokens, and a bound on free-form strings and numbers.
+
+Without these, a grammar admits unbounded whitespace and unbounded digits, and small models fill
+them: `{"name": "Paris", "population": 1111111…` never finishes. The bounds go into the schema
+itself (`maxLength`, `minimum` / `maximum`, `propertyNames`), so that every engine that compiles
+the schema, ours and vLLM's, constrains the same way. Torch-free: the API imports it.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Literal
+
+Whitespace = Literal["single", "compact", "any"]
+# single: one space after `,` and `:` and nowhere else, as Python's json.dumps writes;
+# compact: none at all (vLLM's disable_any_whitespace); any: any whitespace, at most
+# ANY_WHITESPACE_MAX characters between two tokens (pretty-printing fits in that)
+DEFAULT_WHITESPACE: Whitespace = "single"
+ANY_WHITESPACE_MAX = 32
+# inside tool calls the structural tag takes only a whitespace bound, not separators
+TOOL_WHITESPACE_MAX: dict[str, int] = {"single": 1, "compact": 1, "any": ANY_WHITESPACE_MAX}  # 0 is not allowed
+DEFAULT_MAX_STRING_LENGTH = 1024  # characters of a string the schema does not bound
+DEFAULT_MAX_NUMBER_DIGITS = 15  # digits before the point (doubles hold 15 exactly); 6 after, no exponent
+
+# keywords whose value is a schema, a list of schemas, or a map of names to schemas
+_SCHEMA = ("additionalProperties", "items", "not", "contains", "propertyNames", "if", "then", "else",
+           "unevaluatedItems", "unevaluatedProperties", "additionalItems")
+_SCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems", "items")
+_SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+
+
+def _types(node: dict[str, Any]) -> set[str]:
+    kind = node.get("type")
+    if isinstance(kind, str):
+        return {kind}
+    return {k for k in kind if isinstance(k, str)} if isinstance(kind, list) else set()
+
+
+def _bound(node: dict[str, Any], max_string: int | None, max_digits: int | None) -> None:
+    """Add the bounds `node` lacks, in place (its subschemas too)."""
+    types = _types(node)
+    fixed = "enum" in node or "const" in node
+    if max_string is not None and "string" in types and not fixed:
+        if not any(k in node for k in ("maxLength", "pattern", "format")):
+            node["maxLength"] = max(max_string, int(node.get("minLength", 0) or 0))
+    if max_digits is not None and types & {"integer", "number"} and not fixed and "multipleOf" not in node:
+        limit = 10**max_digits - 1
+        if "minimum" not in node and "exclusiveMinimum" not in node:
+            node["minimum"] = -limit
+        if "maximum" not in node and "exclusiveMaximum" not in node:
+            node["maximum"] = limit
+    extra = node.get("additionalProperties")
+    if max_string is not None and (extra is True or isinstance(extra, dict)) and "propertyNames" not in node:
+        node["propertyNames"] = {"maxLength": max_string}  # free keys are strings too
+    for key in _SCHEMA:
+        if isinstance(node.get(key), dict):
+            _bound(node[key], max_string, max_digits)
+    for key in _SCHEMA_LISTS:
+        if isinstance(node.get(key), list):
+            for sub in node[key]:
+                if isinstance(sub, dict):
+                    _bound(sub, max_string, max_digits)
+    for key in _SCHEMA_MAPS:
+        if isinstance(node.get(key), dict):
+            for sub in node[key].values():
+                if isinstance(sub, dict):
+                    _bound(sub, max_string, max_digits)
+
+
+def bounded_schema(schema: dict[str, Any], max_string: int | None, max_digits: int | None) -> dict[str, Any]:
+    """`schema` with a length bound on every string and a digit bound on every number that it
+    leaves free (None: no bound). A schema's own bounds, patterns, formats, enums and consts stay."""
+    out = copy.deepcopy(schema)
+    _bound(out, max_string, max_digits)
+    return out
+
+
+def any_object_schema() -> dict[str, Any]:
+    """Any JSON object (`response_format: json_object`), as a schema that the bounds apply to."""
+    value = {
+        "anyOf": [
+            {"type": "string"},
+            {"type": "number"},
+            {"type": "boolean"},
+            {"type": "null"},
+            {"type": "array", "items": {"$ref": "#/$defs/value"}},
+            {"type": "object", "additionalProperties": {"$ref": "#/$defs/value"}},
+        ]
+    }
+    return {"type": "object", "additionalProperties": {"$ref": "#/$defs/value"}, "$defs": {"value": value}}
+
+
+def json_grammar_options(whitespace: str) -> dict[str, Any]:
+    """xgrammar's `from_json_schema` options for a whitespace layout."""
+    if whitespace == "compact":
+        return {"any_whitespace": False, "separators": (",", ":")}
+    if whitespace == "any":
+        return {"any_whitespace": True, "max_whitespace_cnt": ANY_WHITESPACE_MAX}
+    return {"any_whitespace": False}  # xgrammar's separators without indent: ", " and ": "
