@@ -7,6 +7,7 @@ import json
 
 import httpx
 import pytest
+from live_server import live_server, tiny_app
 from openai import NotFoundError, OpenAI
 
 CHAT = "/v1/chat/completions"
@@ -45,6 +46,59 @@ def test_fields_that_change_nothing_are_still_accepted(server):
     body = {"messages": MESSAGES, "max_tokens": 2, "store": False, "metadata": {"a": "b"}, "service_tier": "auto",
             "skip_special_tokens": True, "parallel_tool_calls": None}
     assert httpx.post(base + CHAT, json=body).status_code == 200
+
+
+@pytest.mark.parametrize(
+    "path, extra, hint",
+    [
+        (CHAT, {"speculatve": {"method": "token_recycling"}}, "did you mean `speculative`?"),
+        (COMPLETIONS, {"guidence": {"scale": 2}}, "did you mean `guidance`?"),
+        (CHAT, {"max_token": 5}, "did you mean `max_tokens`?"),
+        (CHAT, {"frobnicate": 1}, "--ignore-unknown-fields"),
+        (COMPLETIONS, {"tools": [{"type": "function", "function": {"name": "f"}}]}, "served on /v1/chat/completions"),
+        (COMPLETIONS, {"messages": MESSAGES}, "served on /v1/chat/completions"),
+        (CHAT, {"prompt": "hi"}, "served on /v1/completions"),
+    ],
+)
+def test_an_unknown_field_is_a_400_naming_it_with_the_field_meant(server, path, extra, hint):
+    """As OpenAI's API answers ("Unrecognized request argument supplied"): a misspelt option never
+    decodes plainly with a 200."""
+    base, *_ = server
+    body = {"messages": MESSAGES} if path == CHAT else {"prompt": "hi"}
+    r = httpx.post(base + path, json=body | extra | {"max_tokens": 2})
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    (name,) = extra
+    assert error["param"] == name and name in error["message"] and hint in error["message"]
+    assert error["type"] == "invalid_request_error" and error["code"] == "unknown_parameter"
+
+
+def test_a_field_name_in_an_error_keeps_its_newline_escaped(server):
+    base, *_ = server
+    forged = "x\n2026-12-07 06:00:00,000 CRITICAL freelunch: FAKE admin login ok"
+    r = httpx.post(base + CHAT, json={"messages": MESSAGES, "max_tokens": 2, forged: 1})
+    assert r.status_code == 400 and "\n" not in r.json()["error"]["message"]
+
+
+def test_ignore_unknown_fields_accepts_them_and_names_them_in_a_header(tiny_llama, caplog):
+    """...and in one log line, whose client text cannot start a line of its own."""
+    from freelunch.config import ServerConfig
+
+    caplog.set_level("INFO", logger="freelunch.api")
+    folder, _ = tiny_llama
+    app, _ = tiny_app(folder, server_config=ServerConfig(ignore_unknown_fields=True))
+    with live_server(app) as base:
+        weird = "vendor\nextra"
+        r = httpx.post(base + CHAT, json={"messages": MESSAGES, "max_tokens": 2, "vendor_xargs": {"a": 1}, weird: 1})
+        assert r.status_code == 200, r.text
+        assert r.headers["x-freelunch-ignored-fields"] == "vendor_xargs, vendor%0Aextra"
+        logged = [rec.getMessage() for rec in caplog.records if "ignored unknown request fields" in rec.getMessage()]
+        assert logged and all("\n" not in line for line in logged) and "vendor\\nextra" in logged[0]
+        # fields it knows are still checked: an unserved value is a 400 under the flag too
+        r = httpx.post(base + CHAT, json={"messages": MESSAGES, "max_tokens": 2, "use_beam_search": True})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "use_beam_search"
+        plain = httpx.post(base + CHAT, json={"messages": MESSAGES, "max_tokens": 2})
+        assert "x-freelunch-ignored-fields" not in plain.headers
 
 
 def test_models_retrieve_as_openai(server, client):

@@ -162,6 +162,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="fetch images from allowed host names that resolve to loopback, private or link-local addresses "
         "(refused by default: an IP literal in --allowed-image-hosts is always allowed)",
     )
+    sec.add_argument(
+        "--ignore-unknown-fields",
+        action="store_true",
+        default=env("FREELUNCH_IGNORE_UNKNOWN_FIELDS", "") == "1",
+        help="accept request fields this server does not know (vendor extras some clients send) and name them in "
+        "the x-freelunch-ignored-fields response header; by default they are a 400 naming the field",
+    )
     sec.add_argument("--image-fetch-timeout", type=float, default=float(env("FREELUNCH_IMAGE_FETCH_TIMEOUT", "10")), help="seconds for one image fetch")
     from freelunch.benchmark import add_arguments as add_bench_arguments
 
@@ -233,6 +240,7 @@ def main(argv: list[str] | None = None) -> int:
             max_tokens_per_request=args.max_tokens_per_request,
             enable_auto_tool_choice=args.enable_auto_tool_choice,
             allow_private_image_addresses=args.allow_private_image_addresses,
+            ignore_unknown_fields=args.ignore_unknown_fields,
         )
         if args.native_workers and config.engine != "vllm":
             raise ValueError("--native-workers goes with --engine vllm (the native engine's workers are --workers)")

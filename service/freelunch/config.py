@@ -99,6 +99,9 @@ class ServerConfig:
     image_fetch_timeout: float = 10.0  # seconds for one image fetch, redirects included
     # fetch from hosts (allowed by name) that resolve to loopback, private or link-local addresses
     allow_private_image_addresses: bool = False
+    # request fields this server does not know: a 400 naming them (as OpenAI's API answers), or, for
+    # clients that send vendor extras, accepted and named in the x-freelunch-ignored-fields header
+    ignore_unknown_fields: bool = False
 
     def __post_init__(self) -> None:
         if self.workers < 0 or self.max_queue < 0:

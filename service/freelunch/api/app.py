@@ -54,6 +54,7 @@ def create_app(
         server.request_timeout,
         server.max_tokens_per_request,
         server.enable_auto_tool_choice,
+        server.ignore_unknown_fields,
     )
     app.state.services = Services(pool, metrics, builder, GenerationRunner(pool, metrics), Formatter(served.tokenizer))
     install_error_handlers(app)

@@ -3,11 +3,14 @@
 
 from __future__ import annotations
 
+import difflib
+import json
 import logging
 import math
 import time
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import quote
 
 from fastapi import Request
 from pydantic import TypeAdapter, ValidationError
@@ -15,11 +18,14 @@ from pydantic import TypeAdapter, ValidationError
 from freelunch.api.errors import APIError
 from freelunch.api.metrics import Metrics
 from freelunch.api.protocol import (
+    NO_OP_FIELDS,
     UNSERVED_FIELDS,
     UNSERVED_MESSAGE_FIELDS,
     ChatCompletionRequest,
     ChatMessage,
+    CompletionRequest,
     SamplingFields,
+    unknown_fields,
     unserved,
 )
 from freelunch.api.rate_limit import RateLimited, RateLimiter
@@ -33,6 +39,30 @@ log = logging.getLogger("freelunch.api")
 
 # options a request asked for that decode as plain decoding (e.g. Token Recycling under sampling)
 FALLBACK_HEADER = "x-freelunch-fallback"
+# request fields accepted and ignored under --ignore-unknown-fields (percent-encoded)
+IGNORED_HEADER = "x-freelunch-ignored-fields"
+MAX_FIELD_NAME = 64  # characters of a client's field name that errors, headers and logs repeat
+
+
+def shown(name: str) -> str:
+    """A client's field name as errors and logs may repeat it: cut, control characters escaped
+    (a name holding a newline must not forge a log line)."""
+    return json.dumps(name[:MAX_FIELD_NAME], ensure_ascii=True)[1:-1]
+
+
+def unknown_field_message(name: str, endpoint: type[SamplingFields]) -> str:
+    """OpenAI's wording, with the endpoint that serves the field, or the nearest field we know."""
+    chat = issubclass(endpoint, ChatCompletionRequest)
+    other, other_path = (CompletionRequest, "/v1/completions") if chat else (ChatCompletionRequest, "/v1/chat/completions")
+    if name in other.model_fields:
+        return f"`{shown(name)}` is not a field of this endpoint: it is served on {other_path}"
+    known = [*endpoint.model_fields, *NO_OP_FIELDS]
+    near = difflib.get_close_matches(name, known, n=1, cutoff=0.75)
+    hint = f" (did you mean `{near[0]}`?)" if near else ""
+    return (
+        f"Unrecognized request argument supplied: {shown(name)}{hint}. A server started with "
+        "--ignore-unknown-fields accepts such fields and names them in the x-freelunch-ignored-fields header"
+    )
 
 
 @dataclass(slots=True)
@@ -80,8 +110,10 @@ class RequestBuilder:
         timeout: float,
         max_tokens_per_request: int = 65536,
         auto_tool_choice: bool = True,
+        ignore_unknown_fields: bool = False,
     ) -> None:
         self.pool = pool
+        self.ignore_unknown_fields = ignore_unknown_fields
         self.max_tokens_per_request = max_tokens_per_request
         self.structured = StructuredOutputs(pool.served.tokenizer, pool.served.vocab_size, metrics, auto_tool_choice)
         self.metrics = metrics
@@ -112,9 +144,11 @@ class RequestBuilder:
             name = unserved(m.model_extra, UNSERVED_MESSAGE_FIELDS)
             if name is not None:
                 raise APIError(400, f"`{name}` in messages is not supported by this server", f"messages.{i}.{name}", "unsupported_parameter")
-        ignored = sorted(k for k, v in (req.model_extra or {}).items() if v is not None)
-        if ignored:
-            log.info("ignored request fields (they change nothing here): %s", ", ".join(ignored)[:200])
+        unknown = unknown_fields(req)
+        if unknown and not self.ignore_unknown_fields:
+            raise APIError(400, unknown_field_message(unknown[0], type(req)), unknown[0][:MAX_FIELD_NAME], "unknown_parameter")
+        if unknown:
+            log.info("ignored unknown request fields: %s", ", ".join(shown(k) for k in unknown[:16]))
         self.stream_flags(req)
         return self.check_model(req.model)
 
@@ -331,6 +365,9 @@ class RequestBuilder:
                 raise APIError(429, str(e), None, "rate_limit_exceeded", e.headers) from e
             except ValueError as e:
                 raise APIError(400, str(e), "max_tokens", "request_too_large") from e
+        ignored = unknown_fields(req)
+        if ignored:  # only with --ignore-unknown-fields: check() refused them otherwise
+            headers = {**headers, IGNORED_HEADER: ", ".join(quote(k[:MAX_FIELD_NAME], safe="_-.") for k in ignored[:16])}
         fallen_back = fallbacks(requests[0]) if requests else {}
         if fallen_back:  # also in usage.method_stats; a header reaches clients that read no usage
             headers = {**headers, FALLBACK_HEADER: "; ".join(f"{name}: {why}" for name, why in fallen_back.items())}

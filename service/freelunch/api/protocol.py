@@ -42,7 +42,19 @@ UNSERVED_FIELDS: dict[str, object] = {
     "chat_template_kwargs": None,
     "documents": None,
     "echo": False,  # chat (vLLM); a declared field of completions
+    "modalities": ["text"],
+    "reasoning_effort": None,  # would reach a reasoning model's chat template
+    "verbosity": None,
+    "spaces_between_special_tokens": True,
 }
+# Fields OpenAI's and vLLM's clients send that change no output: accepted and ignored. Any other
+# field this server does not declare is a 400 naming it, as OpenAI's API answers
+# ("Unrecognized request argument"), unless the server runs with --ignore-unknown-fields.
+NO_OP_FIELDS = frozenset({
+    "store", "metadata", "service_tier", "prompt_cache_key", "prompt_cache_retention", "safety_identifier",
+    "prediction",  # predicted outputs: a speed hint, the output is the same
+    "request_id", "priority", "cache_salt",  # vLLM: bookkeeping, scheduling, its prefix cache
+})
 UNSERVED_MESSAGE_FIELDS: dict[str, object] = {"function_call": None, "audio": None}
 
 
@@ -52,6 +64,11 @@ def unserved(fields: dict[str, Any] | None, table: dict[str, object]) -> str | N
         if name in table and value is not None and value != table[name]:
             return name
     return None
+
+
+def unknown_fields(req: BaseModel) -> list[str]:
+    """The request's fields that neither its schema declares nor the tables above know."""
+    return [k for k in (req.model_extra or {}) if k not in NO_OP_FIELDS and k not in UNSERVED_FIELDS]
 
 MAX_INT = 2**31 - 1  # every integer field is bounded (msgpack and torch stop at 64 bits; nothing needs more)
 MAX_STOP_SEQUENCES = 16
@@ -164,8 +181,8 @@ class StreamOptions(BaseModel):
 
 class SamplingFields(BaseModel):
     """Fields shared by both endpoints. Other fields are kept aside (`model_extra`): those in
-    UNSERVED_FIELDS are refused, the rest change nothing here (SDKs send `store`, `metadata`, ...)
-    and are ignored with one log line, as vLLM does."""
+    UNSERVED_FIELDS are refused unless they hold their no-op value, those in NO_OP_FIELDS are
+    ignored, and any other is a 400 naming it (api/building.py), unless --ignore-unknown-fields."""
 
     model_config = ConfigDict(extra="allow")
 
