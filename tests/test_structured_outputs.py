@@ -323,6 +323,41 @@ def test_parallel_calls_and_streamed_deltas_reassemble(api):
     assert (whole.message.content or "") == (streamed.message.content or "")
 
 
+def test_a_call_cut_by_max_tokens_never_leaks_its_markup(api):
+    """A call cut by max_tokens: reported beside finish_reason "length" (`cut_tool_call`), and
+    `content` holds no markup, whole or streamed."""
+    base, model, _ = api
+    client = OpenAI(base_url=base + "/v1", api_key="x", max_retries=0)
+    kwargs = dict(model=model, messages=[{"role": "user", "content": "Weather?"}], tools=[WEATHER],
+                  tool_choice="required", temperature=0, max_tokens=20)
+    cut = client.chat.completions.create(**kwargs).choices[0]
+    assert cut.finish_reason == "length" and not cut.message.tool_calls and cut.message.content is None
+    report = cut.model_extra["cut_tool_call"]
+    assert report["name"] == "get_weather" and report["text"].startswith('{"name": "get_weather"')
+    chunks = list(client.chat.completions.create(**kwargs, stream=True))
+    assert not "".join(c.choices[0].delta.content or "" for c in chunks)
+    assert not any(c.choices[0].delta.tool_calls for c in chunks)
+    assert chunks[-1].choices[0].finish_reason == "length" and chunks[-1].choices[0].model_extra["cut_tool_call"] == report
+
+
+def test_parallel_calls_cut_inside_the_second_keep_the_first():
+    from freelunch.api import tool_calls
+
+    first = '<tool_call>\n{"name": "get_time", "arguments": {"zone": "UTC"}}\n</tool_call>'
+    text = f'{first}\n<tool_call>\n{{"name": "get_weather", "arguments": {{"city": "Par'
+    content, calls, cut = tool_calls.parse(text)
+    assert content == "" and [c["function"]["name"] for c in calls] == ["get_time"]
+    assert cut == {"name": "get_weather", "text": '{"name": "get_weather", "arguments": {"city": "Par'}
+    parser, streamed, deltas = tool_calls.StreamParser(), "", []
+    for i in range(0, len(text), 5):
+        piece, calls_now = parser.feed(text[i : i + 5])
+        streamed, deltas = streamed + piece, deltas + calls_now
+    piece, calls_now = parser.feed("", final=True)
+    assert streamed + piece == "" and parser.cut == cut
+    assert [d["function"]["name"] for d in deltas + calls_now if "name" in d.get("function", {})] == ["get_time"]
+    assert tool_calls.parse("plain text") == ("plain text", [], None)
+
+
 def test_a_conversation_with_tool_results(api):
     """An assistant's earlier call and the tool's result are rendered for the model (Hermes:
     the default model's template has no tools), and the next turn answers."""

@@ -94,6 +94,11 @@ class Formatter:
         return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
 
 
+# a choice that ended inside a tool call (max_tokens, a stop): what it had written of the call,
+# {"name", "text"}, beside finish_reason; the markup never reaches `content`
+CUT_CALL = "cut_tool_call"
+
+
 class ChatShapes:
     """`chat.completion` bodies and `chat.completion.chunk` events of one request. With `tools`,
     calls in the output become `message.tool_calls` (streamed as tool-call deltas) and a choice
@@ -115,17 +120,18 @@ class ChatShapes:
         for c in choices:
             message: dict[str, Any] = {"role": "assistant", "content": c.text}
             calls: list = []
+            cut = None
             if self.tools:
-                content, calls = tool_calls.parse(c.text)
-                message = {"role": "assistant", "content": content or None, "tool_calls": calls} if calls else message
-            out.append(
-                {
-                    "index": c.index,
-                    "message": message,
-                    "logprobs": self.fmt.chat_logprobs(c.logprobs) if self.logprobs else None,
-                    "finish_reason": self._finish(c.finish_reason, bool(calls)),
-                }
-            )
+                content, calls, cut = tool_calls.parse(c.text)
+                if calls or cut:
+                    message = {"role": "assistant", "content": content or None} | ({"tool_calls": calls} if calls else {})
+            choice = {
+                "index": c.index,
+                "message": message,
+                "logprobs": self.fmt.chat_logprobs(c.logprobs) if self.logprobs else None,
+                "finish_reason": self._finish(c.finish_reason, bool(calls)),
+            }
+            out.append(choice | ({CUT_CALL: cut} if cut else {}))
         return envelope(self.rid, "chat.completion", self.created, self.model, out, usage=self.usage(choices))
 
     def usage(self, choices: list[ChoiceState]) -> dict:
@@ -152,9 +158,10 @@ class ChatShapes:
         for delta in calls:
             chunks.append(self.chunk([{"index": c.index, "delta": {"tool_calls": [delta]}, "logprobs": None, "finish_reason": None}]))
         if out.finished:
-            made = bool(self.tools and self._parsers[c.index].calls)
-            reason = self._finish(c.finish_reason, made)
-            chunks.append(self.chunk([{"index": c.index, "delta": {}, "logprobs": None, "finish_reason": reason}]))
+            parser = self._parsers.get(c.index)
+            reason = self._finish(c.finish_reason, bool(parser and parser.calls))
+            last = {"index": c.index, "delta": {}, "logprobs": None, "finish_reason": reason}
+            chunks.append(self.chunk([last | ({CUT_CALL: parser.cut} if parser and parser.cut else {})]))
         return chunks
 
     def usage_chunk(self, choices: list[ChoiceState]) -> dict:

@@ -18,6 +18,7 @@ from typing import Any
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
 _CALL = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.S)
+_NAME = re.compile(r'"name"\s*:\s*"([^"\\]*)"')
 
 # NousResearch's Hermes function-calling system prompt (what Hermes-style models and Qwen use):
 # the default tool prompt for chat templates that do not render `tools` themselves.
@@ -68,17 +69,28 @@ def _call(body: str) -> dict[str, Any] | None:
     return {"name": obj["name"], "arguments": args if isinstance(args, str) else json.dumps(args, ensure_ascii=False)}
 
 
-def parse(text: str) -> tuple[str, list[dict[str, Any]]]:
-    """(the text outside the calls, the calls as OpenAI's message.tool_calls)."""
+def cut_call(partial: str) -> dict[str, Any]:
+    """What an output cut inside a call (max_tokens, a stop) had written of it: the function's
+    name where it got that far, and the call's text. Never content: markup is not an answer."""
+    name = _NAME.search(partial)
+    return {"name": name.group(1) if name else None, "text": partial.strip()}
+
+
+def parse(text: str) -> tuple[str, list[dict[str, Any]], dict[str, Any] | None]:
+    """(the text outside the calls, the calls as OpenAI's message.tool_calls, the call the output
+    was cut inside, if any)."""
+    cut = None
+    start = text.rfind(OPEN)
+    if start >= 0 and CLOSE not in text[start:]:  # an unclosed last call
+        text, cut = text[:start], cut_call(text[start + len(OPEN) :])
     calls = []
     for match in _CALL.finditer(text):
         call = _call(match.group(1))
         if call is not None:
             calls.append({"id": new_call_id(), "type": "function", "function": call})
-    if not calls:
-        return text, []
-    content = _CALL.sub("", text).strip()
-    return content, calls
+    if not calls and cut is None:
+        return text, [], None
+    return _CALL.sub("", text).strip(), calls, cut
 
 
 @dataclass
@@ -91,6 +103,7 @@ class StreamParser:
     calls: int = 0
     inside: bool = False
     sent: list[dict[str, Any]] = field(default_factory=list)
+    cut: dict[str, Any] | None = None  # the call the output ended inside (`cut_call`)
 
     def feed(self, text: str, final: bool = False) -> tuple[str, list[dict[str, Any]]]:
         self.buffer += text
@@ -108,8 +121,8 @@ class StreamParser:
                 self.inside = True
             end = self.buffer.find(CLOSE)
             if end < 0:
-                if final:  # an unclosed call: what the model wrote, as text
-                    content += OPEN + self.buffer
+                if final:  # the output ended inside a call: reported, never streamed as content
+                    self.cut = cut_call(self.buffer)
                     self.buffer = ""
                 break
             call = _call(self.buffer[:end].strip())
