@@ -5,6 +5,7 @@ from __future__ import annotations
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from fastapi_offline import FastAPIOffline
 
 from freelunch import __version__
 from freelunch.api.building import RequestBuilder
@@ -14,6 +15,7 @@ from freelunch.api.formatting import Formatter
 from freelunch.api.generation import GenerationRunner
 from freelunch.api.images import ImageLoader
 from freelunch.api.metrics import Metrics
+from freelunch.api.openapi import install_openapi
 from freelunch.api.rate_limit import RateLimiter
 from freelunch.api.rendering import PromptRenderer
 from freelunch.api.routes import build_router
@@ -37,7 +39,12 @@ def create_app(
         finally:
             pool.shutdown()
 
-    app = FastAPI(title="freelunch", version=__version__, lifespan=lifespan)
+    # /docs and /redoc from Swagger UI's and ReDoc's files in the fastapi-offline package: no CDN
+    app = FastAPIOffline(
+        title="freelunch", version=__version__, lifespan=lifespan, swagger_ui_parameters={"validatorUrl": None},
+        description="OpenAI-compatible server: chat and text completions, with training-free decoding methods as "
+        "per-request options",
+    )
     metrics = Metrics(pool.stats, lambda: sum(w.alive for w in pool.workers))
     served = pool.served
     images = ImageLoader(
@@ -58,6 +65,7 @@ def create_app(
     )
     app.state.services = Services(pool, metrics, builder, GenerationRunner(pool, metrics), Formatter(served.tokenizer))
     install_error_handlers(app)
+    install_openapi(app)
     app.include_router(build_router(method_specs()))
     # The last added runs first: authentication looks at headers only, before any body is read.
     app.add_middleware(BodySizeLimit, max_bytes=server.max_body_bytes)

@@ -10,6 +10,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from freelunch.api.deps import Services, get_services
 from freelunch.api.errors import APIError
 from freelunch.api.formatting import ChatShapes, CompletionShapes
+from freelunch.api.openapi import ChatCompletion, Completion, error_responses, generation_responses
 from freelunch.api.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, new_id, now, with_methods
 from freelunch.methods.spec import MethodSpec
 
@@ -43,17 +44,17 @@ def build_router(specs: dict[str, MethodSpec]) -> APIRouter:
     async def metrics(api: ServicesDep) -> Response:
         return PlainTextResponse(generate_latest(api.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    @router.get("/v1/models")
+    @router.get("/v1/models", responses=error_responses(401))
     async def list_models(api: ServicesDep) -> ModelList:
         return ModelList(data=[ModelCard(id=m, max_model_len=api.pool.served.max_model_len) for m in api.pool.models()])
 
-    @router.get("/v1/models/{model_id:path}")
+    @router.get("/v1/models/{model_id:path}", responses=error_responses(401, 404))
     async def retrieve_model(model_id: str, api: ServicesDep) -> ModelCard:
         if model_id not in api.pool.models():
             raise APIError(404, f"The model `{model_id}` does not exist", "model", "model_not_found")
         return ModelCard(id=model_id, max_model_len=api.pool.served.max_model_len)
 
-    @router.post("/v1/chat/completions", response_model=None)
+    @router.post("/v1/chat/completions", response_model=None, responses=generation_responses(ChatCompletion))
     async def chat_completions(body: ChatBody, raw: Request, api: ServicesDep) -> Response:  # type: ignore[valid-type]
         build = api.builder
         model = build.check(body, body.messages)
@@ -72,7 +73,7 @@ def build_router(specs: dict[str, MethodSpec]) -> APIRouter:
             return JSONResponse(shapes.response(await api.runner.collect(call, raw)), headers=call.headers)
         return await api.runner.sse(call, shapes, include_usage, shapes.usage if continuous else None)
 
-    @router.post("/v1/completions", response_model=None)
+    @router.post("/v1/completions", response_model=None, responses=generation_responses(Completion))
     async def completions(body: CompletionBody, raw: Request, api: ServicesDep) -> Response:  # type: ignore[valid-type]
         build = api.builder
         model = build.check(body)
