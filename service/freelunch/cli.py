@@ -10,25 +10,53 @@ import sys
 from dataclasses import replace
 
 
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Each flag's default after its help, where it has one (not None, not an off switch)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.default is False or isinstance(action, argparse._StoreTrueAction):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="freelunch", description="OpenAI-compatible server with training-free decoding methods")
     sub = parser.add_subparsers(dest="command", required=True)
-    serve = sub.add_parser("serve", help="serve a model over the OpenAI API")
+    serve = sub.add_parser(
+        "serve",
+        help="serve a model over the OpenAI API",
+        description="Serve a model over the OpenAI API. Every flag also reads an environment variable: FREELUNCH_ and "
+        "the flag's name in capitals with underscores (--max-num-seqs: FREELUNCH_MAX_NUM_SEQS).",
+        formatter_class=_Help,
+    )
     env = os.environ.get
     serve.add_argument("--model", default=env("FREELUNCH_MODEL"), help="HF folder (safetensors) or .gguf file; default: the embedded SmolLM2-135M-Instruct")
-    serve.add_argument("--served-model-name", default=env("FREELUNCH_SERVED_MODEL_NAME"))
-    serve.add_argument("--host", default=env("FREELUNCH_HOST", "127.0.0.1"))
-    serve.add_argument("--port", type=int, default=int(env("FREELUNCH_PORT", "8000")))
-    serve.add_argument("--dtype", default=env("FREELUNCH_DTYPE", "auto"), choices=["auto", "float32", "bfloat16", "float16"])
+    serve.add_argument(
+        "--served-model-name", default=env("FREELUNCH_SERVED_MODEL_NAME"),
+        help="the model id clients send and /v1/models lists; default: the model folder's or file's name",
+    )
+    serve.add_argument(
+        "--host", default=env("FREELUNCH_HOST", "127.0.0.1"),
+        help="address to listen on (0.0.0.0: every interface; then set --api-key)",
+    )
+    serve.add_argument("--port", type=int, default=int(env("FREELUNCH_PORT", "8000")), help="TCP port to listen on")
+    serve.add_argument(
+        "--dtype", default=env("FREELUNCH_DTYPE", "auto"), choices=["auto", "float32", "bfloat16", "float16"],
+        help="compute dtype; auto: the checkpoint's (float32 for a GGUF; on CPU, float16 becomes bfloat16, and a "
+        "bfloat16 checkpoint computes in float32 from its weights as stored where our kernels run)",
+    )
     serve.add_argument(
         "--quantization",
         default=env("FREELUNCH_QUANTIZATION", "auto"),
         choices=["auto", "none", "int8", "int4", "gguf"],
         help="weight-only quantised linears on CPU (native engine): gguf serves a .gguf file's own blocks "
         "(Q4_0/Q4_1/Q4_K, Q8_0/Q6_K; other types float), int8 per channel, int4 in groups of 32; "
-        "auto (default): gguf for a .gguf model on CPU, none (the checkpoint's dtype) otherwise",
+        "auto: gguf for a .gguf model on CPU, none (the checkpoint's dtype) otherwise",
     )
-    serve.add_argument("--max-model-len", type=int, default=int(env("FREELUNCH_MAX_MODEL_LEN", "0")) or None)
+    serve.add_argument(
+        "--max-model-len", type=int, default=int(env("FREELUNCH_MAX_MODEL_LEN", "0")) or None,
+        help="context length (prompt + output tokens); default: the model's own",
+    )
     serve.add_argument(
         "--engine",
         default=env("FREELUNCH_ENGINE", "native"),
@@ -41,8 +69,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=int(env("FREELUNCH_TENSOR_PARALLEL_SIZE", "1")),
         help="with --engine vllm: split one model over this many GPUs (vLLM's tensor parallelism)",
     )
-    serve.add_argument("--max-num-seqs", type=int, default=int(env("FREELUNCH_MAX_NUM_SEQS", "64")))
-    serve.add_argument("--max-num-batched-tokens", type=int, default=int(env("FREELUNCH_MAX_NUM_BATCHED_TOKENS", "1024")))
+    serve.add_argument(
+        "--max-num-seqs", type=int, default=int(env("FREELUNCH_MAX_NUM_SEQS", "64")),
+        help="sequences (choices, and a method's extra rows) an engine worker runs at once",
+    )
+    serve.add_argument(
+        "--max-num-batched-tokens", type=int, default=int(env("FREELUNCH_MAX_NUM_BATCHED_TOKENS", "1024")),
+        help="tokens one engine step computes at most (prompt chunks, decode rows, draft trees)",
+    )
     serve.add_argument(
         "--scheduling-policy",
         default=env("FREELUNCH_SCHEDULING_POLICY", "fair"),
@@ -60,8 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-step-cost",
         type=float,
         default=float(env("FREELUNCH_MAX_STEP_COST", "2")),
-        help="a request's rows may make an engine step cost at most this many one-token decode steps "
-        "(a larger speculative.tree is a 400)",
+        help="a request's rows may make an engine step cost at most this many one-token decode steps, as measured "
+        "at start on this hardware: a speculative.tree whose verification costs more is a 400 naming the largest "
+        "tree this server takes",
     )
     serve.add_argument(
         "--max-tokens-per-request",
@@ -69,7 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
         default=int(env("FREELUNCH_MAX_TOKENS_PER_REQUEST", "65536")),
         help="n x max_tokens a request may ask for (400 beyond)",
     )
-    serve.add_argument("--kv-cache-gib", type=float, default=float(env("FREELUNCH_KV_CACHE_GIB", "2")))
+    serve.add_argument(
+        "--kv-cache-gib", type=float, default=float(env("FREELUNCH_KV_CACHE_GIB", "2")),
+        help="GiB of KV cache per engine worker (native engine; vLLM: its own KV cache space)",
+    )
     serve.add_argument(
         "--no-prefix-caching",
         action="store_true",
@@ -104,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="in a split cache, blocks below the split per block above it (FastV keep 0.5 requests fill both "
         "pools at 2)",
     )
-    serve.add_argument("--threads", type=int, default=int(env("FREELUNCH_THREADS", "0")) or None, help="torch CPU threads")
+    serve.add_argument("--threads", type=int, default=int(env("FREELUNCH_THREADS", "0")) or None, help="CPU threads of each engine worker; default: torch's (every core), 1 with --workers 0")
     serve.add_argument(
         "--speculative",
         default=env("FREELUNCH_SPECULATIVE", "none"),
@@ -124,7 +162,10 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["hermes"],
         help="how tool calls are written and found: hermes, <tool_call>{\"name\": ..., \"arguments\": ...}</tool_call>",
     )
-    serve.add_argument("--log-level", default=env("FREELUNCH_LOG_LEVEL", "info"))
+    serve.add_argument(
+        "--log-level", default=env("FREELUNCH_LOG_LEVEL", "info"), type=str.lower, choices=["debug", "info", "warning", "error"],
+        help="log level of the server and its workers",
+    )
     pool = serve.add_argument_group("worker pool and admission")
     pool.add_argument(
         "--workers",
@@ -145,7 +186,10 @@ def build_parser() -> argparse.ArgumentParser:
     sec.add_argument("--api-key", action="append", default=None, help="required as `Authorization: Bearer KEY` on /v1/* (repeatable; env FREELUNCH_API_KEY, comma-separated)")
     sec.add_argument("--api-key-file", default=env("FREELUNCH_API_KEY_FILE"), help="a file with one API key per line")
     sec.add_argument("--metrics-require-key", action="store_true", default=env("FREELUNCH_METRICS_REQUIRE_KEY", "") == "1", help="protect /metrics with the API keys too")
-    sec.add_argument("--max-body-bytes", type=int, default=int(env("FREELUNCH_MAX_BODY_BYTES", str(8 << 20))))
+    sec.add_argument(
+        "--max-body-bytes", type=int, default=int(env("FREELUNCH_MAX_BODY_BYTES", str(8 << 20))),
+        help="largest request body accepted (413 beyond), images inline included",
+    )
     sec.add_argument("--rate-limit-rpm", type=int, default=int(env("FREELUNCH_RATE_LIMIT_RPM", "0")) or None, help="requests per minute per API key")
     sec.add_argument("--rate-limit-tpm", type=int, default=int(env("FREELUNCH_RATE_LIMIT_TPM", "0")) or None, help="tokens (prompt + max_tokens) per minute per API key")
     sec.add_argument(

@@ -23,10 +23,10 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from freelunch.engine.request import GenerationRequest, Sequence
 from freelunch.engine.sampler import top_logprobs
@@ -65,14 +65,24 @@ class SpeculativeOptions(MethodOptions):
     method: Literal["token_recycling", "none"] = Field(
         "token_recycling", description='"none": plain decoding, also under a server default'
     )
-    tree: Literal["2.2.2"] | Annotated[int, Field(ge=1, le=len(TEMPLATE_222))] | None = Field(
-        None, description="draft tree: the paper's 2.2.2 template, or that many of its most likely nodes; "
-        "null: the table's default, learned from the measured verify cost and the acceptance seen"
+    tree: Literal["2.2.2"] | int | None = Field(
+        None, description=f"draft tree: the paper's 2.2.2 template ({len(TEMPLATE_222)} nodes), or that many "
+        f"(1-{len(TEMPLATE_222)}) of its most likely nodes; null: the table's default, learned from the measured "
+        "verify cost and the acceptance seen. A server refuses a tree whose verification costs more than "
+        "--max-step-cost decode steps on its hardware (the 400 names the largest it takes)",
     )
     k: int = Field(DEFAULT_K, ge=1, le=MAX_K, description="candidates kept per token in the adjacency table")
     jump_forward: bool = Field(
         True, description="with a structured output: draft the text the grammar forces next, where it forces any"
     )
+
+    @field_validator("tree")
+    @classmethod
+    def _tree_size(cls, tree: str | int | None) -> str | int | None:
+        # one message for both forms (pydantic's union error names only the literal's)
+        if isinstance(tree, int) and not 1 <= tree <= len(TEMPLATE_222):
+            raise ValueError(f'a node count in 1-{len(TEMPLATE_222)}, or "2.2.2"')
+        return tree
 
 
 def parse_options(raw: dict[str, Any]) -> tuple[list[tuple[int, ...]] | None, int]:
