@@ -72,6 +72,10 @@ ENV PATH=/opt/venv/bin:$PATH \
     FREELUNCH_HOST=0.0.0.0 \
     FREELUNCH_PORT=8000 \
     HF_HUB_OFFLINE=1
+# The image's own entry point answers a new user's first requests (a chat, a JSON schema, a tool
+# call): a missing run-time dependency fails the build, not the first container start.
+COPY .ci/smoke.py /tmp/smoke.py
+RUN python /tmp/smoke.py --serve "freelunch serve --host 127.0.0.1 --port 8123" && rm /tmp/smoke.py
 RUN useradd --uid 10001 --create-home freelunch
 USER 10001
 # Mount your own model folder here and set FREELUNCH_MODEL=/models/<name>.

@@ -98,9 +98,18 @@ def resolve(line: str, cpu_index: str) -> str | None:
     return None
 
 
+def cpu_install(lines: list[str]) -> str:
+    """The README's CPU serve line without its last command (`freelunch serve`, which would block)."""
+    line = next(line for line in lines if CPU_INDEX in line and "pytest" not in line)
+    return " && ".join(part.strip() for part in line.split("&&") if not part.strip().startswith("freelunch "))
+
+
 def main() -> int:
     readme = (ROOT / "README.md").read_text()
     lines = install_lines(readme)
+    if sys.argv[1:] == ["--print-cpu-install"]:  # for .ci/run's plain-install job
+        print(cpu_install(lines))
+        return 0
     if len(lines) < 4:
         print(f"expected CPU and CUDA lines to serve and to test in README.md, found {len(lines)} install lines")
         return 1
