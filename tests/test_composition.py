@@ -118,7 +118,7 @@ def test_token_recycling_over_scmoe_equals_scmoe(moe):
 
 
 def guided_contrast(hf, cond: list[int], uncond: list[int], out: list[int], beta: float, alpha: float, scale: float, rank: int):
-    """METHODS.md's composition, from transformers' full forwards: contrast inside, guidance
+    """The composition of docs/composition.md, from transformers' full forwards: contrast inside, guidance
     outside, the plausibility mask from the conditional strong row applied last."""
     cs = torch.log_softmax(hf_logits(hf, cond + out)[-1], -1)
     cw = torch.log_softmax(hf_logits(hf, cond + out, rank)[-1], -1)

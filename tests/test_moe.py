@@ -138,7 +138,7 @@ def hf_greedy(hf, ids: list[int], n: int = MAX_TOKENS) -> list[int]:
 def reference_scmoe(
     hf, ids: list[int], beta: float, alpha: float, weak_rank: int, n: int = MAX_TOKENS
 ) -> list[int]:
-    """Greedy SCMoE as METHODS.md states it, recomputing both branches from scratch each step."""
+    """Greedy SCMoE as the paper states it (docs/moe_contrast.md), recomputing both branches from scratch each step."""
     out: list[int] = []
     for _ in range(n):
         s = torch.log_softmax(hf_logits(hf, ids + out)[-1], -1)

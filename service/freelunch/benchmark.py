@@ -36,6 +36,8 @@ from typing import Any
 
 import httpx
 
+from freelunch.cpu_features import cpu_features, cpu_name
+
 PROMPTS = [
     "Write a short story about a robot who learns to paint.",
     "Explain how a bicycle works to a ten-year-old.",
@@ -408,8 +410,11 @@ def stop_server(proc: subprocess.Popen) -> None:
 
 def markdown(result: dict[str, Any]) -> str:
     single = result["single_stream"]
+    machine = result.get("machine", {})
     lines = [
         f"freelunch bench: {result['model']} at {result['server']['url']}, {result['settings']['max_tokens']} tokens per request",
+        f"on {machine.get('cpu')} ({', '.join(machine.get('features') or []) or 'features unknown'}), "
+        f"{machine.get('cores')} cores",
         "",
         "| measure | value |",
         "| --- | ---: |",
@@ -493,7 +498,8 @@ def run(args: argparse.Namespace) -> int:
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "machine": {
             "platform": platform.platform(),
-            "cpu": platform.processor() or platform.machine(),
+            "cpu": cpu_name(),
+            "features": cpu_features(),
             "cores": os.cpu_count(),
             "load_average_at_start": load,
         },

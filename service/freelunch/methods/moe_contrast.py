@@ -1,6 +1,6 @@
 """SCMoE self-contrast decoding for Mixture-of-Experts models (Shi et al. 2024), as a per-request option.
 
-Reference: DavidFanzz/SCMoE, `decodingmethod/moe_utils.py` (see METHODS.md). A request owns two
+Reference: DavidFanzz/SCMoE, `decodingmethod/moe_utils.py` (docs/moe_contrast.md). A request owns two
 rows of the same prompt, decoded in the same batch, each with its own KV cache:
   main    the strong branch: the model's own routing (top-2 for Mixtral), or `strong_top_k`
           experts per token (the router's top choices, renormalised as the model does);

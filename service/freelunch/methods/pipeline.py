@@ -9,7 +9,7 @@
   constraints        the engine's (logit bias, grammars), on the combined distribution
   selection          sampling by the engine, or draft-and-verify on every row (Token Recycling)
 
-Guidance over SCMoE (METHODS.md), rows cond-strong, cond-weak, uncond-strong, uncond-weak:
+Guidance over SCMoE (docs/composition.md), rows cond-strong, cond-weak, uncond-strong, uncond-weak:
   c = (1 + b) cs - b cw,  u = (1 + b) us - b uw   (log-softmax values, unmasked)
   g = log_softmax(u) + scale * (log_softmax(c) - log_softmax(u)),  then g = -inf where cs is
   implausible (cs < log(alpha) + max cs). No -inf enters a subtraction, so no NaN.
