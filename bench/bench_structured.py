@@ -2,7 +2,9 @@
 
     python bench/bench_structured.py [--out bench/results/structured.json]
 
-Engine level, the embedded model (float32), greedy, every core:
+Engine level, the embedded model as the server loads it by default (its GGUF's own blocks), under
+the schema as the API hands it over (free strings and numbers bounded, single-spaced), greedy,
+every core:
   - decode tokens/s of chats under a JSON schema against the same chats unconstrained, at batch 1
     and 16 (interleaved rounds, medians);
   - grammar compile time for a typical tool schema and a large schema, cold and cached;
@@ -87,6 +89,7 @@ def main() -> None:
     import freelunch.methods  # noqa: F401
     from freelunch.config import EngineConfig
     from freelunch.constraints.grammar import GrammarCompiler
+    from freelunch.constraints.json_layout import DEFAULT_MAX_NUMBER_DIGITS, DEFAULT_MAX_STRING_LENGTH, bounded_schema
     from freelunch.engine.engine import Engine
     from freelunch.engine.request import ConstraintSpec, GenerationRequest, SamplingParams
     from freelunch.models.loader import load_model, resolve_source
@@ -94,11 +97,11 @@ def main() -> None:
     torch.set_num_threads(os.cpu_count() or 1)
     if os.getloadavg()[0] > 0.5:
         print(f"warning: load average {os.getloadavg()[0]:.2f}; benchmark on an idle machine")
-    loaded = load_model(resolve_source(None), "float32")
+    loaded = load_model(resolve_source(None), "auto", quantization="auto")
     tok = loaded.tokenizer
     # no prefix cache: the runs compared decode the same chats, and the later one would find their prompts cached
     engine = Engine(loaded, EngineConfig(kv_cache_gib=0.5, enable_prefix_caching=False))
-    spec = ConstraintSpec("json_schema", json.dumps(SCHEMA))
+    spec = ConstraintSpec("json_schema", json.dumps(bounded_schema(SCHEMA, DEFAULT_MAX_STRING_LENGTH, DEFAULT_MAX_NUMBER_DIGITS)))
 
     def encode(text: str) -> list[int]:
         ids = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
