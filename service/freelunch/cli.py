@@ -213,6 +213,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="accept request fields this server does not know (vendor extras some clients send) and name them in "
         "the x-freelunch-ignored-fields response header; by default they are a 400 naming the field",
     )
+    sec.add_argument(
+        "--grammar-compile-timeout",
+        type=float,
+        default=float(env("FREELUNCH_GRAMMAR_COMPILE_TIMEOUT", "5")),
+        help="seconds a new grammar (JSON schema, regex, tools) may take to compile, in a separate process, before "
+        "admission; past it the compile is stopped, the request gets a 400 and the refusal is remembered",
+    )
     sec.add_argument("--image-fetch-timeout", type=float, default=float(env("FREELUNCH_IMAGE_FETCH_TIMEOUT", "10")), help="seconds for one image fetch")
     from freelunch.benchmark import add_arguments as add_bench_arguments
 
@@ -285,6 +292,7 @@ def main(argv: list[str] | None = None) -> int:
             enable_auto_tool_choice=args.enable_auto_tool_choice,
             allow_private_image_addresses=args.allow_private_image_addresses,
             ignore_unknown_fields=args.ignore_unknown_fields,
+            grammar_compile_timeout=args.grammar_compile_timeout,
         )
         if args.native_workers and config.engine != "vllm":
             raise ValueError("--native-workers goes with --engine vllm (the native engine's workers are --workers)")

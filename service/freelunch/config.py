@@ -102,6 +102,9 @@ class ServerConfig:
     # request fields this server does not know: a 400 naming them (as OpenAI's API answers), or, for
     # clients that send vendor extras, accepted and named in the x-freelunch-ignored-fields header
     ignore_unknown_fields: bool = False
+    # seconds a new grammar (JSON schema, regex, tools) may take to compile before admission; past it
+    # the compile is stopped and the request gets a 400 (the refusal is remembered for 10 minutes)
+    grammar_compile_timeout: float = 5.0
 
     def __post_init__(self) -> None:
         if self.workers < 0 or self.max_queue < 0:

@@ -37,6 +37,7 @@ def create_app(
         try:
             yield
         finally:
+            builder.structured.close()  # the grammar compile processes
             pool.shutdown()
 
     # /docs and /redoc from Swagger UI's and ReDoc's files in the fastapi-offline package: no CDN
@@ -62,6 +63,7 @@ def create_app(
         server.max_tokens_per_request,
         server.enable_auto_tool_choice,
         server.ignore_unknown_fields,
+        server.grammar_compile_timeout,
     )
     app.state.services = Services(pool, metrics, builder, GenerationRunner(pool, metrics), Formatter(served.tokenizer))
     install_error_handlers(app)

@@ -111,11 +111,14 @@ class RequestBuilder:
         max_tokens_per_request: int = 65536,
         auto_tool_choice: bool = True,
         ignore_unknown_fields: bool = False,
+        grammar_compile_timeout: float = 5.0,
     ) -> None:
         self.pool = pool
         self.ignore_unknown_fields = ignore_unknown_fields
         self.max_tokens_per_request = max_tokens_per_request
-        self.structured = StructuredOutputs(pool.served.tokenizer, pool.served.vocab_size, metrics, auto_tool_choice)
+        self.structured = StructuredOutputs(
+            pool.served.tokenizer, pool.served.vocab_size, metrics, auto_tool_choice, grammar_compile_timeout
+        )
         self.metrics = metrics
         self.renderer = renderer
         self.default_methods = default_methods

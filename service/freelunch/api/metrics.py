@@ -79,6 +79,12 @@ class Metrics:
         self.grammar_cache_hits = Counter(
             "freelunch_structured_output_cache_hits", "Structured-output grammars found compiled in the cache", registry=r
         )
+        self.grammar_refused = Counter(
+            "freelunch_structured_output_refused",
+            "Structured-output grammars refused before admission: invalid, or not compiled within the limit",
+            ["reason"],
+            registry=r,
+        )
         self.structured_requests = Counter(
             "freelunch_structured_output_requests", "Finished generations with a structured output or logit_bias", registry=r
         )

@@ -22,7 +22,8 @@ from xgrammar.structural_tag import JSONSchemaFormat, StructuralTag, TagFormat, 
 from freelunch.api.errors import APIError
 from freelunch.api.protocol import ChatCompletionRequest, SamplingFields
 from freelunch.api.protocol import StructuredOutputs as ProtocolStructuredOutputs
-from freelunch.constraints.grammar import GrammarCompiler, GrammarError
+from freelunch.constraints.compile_guard import CompileGuard, GrammarTimeout
+from freelunch.constraints.grammar import GrammarError, tokenizer_info_json
 from freelunch.constraints.json_layout import (
     DEFAULT_MAX_NUMBER_DIGITS,
     DEFAULT_MAX_STRING_LENGTH,
@@ -30,11 +31,11 @@ from freelunch.constraints.json_layout import (
     TOOL_WHITESPACE_MAX,
     any_object_schema,
     bounded_schema,
+    external_ref,
 )
 from freelunch.engine.request import ConstraintSpec
 
-COMPILE_TIMEOUT_S = 5.0  # a grammar that takes longer is refused (the compile runs on, alone)
-COMPILE_THREADS = 2
+COMPILE_PROCESSES = 2  # distinct new grammars compiled at once
 TOOL_FORMAT = "qwen_3"  # xgrammar's name for the Hermes format: <tool_call>{"name", "arguments"}</tool_call>
 
 
@@ -45,6 +46,10 @@ def _call_tag(function: dict[str, Any], layout: "JSONLayout") -> TagFormat:
         content=JSONSchemaFormat(json_schema=function["parameters"], max_whitespace_cnt=layout.tool_whitespace),
         end="}\n</tool_call>",
     )
+
+
+def shown_ref(ref: str) -> str:
+    return json.dumps(ref[:80])
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,10 +64,13 @@ class JSONLayout:
     def of(cls, so: ProtocolStructuredOutputs | None) -> JSONLayout:
         return cls() if so is None else cls(so.whitespace(), so.max_string_length, so.max_number_digits)
 
-    def schema(self, schema: dict[str, Any]) -> ConstraintSpec:
-        return ConstraintSpec("json_schema", json.dumps(self.bound(schema)), self.whitespace)
+    def schema(self, schema: dict[str, Any], param: str) -> ConstraintSpec:
+        return ConstraintSpec("json_schema", json.dumps(self.bound(schema, param)), self.whitespace)
 
-    def bound(self, schema: dict[str, Any]) -> dict[str, Any]:
+    def bound(self, schema: dict[str, Any], param: str) -> dict[str, Any]:
+        ref = external_ref(schema)
+        if ref is not None:
+            raise APIError(400, f"$ref {shown_ref(ref)} points outside the schema: only local references (#/...) resolve", param)
         return bounded_schema(schema, self.max_string, self.max_digits)
 
     @property
@@ -71,13 +79,15 @@ class JSONLayout:
 
 
 class StructuredOutputs:
-    def __init__(self, tokenizer: Any, vocab_size: int, metrics: Any, auto_tool_choice: bool) -> None:
+    def __init__(
+        self, tokenizer: Any, vocab_size: int, metrics: Any, auto_tool_choice: bool, compile_timeout: float = 5.0
+    ) -> None:
         self.vocab_size = vocab_size
+        self.compile_timeout = compile_timeout
         self.metrics = metrics
         self.auto_tool_choice = auto_tool_choice
         self._tokenizer = tokenizer
-        self._compiler: GrammarCompiler | None = None  # built at the first constrained request
-        self._threads = anyio.CapacityLimiter(COMPILE_THREADS)
+        self._guard: CompileGuard | None = None  # started at the first constrained request
 
     # ---- what the request asks for ----------------------------------------------------------
     def spec(self, req: SamplingFields) -> tuple[ConstraintSpec | None, str | None]:
@@ -89,11 +99,11 @@ class StructuredOutputs:
         found: list[tuple[ConstraintSpec, str]] = []
         rf = req.response_format
         if rf is not None and rf.type == "json_object":
-            found.append((layout.schema(any_object_schema()), "response_format"))
+            found.append((layout.schema(any_object_schema(), "response_format"), "response_format"))
         elif rf is not None and rf.type == "json_schema":
             if rf.json_schema is None or rf.json_schema.schema_ is None:
                 raise APIError(400, "response_format json_schema needs json_schema.schema", "response_format.json_schema")
-            found.append((layout.schema(rf.json_schema.schema_), "response_format"))
+            found.append((layout.schema(rf.json_schema.schema_, "response_format.json_schema.schema"), "response_format"))
         if so is not None:
             try:
                 kind = so.constraint_kind()
@@ -127,9 +137,9 @@ class StructuredOutputs:
                     raise APIError(400, "structured_outputs.json is not valid JSON", "structured_outputs.json") from None
             if not isinstance(value, dict):
                 raise APIError(400, "structured_outputs.json must be a JSON schema (an object)", "structured_outputs.json")
-            return layout.schema(value)
+            return layout.schema(value, "structured_outputs.json")
         if kind == "json_object":
-            return layout.schema(any_object_schema())
+            return layout.schema(any_object_schema(), "structured_outputs")
         if kind == "choice":
             return ConstraintSpec("choice", json.dumps(value))
         if kind == "structural_tag":
@@ -153,8 +163,9 @@ class StructuredOutputs:
                 400, '"auto" tool choice needs a server started with --enable-auto-tool-choice', "tool_choice"
             )
         tools = [t.model_dump(exclude_none=True) for t in req.tools]
-        for t in tools:
-            t["function"]["parameters"] = layout.bound(t["function"].get("parameters") or {"type": "object"})
+        for i, t in enumerate(tools):
+            params = t["function"].get("parameters") or {"type": "object"}
+            t["function"]["parameters"] = layout.bound(params, f"tools.{i}.function.parameters")
         if hasattr(choice, "function"):
             names = [t.function.name for t in req.tools]
             if choice.function.name not in names:
@@ -200,22 +211,26 @@ class StructuredOutputs:
 
     # ---- compiling before admission -------------------------------------------------------------
     async def check(self, spec: ConstraintSpec, param: str) -> None:
-        """Compile `spec` (or find it cached) within COMPILE_TIMEOUT_S; 400 naming `param` if it
-        cannot be compiled, or not in time."""
-        if self._compiler is None:
-            self._compiler = await anyio.to_thread.run_sync(GrammarCompiler, self._tokenizer, self.vocab_size)
-        compiler = self._compiler
-        hits = compiler.hits
+        """Compile `spec` once, in a child process under the compile timeout (compile_guard.py), or
+        find its verdict remembered; 400 naming `param` if it does not compile, or not in time."""
+        if self._guard is None:
+            info = await anyio.to_thread.run_sync(tokenizer_info_json, self._tokenizer, self.vocab_size)
+            if self._guard is None:
+                self._guard = CompileGuard(info, self.compile_timeout, COMPILE_PROCESSES)
         start = time.perf_counter()
         try:
-            with anyio.fail_after(COMPILE_TIMEOUT_S):
-                # abandon_on_cancel: past the limit the request is answered; the compile finishes alone
-                await anyio.to_thread.run_sync(compiler.compile, spec, limiter=self._threads, abandon_on_cancel=True)
-        except TimeoutError:
-            raise APIError(400, f"the {param} did not compile within {COMPILE_TIMEOUT_S:g} s: simplify it", param) from None
+            remembered = await self._guard.check(spec)
+        except GrammarTimeout as e:
+            self.metrics.grammar_refused.labels(reason="timeout").inc()
+            raise APIError(400, f"the {param} {e}", param) from None
         except GrammarError as e:
+            self.metrics.grammar_refused.labels(reason="invalid").inc()
             raise APIError(400, str(e), param) from None
-        if compiler.hits > hits:
+        if remembered:
             self.metrics.grammar_cache_hits.inc()
         else:
             self.metrics.grammar_compile_seconds.observe(time.perf_counter() - start)
+
+    def close(self) -> None:
+        if self._guard is not None:
+            self._guard.close()

@@ -9,6 +9,7 @@ method, and neither the engine nor the methods know what kind of constraint it i
 
 from __future__ import annotations
 
+from concurrent.futures import Future
 from typing import Any
 
 import torch
@@ -90,6 +91,11 @@ class ConstraintFactory:
         if self._compiler is None:
             self._compiler = GrammarCompiler(self.tokenizer, self.vocab_size)
         return self._compiler
+
+    def prepare(self, request: GenerationRequest) -> Future | None:
+        """None when the request's constraint can be built at once, else a future that completes
+        when its grammar is compiled (off the calling thread: an engine loop keeps stepping)."""
+        return self.compiler.prepare(request.constraint) if request.constraint is not None else None
 
     def build(self, request: GenerationRequest) -> Constraint | None:
         """The request's constraint, or None; GrammarError / ValueError for one that cannot apply."""

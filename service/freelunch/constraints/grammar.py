@@ -12,10 +12,11 @@ both engines compile the same grammar for the same request.
 from __future__ import annotations
 
 import json
+import os
 import re
 import threading
-import time
 from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -25,7 +26,10 @@ from freelunch.constraints.json_layout import json_grammar_options
 from freelunch.engine.request import ConstraintSpec
 
 _XGRAMMAR_PREFIX = re.compile(r"^\[[\d:]+\] \S+:\d+: ")
-CACHE_ENTRIES = 256  # compiled grammars kept per process (LRU)
+_SOURCE_PATH = re.compile(r"\S*/\S+\.(?:h|hpp|cc|cpp|c|py):\d+:?\s*")  # a build's source file and line
+MAX_ERROR_CHARS = 300
+CACHE_BYTES = 256 << 20  # compiled grammars kept per worker (LRU, by xgrammar's own size count)
+COMPILE_NICENESS = 10
 MAX_SPEC_CHARS = 1 << 16  # a schema, regex or grammar as the request holds it
 
 
@@ -61,52 +65,113 @@ def is_lark(grammar: str) -> bool:
     return False
 
 
-class GrammarCompiler:
-    """xgrammar's compiler for one tokenizer, with an LRU of compiled grammars by spec."""
+def clean_error(text: str) -> str:
+    """xgrammar's message as a client may read it: no timestamp, no build path, no echo of the
+    whole grammar (messages quote what they failed on)."""
+    text = _XGRAMMAR_PREFIX.sub("", text.strip())  # "[12:00:00] /project/cpp/x.cc:42: "
+    text = _SOURCE_PATH.sub("", text)
+    return text if len(text) <= MAX_ERROR_CHARS else text[: MAX_ERROR_CHARS - 1] + "…"
 
-    def __init__(self, tokenizer: Any, vocab_size: int) -> None:
+
+def compile_spec(compiler: xgr.GrammarCompiler, spec: ConstraintSpec) -> xgr.CompiledGrammar:
+    """`spec` compiled by xgrammar's `compiler`; GrammarError for one that cannot be."""
+    if len(spec.value) > MAX_SPEC_CHARS:
+        raise GrammarError(f"the {spec.kind} is longer than {MAX_SPEC_CHARS} characters")
+    try:
+        if spec.kind in ("json_schema", "json_object"):
+            return compiler.compile_grammar(json_grammar(spec))
+        if spec.kind == "regex":
+            return compiler.compile_regex(spec.value)
+        if spec.kind == "choice":
+            return compiler.compile_grammar(choice_as_grammar(json.loads(spec.value)))
+        if spec.kind == "grammar":
+            return compiler.compile_lark(spec.value) if is_lark(spec.value) else compiler.compile_grammar(spec.value)
+        if spec.kind == "structural_tag":
+            return compiler.compile_structural_tag(xgr.StructuralTag.model_validate_json(spec.value))
+    except (RuntimeError, ValueError, TypeError) as e:  # xgrammar's parse and schema errors
+        raise GrammarError(clean_error(f"the {spec.kind.replace('_', ' ')} cannot be compiled: {e}")) from None
+    raise GrammarError(f"unknown constraint kind {spec.kind!r}")
+
+
+def tokenizer_info_json(tokenizer: Any, vocab_size: int) -> str:
+    """xgrammar's view of a tokenizer, as JSON (what a compile process rebuilds it from)."""
+    return xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size).serialize_json()
+
+
+class GrammarCompiler:
+    """xgrammar's compiler for one tokenizer, with an LRU of compiled grammars bounded in bytes.
+
+    `prepare` compiles on a background thread (xgrammar releases the GIL while it compiles), one
+    compile per grammar however many requests ask, at a lower CPU priority: an engine loop hands a
+    new grammar here and keeps decoding the other requests until it is ready. The API admits only
+    grammars that compiled within its limit (compile_guard.py), so a worker's compile ends too."""
+
+    def __init__(self, tokenizer: Any, vocab_size: int, cache_bytes: int = CACHE_BYTES) -> None:
         self.info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size)
         self._compiler = xgr.GrammarCompiler(self.info, max_threads=1, cache_enabled=False)
+        self.cache_bytes = cache_bytes
         self._cache: OrderedDict[tuple, xgr.CompiledGrammar] = OrderedDict()
+        self._cached_bytes = 0
         self._lock = threading.Lock()
-        self.hits = 0
-        self.compile_seconds: list[float] = []  # drained by whoever reports metrics
+        self._pending: dict[tuple, Future] = {}
+        self._pool = ThreadPoolExecutor(1, "grammar-compile", initializer=_lower_priority)
 
-    def compile(self, spec: ConstraintSpec) -> xgr.CompiledGrammar:
-        key = (spec.kind, spec.value, spec.whitespace)
+    @staticmethod
+    def key(spec: ConstraintSpec) -> tuple:
+        return (spec.kind, spec.value, spec.whitespace)
+
+    def cached(self, spec: ConstraintSpec) -> xgr.CompiledGrammar | None:
+        key = self.key(spec)
+        with self._lock:
+            compiled = self._cache.get(key)
+            if compiled is not None:
+                self._cache.move_to_end(key)
+            return compiled
+
+    def prepare(self, spec: ConstraintSpec) -> Future | None:
+        """None when `spec` is compiled already, else a future that completes (with the compiled
+        grammar or its GrammarError) once it is, compiled off the calling thread."""
+        key = self.key(spec)
         with self._lock:
             if key in self._cache:
-                self._cache.move_to_end(key)
-                self.hits += 1
-                return self._cache[key]
-        start = time.perf_counter()
-        compiled = self._compile(spec)
-        with self._lock:
-            self.compile_seconds.append(time.perf_counter() - start)
-            self._cache[key] = compiled
-            while len(self._cache) > CACHE_ENTRIES:
-                self._cache.popitem(last=False)
-        return compiled
+                return None
+            pending = self._pending.get(key)
+            if pending is None:
+                pending = self._pending[key] = self._pool.submit(self._compile_and_keep, key, spec)
+            return pending
 
-    def _compile(self, spec: ConstraintSpec) -> xgr.CompiledGrammar:
-        if len(spec.value) > MAX_SPEC_CHARS:
-            raise GrammarError(f"the {spec.kind} is longer than {MAX_SPEC_CHARS} characters")
-        c = self._compiler
+    def compile(self, spec: ConstraintSpec) -> xgr.CompiledGrammar:
+        """`spec` compiled, from the cache or now (waiting for a compile already under way)."""
+        while True:  # (a grammar cached a moment ago may have been evicted since)
+            compiled = self.cached(spec)
+            if compiled is not None:
+                return compiled
+            pending = self.prepare(spec)
+            if pending is not None:
+                return pending.result()
+
+    def _compile_and_keep(self, key: tuple, spec: ConstraintSpec) -> xgr.CompiledGrammar:
         try:
-            if spec.kind in ("json_schema", "json_object"):
-                return c.compile_grammar(json_grammar(spec))
-            if spec.kind == "regex":
-                return c.compile_regex(spec.value)
-            if spec.kind == "choice":
-                return c.compile_grammar(choice_as_grammar(json.loads(spec.value)))
-            if spec.kind == "grammar":
-                return c.compile_lark(spec.value) if is_lark(spec.value) else c.compile_grammar(spec.value)
-            if spec.kind == "structural_tag":
-                return c.compile_structural_tag(xgr.StructuralTag.model_validate_json(spec.value))
-        except (RuntimeError, ValueError, TypeError) as e:  # xgrammar's parse and schema errors
-            detail = _XGRAMMAR_PREFIX.sub("", str(e).strip())  # "[12:00:00] /project/cpp/x.cc:42: "
-            raise GrammarError(f"the {spec.kind.replace('_', ' ')} cannot be compiled: {detail}") from None
-        raise GrammarError(f"unknown constraint kind {spec.kind!r}")
+            compiled = compile_spec(self._compiler, spec)
+            size = compiled.memory_size_bytes
+            with self._lock:
+                self._cache[key] = compiled
+                self._cached_bytes += size
+                while self._cached_bytes > self.cache_bytes and len(self._cache) > 1:
+                    _, old = self._cache.popitem(last=False)
+                    self._cached_bytes -= old.memory_size_bytes
+            return compiled
+        finally:
+            with self._lock:
+                self._pending.pop(key, None)
+
+
+def _lower_priority() -> None:
+    """A compile thread yields the CPU to the engine's (Linux: niceness is per thread)."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), COMPILE_NICENESS)
+    except (AttributeError, OSError):
+        pass
 
 
 class GrammarState:

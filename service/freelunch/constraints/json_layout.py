@@ -68,6 +68,21 @@ def _bound(node: dict[str, Any], max_string: int | None, max_digits: int | None)
                     _bound(sub, max_string, max_digits)
 
 
+def external_ref(schema: Any) -> str | None:
+    """The first `$ref` in `schema` that does not point inside it ("#..."): the server fetches
+    nothing, and a grammar compiler that cannot resolve one would allow anything in its place."""
+    if isinstance(schema, dict):
+        ref = schema.get("$ref")
+        if ref is not None and not (isinstance(ref, str) and ref.startswith("#")):
+            return str(ref)
+        items = schema.values()
+    elif isinstance(schema, list):
+        items = schema
+    else:
+        return None
+    return next((found for item in items if (found := external_ref(item)) is not None), None)
+
+
 def bounded_schema(schema: dict[str, Any], max_string: int | None, max_digits: int | None) -> dict[str, Any]:
     """`schema` with a length bound on every string and a digit bound on every number that it
     leaves free (None: no bound). A schema's own bounds, patterns, formats, enums and consts stay."""

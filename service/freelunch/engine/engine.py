@@ -6,6 +6,7 @@ import hashlib
 import random
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -176,6 +177,14 @@ class Engine:
         self.requests[request.request_id] = state
         self.scheduler.add(state)
         self.stats["prompt_tokens"] += main.num_prompt
+
+    def prepare(self, request: GenerationRequest) -> Future | None:
+        """Work a request needs before `add_request` that must not run in the engine loop (its
+        grammar's compile): None when there is none, else a future the loop waits on while it
+        keeps stepping the other requests."""
+        if request.constraint is None or self.constraints is None:
+            return None
+        return self.constraints.prepare(request)
 
     def _constraint(self, request: GenerationRequest) -> Any:
         if request.constraint is None and not request.logit_bias:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import threading
 import traceback
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -61,6 +62,9 @@ class EngineBackend(Protocol):
 
     def add_request(self, request: GenerationRequest) -> None: ...
 
+    def prepare(self, request: GenerationRequest) -> Future | None:
+        """Work to finish off the loop before `add_request` (a grammar's compile), or None."""
+
     def step(self) -> list[RequestOutput]: ...
 
     def abort(self, request_id: str) -> bool: ...
@@ -77,6 +81,8 @@ class EngineLoop:
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._inbox: list[tuple[str, GenerationRequest | str]] = []
+        # requests waiting for their preparation (`EngineBackend.prepare`), in arrival order
+        self._preparing: dict[str, tuple[GenerationRequest, Future]] = {}
         self._stop = False
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self.broken = False  # the engine could not recover from an error
@@ -130,13 +136,33 @@ class EngineLoop:
             inbox, self._inbox = self._inbox, []
         for kind, item in inbox:
             if kind == "add":
-                try:
-                    self.engine.add_request(item)
-                except EngineError as e:
-                    self.sink.failed(item.request_id, e)
+                prepare = getattr(self.engine, "prepare", None)
+                pending = prepare(item) if prepare is not None else None
+                if pending is None:
+                    self._add(item)
+                else:  # e.g. a grammar compiling: the other requests keep decoding meanwhile
+                    self._preparing[item.request_id] = (item, pending)
+                    pending.add_done_callback(lambda _: self._wake.set())
+            elif item in self._preparing:
+                del self._preparing[item]
+                self.sink.outputs([RequestOutput(item, [], "", True, "abort")], self.stats())
             elif not self.engine.abort(item):  # unknown or already finished: still answer the waiter
                 self.sink.outputs([RequestOutput(item, [], "", True, "abort")], self.stats())
-        return bool(inbox)
+        ready = [rid for rid, (_, pending) in self._preparing.items() if pending.done()]
+        for rid in ready:
+            request, pending = self._preparing.pop(rid)
+            error = pending.exception()
+            if error is None:
+                self._add(request)
+            else:
+                self.sink.failed(rid, EngineError(str(error), "response_format"))
+        return bool(inbox) or bool(ready)
+
+    def _add(self, request: GenerationRequest) -> None:
+        try:
+            self.engine.add_request(request)
+        except EngineError as e:
+            self.sink.failed(request.request_id, e)
 
     def _run(self) -> None:
         try:
