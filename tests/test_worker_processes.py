@@ -169,6 +169,24 @@ def test_a_client_that_disconnects_stops_its_generation(pool_server):
     assert idle_after < max(1.0, full_run / 4), (idle_after, full_run)
 
 
+def test_the_choices_of_one_request_share_a_worker(pool_server):
+    proc, base, _ = pool_server
+
+    async def run():
+        async with httpx.AsyncClient(base_url=base, timeout=120) as client:
+            job = asyncio.create_task(stream(client, "/v1/completions", {**LONG, "max_tokens": 300, "n": 4}))
+            loads = []
+            while not job.done():
+                loads = sorted(w["in_flight"] for w in (await client.get("/ready")).json()["workers"])
+                if sum(loads) == 4:
+                    break
+                await asyncio.sleep(0.02)
+            await job
+            return loads
+
+    assert asyncio.run(run()) == [0, 4]
+
+
 def test_a_killed_worker_fails_only_its_streams_and_is_replaced(pool_server):
     proc, base, _ = pool_server
     pids = worker_pids(proc.pid)
@@ -239,4 +257,55 @@ def test_sigterm_drains_as_kubernetes_expects(tiny_llama):
         assert time.monotonic() - signalled < drain + 15  # the drain, the cut's flush, the workers' stop
         wait_for(lambda: not any(Path(f"/proc/{p}").exists() for p in workers), 10)
     finally:
+        stop_server(proc)
+
+
+def test_a_stopped_worker_never_freezes_the_api_and_is_replaced(tiny_llama):
+    """SIGSTOP one worker of two, then send it large requests: /health keeps answering at once (no
+    write to that worker's pipe blocks the event loop), a request's own timeout holds, the worker
+    is marked not ready within the heartbeat timeout, its requests fail, and a replacement serves."""
+    from freelunch.pool.process_worker import HEARTBEAT_TIMEOUT_S
+
+    folder, _ = tiny_llama
+    proc, base = start_server(folder, 2)
+    try:
+        pids = worker_pids(proc.pid)
+        os.kill(pids[0], signal.SIGSTOP)
+        big = {"prompt": "word " * 700, "max_tokens": 64, "n": 16, "ignore_eos": True, "timeout": 8}
+
+        def down(state: dict) -> bool:  # worker-0 marked not ready, or already replaced
+            return not state["workers"][0]["alive"] or state["workers"][0]["restarts"] > 0
+
+        async def run():
+            async with httpx.AsyncClient(base_url=base, timeout=120) as client:
+                started = time.monotonic()
+                jobs = [asyncio.create_task(client.post("/v1/completions", json=big)) for _ in range(4)]
+                slowest, states = 0.0, []
+                while not all(j.done() for j in jobs) or not any(down(state) for state, _ in states):
+                    t = time.monotonic()
+                    r = await client.get("/health")
+                    slowest = max(slowest, time.monotonic() - t)
+                    assert r.status_code == 200
+                    states.append(((await client.get("/ready")).json(), time.monotonic() - started))
+                    assert time.monotonic() - started < 60
+                    await asyncio.sleep(0.1)
+                return [j.result() for j in jobs], slowest, states, time.monotonic() - started
+
+        responses, slowest, states, took = asyncio.run(run())
+        assert slowest < 1.0, f"/health took {slowest:.2f} s with a worker stopped"
+        assert took < 8 + HEARTBEAT_TIMEOUT_S + 5
+        assert all(r.status_code in (200, 408, 503) for r in responses), [r.text for r in responses]
+        assert any(r.status_code != 200 for r in responses), "requests on the stopped worker cannot have finished"
+        not_ready = [at for state, at in states if down(state)]
+        assert not_ready and not_ready[0] < HEARTBEAT_TIMEOUT_S + 3, "the stopped worker was not marked down in time"
+        wait_for(lambda: httpx.get(base + "/ready").json()["status"] == "ready", 120, step=0.5)
+        assert pids[0] not in worker_pids(proc.pid)
+        ok = httpx.post(base + "/v1/completions", json={"prompt": "hello", "max_tokens": 4}, timeout=60)
+        assert ok.status_code == 200
+    finally:
+        for pid in worker_pids(proc.pid):
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
         stop_server(proc)

@@ -83,10 +83,13 @@ class GenerationRunner:
         requests = call.requests
         self._admit(len(requests))
         queue: asyncio.Queue = asyncio.Queue()
+        # The choices share one worker: they share their prompt's KV blocks there (computed once),
+        # and losing that worker fails the request once, not a share of its choices.
+        worker = self.pool.pick(requests[0]) if requests else None
 
         async def pump(index: int, request: Any) -> None:
             try:
-                async for out in self.pool.generate(request):
+                async for out in self.pool.generate(request, worker):
                     await queue.put((index, out))
             except Exception as e:
                 await queue.put((index, e))

@@ -133,9 +133,10 @@ class WorkerPool:
     def release(self, count: int) -> None:
         self.in_flight -= count
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[RequestOutput]:
-        """Stream a request's outputs. Leaving early (client gone, error) aborts it on its worker."""
-        worker = self.pick(request)
+    async def generate(self, request: GenerationRequest, worker: Worker | None = None) -> AsyncIterator[RequestOutput]:
+        """Stream a request's outputs, on `worker` (one that `pick` chose) or the least-loaded
+        one. Leaving early (client gone, error) aborts it on its worker."""
+        worker = worker if worker is not None and worker.alive else self.pick(request)
         if worker is None:
             raise WorkerDied("no engine worker is available (restarting); retry shortly")
         queue = worker.submit(request)

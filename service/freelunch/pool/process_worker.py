@@ -1,6 +1,12 @@
 """An engine in a child process, so that a crash, an OOM kill or a stuck kernel costs only the
 requests on that worker. The parent notices the pipe closing, fails those requests with
 `WorkerDied`, and starts a replacement.
+
+Nothing here blocks the API's event loop: messages to the child are queued and written by a
+writer thread (a child that stops reading fills its pipe, not the event loop's time). The child
+sends a heartbeat every HEARTBEAT_S from a thread of its own; a child silent for HEARTBEAT_TIMEOUT_S
+(stopped, swapped out, wedged with the GIL held) is marked not ready at once, killed, its requests
+failed, and replaced.
 """
 
 from __future__ import annotations
@@ -8,6 +14,7 @@ from __future__ import annotations
 import logging
 import multiprocessing as mp
 import os
+import queue
 import signal
 import threading
 import time
@@ -24,6 +31,8 @@ from freelunch.pool.worker import ServedModel, Worker, WorkerDied, load_engine
 log = logging.getLogger("freelunch.pool")
 
 _RESTART_BACKOFF = (1.0, 2.0, 5.0, 10.0, 30.0)  # seconds before the n-th consecutive restart
+HEARTBEAT_S = 0.5
+HEARTBEAT_TIMEOUT_S = 5.0  # a loaded worker silent this long is stuck
 
 
 class ProcessWorker(Worker):
@@ -41,6 +50,7 @@ class ProcessWorker(Worker):
         self.log_level = log_level
         self._ctx = mp.get_context("spawn")  # fork would copy the parent's threads and torch state
         self._send_lock = threading.Lock()
+        self._outbox: queue.SimpleQueue[bytes | None] | None = None  # the writer thread's, per child
         self._conn: Connection | None = None
         self._proc = None
         self._ready = threading.Event()
@@ -49,6 +59,7 @@ class ProcessWorker(Worker):
         self._fatal: str | None = None
         self._stopping = False
         self._failures_in_a_row = 0
+        self._was_stuck = False
 
     # ---- lifetime ------------------------------------------------------------------------
     @property
@@ -94,8 +105,11 @@ class ProcessWorker(Worker):
         )
         proc.start()
         child_conn.close()  # the child holds its end; ours closing would hide its death
-        self._conn, self._proc = parent_conn, proc
+        outbox: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+        with self._send_lock:
+            self._conn, self._proc, self._outbox = parent_conn, proc, outbox
         threading.Thread(target=self._read, args=(parent_conn, proc), name=f"{self.name}-reader", daemon=True).start()
+        threading.Thread(target=_write, args=(parent_conn, outbox), name=f"{self.name}-writer", daemon=True).start()
 
     def set_tokenizer(self, tokenizer: object) -> None:
         self.tokenizer = tokenizer
@@ -106,10 +120,11 @@ class ProcessWorker(Worker):
         return self._stats if self.alive else WorkerStats()
 
     def _send(self, data: bytes) -> None:
+        """Queue `data` for the child (never blocks: the writer thread writes it)."""
         with self._send_lock:
-            if self._conn is None:
+            if self._conn is None or self._outbox is None:
                 raise OSError("no worker process")
-            self._conn.send_bytes(data)
+            self._outbox.put(data)
 
     def _send_add(self, request: GenerationRequest) -> None:
         if not self.alive:
@@ -124,12 +139,21 @@ class ProcessWorker(Worker):
 
     # ---- the reader thread ---------------------------------------------------------------
     def _read(self, conn: Connection, proc) -> None:
+        heard = time.monotonic()
         while True:
             try:
+                if not conn.poll(HEARTBEAT_S):
+                    if self._ready.is_set() and time.monotonic() - heard > HEARTBEAT_TIMEOUT_S:
+                        self._stuck(proc, time.monotonic() - heard)
+                        break
+                    continue
                 message = wire.decode(conn.recv_bytes())
             except (EOFError, OSError):
                 break
+            heard = time.monotonic()
             kind = message[0]
+            if kind == wire.HEARTBEAT:
+                continue
             if kind == wire.STEP:
                 for out in wire.as_outputs(message[1]):
                     self.mailboxes.deliver(out.request_id, out, last=out.finished)
@@ -149,11 +173,22 @@ class ProcessWorker(Worker):
                 self._fatal = message[1]
         self._on_exit(conn, proc)
 
+    def _stuck(self, proc, silent: float) -> None:
+        """The child stopped answering: not ready from now on; kill it (SIGKILL ends a stopped
+        process too) so that `_on_exit` fails its requests and starts a replacement."""
+        self._was_stuck = True  # it had loaded: its replacement starts without a back-off
+        self._ready.clear()
+        log.error("%s (pid %s) sent nothing for %.1f s; killing it", self.name, proc.pid, silent)
+        proc.kill()
+
     def _on_exit(self, conn: Connection, proc) -> None:
-        was_ready = self._ready.is_set()
+        was_ready, self._was_stuck = self._ready.is_set() or self._was_stuck, False
         self._ready.clear()
         with self._send_lock:
             self._conn = None
+            if self._outbox is not None:
+                self._outbox.put(None)  # ends the writer thread
+            self._outbox = None
         conn.close()
         proc.join(5)
         code = proc.exitcode
@@ -174,6 +209,19 @@ class ProcessWorker(Worker):
         if not self._stopping:
             self.restarts += 1
             self._spawn()
+
+
+def _write(conn: Connection, outbox: queue.SimpleQueue) -> None:
+    """The parent's writer thread: queued messages down the pipe, in order, until told to stop
+    or the pipe breaks. A child that stops reading blocks this thread only."""
+    while True:
+        data = outbox.get()
+        if data is None:
+            return
+        try:
+            conn.send_bytes(data)
+        except (OSError, ValueError):
+            return
 
 
 # ---- the child process --------------------------------------------------------------------
@@ -210,9 +258,21 @@ def run_worker_process(config: EngineConfig, conn: Connection, name: str, log_le
     loop = EngineLoop(engine, sink, name)
     sink.send(wire.encode(wire.READY, engine.model_name, engine.max_model_len, engine.vocab_size, sorted(engine.capabilities)))
     threading.Thread(target=_read_parent, args=(conn, loop), name=f"{name}-pipe", daemon=True).start()
+    threading.Thread(target=_heartbeat, args=(sink, loop), name=f"{name}-heartbeat", daemon=True).start()
     loop.run_here()  # the engine steps in this, the process's first thread (EngineLoop.run_here says why)
     if loop.broken:
         os._exit(1)  # the parent sees the exit and starts a clean replacement
+
+
+def _heartbeat(sink: _PipeSink, loop: EngineLoop) -> None:
+    """Tell the parent this process is alive, every HEARTBEAT_S, while the loop runs."""
+    beat = wire.encode(wire.HEARTBEAT)
+    while not loop.broken:
+        try:
+            sink.send(beat)
+        except (OSError, ValueError):
+            return
+        time.sleep(HEARTBEAT_S)
 
 
 def _read_parent(conn: Connection, loop: EngineLoop) -> None:

@@ -15,7 +15,7 @@ from freelunch.pool.engine_loop import WorkerStats
 # parent -> worker
 ADD, ABORT, SHUTDOWN = "add", "abort", "shutdown"
 # worker -> parent
-READY, STEP, FAILED, FATAL = "ready", "step", "failed", "fatal"
+READY, STEP, FAILED, FATAL, HEARTBEAT = "ready", "step", "failed", "fatal", "heartbeat"
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder()
