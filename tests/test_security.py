@@ -177,3 +177,45 @@ def test_token_recycling_tables_are_per_api_key(guarded):
         assert r.status_code == 200 and r.json()["usage"]["method_stats"]["speculative"]["steps"] >= 1
     scopes = {scope for scope, _ in worker.engine.info.shared_state["token_recycling"]}
     assert scopes == {key_id(KEY_A), key_id(KEY_B)}
+
+
+@pytest.mark.parametrize("path", ["/docs", "/redoc", "/openapi.json", "/static-offline-docs/swagger-ui-bundle.js"])
+def test_the_api_docs_follow_the_api_keys(guarded, path):
+    base, *_ = guarded
+    r = httpx.get(base + path)
+    assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+    assert httpx.get(base + path, headers={"Authorization": f"Bearer {KEY_A}"}).status_code == 200
+
+
+def test_public_docs_open_them_without_a_key(tiny_llama):
+    folder, _ = tiny_llama
+    app, _ = tiny_app(folder, ServerConfig(api_keys=(KEY_A,), public_docs=True))
+    with live_server(app) as base:
+        for path in ("/docs", "/redoc", "/openapi.json"):
+            assert httpx.get(base + path).status_code == 200
+        assert httpx.get(base + "/v1/models").status_code == 401
+
+
+def test_a_trickled_body_is_cut_at_the_read_timeout(tiny_llama):
+    """A client that sends headers and a little of its body, then nothing, gets a 408 and a
+    closed connection at --body-read-timeout, not an open connection for as long as it likes."""
+    import socket
+    from urllib.parse import urlparse
+
+    folder, _ = tiny_llama
+    app, _ = tiny_app(folder, ServerConfig(body_read_timeout=1.0))
+    with live_server(app) as base:
+        url = urlparse(base)
+        with socket.create_connection((url.hostname, url.port), timeout=10) as sock:
+            head = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n"
+            sock.sendall(head + b'{"prompt": ')
+            start = time.monotonic()
+            answer = b""
+            while b"\r\n\r\n" not in answer or b"}" not in answer:
+                chunk = sock.recv(4096)
+                if not chunk:
+                    break
+                answer += chunk
+            took = time.monotonic() - start
+        assert answer.startswith(b"HTTP/1.1 408") and b"body_timeout" in answer, answer[:300]
+        assert 0.9 < took < 5

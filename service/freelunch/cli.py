@@ -214,6 +214,20 @@ def build_parser() -> argparse.ArgumentParser:
         "the x-freelunch-ignored-fields response header; by default they are a 400 naming the field",
     )
     sec.add_argument(
+        "--body-read-timeout",
+        type=float,
+        default=float(env("FREELUNCH_BODY_READ_TIMEOUT", "30")),
+        help="seconds for a request body to arrive whole (408 beyond): a client trickling its body holds a "
+        "connection no longer",
+    )
+    sec.add_argument(
+        "--public-docs",
+        action="store_true",
+        default=env("FREELUNCH_PUBLIC_DOCS", "") == "1",
+        help="serve /docs, /redoc and /openapi.json without an API key (by default they follow --api-key, like "
+        "the API they describe)",
+    )
+    sec.add_argument(
         "--grammar-compile-timeout",
         type=float,
         default=float(env("FREELUNCH_GRAMMAR_COMPILE_TIMEOUT", "5")),
@@ -293,6 +307,8 @@ def main(argv: list[str] | None = None) -> int:
             allow_private_image_addresses=args.allow_private_image_addresses,
             ignore_unknown_fields=args.ignore_unknown_fields,
             grammar_compile_timeout=args.grammar_compile_timeout,
+            body_read_timeout=args.body_read_timeout,
+            public_docs=args.public_docs,
         )
         if args.native_workers and config.engine != "vllm":
             raise ValueError("--native-workers goes with --engine vllm (the native engine's workers are --workers)")

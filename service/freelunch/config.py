@@ -105,6 +105,8 @@ class ServerConfig:
     # seconds a new grammar (JSON schema, regex, tools) may take to compile before admission; past it
     # the compile is stopped and the request gets a 400 (the refusal is remembered for 10 minutes)
     grammar_compile_timeout: float = 5.0
+    body_read_timeout: float = 30.0  # seconds for a request body to arrive whole; then 408
+    public_docs: bool = False  # /docs, /redoc and /openapi.json open without an API key
 
     def __post_init__(self) -> None:
         if self.workers < 0 or self.max_queue < 0:

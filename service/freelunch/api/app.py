@@ -70,11 +70,13 @@ def create_app(
     install_openapi(app)
     app.include_router(build_router(method_specs()))
     # The last added runs first: authentication looks at headers only, before any body is read.
-    app.add_middleware(BodySizeLimit, max_bytes=server.max_body_bytes)
+    app.add_middleware(BodySizeLimit, max_bytes=server.max_body_bytes, read_timeout=server.body_read_timeout)
     app.add_middleware(
         AdmissionGate,
         full=lambda: pool.would_refuse(1),
         on_refused=metrics.request_failure.labels(reason="overloaded").inc,
     )
-    app.add_middleware(APIKeyAuth, keys=server.api_keys, protect_metrics=server.metrics_require_key)
+    app.add_middleware(
+        APIKeyAuth, keys=server.api_keys, protect_metrics=server.metrics_require_key, public_docs=server.public_docs
+    )
     return app

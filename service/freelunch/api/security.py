@@ -7,6 +7,7 @@ import hmac
 import json
 from collections.abc import Callable, Sequence
 
+import anyio
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -14,6 +15,9 @@ from freelunch.api.errors import error_body
 
 OPEN_PATHS = ("/health", "/ready")
 GENERATION_PATHS = ("/v1/chat/completions", "/v1/completions")
+# the API's own documentation: behind the keys like the API it describes, unless --public-docs
+DOC_PATHS = ("/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json")
+DOC_ASSETS = "/static-offline-docs/"
 
 
 async def send_error(
@@ -32,16 +36,20 @@ def key_id(key: str) -> str:
 
 
 class APIKeyAuth:
-    """Requires `Authorization: Bearer <key>` on `/v1/*` (and `/metrics` if asked). The key is
+    """Requires `Authorization: Bearer <key>` on `/v1/*`, on the API's documentation (`/docs`,
+    `/redoc`, `/openapi.json`) unless `public_docs`, and on `/metrics` if asked. The key is
     compared in constant time against every configured key, so timing reveals nothing."""
 
-    def __init__(self, app: ASGIApp, keys: Sequence[str], protect_metrics: bool = False) -> None:
+    def __init__(self, app: ASGIApp, keys: Sequence[str], protect_metrics: bool = False, public_docs: bool = False) -> None:
         self.app = app
         self._digests = [(hashlib.sha256(k.encode()).digest(), key_id(k)) for k in keys]
         self.protect_metrics = protect_metrics
+        self.public_docs = public_docs
 
     def _protected(self, path: str) -> bool:
-        return path.startswith("/v1/") or path == "/v1" or (self.protect_metrics and path == "/metrics")
+        if path.startswith("/v1/") or path == "/v1" or (self.protect_metrics and path == "/metrics"):
+            return True
+        return not self.public_docs and (path in DOC_PATHS or path.startswith(DOC_ASSETS))
 
     def match(self, authorization: str | None) -> str | None:
         scheme, _, token = (authorization or "").partition(" ")
@@ -71,12 +79,15 @@ class APIKeyAuth:
 
 
 class BodySizeLimit:
-    """Refuses request bodies over `max_bytes` with 413 before any parsing. The body is read
-    here (the routes need all of it anyway) and replayed to the app."""
+    """Refuses request bodies over `max_bytes` with 413 before any parsing, and bodies that do
+    not arrive whole within `read_timeout` seconds with 408 (a client trickling its body holds a
+    connection no longer than that). The body is read here (the routes need all of it anyway) and
+    replayed to the app."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, read_timeout: float = 30.0) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.read_timeout = read_timeout
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
@@ -89,18 +100,23 @@ class BodySizeLimit:
             return
         chunks: list[bytes] = []
         size = 0
-        while True:
-            message = await receive()
-            if message["type"] != "http.request":  # disconnected while sending
-                return
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.max_bytes:
-                await send_error(send, 413, too_large, "request_too_large")
-                return
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                break
+        with anyio.move_on_after(self.read_timeout) as timer:
+            while True:
+                message = await receive()
+                if message["type"] != "http.request":  # disconnected while sending
+                    return
+                chunk = message.get("body", b"")
+                size += len(chunk)
+                if size > self.max_bytes:
+                    await send_error(send, 413, too_large, "request_too_large")
+                    return
+                chunks.append(chunk)
+                if not message.get("more_body", False):
+                    break
+        if timer.cancelled_caught:
+            message = f"the request body did not arrive within {self.read_timeout:g} s"
+            await send_error(send, 408, message, "body_timeout", headers={"Connection": "close"})
+            return
         replayed = False
 
         async def replay() -> Message:
