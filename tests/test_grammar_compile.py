@@ -173,8 +173,9 @@ def test_a_refused_schema_sent_again_is_refused_at_once_and_never_reaches_a_work
 
     folder, _ = tiny_llama
     app, worker = tiny_app(folder, server_config=ServerConfig(grammar_compile_timeout=0.3))
-    body = {"messages": [{"role": "user", "content": "x"}], "max_tokens": 4,
-            "structured_outputs": {"json": deep_arrays(300), "json_whitespace": "any"}}
+    # a string bound of the schema's own: xgrammar takes over a second to compile one
+    slow = {"type": "object", "properties": {"s": {"type": "string", "maxLength": 600}}, "required": ["s"]}
+    body = {"messages": [{"role": "user", "content": "x"}], "max_tokens": 4, "structured_outputs": {"json": slow}}
     with live_server(app) as base:
         r = httpx.post(base + CHAT, json=body, timeout=60)
         assert r.status_code == 400 and "did not compile within 0.3 s" in r.json()["error"]["message"], r.text
@@ -186,3 +187,6 @@ def test_a_refused_schema_sent_again_is_refused_at_once_and_never_reaches_a_work
         assert worker.engine.constraints._compiler is None, "no worker compiled it"
         ok = httpx.post(base + CHAT, json=body | {"structured_outputs": {"json": {"type": "boolean"}}}, timeout=60)
         assert ok.status_code == 200, ok.text
+        nested = '{"type": "array", "items": ' * 2000 + "{}" + "}" * 2000  # as a string: no JSON parser limit on the way
+        deep = httpx.post(base + CHAT, json=body | {"structured_outputs": {"json": nested}})
+        assert deep.status_code == 400 and "deep" in deep.json()["error"]["message"]

@@ -79,6 +79,23 @@ def test_free_strings_numbers_and_keys_get_bounds_and_bounded_ones_keep_theirs()
     assert bounded_schema(schema, None, None) == schema
 
 
+def test_strings_are_bounded_on_the_output_not_in_the_grammar():
+    """A length bound in an xgrammar grammar costs over a second of compile per schema: the API
+    hands the bound to the engine beside the schema instead; a schema's own longer maxLength
+    raises it."""
+    from freelunch.api.protocol import ChatCompletionRequest
+    from freelunch.api.structured import JSONLayout
+
+    spec = JSONLayout().schema({"type": "object", "properties": {"s": {"type": "string"}}}, "response_format")
+    assert "maxLength" not in spec.value and spec.max_string == 1024
+    longer = JSONLayout().schema({"type": "object", "properties": {"s": {"type": "string", "maxLength": 5000}}}, "x")
+    assert longer.max_string == 5000
+    free = JSONLayout.of(ChatCompletionRequest.model_validate(
+        {"messages": [{"role": "user", "content": "x"}], "structured_outputs": {"max_string_length": None}}
+    ).structured_outputs)
+    assert free.schema({"type": "string"}, "x").max_string == 0
+
+
 def test_any_object_is_a_bounded_object():
     out = bounded_schema(any_object_schema(), 8, 2)
     jsonschema.validate({"ab": [1, "x", {"c": None}], "d": -1.5}, out)
@@ -168,3 +185,31 @@ def test_json_options_without_a_constraint_and_two_constraints_are_refused(api):
     assert r.status_code == 400 and r.json()["error"]["param"] == "structured_outputs"
     r = _chat(base, {"structured_outputs": {"max_number_digits": 40, "json": NUMBER}})
     assert r.status_code == 400 and r.json()["error"]["param"] == "structured_outputs.max_number_digits"
+
+
+def test_the_string_bound_holds_under_token_recycling_with_identical_output(tiny_llama):
+    """The bound follows accepted tokens with rollback, so draft verification (Token Recycling)
+    gives constrained greedy decoding's output, token for token."""
+    from freelunch.config import EngineConfig
+    from freelunch.engine.engine import Engine
+    from freelunch.engine.request import ConstraintSpec, GenerationRequest, SamplingParams
+    from freelunch.models.loader import load_model, resolve_source
+
+    folder, _ = tiny_llama
+    loaded = load_model(resolve_source(str(folder)), "float32")
+    engine = Engine(loaded, EngineConfig(kv_cache_gib=0.05, max_model_len=512, max_step_cost=float("inf")))
+    tok = loaded.tokenizer
+    push = {int(_token(tok, "a")): 100.0, int(_token(tok, "\"")): 100.0}
+    spec = ConstraintSpec("json_schema", json.dumps({"type": "array", "items": {"type": "string"}, "maxItems": 3}), max_string=6)
+    outs = {}
+    for name, methods in (("greedy", {}), ("tr", {"speculative": {"method": "token_recycling", "tree": 6}})):
+        engine.add_request(GenerationRequest(name, tok.encode("List:"), SamplingParams(max_tokens=80, temperature=0),
+                                             methods, constraint=spec, logit_bias=push))
+        tokens = []
+        while engine.has_work():
+            for o in engine.step():
+                tokens += o.new_token_ids
+        outs[name] = tokens
+    assert outs["greedy"] == outs["tr"]
+    values = json.loads(tok.decode(outs["greedy"], skip_special_tokens=True))
+    assert values and all(len(v) <= 6 for v in values) and any(len(v) == 6 for v in values)

@@ -283,7 +283,8 @@ def test_default_model_greedy_matches_native_engine():
     ids = [tok.encode(t, add_special_tokens=False) for t in texts]
     schema = {"type": "object", "properties": {"answer": {"type": "string"}, "sure": {"type": "boolean"}},
               "required": ["answer", "sure"], "additionalProperties": False}
-    spec = ConstraintSpec("json_schema", json.dumps(schema))
+    # strings bounded at 16 characters: on the output's text natively, in vLLM's grammar (maxLength)
+    spec = ConstraintSpec("json_schema", json.dumps(schema), max_string=16)
 
     def reqs():  # plain, then the same chats under a JSON schema (vLLM's own structured outputs)
         plain = [GenerationRequest(f"c{i}", p, greedy(24)) for i, p in enumerate(ids)]
@@ -297,7 +298,7 @@ def test_default_model_greedy_matches_native_engine():
         assert tokens(got[f"j{i}"]) == tokens(want[f"j{i}"]), chats[i]
         structured = "".join(o.new_text for o in want[f"j{i}"])
         if want[f"j{i}"][-1].finish_reason == "stop":
-            assert set(json.loads(structured)) == {"answer", "sure"}
+            assert set(json.loads(structured)) == {"answer", "sure"} and len(json.loads(structured)["answer"]) <= 16
 
 
 def test_cli_serves_vllm_with_native_workers(tiny):

@@ -29,9 +29,12 @@ from freelunch.constraints.json_layout import (
     DEFAULT_MAX_STRING_LENGTH,
     DEFAULT_WHITESPACE,
     TOOL_WHITESPACE_MAX,
+    MAX_SCHEMA_DEPTH,
     any_object_schema,
     bounded_schema,
     external_ref,
+    schema_depth,
+    string_bound,
 )
 from freelunch.engine.request import ConstraintSpec
 
@@ -65,13 +68,19 @@ class JSONLayout:
         return cls() if so is None else cls(so.whitespace(), so.max_string_length, so.max_number_digits)
 
     def schema(self, schema: dict[str, Any], param: str) -> ConstraintSpec:
-        return ConstraintSpec("json_schema", json.dumps(self.bound(schema, param)), self.whitespace)
+        bounded = json.dumps(self.bound(schema, param))
+        return ConstraintSpec("json_schema", bounded, self.whitespace, string_bound(schema, self.max_string))
 
     def bound(self, schema: dict[str, Any], param: str) -> dict[str, Any]:
+        """`schema` checked (nesting, references) with its free numbers bounded; strings are
+        bounded on the output (`ConstraintSpec.max_string`), not in the grammar."""
+        depth = schema_depth(schema)
+        if depth > MAX_SCHEMA_DEPTH:
+            raise APIError(400, f"the schema nests {depth} levels deep; at most {MAX_SCHEMA_DEPTH}", param)
         ref = external_ref(schema)
         if ref is not None:
             raise APIError(400, f"$ref {shown_ref(ref)} points outside the schema: only local references (#/...) resolve", param)
-        return bounded_schema(schema, self.max_string, self.max_digits)
+        return bounded_schema(schema, None, self.max_digits)
 
     @property
     def tool_whitespace(self) -> int:
@@ -133,8 +142,8 @@ class StructuredOutputs:
             if isinstance(value, str):
                 try:
                     value = json.loads(value)
-                except ValueError:
-                    raise APIError(400, "structured_outputs.json is not valid JSON", "structured_outputs.json") from None
+                except (ValueError, RecursionError):
+                    raise APIError(400, "structured_outputs.json is not valid JSON (or nests too deeply)", "structured_outputs.json") from None
             if not isinstance(value, dict):
                 raise APIError(400, "structured_outputs.json must be a JSON schema (an object)", "structured_outputs.json")
             return layout.schema(value, "structured_outputs.json")
@@ -172,6 +181,10 @@ class StructuredOutputs:
                 raise APIError(400, f"tool_choice names `{choice.function.name}`, which is not in tools", "tool_choice")
             tools = [t for t in tools if t["function"]["name"] == choice.function.name]
         parallel = req.parallel_tool_calls is not False
+        # `required` and named calls: the whole output is calls, whose text the string bound can
+        # follow; under `auto` free text comes first, where a stray quote would mislead it
+        forced = choice not in (None, "auto")
+        longest = max(string_bound(t["function"]["parameters"], layout.max_string) for t in tools) if forced else 0
         try:
             if choice in (None, "auto"):  # text, or calls once the model opens <tool_call>
                 tag = xgr.get_model_structural_tag(
@@ -189,7 +202,7 @@ class StructuredOutputs:
                 )
         except (ValueError, TypeError) as e:
             raise APIError(400, f"the tools cannot be turned into a grammar: {e}", "tools") from None
-        return ConstraintSpec("structural_tag", tag.model_dump_json())
+        return ConstraintSpec("structural_tag", tag.model_dump_json(), max_string=longest)
 
     def logit_bias(self, req: SamplingFields) -> dict[int, float] | None:
         """OpenAI's `logit_bias`: token id (a string key) -> bias in [-100, 100]."""

@@ -414,14 +414,20 @@ def _token_logprob(token_id: int, entry: dict, k: int) -> TokenLogprob:
 def _structured_outputs(spec: Any) -> Any:
     """Our ConstraintSpec as vLLM's StructuredOutputsParams (the same grammar: both use xgrammar).
     JSON goes as the EBNF our compiler builds from it, whitespace layout included: vLLM's own JSON
-    path takes its whitespace from a server-wide setting, not from the request."""
+    path takes its whitespace from a server-wide setting, not from the request. Tool calls' strings
+    are not bounded there (a structural tag's schemas take no string bound of ours)."""
+    import dataclasses
     import json
 
     from vllm.sampling_params import StructuredOutputsParams
 
     from freelunch.constraints.grammar import json_grammar
+    from freelunch.constraints.json_layout import bounded_schema
 
     if spec.kind in ("json_schema", "json_object"):
+        if spec.max_string and spec.kind == "json_schema":  # vLLM takes only a grammar: the bound goes in it
+            schema = bounded_schema(json.loads(spec.value), spec.max_string, None)
+            spec = dataclasses.replace(spec, value=json.dumps(schema), max_string=0)
         return StructuredOutputsParams(grammar=str(json_grammar(spec)))
     if spec.kind == "choice":
         return StructuredOutputsParams(choice=json.loads(spec.value))

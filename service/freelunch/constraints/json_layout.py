@@ -22,6 +22,7 @@ ANY_WHITESPACE_MAX = 32
 TOOL_WHITESPACE_MAX: dict[str, int] = {"single": 1, "compact": 1, "any": ANY_WHITESPACE_MAX}  # 0 is not allowed
 DEFAULT_MAX_STRING_LENGTH = 1024  # characters of a string the schema does not bound
 DEFAULT_MAX_NUMBER_DIGITS = 15  # digits before the point (doubles hold 15 exactly); 6 after, no exponent
+MAX_SCHEMA_DEPTH = 128  # nesting levels of a schema (JSON objects and arrays): deeper is a 400
 
 # keywords whose value is a schema, a list of schemas, or a map of names to schemas
 _SCHEMA = ("additionalProperties", "items", "not", "contains", "propertyNames", "if", "then", "else",
@@ -71,24 +72,57 @@ def _bound(node: dict[str, Any], max_string: int | None, max_digits: int | None)
 def external_ref(schema: Any) -> str | None:
     """The first `$ref` in `schema` that does not point inside it ("#..."): the server fetches
     nothing, and a grammar compiler that cannot resolve one would allow anything in its place."""
-    if isinstance(schema, dict):
-        ref = schema.get("$ref")
-        if ref is not None and not (isinstance(ref, str) and ref.startswith("#")):
-            return str(ref)
-        items = schema.values()
-    elif isinstance(schema, list):
-        items = schema
-    else:
-        return None
-    return next((found for item in items if (found := external_ref(item)) is not None), None)
+    stack = [schema]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            ref = node.get("$ref")
+            if ref is not None and not (isinstance(ref, str) and ref.startswith("#")):
+                return str(ref)
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    return None
 
 
 def bounded_schema(schema: dict[str, Any], max_string: int | None, max_digits: int | None) -> dict[str, Any]:
     """`schema` with a length bound on every string and a digit bound on every number that it
-    leaves free (None: no bound). A schema's own bounds, patterns, formats, enums and consts stay."""
+    leaves free (None: no bound). A schema's own bounds, patterns, formats, enums and consts stay.
+
+    A string bound in the grammar is costly to compile (about 1.6 s of xgrammar's time per schema
+    on 2 cores, for any length over ~200): the native engine bounds strings on the output's text
+    instead (`string_bound`), and only vLLM, which takes nothing but a grammar, gets them here."""
     out = copy.deepcopy(schema)
     _bound(out, max_string, max_digits)
     return out
+
+
+def string_bound(schema: Any, max_string: int | None) -> int:
+    """The characters a string may run to under `schema` (0: no bound): `max_string`, or the
+    schema's own largest `maxLength` where it allows longer strings than that."""
+    if max_string is None:
+        return 0
+    longest, stack = max_string, [schema]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            if isinstance(node.get("maxLength"), int) and not isinstance(node.get("maxLength"), bool):
+                longest = max(longest, node["maxLength"])
+            stack.extend(v for k, v in node.items() if k not in ("enum", "const", "default", "examples"))
+        elif isinstance(node, list):
+            stack.extend(node)
+    return longest
+
+
+def schema_depth(schema: Any) -> int:
+    """How deeply `schema` nests (objects and arrays), counted without recursion."""
+    deepest, stack = 0, [(schema, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, (dict, list)):
+            deepest = max(deepest, depth)
+            stack.extend((child, depth + 1) for child in (node.values() if isinstance(node, dict) else node))
+    return deepest
 
 
 def any_object_schema() -> dict[str, Any]:

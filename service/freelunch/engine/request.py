@@ -190,6 +190,9 @@ class ConstraintSpec:
     value: str = ""
     # JSON: the whitespace between tokens (constraints/json_layout.py: single, compact or any)
     whitespace: str = "single"
+    # JSON: characters a string may run to before only its closing quote may follow (0: no bound);
+    # enforced on the output's text, not in the grammar (constraints/__init__.py StringBound)
+    max_string: int = 0
 
 
 @dataclass(slots=True)

@@ -1,0 +1,302 @@
+"""What an attacker's requests cost a bystander: the stall each attack causes to an ordinary stream.
+
+    python bench/bench_abuse.py [--duration 120] [--out bench/results/abuse.json]
+
+Starts `freelunch serve` with its defaults and `--workers 2` (or uses `--url`), keeps one bystander
+streaming greedy completions back to back, and runs each attack for `--duration` seconds (the
+worker attack for a quarter of it), loopback only:
+
+  baseline         nothing else: the bystander's own inter-token gaps
+  deep schemas     3 clients send JSON schemas of arrays nested 600-900 deep with free whitespace
+                   (each compile takes xgrammar many seconds): distinct ones, and one schema again
+                   and again; a fourth client sends ordinary `json_object` requests and times them
+  slow bodies      100 connections send their headers and a few bytes of body, then trickle
+  stopped worker   one worker SIGSTOPped while 4 large requests (n=16, 700-word prompts) are sent;
+                   /health is timed (needs a server this script started)
+
+For each: the bystander's worst and p99 gap between streamed tokens, its tokens/s, `/health`'s
+slowest answer, and what the attacker got. Run it on an idle machine; it prints the CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+from host import machine  # bench/host.py
+
+BYSTANDER = {"prompt": "Write a long story about a lighthouse keeper.", "max_tokens": 300, "temperature": 0, "ignore_eos": True}
+
+
+def deep_schema(depth: int, tag: str) -> dict:
+    schema: dict = {"type": "object", "properties": {tag: {"type": "integer"}}}
+    for _ in range(depth):
+        schema = {"type": "array", "items": schema}
+    return schema
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "freelunch.cli", "serve", "--port", str(port), "--workers", "2",
+                             "--log-level", "warning"], env={**os.environ, "HF_HUB_OFFLINE": "1"})  # fmt: skip
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit("the server exited during start-up")
+        try:
+            if httpx.get(base + "/ready").status_code == 200:
+                return proc, base
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    proc.kill()
+    raise SystemExit("the server did not become ready")
+
+
+def worker_pids(server_pid: int) -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            cmdline = (entry / "cmdline").read_bytes()
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == server_pid and b"spawn_main" in cmdline and b"grammar" not in cmdline:
+            pids.append(int(entry.name))
+    return sorted(pids)
+
+
+class Bystander:
+    """Streams the same completion back to back until stopped; records the gaps between tokens."""
+
+    def __init__(self, client: httpx.AsyncClient) -> None:
+        self.client = client
+        self.gaps: list[float] = []
+        self.tokens = 0
+        self.failed = 0
+        self.stop = asyncio.Event()
+
+    async def run(self) -> None:
+        while not self.stop.is_set():
+            last = None
+            try:
+                async with self.client.stream("POST", "/v1/completions", json=BYSTANDER | {"stream": True}) as r:
+                    async for line in r.aiter_lines():
+                        if not line.startswith("data: {"):
+                            continue
+                        now = time.perf_counter()
+                        if last is not None:
+                            self.gaps.append(now - last)
+                        last = now
+                        self.tokens += 1
+            except httpx.HTTPError:
+                self.failed += 1
+
+
+async def time_health(client: httpx.AsyncClient, stop: asyncio.Event, worst: list[float]) -> None:
+    while not stop.is_set():
+        start = time.perf_counter()
+        try:
+            await client.get("/health", timeout=30)
+        except httpx.HTTPError:
+            pass
+        worst.append(time.perf_counter() - start)
+        await asyncio.sleep(0.2)
+
+
+async def deep_schemas(client: httpx.AsyncClient, stop: asyncio.Event, report: dict) -> None:
+    statuses: dict[str, int] = {}
+    ordinary: list[float] = []
+
+    async def attacker(i: int, repeat: bool) -> None:
+        n = 0
+        while not stop.is_set():
+            n += 1
+            tag = "same" if repeat else f"c{i}n{n}"
+            body = {"prompt": "x", "max_tokens": 8,
+                    "structured_outputs": {"json": deep_schema(600 + (0 if repeat else (i * 97 + n * 13) % 300), tag),
+                                           "json_whitespace": "any"}}
+            try:
+                r = await client.post("/v1/completions", json=body, timeout=120)
+                statuses[str(r.status_code)] = statuses.get(str(r.status_code), 0) + 1
+            except httpx.HTTPError as e:
+                statuses[type(e).__name__] = statuses.get(type(e).__name__, 0) + 1
+
+    async def honest() -> None:
+        while not stop.is_set():
+            start = time.perf_counter()
+            r = await client.post("/v1/completions", json={"prompt": "A JSON object:", "max_tokens": 16, "temperature": 0,
+                                                           "response_format": {"type": "json_object"}}, timeout=120)
+            if r.status_code == 200:
+                ordinary.append(time.perf_counter() - start)
+            await asyncio.sleep(0.5)
+
+    await asyncio.gather(attacker(0, False), attacker(1, False), attacker(2, True), honest())
+    report["attacker_statuses"] = statuses
+    report["json_object_requests"] = {"count": len(ordinary), "median_s": statistics.median(ordinary) if ordinary else None,
+                                      "max_s": max(ordinary) if ordinary else None}
+
+
+async def slow_bodies(base: str, stop: asyncio.Event, report: dict) -> None:
+    host, port = base.removeprefix("http://").split(":")
+    opened, closed_by_server = 0, []
+
+    async def one() -> None:
+        nonlocal opened
+        try:
+            reader, writer = await asyncio.open_connection(host, int(port))
+        except OSError:
+            return
+        opened += 1
+        start = time.monotonic()
+        writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100000\r\n\r\n{")
+        await writer.drain()
+        try:
+            while not stop.is_set():
+                writer.write(b" ")
+                await writer.drain()
+                try:
+                    data = await asyncio.wait_for(reader.read(1024), timeout=1.0)
+                except asyncio.TimeoutError:
+                    continue
+                if data or reader.at_eof():
+                    closed_by_server.append(time.monotonic() - start)
+                    return
+        except (ConnectionError, OSError):
+            closed_by_server.append(time.monotonic() - start)
+        finally:
+            writer.close()
+
+    await asyncio.gather(*(one() for _ in range(100)))
+    report["connections"] = opened
+    report["answered_or_closed_by_server"] = len(closed_by_server)
+    report["held_open_s_median"] = statistics.median(closed_by_server) if closed_by_server else None
+
+
+async def stopped_worker(base: str, server_pid: int, stop: asyncio.Event, report: dict) -> None:
+    pids = worker_pids(server_pid)
+    if len(pids) < 2:
+        report["skipped"] = "needs a server with 2 workers that this script started"
+        return
+    os.kill(pids[0], signal.SIGSTOP)
+    big = {"prompt": "word " * 700, "max_tokens": 64, "n": 16, "ignore_eos": True, "timeout": 8}
+    try:
+        async with httpx.AsyncClient(base_url=base, timeout=120) as client:
+            start = time.monotonic()
+            responses = await asyncio.gather(*(client.post("/v1/completions", json=big) for _ in range(4)))
+            report["large_requests"] = {"statuses": sorted(r.status_code for r in responses), "took_s": time.monotonic() - start}
+            while not stop.is_set():
+                await asyncio.sleep(0.2)
+    finally:
+        try:
+            os.kill(pids[0], signal.SIGCONT)
+        except ProcessLookupError:
+            report["stopped_worker_replaced"] = True
+
+
+async def run_attack(name: str, base: str, duration: float, attack) -> dict:
+    report: dict = {"attack": name, "duration_s": duration}
+    async with httpx.AsyncClient(base_url=base, timeout=120) as client:
+        bystander = Bystander(client)
+        stop, health = asyncio.Event(), []
+        tasks = [asyncio.create_task(bystander.run()), asyncio.create_task(time_health(client, stop, health))]
+        attack_task = asyncio.create_task(attack(stop, report)) if attack is not None else None
+        started = time.monotonic()
+        await asyncio.sleep(duration)
+        stop.set()
+        bystander.stop.set()
+        if attack_task is not None:
+            await attack_task
+        await asyncio.gather(*tasks)
+        gaps = sorted(bystander.gaps)
+        report["bystander"] = {
+            "tokens": bystander.tokens,
+            "tokens_per_s": bystander.tokens / (time.monotonic() - started),
+            "worst_gap_s": gaps[-1] if gaps else None,
+            "p99_gap_s": gaps[int(0.99 * (len(gaps) - 1))] if gaps else None,
+            "median_gap_s": statistics.median(gaps) if gaps else None,
+            "failed_streams": bystander.failed,
+        }
+        report["health_worst_s"] = max(health) if health else None
+    print(f"{name}: bystander worst gap {report['bystander']['worst_gap_s']:.3f} s, p99 {report['bystander']['p99_gap_s']:.3f} s, "
+          f"{report['bystander']['tokens_per_s']:.1f} tok/s; /health worst {report['health_worst_s'] * 1e3:.0f} ms", flush=True)
+    return report
+
+
+def table(result: dict) -> str:
+    lines = [f"{result['machine']['cpu']} ({result['machine']['isa']}), {result['machine']['cores']} cores, "
+             f"{result['duration_s']:g} s an attack", "",
+             "| attack | bystander worst gap | p99 gap | bystander tok/s | /health worst | what the attacker got |",
+             "| --- | ---: | ---: | ---: | ---: | --- |"]
+    for r in result["attacks"]:
+        b = r["bystander"]
+        got = {k: v for k, v in r.items() if k not in ("attack", "duration_s", "bystander", "health_worst_s")}
+        lines.append(f"| {r['attack']} | {b['worst_gap_s'] * 1e3:.0f} ms | {b['p99_gap_s'] * 1e3:.0f} ms | "
+                     f"{b['tokens_per_s']:.1f} | {r['health_worst_s'] * 1e3:.0f} ms | {json.dumps(got)} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--url", default=None, help="a running server (the stopped-worker attack is skipped)")
+    parser.add_argument("--duration", type=float, default=120.0, help="seconds each attack runs")
+    parser.add_argument("--out", default="bench/results/abuse.json")
+    parser.add_argument("--table", default=None, help="print the table of a results file and exit")
+    args = parser.parse_args()
+    if args.table:
+        print(table(json.loads(Path(args.table).read_text())))
+        return
+    proc, base = (None, args.url) if args.url else start_server(args)
+    try:
+        d = args.duration
+        attacks = [
+            ("baseline", d / 4, None),
+            ("deep schemas", d, lambda stop, rep: deep_schemas_client(base, stop, rep)),
+            ("slow bodies", d / 2, lambda stop, rep: slow_bodies(base, stop, rep)),
+        ]
+        if proc is not None:
+            attacks.append(("stopped worker", d / 4, lambda stop, rep: stopped_worker(base, proc.pid, stop, rep)))
+        reports = [asyncio.run(run_attack(name, base, seconds, attack)) for name, seconds, attack in attacks]
+    finally:
+        if proc is not None:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    result = {"machine": machine(), "date": time.strftime("%Y-%m-%d"), "duration_s": args.duration,
+              "command": "python bench/bench_abuse.py" + (f" --duration {args.duration:g}" if args.duration != 120 else ""),
+              "attacks": reports}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print()
+    print(table(result))
+    print(f"\nwrote {args.out}")
+
+
+async def deep_schemas_client(base: str, stop: asyncio.Event, report: dict) -> None:
+    async with httpx.AsyncClient(base_url=base, timeout=120) as client:
+        await deep_schemas(client, stop, report)
+
+
+if __name__ == "__main__":
+    main()
