@@ -7,9 +7,10 @@ streaming greedy completions back to back, and runs each attack for `--duration`
 worker attack for a quarter of it), loopback only:
 
   baseline         nothing else: the bystander's own inter-token gaps
-  deep schemas     3 clients send JSON schemas of arrays nested 600-900 deep with free whitespace
-                   (each compile takes xgrammar many seconds): distinct ones, and one schema again
-                   and again; a fourth client sends ordinary `json_object` requests and times them
+  hostile schemas  3 clients send JSON schemas whose compile takes xgrammar a minute (40 strings
+                   of distinct maxLength): two send distinct ones, one the same schema again and
+                   again; a fourth sends schemas nested 2,000 deep (as a string); a fifth sends
+                   ordinary `json_object` requests and times them
   slow bodies      100 connections send their headers and a few bytes of body, then trickle
   stopped worker   one worker SIGSTOPped while 4 large requests (n=16, 700-word prompts) are sent;
                    /health is timed (needs a server this script started)
@@ -38,11 +39,13 @@ from host import machine  # bench/host.py
 BYSTANDER = {"prompt": "Write a long story about a lighthouse keeper.", "max_tokens": 300, "temperature": 0, "ignore_eos": True}
 
 
-def deep_schema(depth: int, tag: str) -> dict:
-    schema: dict = {"type": "object", "properties": {tag: {"type": "integer"}}}
-    for _ in range(depth):
-        schema = {"type": "array", "items": schema}
-    return schema
+def slow_schema(base: int) -> dict:
+    """About a minute of xgrammar's compile on 2 cores: every distinct string bound is its own rule."""
+    props = {f"p{i}": {"type": "string", "maxLength": base + i} for i in range(40)}
+    return {"type": "object", "properties": props, "required": list(props)}
+
+
+DEEP = '{"type": "array", "items": ' * 2000 + "{}" + "}" * 2000
 
 
 def free_port() -> int:
@@ -123,18 +126,16 @@ async def time_health(client: httpx.AsyncClient, stop: asyncio.Event, worst: lis
         await asyncio.sleep(0.2)
 
 
-async def deep_schemas(client: httpx.AsyncClient, stop: asyncio.Event, report: dict) -> None:
+async def hostile_schemas(client: httpx.AsyncClient, stop: asyncio.Event, report: dict) -> None:
     statuses: dict[str, int] = {}
     ordinary: list[float] = []
 
-    async def attacker(i: int, repeat: bool) -> None:
+    async def attacker(i: int, mode: str) -> None:
         n = 0
         while not stop.is_set():
             n += 1
-            tag = "same" if repeat else f"c{i}n{n}"
-            body = {"prompt": "x", "max_tokens": 8,
-                    "structured_outputs": {"json": deep_schema(600 + (0 if repeat else (i * 97 + n * 13) % 300), tag),
-                                           "json_whitespace": "any"}}
+            schema = {"repeat": slow_schema(300), "distinct": slow_schema(400 + 1000 * i + 50 * n), "deep": DEEP}[mode]
+            body = {"prompt": "x", "max_tokens": 8, "structured_outputs": {"json": schema}}
             try:
                 r = await client.post("/v1/completions", json=body, timeout=120)
                 statuses[str(r.status_code)] = statuses.get(str(r.status_code), 0) + 1
@@ -150,7 +151,7 @@ async def deep_schemas(client: httpx.AsyncClient, stop: asyncio.Event, report: d
                 ordinary.append(time.perf_counter() - start)
             await asyncio.sleep(0.5)
 
-    await asyncio.gather(attacker(0, False), attacker(1, False), attacker(2, True), honest())
+    await asyncio.gather(attacker(0, "distinct"), attacker(1, "distinct"), attacker(2, "repeat"), attacker(3, "deep"), honest())
     report["attacker_statuses"] = statuses
     report["json_object_requests"] = {"count": len(ordinary), "median_s": statistics.median(ordinary) if ordinary else None,
                                       "max_s": max(ordinary) if ordinary else None}
@@ -237,8 +238,12 @@ async def run_attack(name: str, base: str, duration: float, attack) -> dict:
             "failed_streams": bystander.failed,
         }
         report["health_worst_s"] = max(health) if health else None
-    print(f"{name}: bystander worst gap {report['bystander']['worst_gap_s']:.3f} s, p99 {report['bystander']['p99_gap_s']:.3f} s, "
-          f"{report['bystander']['tokens_per_s']:.1f} tok/s; /health worst {report['health_worst_s'] * 1e3:.0f} ms", flush=True)
+    b = report["bystander"]
+    if b["worst_gap_s"] is None:
+        print(f"{name}: the bystander streamed nothing ({b['failed_streams']} failed streams)")
+        return report
+    print(f"{name}: bystander worst gap {b['worst_gap_s']:.3f} s, p99 {b['p99_gap_s']:.3f} s, {b['tokens_per_s']:.1f} tok/s; "
+          f"/health worst {report['health_worst_s'] * 1e3:.0f} ms", flush=True)
     return report
 
 
@@ -249,6 +254,9 @@ def table(result: dict) -> str:
              "| --- | ---: | ---: | ---: | ---: | --- |"]
     for r in result["attacks"]:
         b = r["bystander"]
+        if b["worst_gap_s"] is None:
+            lines.append(f"| {r['attack']} | no tokens | | | {r['health_worst_s'] * 1e3:.0f} ms | |")
+            continue
         got = {k: v for k, v in r.items() if k not in ("attack", "duration_s", "bystander", "health_worst_s")}
         lines.append(f"| {r['attack']} | {b['worst_gap_s'] * 1e3:.0f} ms | {b['p99_gap_s'] * 1e3:.0f} ms | "
                      f"{b['tokens_per_s']:.1f} | {r['health_worst_s'] * 1e3:.0f} ms | {json.dumps(got)} |")
@@ -266,11 +274,13 @@ def main() -> None:
         print(table(json.loads(Path(args.table).read_text())))
         return
     proc, base = (None, args.url) if args.url else start_server(args)
+    for _ in range(4):  # warm both workers (first-request costs are no attack's)
+        httpx.post(base + "/v1/completions", json=BYSTANDER | {"max_tokens": 16}, timeout=300)
     try:
         d = args.duration
         attacks = [
             ("baseline", d / 4, None),
-            ("deep schemas", d, lambda stop, rep: deep_schemas_client(base, stop, rep)),
+            ("hostile schemas", d, lambda stop, rep: hostile_schemas_client(base, stop, rep)),
             ("slow bodies", d / 2, lambda stop, rep: slow_bodies(base, stop, rep)),
         ]
         if proc is not None:
@@ -293,9 +303,9 @@ def main() -> None:
     print(f"\nwrote {args.out}")
 
 
-async def deep_schemas_client(base: str, stop: asyncio.Event, report: dict) -> None:
+async def hostile_schemas_client(base: str, stop: asyncio.Event, report: dict) -> None:
     async with httpx.AsyncClient(base_url=base, timeout=120) as client:
-        await deep_schemas(client, stop, report)
+        await hostile_schemas(client, stop, report)
 
 
 if __name__ == "__main__":

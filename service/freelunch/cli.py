@@ -231,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--grammar-compile-timeout",
         type=float,
         default=float(env("FREELUNCH_GRAMMAR_COMPILE_TIMEOUT", "5")),
-        help="seconds a new grammar (JSON schema, regex, tools) may take to compile, in a separate process, before "
+        help="CPU seconds a new grammar (JSON schema, regex, tools) may take to compile, in a separate process, before "
         "admission; past it the compile is stopped, the request gets a 400 and the refusal is remembered",
     )
     sec.add_argument("--image-fetch-timeout", type=float, default=float(env("FREELUNCH_IMAGE_FETCH_TIMEOUT", "10")), help="seconds for one image fetch")

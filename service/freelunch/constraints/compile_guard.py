@@ -4,7 +4,7 @@ Compiling is where a hostile schema costs: xgrammar spends seconds (or minutes) 
 thousand deep, and a compile on a thread cannot be stopped. So the API compiles each new grammar
 once, in a child process at a lower CPU priority, and keeps only the verdict:
 
-- a compile past `timeout_s` kills its process: the work stops, the request gets its 400, and a
+- a compile past `timeout_s` of CPU time kills its process: the work stops, the request gets its 400, and a
   fresh process takes the next grammar;
 - one compile per grammar at a time, however many requests ask (the others await its verdict);
 - verdicts are remembered by the grammar's digest: compiled ones (so a repeated schema is admitted
@@ -36,7 +36,9 @@ from freelunch.engine.request import ConstraintSpec
 
 log = logging.getLogger("freelunch.grammar")
 
-CHILD_NICENESS = 10  # compiles yield the CPU to decoding
+CHILD_NICENESS = 19  # compiles yield the CPU to decoding
+WALL_LIMIT_FACTOR = 4  # a compile starved of CPU still ends at this many times its limit
+_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 VERDICTS_KEPT = 4096  # digests of compiled and of refused grammars, each
 _encode = msgspec.msgpack.Encoder().encode
 _decode = msgspec.msgpack.Decoder().decode
@@ -50,6 +52,15 @@ def digest(spec: ConstraintSpec) -> bytes:
     return hashlib.blake2b(_encode([spec.kind, spec.value, spec.whitespace]), digest_size=16).digest()
 
 
+def _cpu_seconds(pid: int) -> float | None:
+    """CPU time (user + system) a process has used, from /proc (None where there is none)."""
+    try:
+        fields = open(f"/proc/{pid}/stat", "rb").read().rsplit(b")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / _TICKS
+
+
 class _Child:
     """One compile process and its pipe."""
 
@@ -57,13 +68,24 @@ class _Child:
         self.conn, child_end = ctx.Pipe(duplex=True)
         self.proc = ctx.Process(target=_serve, args=(child_end, tokenizer_info), name="grammar-compiler", daemon=True)
         self.proc.start()
+        try:  # at once, from here: its start-up (importing torch and xgrammar) yields the CPU too
+            os.setpriority(os.PRIO_PROCESS, self.proc.pid, CHILD_NICENESS)
+        except (AttributeError, OSError):
+            pass
         child_end.close()
 
     def ask(self, spec: ConstraintSpec, timeout_s: float) -> tuple[str, str]:
-        """("ok" | "error" | "timeout", detail). Blocking: runs on a thread."""
+        """("ok" | "error" | "timeout", detail). Blocking: runs on a thread. The limit is the
+        compile's own CPU time, so that a busy server (the child runs at a lower priority) does
+        not refuse a grammar it would compile in time when idle; the wall clock stops it at
+        WALL_LIMIT_FACTOR times the limit whatever the load."""
+        start, cpu_start = time.monotonic(), _cpu_seconds(self.proc.pid)
         self.conn.send_bytes(_encode([spec.kind, spec.value, spec.whitespace]))
-        if not self.conn.poll(timeout_s):
-            return "timeout", ""
+        while not self.conn.poll(0.05):
+            cpu = _cpu_seconds(self.proc.pid)
+            used = cpu - cpu_start if cpu is not None and cpu_start is not None else time.monotonic() - start
+            if used > timeout_s or time.monotonic() - start > WALL_LIMIT_FACTOR * timeout_s:
+                return "timeout", ""
         kind, detail = _decode(self.conn.recv_bytes())
         return kind, detail
 
@@ -154,10 +176,6 @@ def _serve(conn: Connection, tokenizer_info: str) -> None:
     """A compile process: grammars in, verdicts out, until the parent closes the pipe."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    try:
-        os.nice(CHILD_NICENESS)
-    except OSError:
-        pass
     import xgrammar as xgr
 
     compiler = xgr.GrammarCompiler(xgr.TokenizerInfo.deserialize_json(tokenizer_info), max_threads=1, cache_enabled=False)
