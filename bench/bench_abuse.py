@@ -2,9 +2,10 @@
 
     python bench/bench_abuse.py [--duration 120] [--out bench/results/abuse.json]
 
-Starts `freelunch serve` with its defaults and `--workers 2` (or uses `--url`), keeps one bystander
-streaming greedy completions back to back, and runs each attack for `--duration` seconds (the
-worker attack for a quarter of it), loopback only:
+Starts `freelunch serve` with its defaults, `--workers 2` and two API keys (or uses `--url`), keeps
+one bystander streaming greedy completions back to back with the user's key, and runs each attack
+for `--duration` seconds (baseline and the worker attack a quarter of it, slow bodies half) with the
+attacker's key, loopback only:
 
   baseline         nothing else: the bystander's own inter-token gaps
   hostile schemas  3 clients send JSON schemas whose compile takes xgrammar a minute (40 strings
@@ -36,6 +37,9 @@ from pathlib import Path
 import httpx
 from host import machine  # bench/host.py
 
+USER_KEY, ATTACKER_KEY = "sk-bench-user", "sk-bench-attacker"
+USER = {"Authorization": f"Bearer {USER_KEY}"}
+ATTACKER = {"Authorization": f"Bearer {ATTACKER_KEY}"}
 BYSTANDER = {"prompt": "Write a long story about a lighthouse keeper.", "max_tokens": 300, "temperature": 0, "ignore_eos": True}
 
 
@@ -57,7 +61,8 @@ def free_port() -> int:
 def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "freelunch.cli", "serve", "--port", str(port), "--workers", "2",
-                             "--log-level", "warning"], env={**os.environ, "HF_HUB_OFFLINE": "1"})  # fmt: skip
+                             "--api-key", USER_KEY, "--api-key", ATTACKER_KEY, "--log-level", "warning"],
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})  # fmt: skip
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
@@ -137,7 +142,7 @@ async def hostile_schemas(client: httpx.AsyncClient, stop: asyncio.Event, report
             schema = {"repeat": slow_schema(300), "distinct": slow_schema(400 + 1000 * i + 50 * n), "deep": DEEP}[mode]
             body = {"prompt": "x", "max_tokens": 8, "structured_outputs": {"json": schema}}
             try:
-                r = await client.post("/v1/completions", json=body, timeout=120)
+                r = await client.post("/v1/completions", json=body, timeout=120, headers=ATTACKER)
                 statuses[str(r.status_code)] = statuses.get(str(r.status_code), 0) + 1
             except httpx.HTTPError as e:
                 statuses[type(e).__name__] = statuses.get(type(e).__name__, 0) + 1
@@ -146,7 +151,7 @@ async def hostile_schemas(client: httpx.AsyncClient, stop: asyncio.Event, report
         while not stop.is_set():
             start = time.perf_counter()
             r = await client.post("/v1/completions", json={"prompt": "A JSON object:", "max_tokens": 16, "temperature": 0,
-                                                           "response_format": {"type": "json_object"}}, timeout=120)
+                                                           "response_format": {"type": "json_object"}}, timeout=120, headers=USER)
             if r.status_code == 200:
                 ordinary.append(time.perf_counter() - start)
             await asyncio.sleep(0.5)
@@ -169,7 +174,8 @@ async def slow_bodies(base: str, stop: asyncio.Event, report: dict) -> None:
             return
         opened += 1
         start = time.monotonic()
-        writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100000\r\n\r\n{")
+        writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Authorization: Bearer " + ATTACKER_KEY.encode() + b"\r\nContent-Length: 100000\r\n\r\n{")
         await writer.drain()
         try:
             while not stop.is_set():
@@ -201,7 +207,7 @@ async def stopped_worker(base: str, server_pid: int, stop: asyncio.Event, report
     os.kill(pids[0], signal.SIGSTOP)
     big = {"prompt": "word " * 700, "max_tokens": 64, "n": 16, "ignore_eos": True, "timeout": 8}
     try:
-        async with httpx.AsyncClient(base_url=base, timeout=120) as client:
+        async with httpx.AsyncClient(base_url=base, timeout=120, headers=ATTACKER) as client:
             start = time.monotonic()
             responses = await asyncio.gather(*(client.post("/v1/completions", json=big) for _ in range(4)))
             report["large_requests"] = {"statuses": sorted(r.status_code for r in responses), "took_s": time.monotonic() - start}
@@ -216,7 +222,7 @@ async def stopped_worker(base: str, server_pid: int, stop: asyncio.Event, report
 
 async def run_attack(name: str, base: str, duration: float, attack) -> dict:
     report: dict = {"attack": name, "duration_s": duration}
-    async with httpx.AsyncClient(base_url=base, timeout=120) as client:
+    async with httpx.AsyncClient(base_url=base, timeout=120, headers=USER) as client:
         bystander = Bystander(client)
         stop, health = asyncio.Event(), []
         tasks = [asyncio.create_task(bystander.run()), asyncio.create_task(time_health(client, stop, health))]
@@ -265,7 +271,8 @@ def table(result: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--url", default=None, help="a running server (the stopped-worker attack is skipped)")
+    parser.add_argument("--url", default=None, help="a running server with the keys USER_KEY and ATTACKER_KEY, or none "
+                        "(the stopped-worker attack is skipped)")
     parser.add_argument("--duration", type=float, default=120.0, help="seconds each attack runs")
     parser.add_argument("--out", default="bench/results/abuse.json")
     parser.add_argument("--table", default=None, help="print the table of a results file and exit")
@@ -275,7 +282,7 @@ def main() -> None:
         return
     proc, base = (None, args.url) if args.url else start_server(args)
     for _ in range(4):  # warm both workers (first-request costs are no attack's)
-        httpx.post(base + "/v1/completions", json=BYSTANDER | {"max_tokens": 16}, timeout=300)
+        httpx.post(base + "/v1/completions", json=BYSTANDER | {"max_tokens": 16}, timeout=300, headers=USER)
     try:
         d = args.duration
         attacks = [
@@ -304,7 +311,7 @@ def main() -> None:
 
 
 async def hostile_schemas_client(base: str, stop: asyncio.Event, report: dict) -> None:
-    async with httpx.AsyncClient(base_url=base, timeout=120) as client:
+    async with httpx.AsyncClient(base_url=base, timeout=120, headers=USER) as client:
         await hostile_schemas(client, stop, report)
 
 

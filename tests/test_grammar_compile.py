@@ -190,3 +190,25 @@ def test_a_refused_schema_sent_again_is_refused_at_once_and_never_reaches_a_work
         nested = '{"type": "array", "items": ' * 2000 + "{}" + "}" * 2000  # as a string: no JSON parser limit on the way
         deep = httpx.post(base + CHAT, json=body | {"structured_outputs": {"json": nested}})
         assert deep.status_code == 400 and "deep" in deep.json()["error"]["message"]
+
+
+def test_a_client_flooding_new_grammars_holds_one_slot(tokenizer_info):
+    """One client's slow grammars compile one at a time; another client's grammar starts at once."""
+    async def scenario():
+        guard = CompileGuard(tokenizer_info, timeout_s=0.5, processes=2)
+        try:
+            await guard.check(QUICK, "warm")  # the first process is up
+            floods = [asyncio.create_task(guard.check(ConstraintSpec("json_schema", json.dumps(deep_arrays(300 + i)), "any"), "attacker"))
+                      for i in range(4)]
+            await asyncio.sleep(0.2)
+            start = time.monotonic()
+            assert await guard.check(ConstraintSpec("regex", "[a-z]+@[a-z]+"), "honest") is False
+            honest_wait = time.monotonic() - start
+            outcomes = await asyncio.gather(*floods, return_exceptions=True)
+            assert all(isinstance(o, GrammarTimeout) for o in outcomes)
+            assert honest_wait < 3, honest_wait  # a process start, not four compiles of the attacker's
+            assert not guard._clients, "idle clients are forgotten"
+        finally:
+            guard.close()
+
+    asyncio.run(scenario())

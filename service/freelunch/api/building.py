@@ -76,6 +76,11 @@ class Call:
     prompt_tokens: int  # all prompts' tokens, counted once per choice (OpenAI's usage)
 
 
+def client_of(raw: Request) -> str:
+    """Who sent the request, for rate limits and fair shares: its API key's id, else its address."""
+    return raw.scope.get("state", {}).get("api_key_id") or f"addr-{raw.client.host if raw.client else 'unknown'}"
+
+
 def first_invalid_text(value: Any, path: str) -> str | None:
     """The path of the first string (or key) in `value` that is not valid Unicode: JSON lets a
     request carry a lone surrogate (`"\\ud800"`), which no tokenizer, encoder or response takes."""
@@ -217,7 +222,7 @@ class RequestBuilder:
         return (await self.renderer.chat(chat, param, allow_images=False)).token_ids if chat else []
 
     # ---- constraints -------------------------------------------------------------------------------
-    async def constraint(self, req: SamplingFields) -> tuple[ConstraintSpec | None, dict[int, float] | None]:
+    async def constraint(self, req: SamplingFields, raw: Request) -> tuple[ConstraintSpec | None, dict[int, float] | None]:
         """The request's structured output (response_format, structured_outputs or tools), compiled
         once here to refuse it before any decoding, and its logit bias."""
         spec, param = self.structured.spec(req)
@@ -225,7 +230,7 @@ class RequestBuilder:
             if req.ignore_eos or req.min_tokens:
                 bad = "ignore_eos" if req.ignore_eos else "min_tokens"
                 raise APIError(400, f"{bad} cannot be combined with {param}: the output ends where its grammar does", bad)
-            await self.structured.check(spec, param)
+            await self.structured.check(spec, param, client_of(raw))
         return spec, self.structured.logit_bias(req)
 
     # ---- prompts -----------------------------------------------------------------------------
@@ -358,8 +363,7 @@ class RequestBuilder:
             )
         headers: dict[str, str] = {}
         if self.limiter.enabled:
-            state = raw.scope.get("state", {})
-            bucket = state.get("api_key_id") or f"addr-{raw.client.host if raw.client else 'unknown'}"
+            bucket = client_of(raw)
             tokens = sum(len(r.prompt_token_ids) + r.params.max_tokens for r in requests)
             try:
                 headers = self.limiter.acquire(bucket, tokens)

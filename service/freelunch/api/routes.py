@@ -64,7 +64,7 @@ def build_router(specs: dict[str, MethodSpec]) -> APIRouter:
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         params = build.sampling_params(body, max_tokens, len(prompt.token_ids), logprobs, None, "messages")
         methods = await build.methods(body)
-        constraint = await build.constraint(body)
+        constraint = await build.constraint(body, raw)
         rid = new_id("chatcmpl")
         call = build.call(raw, body, rid, [prompt], [params], methods, model, len(prompt.token_ids), constraint)
         tools = bool(body.tools) and body.tool_choice != "none"
@@ -87,7 +87,7 @@ def build_router(specs: dict[str, MethodSpec]) -> APIRouter:
         max_tokens = body.max_tokens if body.max_tokens is not None else 16
         params = [build.sampling_params(body, max_tokens, len(p.token_ids), body.logprobs, prompt_lp, "prompt") for p in prompts]
         methods = await build.methods(body)
-        constraint = await build.constraint(body)
+        constraint = await build.constraint(body, raw)
         rid = new_id("cmpl")
         prompt_tokens = sum(len(p.token_ids) for p in prompts) * body.n
         call = build.call(raw, body, rid, prompts, params, methods, model, prompt_tokens, constraint)

@@ -223,7 +223,7 @@ class StructuredOutputs:
         return bias
 
     # ---- compiling before admission -------------------------------------------------------------
-    async def check(self, spec: ConstraintSpec, param: str) -> None:
+    async def check(self, spec: ConstraintSpec, param: str, client: str = "") -> None:
         """Compile `spec` once, in a child process under the compile timeout (compile_guard.py), or
         find its verdict remembered; 400 naming `param` if it does not compile, or not in time."""
         if self._guard is None:
@@ -232,7 +232,7 @@ class StructuredOutputs:
                 self._guard = CompileGuard(info, self.compile_timeout, COMPILE_PROCESSES)
         start = time.perf_counter()
         try:
-            remembered = await self._guard.check(spec)
+            remembered = await self._guard.check(spec, client)
         except GrammarTimeout as e:
             self.metrics.grammar_refused.labels(reason="timeout").inc()
             raise APIError(400, f"the {param} {e}", param) from None

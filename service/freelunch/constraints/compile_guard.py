@@ -6,7 +6,10 @@ once, in a child process at a lower CPU priority, and keeps only the verdict:
 
 - a compile past `timeout_s` of CPU time kills its process: the work stops, the request gets its 400, and a
   fresh process takes the next grammar;
-- one compile per grammar at a time, however many requests ask (the others await its verdict);
+- one compile per grammar at a time, however many requests ask (the others await its verdict),
+  and one per client at a time (its API key, else its address): a client sending many new
+  grammars waits behind its own compiles and holds at most one of the `processes` slots, so
+  another client's new grammar waits only while `processes` other clients compile at once;
 - verdicts are remembered by the grammar's digest: compiled ones (so a repeated schema is admitted
   at once), refused ones for `refused_ttl_s` (so a refused schema sent again is refused at once,
   never handed to a worker). The API holds no compiled grammar: workers compile their own, off
@@ -107,9 +110,10 @@ class CompileGuard:
         self._compiled: OrderedDict[bytes, None] = OrderedDict()
         self._refused: OrderedDict[bytes, tuple[float, str, bool]] = OrderedDict()  # expiry, message, timed out
         self._pending: dict[bytes, asyncio.Future[None]] = {}
+        self._clients: dict[str, tuple[asyncio.Lock, int]] = {}  # one compile at a time per client; its users
         self.compiles = self.timeouts = 0
 
-    async def check(self, spec: ConstraintSpec) -> bool:
+    async def check(self, spec: ConstraintSpec, client: str = "") -> bool:
         """Return whether the verdict was remembered (a cache hit); raise GrammarError (or
         GrammarTimeout) for a grammar that does not compile, or not in time."""
         key = digest(spec)
@@ -122,13 +126,15 @@ class CompileGuard:
         pending = self._pending.get(key)
         if pending is None:
             pending = self._pending[key] = asyncio.get_running_loop().create_future()
-            asyncio.ensure_future(self._compile(key, spec, pending))
+            asyncio.ensure_future(self._compile(key, spec, pending, client))
         await asyncio.shield(pending)  # a caller that leaves does not stop the verdict the others await
         return False
 
-    async def _compile(self, key: bytes, spec: ConstraintSpec, verdict: asyncio.Future[None]) -> None:
+    async def _compile(self, key: bytes, spec: ConstraintSpec, verdict: asyncio.Future[None], client: str) -> None:
+        lock, users = self._clients.get(client, (asyncio.Lock(), 0))
+        self._clients[client] = (lock, users + 1)
         try:
-            async with self._slots:
+            async with lock, self._slots:
                 child = self._idle.pop() if self._idle else await anyio.to_thread.run_sync(_Child, self._ctx, self.tokenizer_info)
                 try:
                     kind, detail = await anyio.to_thread.run_sync(child.ask, spec, self.timeout_s)
@@ -156,6 +162,11 @@ class CompileGuard:
             raise
         finally:
             self._pending.pop(key, None)
+            lock, users = self._clients[client]
+            if users > 1:
+                self._clients[client] = (lock, users - 1)
+            else:
+                del self._clients[client]
             if verdict.done() and not verdict.cancelled():
                 verdict.exception()  # retrieved: a verdict nobody awaits any more logs nothing
 
