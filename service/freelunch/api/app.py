@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
@@ -34,9 +35,11 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         pool.start()
+        warm = asyncio.create_task(builder.structured.start())  # a grammar compile process, in the background
         try:
             yield
         finally:
+            warm.cancel()
             builder.structured.close()  # the grammar compile processes
             pool.shutdown()
 

@@ -226,13 +226,10 @@ class StructuredOutputs:
     async def check(self, spec: ConstraintSpec, param: str, client: str = "") -> None:
         """Compile `spec` once, in a child process under the compile timeout (compile_guard.py), or
         find its verdict remembered; 400 naming `param` if it does not compile, or not in time."""
-        if self._guard is None:
-            info = await anyio.to_thread.run_sync(tokenizer_info_json, self._tokenizer, self.vocab_size)
-            if self._guard is None:
-                self._guard = CompileGuard(info, self.compile_timeout, COMPILE_PROCESSES)
+        guard = await self.guard()
         start = time.perf_counter()
         try:
-            remembered = await self._guard.check(spec, client)
+            remembered = await guard.check(spec, client)
         except GrammarTimeout as e:
             self.metrics.grammar_refused.labels(reason="timeout").inc()
             raise APIError(400, f"the {param} {e}", param) from None
@@ -243,6 +240,18 @@ class StructuredOutputs:
             self.metrics.grammar_cache_hits.inc()
         else:
             self.metrics.grammar_compile_seconds.observe(time.perf_counter() - start)
+
+    async def guard(self) -> CompileGuard:
+        """The compile guard, started at the first call (the server's start-up makes it)."""
+        if self._guard is None:
+            info = await anyio.to_thread.run_sync(tokenizer_info_json, self._tokenizer, self.vocab_size)
+            if self._guard is None:
+                self._guard = CompileGuard(info, self.compile_timeout, COMPILE_PROCESSES)
+        return self._guard
+
+    async def start(self) -> None:
+        """At start-up, in the background: a compile process ready before the first grammar."""
+        await (await self.guard()).start()
 
     def close(self) -> None:
         if self._guard is not None:

@@ -170,6 +170,12 @@ class CompileGuard:
             if verdict.done() and not verdict.cancelled():
                 verdict.exception()  # retrieved: a verdict nobody awaits any more logs nothing
 
+    async def start(self) -> None:
+        """Start one compile process ahead of the first grammar (it imports torch and xgrammar:
+        seconds, at the lowest priority), so that the first structured request does not wait."""
+        if not self._idle:
+            self._idle.append(await anyio.to_thread.run_sync(_Child, self._ctx, self.tokenizer_info))
+
     @staticmethod
     def _remember(table: OrderedDict, key: bytes, value: Any) -> None:
         table[key] = value
