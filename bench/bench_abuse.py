@@ -78,21 +78,6 @@ def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
     raise SystemExit("the server did not become ready")
 
 
-def worker_pids(server_pid: int) -> list[int]:
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            cmdline = (entry / "cmdline").read_bytes()
-        except (OSError, IndexError, ValueError):
-            continue
-        if ppid == server_pid and b"spawn_main" in cmdline and b"grammar" not in cmdline:
-            pids.append(int(entry.name))
-    return sorted(pids)
-
-
 class Bystander:
     """Streams the same completion back to back until stopped; records the gaps between tokens."""
 
@@ -199,8 +184,8 @@ async def slow_bodies(base: str, stop: asyncio.Event, report: dict) -> None:
     report["held_open_s_median"] = statistics.median(closed_by_server) if closed_by_server else None
 
 
-async def stopped_worker(base: str, server_pid: int, stop: asyncio.Event, report: dict) -> None:
-    pids = worker_pids(server_pid)
+async def stopped_worker(base: str, stop: asyncio.Event, report: dict) -> None:
+    pids = [w["pid"] for w in httpx.get(base + "/ready", headers=USER).json()["workers"] if w["pid"]]
     if len(pids) < 2:
         report["skipped"] = "needs a server with 2 workers that this script started"
         return
@@ -291,7 +276,7 @@ def main() -> None:
             ("slow bodies", d / 2, lambda stop, rep: slow_bodies(base, stop, rep)),
         ]
         if proc is not None:
-            attacks.append(("stopped worker", d / 4, lambda stop, rep: stopped_worker(base, proc.pid, stop, rep)))
+            attacks.append(("stopped worker", d / 4, lambda stop, rep: stopped_worker(base, stop, rep)))
         reports = [asyncio.run(run_attack(name, base, seconds, attack)) for name, seconds, attack in attacks]
     finally:
         if proc is not None:

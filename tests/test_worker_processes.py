@@ -49,20 +49,9 @@ def stop_server(proc: subprocess.Popen) -> None:
             proc.kill()
 
 
-def worker_pids(server_pid: int) -> list[int]:
-    """The engine worker processes (spawned children, not multiprocessing's resource tracker)."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            cmdline = (entry / "cmdline").read_bytes()
-        except (OSError, IndexError, ValueError):
-            continue
-        if ppid == server_pid and b"spawn_main" in cmdline:
-            pids.append(int(entry.name))
-    return sorted(pids)
+def worker_pids(base: str) -> list[int]:
+    """The engine worker processes, as /ready names them."""
+    return [w["pid"] for w in httpx.get(base + "/ready").json()["workers"]]
 
 
 def metric(base: str, name: str) -> float:
@@ -104,7 +93,8 @@ def pool_server(tiny_llama):
 
 def test_two_worker_processes_serve_dozens_of_mixed_streaming_clients(pool_server):
     proc, base, model = pool_server
-    assert len(worker_pids(proc.pid)) == 2
+    pids = worker_pids(base)
+    assert len(set(pids)) == 2 and all(Path(f"/proc/{pid}").exists() for pid in pids)
     chat = [{"role": "user", "content": "Tell me about the sea."}]
     kinds = [
         ("/v1/chat/completions", {"messages": chat, "max_tokens": 24, "temperature": 0}),
@@ -189,7 +179,7 @@ def test_the_choices_of_one_request_share_a_worker(pool_server):
 
 def test_a_killed_worker_fails_only_its_streams_and_is_replaced(pool_server):
     proc, base, _ = pool_server
-    pids = worker_pids(proc.pid)
+    pids = worker_pids(base)
     assert len(pids) == 2
 
     async def run():
@@ -217,7 +207,7 @@ def test_a_killed_worker_fails_only_its_streams_and_is_replaced(pool_server):
 
     wait_for(lambda: httpx.get(base + "/ready").json()["status"] == "ready", 120, step=0.5)
     assert [w["restarts"] for w in httpx.get(base + "/ready").json()["workers"]] == [1, 0]
-    new_pids = worker_pids(proc.pid)
+    new_pids = worker_pids(base)
     assert len(new_pids) == 2 and pids[0] not in new_pids
     ok = httpx.post(base + "/v1/completions", json={"prompt": "hello", "max_tokens": 4}, timeout=60)
     assert ok.status_code == 200
@@ -231,7 +221,7 @@ def test_sigterm_drains_as_kubernetes_expects(tiny_llama):
     drain = 3.0
     proc, base = start_server(folder, 1, "--drain-timeout", str(drain))
     try:
-        workers = worker_pids(proc.pid)
+        workers = worker_pids(base)
 
         async def run():
             async with httpx.AsyncClient(base_url=base, timeout=120) as client:
@@ -269,7 +259,7 @@ def test_a_stopped_worker_never_freezes_the_api_and_is_replaced(tiny_llama):
     folder, _ = tiny_llama
     proc, base = start_server(folder, 2)
     try:
-        pids = worker_pids(proc.pid)
+        pids = worker_pids(base)
         os.kill(pids[0], signal.SIGSTOP)
         big = {"prompt": "word " * 700, "max_tokens": 64, "n": 16, "ignore_eos": True, "timeout": 8}
 
@@ -299,13 +289,12 @@ def test_a_stopped_worker_never_freezes_the_api_and_is_replaced(tiny_llama):
         not_ready = [at for state, at in states if down(state)]
         assert not_ready and not_ready[0] < HEARTBEAT_TIMEOUT_S + 3, "the stopped worker was not marked down in time"
         wait_for(lambda: httpx.get(base + "/ready").json()["status"] == "ready", 120, step=0.5)
-        assert pids[0] not in worker_pids(proc.pid)
+        assert pids[0] not in worker_pids(base)
         ok = httpx.post(base + "/v1/completions", json={"prompt": "hello", "max_tokens": 4}, timeout=60)
         assert ok.status_code == 200
     finally:
-        for pid in worker_pids(proc.pid):
-            try:
-                os.kill(pid, signal.SIGCONT)
-            except ProcessLookupError:
-                pass
+        try:
+            os.kill(pids[0], signal.SIGCONT)  # if it is still there
+        except ProcessLookupError:
+            pass
         stop_server(proc)

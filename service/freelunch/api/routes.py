@@ -32,7 +32,8 @@ def build_router(specs: dict[str, MethodSpec]) -> APIRouter:
         the server is draining, so that a load balancer sends traffic elsewhere."""
         pool = api.pool
         workers = [
-            {"name": w.name, "alive": w.alive, "in_flight": w.in_flight, "restarts": w.restarts} for w in pool.worker_states()
+            {"name": w.name, "alive": w.alive, "in_flight": w.in_flight, "restarts": w.restarts, "pid": w.pid}
+            for w in pool.worker_states()
         ]
         if not pool.ready:
             reason = "the server is shutting down" if pool.draining else "no engine worker is ready"

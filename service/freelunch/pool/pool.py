@@ -39,6 +39,7 @@ class WorkerState:
     alive: bool
     in_flight: int
     restarts: int
+    pid: int | None  # its process (None: a thread of the API process)
 
 
 class WorkerPool:
@@ -97,7 +98,7 @@ class WorkerPool:
         )
 
     def worker_states(self) -> list[WorkerState]:
-        return [WorkerState(w.name, w.alive, w.load_score, w.restarts) for w in self.workers]
+        return [WorkerState(w.name, w.alive, w.load_score, w.restarts, w.pid) for w in self.workers]
 
     def unsupported(self, request: GenerationRequest) -> str | None:
         """The first option (or "images") of `request` that no worker of this pool serves."""

@@ -70,6 +70,11 @@ class ProcessWorker(Worker):
     def served(self) -> ServedModel | None:
         return self._served
 
+    @property
+    def pid(self) -> int | None:
+        proc = self._proc
+        return proc.pid if proc is not None else None
+
     def start(self) -> None:
         if self._proc is None:
             self._spawn()

@@ -110,6 +110,11 @@ class Worker(ABC):
     def abort(self, request_id: str) -> None: ...
 
     @property
+    def pid(self) -> int | None:
+        """The worker's own process (None for an engine on a thread of this one)."""
+        return None
+
+    @property
     def load_score(self) -> int:
         return len(self.mailboxes)
 
