@@ -58,7 +58,8 @@ def digest(spec: ConstraintSpec) -> bytes:
 def _cpu_seconds(pid: int) -> float | None:
     """CPU time (user + system) a process has used, from /proc (None where there is none)."""
     try:
-        fields = open(f"/proc/{pid}/stat", "rb").read().rsplit(b")", 1)[1].split()
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
     except OSError:
         return None
     return (int(fields[11]) + int(fields[12])) / _TICKS
