@@ -9,7 +9,8 @@ method, and neither the engine nor the methods know what kind of constraint it i
 
 from __future__ import annotations
 
-from concurrent.futures import Future
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -146,17 +147,29 @@ class ConstraintFactory:
         self.vocab_size = vocab_size
         self._compiler: GrammarCompiler | None = None  # built at the first grammar: ~0.5 s
         self._text: TokenText | None = None  # built at the first string bound
+        self._lock = threading.Lock()
+        self._setup: ThreadPoolExecutor | None = None  # builds the compiler off the engine loop
 
     @property
     def compiler(self) -> GrammarCompiler:
-        if self._compiler is None:
-            self._compiler = GrammarCompiler(self.tokenizer, self.vocab_size)
-        return self._compiler
+        with self._lock:
+            if self._compiler is None:
+                self._compiler = GrammarCompiler(self.tokenizer, self.vocab_size)
+            return self._compiler
 
     def prepare(self, request: GenerationRequest) -> Future | None:
         """None when the request's constraint can be built at once, else a future that completes
-        when its grammar is compiled (off the calling thread: an engine loop keeps stepping)."""
-        return self.compiler.prepare(request.constraint) if request.constraint is not None else None
+        when its grammar is compiled (off the calling thread: an engine loop keeps stepping). The
+        first grammar also builds the compiler (its tokenizer tables: ~0.5 s) there."""
+        spec = request.constraint
+        if spec is None:
+            return None
+        if self._compiler is None:
+            with self._lock:
+                if self._setup is None:
+                    self._setup = ThreadPoolExecutor(1, "grammar-setup")
+            return self._setup.submit(lambda: self.compiler.compile(spec))
+        return self._compiler.prepare(spec)
 
     def build(self, request: GenerationRequest) -> Constraint | None:
         """The request's constraint, or None; GrammarError / ValueError for one that cannot apply."""
