@@ -112,6 +112,7 @@ class CompileGuard:
         self._refused: OrderedDict[bytes, tuple[float, str, bool]] = OrderedDict()  # expiry, message, timed out
         self._pending: dict[bytes, asyncio.Future[None]] = {}
         self._clients: dict[str, tuple[asyncio.Lock, int]] = {}  # one compile at a time per client; its users
+        self._tasks: set[asyncio.Task] = set()
         self.compiles = self.timeouts = 0
 
     async def check(self, spec: ConstraintSpec, client: str = "") -> bool:
@@ -127,7 +128,9 @@ class CompileGuard:
         pending = self._pending.get(key)
         if pending is None:
             pending = self._pending[key] = asyncio.get_running_loop().create_future()
-            asyncio.ensure_future(self._compile(key, spec, pending, client))
+            task = asyncio.ensure_future(self._compile(key, spec, pending, client))
+            self._tasks.add(task)  # a reference, so that the loop does not drop it mid-compile
+            task.add_done_callback(self._tasks.discard)
         await asyncio.shield(pending)  # a caller that leaves does not stop the verdict the others await
         return False
 
