@@ -227,8 +227,10 @@ def test_sigterm_drains_as_kubernetes_expects(tiny_llama):
             async with httpx.AsyncClient(base_url=base, timeout=120) as client:
                 # a stream far longer than the drain: a tiny model step at a long context is slow enough
                 long = asyncio.create_task(stream(client, "/v1/completions", {**LONG, "max_tokens": MAX_LEN - 8}))
-                short = asyncio.create_task(stream(client, "/v1/completions", {**LONG, "max_tokens": 40}))
-                while metric(base, "freelunch_requests_running") < 2:
+                short = asyncio.create_task(stream(client, "/v1/completions", {**LONG, "max_tokens": 120}))
+                # both running at once (polled without blocking this loop, which sends the streams)
+                while "freelunch_requests_running 2.0" not in (await client.get("/metrics")).text:
+                    assert not short.done() and not long.done(), "a stream ended before both ran at once"
                     await asyncio.sleep(0.02)
                 proc.send_signal(signal.SIGTERM)
                 signalled = time.monotonic()
