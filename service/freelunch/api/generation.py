@@ -19,7 +19,7 @@ from freelunch.api.formatting import ChoiceState
 from freelunch.api.metrics import Metrics
 from freelunch.engine.errors import EngineError
 from freelunch.engine.request import RequestOutput
-from freelunch.pool.pool import PoolOverloaded, PoolUnavailable, WorkerPool
+from freelunch.pool.pool import PoolOverloaded, PoolUnavailable, Together, WorkerPool
 from freelunch.pool.worker import WorkerDied
 
 FINISH_REASONS = ("stop", "length", "abort", "error")
@@ -83,13 +83,11 @@ class GenerationRunner:
         requests = call.requests
         self._admit(len(requests))
         queue: asyncio.Queue = asyncio.Queue()
-        # The choices share one worker: they share their prompt's KV blocks there (computed once),
-        # and losing that worker fails the request once, not a share of its choices.
-        worker = self.pool.pick(requests[0]) if requests else None
+        together = Together()  # the choices share one worker (pool.py)
 
         async def pump(index: int, request: Any) -> None:
             try:
-                async for out in self.pool.generate(request, worker):
+                async for out in self.pool.generate(request, together):
                     await queue.put((index, out))
             except Exception as e:
                 await queue.put((index, e))

@@ -25,6 +25,16 @@ def request_needs(request: GenerationRequest) -> frozenset[str]:
     return frozenset(needs)
 
 
+class Together:
+    """The worker the choices of one API request share (the first choice's pick): they share
+    their prompt's KV blocks there, and losing it fails the request once."""
+
+    __slots__ = ("worker",)
+
+    def __init__(self) -> None:
+        self.worker: Worker | None = None
+
+
 class PoolOverloaded(RuntimeError):
     """More requests in flight than the workers run plus the queue holds (the API answers 429)."""
 
@@ -134,10 +144,15 @@ class WorkerPool:
     def release(self, count: int) -> None:
         self.in_flight -= count
 
-    async def generate(self, request: GenerationRequest, worker: Worker | None = None) -> AsyncIterator[RequestOutput]:
-        """Stream a request's outputs, on `worker` (one that `pick` chose) or the least-loaded
-        one. Leaving early (client gone, error) aborts it on its worker."""
-        worker = worker if worker is not None and worker.alive else self.pick(request)
+    async def generate(self, request: GenerationRequest, together: Together | None = None) -> AsyncIterator[RequestOutput]:
+        """Stream a request's outputs, on the least-loaded worker that serves it, or on the one
+        the other choices of its API request went to (`together`). Leaving early (client gone,
+        error) aborts it on its worker."""
+        worker = together.worker if together is not None and together.worker is not None and together.worker.alive else None
+        if worker is None:
+            worker = self.pick(request)  # and submitted below before any await: the next pick sees its load
+            if together is not None:
+                together.worker = worker
         if worker is None:
             raise WorkerDied("no engine worker is available (restarting); retry shortly")
         queue = worker.submit(request)
