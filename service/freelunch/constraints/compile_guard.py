@@ -34,7 +34,7 @@ from typing import Any
 import anyio
 import msgspec
 
-from freelunch.constraints.grammar import GrammarError, clean_error, compile_spec
+from freelunch.constraints.grammar import GrammarCompiler, GrammarError, clean_error, compile_spec, lower_priority
 from freelunch.engine.request import ConstraintSpec
 
 log = logging.getLogger("freelunch.grammar")
@@ -52,7 +52,7 @@ class GrammarTimeout(GrammarError):
 
 
 def digest(spec: ConstraintSpec) -> bytes:
-    return hashlib.blake2b(_encode([spec.kind, spec.value, spec.whitespace]), digest_size=16).digest()
+    return hashlib.blake2b(_encode(GrammarCompiler.key(spec)), digest_size=16).digest()
 
 
 def _cpu_seconds(pid: int) -> float | None:
@@ -72,10 +72,8 @@ class _Child:
         self.conn, child_end = ctx.Pipe(duplex=True)
         self.proc = ctx.Process(target=_serve, args=(child_end, tokenizer_info), name="grammar-compiler", daemon=True)
         self.proc.start()
-        try:  # at once, from here: its start-up (importing torch and xgrammar) yields the CPU too
-            os.setpriority(os.PRIO_PROCESS, self.proc.pid, CHILD_NICENESS)
-        except (AttributeError, OSError):
-            pass
+        # at once, from here: its start-up (importing torch and xgrammar) yields the CPU too
+        lower_priority(self.proc.pid, CHILD_NICENESS)
         child_end.close()
 
     def ask(self, spec: ConstraintSpec, timeout_s: float) -> tuple[str, str]:
@@ -84,7 +82,7 @@ class _Child:
         not refuse a grammar it would compile in time when idle; the wall clock stops it at
         WALL_LIMIT_FACTOR times the limit whatever the load."""
         start, cpu_start = time.monotonic(), _cpu_seconds(self.proc.pid)
-        self.conn.send_bytes(_encode([spec.kind, spec.value, spec.whitespace]))
+        self.conn.send_bytes(_encode(GrammarCompiler.key(spec)))
         while not self.conn.poll(0.05):
             cpu = _cpu_seconds(self.proc.pid)
             used = cpu - cpu_start if cpu is not None and cpu_start is not None else time.monotonic() - start
@@ -139,7 +137,7 @@ class CompileGuard:
         self._clients[client] = (lock, users + 1)
         try:
             async with lock, self._slots:
-                child = self._idle.pop() if self._idle else await anyio.to_thread.run_sync(_Child, self._ctx, self.tokenizer_info)
+                child = self._idle.pop() if self._idle else await self._spawn()
                 try:
                     kind, detail = await anyio.to_thread.run_sync(child.ask, spec, self.timeout_s)
                 except (OSError, EOFError, ValueError) as e:  # the child died (killed from outside, out of memory)
@@ -174,11 +172,14 @@ class CompileGuard:
             if verdict.done() and not verdict.cancelled():
                 verdict.exception()  # retrieved: a verdict nobody awaits any more logs nothing
 
+    async def _spawn(self) -> _Child:
+        return await anyio.to_thread.run_sync(_Child, self._ctx, self.tokenizer_info)
+
     async def start(self) -> None:
         """Start one compile process ahead of the first grammar (it imports torch and xgrammar:
         seconds, at the lowest priority), so that the first structured request does not wait."""
         if not self._idle:
-            self._idle.append(await anyio.to_thread.run_sync(_Child, self._ctx, self.tokenizer_info))
+            self._idle.append(await self._spawn())
 
     @staticmethod
     def _remember(table: OrderedDict, key: bytes, value: Any) -> None:

@@ -114,10 +114,14 @@ class GrammarCompiler:
         self._cached_bytes = 0
         self._lock = threading.Lock()
         self._pending: dict[tuple, Future] = {}
-        self._pool = ThreadPoolExecutor(1, "grammar-compile", initializer=_lower_priority)
+        # its thread yields the CPU to the engine's (Linux: niceness is per thread)
+        self._pool = ThreadPoolExecutor(
+            1, "grammar-compile", initializer=lambda: lower_priority(threading.get_native_id(), COMPILE_NICENESS)
+        )
 
     @staticmethod
-    def key(spec: ConstraintSpec) -> tuple:
+    def key(spec: ConstraintSpec) -> tuple[str, str, str]:
+        """What identifies a compiled grammar (a string bound is applied on the output, not in it)."""
         return (spec.kind, spec.value, spec.whitespace)
 
     def cached(self, spec: ConstraintSpec) -> xgr.CompiledGrammar | None:
@@ -166,10 +170,10 @@ class GrammarCompiler:
                 self._pending.pop(key, None)
 
 
-def _lower_priority() -> None:
-    """A compile thread yields the CPU to the engine's (Linux: niceness is per thread)."""
+def lower_priority(pid_or_tid: int, niceness: int) -> None:
+    """Set a process's (or, on Linux, a thread's) niceness, where the system lets us."""
     try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), COMPILE_NICENESS)
+        os.setpriority(os.PRIO_PROCESS, pid_or_tid, niceness)
     except (AttributeError, OSError):
         pass
 

@@ -59,7 +59,6 @@ class ProcessWorker(Worker):
         self._fatal: str | None = None
         self._stopping = False
         self._failures_in_a_row = 0
-        self._was_stuck = False
 
     # ---- lifetime ------------------------------------------------------------------------
     @property
@@ -179,15 +178,13 @@ class ProcessWorker(Worker):
         self._on_exit(conn, proc)
 
     def _stuck(self, proc, silent: float) -> None:
-        """The child stopped answering: not ready from now on; kill it (SIGKILL ends a stopped
-        process too) so that `_on_exit` fails its requests and starts a replacement."""
-        self._was_stuck = True  # it had loaded: its replacement starts without a back-off
-        self._ready.clear()
+        """The child stopped answering: kill it (SIGKILL ends a stopped process too); the reader
+        goes on to `_on_exit`, which marks it not ready, fails its requests and replaces it."""
         log.error("%s (pid %s) sent nothing for %.1f s; killing it", self.name, proc.pid, silent)
         proc.kill()
 
     def _on_exit(self, conn: Connection, proc) -> None:
-        was_ready, self._was_stuck = self._ready.is_set() or self._was_stuck, False
+        was_ready = self._ready.is_set()
         self._ready.clear()
         with self._send_lock:
             self._conn = None
