@@ -118,8 +118,9 @@ class StructuredOutputs(BaseModel):
         default=DEFAULT_MAX_STRING_LENGTH,
         ge=1,
         le=1 << 20,
-        description="characters of a JSON string (or free object key) whose schema sets no maxLength, pattern, "
-        "format, enum or const; null: no bound",
+        description="characters a JSON string (a value or a key) may run to before only its closing quote may "
+        "follow (where the grammar lets it close); a schema's own larger maxLength raises it; tool arguments: under "
+        "tool_choice required or a named function; null: no bound",
     )
     max_number_digits: int | None = Field(
         default=DEFAULT_MAX_NUMBER_DIGITS,

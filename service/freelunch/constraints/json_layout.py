@@ -2,9 +2,12 @@
 between tokens, and a bound on free-form strings and numbers.
 
 Without these, a grammar admits unbounded whitespace and unbounded digits, and small models fill
-them: `{"name": "Paris", "population": 1111111…` never finishes. The bounds go into the schema
-itself (`maxLength`, `minimum` / `maximum`, `propertyNames`), so that every engine that compiles
-the schema, ours and vLLM's, constrains the same way. Torch-free: the API imports it.
+them: `{"name": "Paris", "population": 1111111…` never finishes. The whitespace layout and the
+number bounds (`minimum` / `maximum`) go into the grammar, so that both engines, ours and vLLM's,
+constrain the same way. The string bound does not, for the native engine: a bounded string costs
+xgrammar ~1.6 s of compile per schema, so it is enforced on the output's text instead
+(`string_bound`; constraints/__init__.py `StringBound`); vLLM gets it as `maxLength`.
+Torch-free: the API imports it.
 """
 
 from __future__ import annotations
