@@ -1,7 +1,8 @@
 """The decoder's layers as one C call (models/cpu_decoder.py): every step it serves gives the very
 bits of the per-layer path (itself checked against transformers), for each weight kind the
-kernels read, with biases, over padded decode rows and a draft tree; steps it does not serve fall
-back; a stack whose modules were replaced is rebuilt."""
+kernels read, with biases, q/k norms and clipping, over padded decode rows, fresh prompt chunks
+beside decode rows, draft trees up to 64 queries, guided pairs and trees over guided pairs; steps
+it does not serve fall back; a stack whose modules were replaced is rebuilt."""
 
 from __future__ import annotations
 
@@ -13,69 +14,104 @@ from freelunch.config import EngineConfig
 from freelunch.engine.engine import Engine
 from freelunch.engine.request import GenerationRequest, SamplingParams
 from freelunch.kernels import cpu_kernels
+from freelunch.models.attention import CPU_KERNEL_MAX_QUERIES
 from freelunch.models.cpu_decoder import CpuDecoderStack
+from freelunch.models.llama import RMSNorm
 from freelunch.models.loader import load_model, resolve_source
 from freelunch.models.cpu_linear import PanelLinear
 from tiny_models import build_tiny_model
 
 pytestmark = pytest.mark.skipif(cpu_kernels.load() is None, reason="the C kernels do not build on this machine")
 
-PROMPTS = [[1, 5, 9, 200, 31], [1, 4000, 17, 18, 19, 20, 21, 22], [1] + list(range(300, 340))]
+PROMPTS = [[1, 5, 9, 200, 31], [1, 4000, 17, 18, 19, 20, 21, 22], [1] + list(range(300, 340)), [1] + list(range(500, 580))]
 
 
-def _run(folder, mode: str, monkeypatch, stack: bool) -> tuple[dict[str, list], list[tuple[int, int]]]:
-    """(request id -> [(token, logprob, top logprobs)], (tokens, queries a row) of each step the stack ran)."""
+def _greedy(tokens: int = 12) -> SamplingParams:
+    return SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True, logprobs=2)
+
+
+def _arrivals() -> dict[int, list[GenerationRequest]]:
+    """Requests by the step they arrive at: fresh prompts of 5 to 81 tokens together, then a prompt
+    and a tree request beside rows decoding, then guided pairs and a tree over a guided pair."""
+    tr = lambda tree: {"speculative": {"method": "token_recycling", "tree": tree}}  # noqa: E731
+    guided = {"guidance": {"scale": 1.5}}
+    return {
+        0: [GenerationRequest(f"r{i}", p, _greedy()) for i, p in enumerate(PROMPTS)],
+        3: [GenerationRequest("spec", PROMPTS[1], _greedy(), tr(14)), GenerationRequest("late", PROMPTS[0][:3], _greedy())],
+        20: [GenerationRequest("spec50", PROMPTS[2], _greedy(), tr(50)), GenerationRequest("spec80", PROMPTS[1], _greedy(), tr("2.2.2"))],
+        40: [GenerationRequest("guided", PROMPTS[0], _greedy(), guided), GenerationRequest("guided_spec", PROMPTS[0], _greedy(), {**guided, **tr(6)})],
+    }
+
+
+def _run(folder, mode: str, monkeypatch, stack: bool, adjust=None) -> tuple[dict[str, list], list[tuple[int, ...]]]:
+    """(request id -> [(token, logprob, top logprobs)], the queries a row of each group in each step the stack ran)."""
     monkeypatch.setenv("FREELUNCH_CPU_DECODER", "stack" if stack else "layers")
     loaded = load_model(resolve_source(str(folder)), "float32", quantization=mode)
-    served: list[tuple[int, int]] = []
+    if adjust is not None:
+        adjust(loaded.model)
+    served: list[tuple[int, ...]] = []
     run = CpuDecoderStack.run
 
     def counted(self, x, cos, sin, attn):
-        served.append((x.shape[0], attn.groups[0].n))
+        served.append(tuple(g.n for g in attn.groups))
         return run(self, x, cos, sin, attn)
 
     monkeypatch.setattr(CpuDecoderStack, "run", counted)
     config = EngineConfig(model=str(folder), max_model_len=256, kv_cache_gib=0.02, quantization=mode, max_step_cost=float("inf"))
     engine = Engine(loaded, config)
-    greedy = lambda: SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, logprobs=2)  # noqa: E731
     got: dict[str, list] = {}
-    # decode rows of different lengths (one padded group), then a small draft tree alone (2 + 4 + 8
-    # nodes and the root: 15 queries, within the C attention's 16); together they are two groups
-    batches = [
-        [GenerationRequest(f"r{i}", p, greedy()) for i, p in enumerate(PROMPTS)],
-        [GenerationRequest("spec", PROMPTS[1], greedy(), {"speculative": {"method": "token_recycling", "tree": "2.2.2"}})],
-    ]
-    for batch in batches:
-        for request in batch:
+    arrivals, step = _arrivals(), 0
+    while arrivals or engine.has_work():
+        for request in arrivals.pop(step, []):
             engine.add_request(request)
-        while engine.has_work():
-            for o in engine.step():
-                got.setdefault(o.request_id, []).extend((lp.token_id, lp.logprob, lp.top) for lp in o.logprobs or [])
+        for o in engine.step():
+            got.setdefault(o.request_id, []).extend((lp.token_id, lp.logprob, lp.top) for lp in o.logprobs or [])
+        step += 1
     monkeypatch.undo()
     return got, served
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen2"])  # qwen2: biases on q, k and v
+def _check(folder, mode, monkeypatch, adjust=None) -> tuple[dict[str, list], list[tuple[int, ...]]]:
+    fused, served = _run(folder, mode, monkeypatch, stack=True, adjust=adjust)
+    layered, unserved = _run(folder, mode, monkeypatch, stack=False, adjust=adjust)
+    assert fused == layered  # tokens and logprobs, to the last bit
+    for spec, plain in (("spec", "r1"), ("spec50", "r2"), ("spec80", "r1"), ("guided_spec", "guided")):
+        assert [t for t, _, _ in fused[spec]] == [t for t, _, _ in fused[plain]], spec  # lossless speculation
+    assert unserved == []
+    assert any(len(g) == 1 and g[0] == 1 for g in served), "decode rows alone did not run in C"
+    assert any(len(g) > 1 and 1 in g and max(g) > 1 for g in served), "no prompt chunk or tree beside decode rows ran in C"
+    assert any(max(g) > 32 for g in served), "no tree over 32 nodes ran in C"
+    assert all(max(g) <= CPU_KERNEL_MAX_QUERIES for g in served)
+    return fused, served
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3"])  # qwen2: biases on q, k and v; qwen3: q/k norms per head
 @pytest.mark.parametrize("mode", ["none", "int8", "int4"])
 def test_stack_steps_equal_the_per_layer_path_bit_for_bit(tmp_path, monkeypatch, kind, mode):
     hf = build_tiny_model(tmp_path, kind, seed=7)
-    fused, served = _run(tmp_path, mode, monkeypatch, stack=True)
-    layered, unserved = _run(tmp_path, mode, monkeypatch, stack=False)
-    assert fused == layered  # tokens and logprobs, to the last bit
-    assert [t for t, _, _ in fused["spec"]] == [t for t, _, _ in fused["r1"]]  # lossless speculation through the stack too
-    assert unserved == []
-    assert any(t > 1 and n == 1 for t, n in served), "padded decode rows did not run in C"
-    assert any(n > 1 for _, n in served), "no draft tree ran in C"
+    fused, _ = _check(tmp_path, mode, monkeypatch)
     if mode == "none":
         for i, p in enumerate(PROMPTS):
             ref = hf.generate(torch.tensor([p]), max_new_tokens=12, do_sample=False, min_new_tokens=12)[0, len(p) :]
             assert [t for t, _, _ in fused[f"r{i}"]] == ref.tolist()
 
 
-def test_layers_the_kernels_do_not_cover_take_the_per_layer_path(tmp_path):
-    build_tiny_model(tmp_path, "qwen3", seed=1)  # q/k norms per head: not in the C stack
-    loaded = load_model(resolve_source(str(tmp_path)), "float32")
-    assert loaded.model.cpu_decoder_stack() is None
+def test_norms_over_the_projection_and_clipping_run_in_c_alike(tmp_path, monkeypatch):
+    """OLMoE's attention (one norm over all q heads and one over all k heads, then clamping) in a
+    dense model: the C stack and the per-layer path agree to the bit, and the clamp binds."""
+    build_tiny_model(tmp_path, "llama", seed=8)
+
+    def adjust(model):
+        gen = torch.Generator().manual_seed(3)
+        for layer in model.layers:
+            attn = layer.self_attn
+            q, kv = attn.num_heads * attn.head_dim, attn.num_kv_heads * attn.head_dim
+            attn.qk_norm, attn.clip_qkv = "projection", 0.5
+            attn.q_norm, attn.k_norm = RMSNorm(q, 1e-6), RMSNorm(kv, 1e-6)
+            for norm in (attn.q_norm, attn.k_norm):
+                norm.weight.data = 1 + torch.rand(norm.weight.shape, generator=gen)
+
+    _check(tmp_path, "none", monkeypatch, adjust)
 
 
 def test_a_stack_is_rebuilt_when_a_layer_is_replaced(tmp_path):

@@ -160,8 +160,9 @@ def test_the_model_takes_the_kernel_for_few_queries_and_sdpa_for_many(monkeypatc
     from freelunch.models import attention
 
     q, cache = torch.zeros(1, 1), torch.zeros(1, 1)
-    assert attention._cpu_kernels_for(q, cache, 16) is not None
-    assert attention._cpu_kernels_for(q, cache, 17) is None
+    limit = attention.CPU_KERNEL_MAX_QUERIES
+    assert attention._cpu_kernels_for(q, cache, limit) is not None
+    assert attention._cpu_kernels_for(q, cache, limit + 1) is None
     assert attention._cpu_kernels_for(q.double(), cache, 1) is None
     monkeypatch.setenv("FREELUNCH_CPU_ATTENTION", "sdpa")
     attention.attention_library.cache_clear()
@@ -175,7 +176,7 @@ def test_the_model_takes_the_kernel_for_few_queries_and_sdpa_for_many(monkeypatc
 @pytest.mark.parametrize("rows", [1, 3, 40])
 @pytest.mark.parametrize("width", [5, 64, 576])
 def test_elementwise_kernels_match_pytorch(rows: int, width: int) -> None:
-    """RMSNorm (with and without the residual add), RoPE and SwiGLU's gate against the PyTorch ops
+    """RMSNorm (with and without the residual add), q/k norms with clipping and RoPE, and SwiGLU's gate against the PyTorch ops
     the model uses without them: float32 rounding apart (~1e-6 relative)."""
     library = cpu_kernels.load()
     from freelunch.models.llama import rotate_half
@@ -194,10 +195,24 @@ def test_elementwise_kernels_match_pytorch(rows: int, width: int) -> None:
     want = F.silu(gate_up[:, :width]) * gate_up[:, width:]
     torch.testing.assert_close(cpu_kernels.silu_mul(library, gate_up), want, rtol=1e-5, atol=1e-6)
 
-    head_dim, heads, other = 2 * width if width % 2 else width, 3, 2  # RoPE on 3 heads of 5 per row
-    qkv = torch.randn(rows, heads + other, head_dim, generator=gen)
+    head_dim, h, hkv = 2 * width if width % 2 else width, 2, 1  # RoPE on the 3 q and k heads of 4 per row
     cos, sin = torch.randn(rows, head_dim, generator=gen), torch.randn(rows, head_dim, generator=gen)
-    qk = qkv[:, :heads]
-    want = torch.cat([qk * cos[:, None] + rotate_half(qk) * sin[:, None], qkv[:, heads:]], dim=1)
-    cpu_kernels.rope_(library, qkv, heads, head_dim, cos, sin)
-    torch.testing.assert_close(qkv, want, rtol=1e-5, atol=1e-5)
+    for norm, clip in ((None, None), ("head", None), ("projection", 0.7), ("head", 0.7)):
+        qkv = torch.randn(rows, (h + 2 * hkv) * head_dim, generator=gen) * 2
+        q_w, k_w = (torch.rand(n * head_dim if norm == "projection" else head_dim, generator=gen) + 0.5 for n in (h, hkv))
+        want = qkv.clone()
+        if norm == "projection":
+            want[:, : h * head_dim] = F.rms_norm(want[:, : h * head_dim], q_w.shape, q_w, 1e-6)
+            want[:, h * head_dim : (h + hkv) * head_dim] = F.rms_norm(want[:, h * head_dim : (h + hkv) * head_dim], k_w.shape, k_w, 1e-6)
+        if clip is not None:
+            assert (want.abs() > clip).any()  # the clamp binds
+            want = want.clamp(-clip, clip)
+        want = want.view(rows, h + 2 * hkv, head_dim)
+        if norm == "head":
+            want[:, :h] = F.rms_norm(want[:, :h], q_w.shape, q_w, 1e-6)
+            want[:, h : h + hkv] = F.rms_norm(want[:, h : h + hkv], k_w.shape, k_w, 1e-6)
+        qk = want[:, : h + hkv]
+        want = torch.cat([qk * cos[:, None] + rotate_half(qk) * sin[:, None], want[:, h + hkv :]], dim=1)
+        desc = cpu_kernels.FlQk.of(norm, q_w if norm else None, k_w if norm else None, 1e-6, clip)
+        cpu_kernels.qk_prepare_(library, qkv, desc, h, hkv, head_dim, cos, sin)
+        torch.testing.assert_close(qkv.view_as(want), want, rtol=1e-5, atol=1e-5)

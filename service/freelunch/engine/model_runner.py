@@ -12,7 +12,7 @@ from freelunch.engine.block_manager import BlockManager
 from freelunch.engine.kv_cache import KVCache
 from freelunch.engine.request import Sequence
 from freelunch.engine.strategy import RowPlan
-from freelunch.models.attention import AttentionBatch, AttentionGroup, PrunePlan
+from freelunch.models.attention import CPU_KERNEL_MAX_QUERIES, AttentionBatch, AttentionGroup, PrunePlan
 
 
 View = tuple[int, torch.Tensor, torch.Tensor]  # (from layer, [L] slots, [n, L] bool mask)
@@ -41,6 +41,10 @@ class ModelRunner:
         self.device = device
         cfg = model.config
         self.scale = cfg.head_dim**-0.5
+        # A fresh prompt chunk up to this long reads its own keys back from the cache like a draft
+        # tree, so that the C kernels serve its step beside other rows (models/cpu_decoder.py);
+        # longer ones attend over their own keys with SDPA (the C kernel's cost grows per query).
+        self.short_chunk = CPU_KERNEL_MAX_QUERIES if device.type == "cpu" else 0
 
     @torch.inference_mode()
     def run(self, plans: list[RowPlan]) -> dict[int, torch.Tensor]:
@@ -140,7 +144,7 @@ class ModelRunner:
         seq, n = plan.seq, len(plan.tokens)
         start = seq.num_computed
         q_index = torch.arange(offset, offset + n)
-        if start == 0 and plan.mask is None and seq.pruned_from is None:
+        if start == 0 and plan.mask is None and seq.pruned_from is None and (n > self.short_chunk or plan.prune_layer is not None):
             return _RowLayout(q_index, None)
         mask = plan.mask if plan.mask is not None else _causal_mask(start, n)
         return _RowLayout(q_index, self._views(seq, mask, start + n), seq.pruned_from is not None)

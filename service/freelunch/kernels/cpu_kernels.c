@@ -574,12 +574,47 @@ void fl_silu_mul(const float* gu, int64_t M, int64_t I, float* out) {
     }
 }
 
+/* ---- q and k before attention --------------------------------------------------------------------
+ * What a layer does to its q/k/v projection rows [T, (H + 2 Hkv) D] before attention, in place, in
+ * models/llama.py's order: q/k norms over the whole projection (OLMo2, OLMoE), clipping (OLMoE), q/k
+ * norms per head (Qwen3), then RoPE on the q and k heads. The per-layer path and the one-call decoder
+ * both call this, so they agree to the bit. */
+typedef struct {
+    const float* q_norm; /* [H D] (projection) or [D] (per head) RMSNorm weights, or NULL */
+    const float* k_norm;
+    int64_t norm;        /* 0: none, 1: per head, 2: over the projection */
+    float eps;
+    float clip;          /* clamp to [-clip, clip] when clipped */
+    int64_t clipped;
+} fl_qk;
+
+void fl_qk_prepare(float* qkv, int64_t T, int64_t H, int64_t Hkv, int64_t D, const fl_qk* qk, const float* cos,
+                   const float* sin) {
+    int64_t width = (H + 2 * Hkv) * D, qd = H * D, kv = Hkv * D;
+    for (int64_t t = 0; t < T; t++) {
+        float* row = qkv + t * width;
+        if (qk->norm == 2) {
+            fl_rms_norm(row, 0, qk->q_norm, qk->eps, 1, qd, row, row);
+            fl_rms_norm(row + qd, 0, qk->k_norm, qk->eps, 1, kv, row + qd, row + qd);
+        }
+        if (qk->clipped) {
+            float hi = qk->clip, lo = -qk->clip;
+            for (int64_t i = 0; i < width; i++) row[i] = row[i] < lo ? lo : (row[i] > hi ? hi : row[i]);
+        }
+        if (qk->norm == 1) {
+            fl_rms_norm(row, 0, qk->q_norm, qk->eps, H, D, row, row);
+            fl_rms_norm(row + qd, 0, qk->k_norm, qk->eps, Hkv, D, row + qd, row + qd);
+        }
+    }
+    fl_rope(qkv, T, H + Hkv, D, width, cos, sin);
+}
+
 /* ---- a whole dense decoder stack in one call ------------------------------------------------------
  * The layers of a Llama-family decoder (models/llama.py's DecoderLayer with a dense MLP) for a step
- * whose rows form one attention group (decoding, a draft tree): the same kernels in the same order as
- * the per-layer Python path, so the result is bit-identical, without the ~0.3 ms of PyTorch dispatch,
- * ctypes and allocation that a layer's dozen calls cost between them (a third of a decode step of
- * the default model on 2 AVX2 cores). */
+ * of any attention groups over the cache (decode rows, prompt chunks, draft trees): the same kernels in
+ * the same order as the per-layer Python path, so the result is bit-identical, without the ~0.3 ms of
+ * PyTorch dispatch, ctypes and allocation that a layer's dozen calls cost between them (a third of a
+ * decode step of the default model on 2 AVX2 cores). */
 typedef struct {
     int64_t kind; /* 0: float32 panels (fl_linear), 1: int8 (fl_linear_q8), 2: int4 (fl_linear_q4), 3: bfloat16 panels */
     const void* packed;
@@ -593,9 +628,20 @@ typedef struct {
     const float* input_norm;
     const float* post_norm;
     fl_matrix qkv, o, gate_up, down;
+    fl_qk qk;
     float* k_cache; /* [slots, Hkv, D] */
     float* v_cache;
 } fl_layer;
+
+/* B rows of n queries each that attend as fl_paged_attention over kv_index [B, Lk] (mask [B, n, Lk] or
+ * NULL); their tokens are rows q_index [B n] of the step (NULL: rows 0 .. B n - 1, in order). */
+typedef struct {
+    const int64_t* q_index;
+    int64_t B, n;
+    const int64_t* kv_index;
+    int64_t Lk;
+    const uint8_t* mask;
+} fl_group;
 
 static void matrix_apply(const fl_matrix* w, const float* x, int64_t M, int64_t K, float* y, int threads) {
     if (w->kind == 0)
@@ -610,26 +656,37 @@ static void matrix_apply(const fl_matrix* w, const float* x, int64_t M, int64_t 
 
 /* x [T, K]: the residual stream, updated in place through all L layers (the final norm is the
  * caller's). Token t is at rotary row t of cos/sin [T, D] and writes its k/v to cache slot slots[t];
- * the T = B * n queries attend in B rows over kv_index [B, Lk] (mask [B, n, Lk] or NULL) as
- * fl_paged_attention. scratch: T * (2 K + (H + 2 Hkv) D + 2 H D + 3 I) floats. */
+ * the queries attend in the G groups. scratch: T * (2 K + (H + 2 Hkv) D + 4 H D + 3 I) floats. */
 void fl_decoder(const fl_layer* layers, int64_t L, float* x, int64_t T, int64_t K, int64_t H, int64_t Hkv, int64_t D,
-                int64_t I, float eps, const float* cos, const float* sin, const int64_t* slots, int64_t B, int64_t n,
-                const int64_t* kv_index, int64_t Lk, const uint8_t* mask, float scale, float* scratch, int threads) {
+                int64_t I, float eps, const float* cos, const float* sin, const int64_t* slots, const fl_group* groups,
+                int64_t G, float scale, float* scratch, int threads) {
     int64_t width = (H + 2 * Hkv) * D, kv = Hkv * D, qd = H * D;
     float *h = scratch, *qkv = h + T * K, *q = qkv + T * width, *att = q + T * qd, *delta = att + T * qd,
-          *gu = delta + T * K, *act = gu + T * 2 * I;
+          *gu = delta + T * K, *act = gu + T * 2 * I, *gq = act + T * I, *gatt = gq + T * qd;
     for (int64_t l = 0; l < L; l++) {
         const fl_layer* ly = layers + l;
         fl_rms_norm(x, 0, ly->input_norm, eps, T, K, x, h);
         matrix_apply(&ly->qkv, h, T, K, qkv, threads);
-        fl_rope(qkv, T, H + Hkv, D, width, cos, sin);
+        fl_qk_prepare(qkv, T, H, Hkv, D, &ly->qk, cos, sin);
         for (int64_t t = 0; t < T; t++) {
             const float* row = qkv + t * width;
             memcpy(q + t * qd, row, sizeof(float) * qd);
             memcpy(ly->k_cache + slots[t] * kv, row + qd, sizeof(float) * kv);
             memcpy(ly->v_cache + slots[t] * kv, row + qd + kv, sizeof(float) * kv);
         }
-        fl_paged_attention(q, B, n, H, D, ly->k_cache, ly->v_cache, Hkv, kv_index, Lk, mask, scale, att, threads);
+        for (int64_t g = 0; g < G; g++) {
+            const fl_group* gr = groups + g;
+            int64_t rows = gr->B * gr->n;
+            if (!gr->q_index) {
+                fl_paged_attention(q, gr->B, gr->n, H, D, ly->k_cache, ly->v_cache, Hkv, gr->kv_index, gr->Lk, gr->mask,
+                                   scale, att, threads);
+                continue;
+            }
+            for (int64_t r = 0; r < rows; r++) memcpy(gq + r * qd, q + gr->q_index[r] * qd, sizeof(float) * qd);
+            fl_paged_attention(gq, gr->B, gr->n, H, D, ly->k_cache, ly->v_cache, Hkv, gr->kv_index, gr->Lk, gr->mask,
+                               scale, gatt, threads);
+            for (int64_t r = 0; r < rows; r++) memcpy(att + gr->q_index[r] * qd, gatt + r * qd, sizeof(float) * qd);
+        }
         matrix_apply(&ly->o, att, T, qd, delta, threads);
         fl_rms_norm(x, delta, ly->post_norm, eps, T, K, x, h);
         matrix_apply(&ly->gate_up, h, T, K, gu, threads);

@@ -150,10 +150,12 @@ def load() -> ctypes.CDLL | None:
     p, i64 = ctypes.c_void_p, ctypes.c_int64
     library.fl_rms_norm.argtypes = [p, p, p, ctypes.c_float, i64, i64, p, p]
     library.fl_rope.argtypes = [p, i64, i64, i64, i64, p, p]
+    library.fl_qk_prepare.argtypes = [p, i64, i64, i64, i64, p, p, p]
+    library.fl_qk_prepare.restype = None
     library.fl_silu_mul.argtypes = [p, i64, i64, p]
     library.fl_rms_norm.restype = library.fl_rope.restype = library.fl_silu_mul.restype = None
     f32 = ctypes.c_float
-    library.fl_decoder.argtypes = [p, i64, p, i64, i64, i64, i64, i64, i64, f32, p, p, p, i64, i64, p, i64, p, f32, p, ctypes.c_int]
+    library.fl_decoder.argtypes = [p, i64, p, i64, i64, i64, i64, i64, i64, f32, p, p, p, p, i64, f32, p, ctypes.c_int]
     library.fl_decoder.restype = None
     _library = library
     return library
@@ -276,11 +278,31 @@ def rms_norm(
     return total, out
 
 
-def rope_(library: ctypes.CDLL, x: torch.Tensor, heads: int, head_dim: int, cos: torch.Tensor, sin: torch.Tensor) -> None:
-    """Rotary embedding in place on the first `heads` heads of each row of x [T, ...] (contiguous
-    float32 rows); cos, sin [T, head_dim] float32."""
+class FlQk(ctypes.Structure):
+    """What a layer does to q and k before attention (fl_qk_prepare): norms, clipping; RoPE always."""
+
+    _fields_ = [("q_norm", ctypes.c_void_p), ("k_norm", ctypes.c_void_p), ("norm", ctypes.c_int64),
+                ("eps", ctypes.c_float), ("clip", ctypes.c_float), ("clipped", ctypes.c_int64)]  # fmt: skip
+
+    @classmethod
+    def of(
+        cls, norm: str | None, q_norm: torch.Tensor | None, k_norm: torch.Tensor | None, eps: float, clip: float | None
+    ) -> "FlQk":
+        """norm: None, "head" (weights [D]) or "projection" (weights [H D] and [Hkv D]), float32 weights."""
+        return cls(
+            None if q_norm is None else q_norm.data_ptr(), None if k_norm is None else k_norm.data_ptr(),
+            (None, "head", "projection").index(norm), eps, clip or 0.0, clip is not None,
+        )  # fmt: skip
+
+
+def qk_prepare_(
+    library: ctypes.CDLL, qkv: torch.Tensor, qk: FlQk, heads: int, kv_heads: int, head_dim: int, cos: torch.Tensor,
+    sin: torch.Tensor,
+) -> None:
+    """In place on the q/k/v projection rows qkv [T, (heads + 2 kv_heads) head_dim] (contiguous float32):
+    `qk`'s norms and clipping, then RoPE on the q and k heads; cos, sin [T, head_dim] float32."""
     cos, sin = cos.contiguous(), sin.contiguous()  # held here: the C call reads their memory
-    library.fl_rope(x.data_ptr(), x.shape[0], heads, head_dim, x.stride(0), cos.data_ptr(), sin.data_ptr())
+    library.fl_qk_prepare(qkv.data_ptr(), qkv.shape[0], heads, kv_heads, head_dim, ctypes.byref(qk), cos.data_ptr(), sin.data_ptr())
 
 
 def silu_mul(library: ctypes.CDLL, gate_up: torch.Tensor) -> torch.Tensor:
@@ -319,24 +341,41 @@ class FlMatrix(ctypes.Structure):
 
 class FlLayer(ctypes.Structure):
     _fields_ = [("input_norm", ctypes.c_void_p), ("post_norm", ctypes.c_void_p), ("qkv", FlMatrix), ("o", FlMatrix),
-                ("gate_up", FlMatrix), ("down", FlMatrix), ("k_cache", ctypes.c_void_p), ("v_cache", ctypes.c_void_p)]  # fmt: skip
+                ("gate_up", FlMatrix), ("down", FlMatrix), ("qk", FlQk), ("k_cache", ctypes.c_void_p),
+                ("v_cache", ctypes.c_void_p)]  # fmt: skip
+
+
+class FlGroup(ctypes.Structure):
+    _fields_ = [("q_index", ctypes.c_void_p), ("B", ctypes.c_int64), ("n", ctypes.c_int64), ("kv_index", ctypes.c_void_p),
+                ("Lk", ctypes.c_int64), ("mask", ctypes.c_void_p)]  # fmt: skip
+
+
+# One attention group of a step: (packed rows [B n] or None = the whole step in order, B, n,
+# kv_index [B, Lk] slot ids, mask [B, n, Lk] bool or None = all visible)
+Group = tuple[torch.Tensor | None, int, int, torch.Tensor, torch.Tensor | None]
 
 
 def decoder(
     library: ctypes.CDLL, layers: ctypes.Array, x: torch.Tensor, shape: tuple[int, int, int, int], eps: float,
-    cos: torch.Tensor, sin: torch.Tensor, slots: torch.Tensor, kv_index: torch.Tensor, n: int,
-    mask: torch.Tensor | None, scale: float,
+    cos: torch.Tensor, sin: torch.Tensor, slots: torch.Tensor, groups: list[Group], scale: float,
 ) -> None:
     """Run every layer of `layers` (FlLayer, k/v cache pointers filled in) over x [T, K] in place:
     shape = (heads, kv heads, head dim, intermediate size); cos, sin [T, D]; slots [T] where each
-    token's k/v go; the T = B * n queries attend over kv_index [B, Lk] (mask [B, n, Lk] bool or None)."""
+    token's k/v go; the queries attend in `groups` as fl_paged_attention."""
     t, k = x.shape
     h, hkv, d, i = shape
-    scratch = torch.empty(t * (2 * k + (h + 2 * hkv) * d + 2 * h * d + 3 * i), dtype=torch.float32)
-    cos, sin, slots, kv_index = cos.contiguous(), sin.contiguous(), slots.contiguous(), kv_index.contiguous()
-    mask = None if mask is None else mask.contiguous()  # held here: the C call reads their memory
+    scratch = torch.empty(t * (2 * k + (h + 2 * hkv) * d + 4 * h * d + 3 * i), dtype=torch.float32)
+    cos, sin, slots = cos.contiguous(), sin.contiguous(), slots.contiguous()
+    held = []  # the C call reads their memory
+    descs = (FlGroup * len(groups))()
+    for desc, (q_index, b, n, kv_index, mask) in zip(descs, groups):
+        q_index = None if q_index is None else q_index.contiguous()
+        kv_index, mask = kv_index.contiguous(), None if mask is None else mask.contiguous()
+        held += [q_index, kv_index, mask]
+        desc.q_index = None if q_index is None else q_index.data_ptr()
+        desc.B, desc.n, desc.kv_index, desc.Lk = b, n, kv_index.data_ptr(), kv_index.shape[1]
+        desc.mask = None if mask is None else mask.data_ptr()
     library.fl_decoder(
         ctypes.addressof(layers), len(layers), x.data_ptr(), t, k, h, hkv, d, i, eps, cos.data_ptr(), sin.data_ptr(),
-        slots.data_ptr(), kv_index.shape[0], n, kv_index.data_ptr(), kv_index.shape[1],
-        None if mask is None else mask.data_ptr(), scale, scratch.data_ptr(), torch.get_num_threads(),
+        slots.data_ptr(), ctypes.addressof(descs), len(groups), scale, scratch.data_ptr(), torch.get_num_threads(),
     )  # fmt: skip

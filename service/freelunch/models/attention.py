@@ -19,10 +19,12 @@ from freelunch.kernels import cpu_kernels
 from freelunch.kernels.paged_attention_ref import paged_attention_ref, sdpa_gqa
 from freelunch.models.expert_routing import ExpertRouting
 
-# Up to this many queries per row, the C kernel (freelunch/kernels/cpu_kernels.c) beats gathering the keys
-# and calling SDPA on float32 CPUs: 12 vs 140 us for one query over 107 keys, 31 vs 149 us for 7,
-# 159 vs 4300 us for 16 decode rows over 300; at 32 queries SDPA wins.
-CPU_KERNEL_MAX_QUERIES = 16
+# Up to this many queries per row, the C kernel (freelunch/kernels/cpu_kernels.c) serves attention on
+# float32 CPUs. Alone it beats gathering the keys and calling SDPA up to 16 (15 vs 76 us for one query
+# over 300 keys, 78 vs 118 for 8, 159 vs 4300 for 16 decode rows over 300); at 64 over 300 keys it
+# takes 670 us to SDPA's 435, but it lets the step run as one C call (models/cpu_decoder.py), which
+# saves about 0.3 ms a layer: draft trees of 64 nodes and short prompt chunks ride it.
+CPU_KERNEL_MAX_QUERIES = 64
 
 
 @functools.cache

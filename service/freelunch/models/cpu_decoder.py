@@ -1,13 +1,15 @@
-"""A dense Llama-family decoder's layers as one C call, for steps whose rows form one attention group.
+"""A dense Llama-family decoder's layers as one C call.
 
 Each layer's Python path (models/llama.py) makes a dozen calls into our C kernels and PyTorch,
 and between them PyTorch dispatch, ctypes and allocation cost about 0.3 ms a layer: on the
 default model (30 layers, 2 AVX2 cores) about 8 of a 23 ms decode step. `fl_decoder`
 (kernels/cpu_kernels.c) runs the same kernels in the same order over all layers, so its result
-is bit-identical to the per-layer path, which still serves every step it does not: several
-attention groups (prefill chunks beside decode rows), fresh prompts, pruning, more than 16
-queries a row, and models or layers the kernels do not cover. FREELUNCH_CPU_DECODER=layers
-turns it off (profiling, comparisons).
+is bit-identical to the per-layer path. It serves any step whose attention groups read the cache
+with at most CPU_KERNEL_MAX_QUERIES queries a row (decode rows, paired rows, `n` choices, draft
+trees, prompt chunks that short, beside each other), over layers with q/k norms, clipping and
+biases. The per-layer path still serves the rest: longer prompt chunks from position 0 (SDPA),
+pruning, a split cache, MoE layers. FREELUNCH_CPU_DECODER=layers turns it off (profiling,
+comparisons).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ class CpuDecoderStack:
             desc.input_norm = layer.input_layernorm.weight.data_ptr()
             desc.post_norm = layer.post_attention_layernorm.weight.data_ptr()
             desc.qkv, desc.o, desc.gate_up, desc.down = (cpu_kernels.FlMatrix.of(m) for m in (qkv, o, gate_up, down))
+            desc.qk = layer.self_attn.qk_kernel()
 
     @classmethod
     def build(cls, layers: nn.ModuleList) -> "CpuDecoderStack | None":
@@ -52,10 +55,13 @@ class CpuDecoderStack:
         matrices = []
         for layer in layers:
             attn, norms = layer.self_attn, (layer.input_layernorm, layer.post_attention_layernorm)
-            if attn.qk_norm is not None or attn.clip_qkv is not None:
-                return None
             eps = first.input_layernorm.eps
             if any(nm.weight.dtype != torch.float32 or nm.weight.device.type != "cpu" or nm.eps != eps for nm in norms):
+                return None
+            qk_norms = [nm for nm in (attn.q_norm, attn.k_norm) if nm is not None]
+            if any(nm.weight.dtype != torch.float32 or nm.weight.device.type != "cpu" for nm in qk_norms):
+                return None
+            if qk_norms and attn.k_norm.eps != attn.q_norm.eps:
                 return None
             if layer.mlp.intermediate != first.mlp.intermediate:
                 return None
@@ -78,14 +84,13 @@ class CpuDecoderStack:
         return len(layers) == len(modules) and all(_layer_modules(layer) == seen for layer, seen in zip(layers, modules))
 
     def serves(self, x: torch.Tensor, attn: AttentionBatch) -> bool:
-        """Whether this step is one the C path computes: float32 rows on the CPU in one attention
-        group over the cache (decode rows, or one row of a draft tree), nothing pruned."""
+        """Whether this step is one the C path computes: float32 rows on the CPU whose groups all read
+        the cache through one view with at most CPU_KERNEL_MAX_QUERIES queries a row, nothing pruned."""
         if x.dtype != torch.float32 or x.device.type != "cpu" or x.dim() != 2 or not x.is_contiguous():
             return False
-        if attn.prune is not None or attn.routing is not None or len(attn.slot_mappings) != 1 or len(attn.groups) != 1:
+        if attn.prune is not None or attn.routing is not None or len(attn.slot_mappings) != 1:
             return False
-        group = attn.groups[0]
-        if group.q_index is not None or group.views is None or len(group.views) != 1 or group.n > CPU_KERNEL_MAX_QUERIES:
+        if any(g.views is None or len(g.views) != 1 or g.n > CPU_KERNEL_MAX_QUERIES for g in attn.groups):
             return False
         k_cache, v_cache = attn.kv_caches[0]
         return k_cache.dtype == v_cache.dtype == torch.float32 and k_cache.is_contiguous() and v_cache.is_contiguous()
@@ -94,10 +99,9 @@ class CpuDecoderStack:
         """Every layer over x [T, hidden] in place (a step `serves` accepted)."""
         for desc, (k_cache, v_cache) in zip(self.layers, attn.kv_caches):
             desc.k_cache, desc.v_cache = k_cache.data_ptr(), v_cache.data_ptr()
-        group = attn.groups[0]
-        _, kv_index, mask = group.views[0]
+        groups = [(g.q_index, g.batch, g.n, *g.views[0][1:]) for g in attn.groups]
         slots = attn.slot_mappings[0][1]
-        cpu_kernels.decoder(self.library, self.layers, x, self.shape, self.eps, cos, sin, slots, kv_index, group.n, mask, attn.scale)
+        cpu_kernels.decoder(self.library, self.layers, x, self.shape, self.eps, cos, sin, slots, groups, attn.scale)
 
 
 def _layer_modules(layer: nn.Module) -> tuple[nn.Module | None, ...]:

@@ -180,26 +180,35 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: AttentionBatch) -> torch.Tensor:
         t = x.shape[0]
-        heads = self.num_heads + 2 * self.num_kv_heads
+        h, hkv = self.num_heads, self.num_kv_heads
         qkv = self.qkv_proj(x)
+        norms = [norm.weight for norm in (self.q_norm, self.k_norm) if norm is not None]
+        library = _fused(qkv, cos, *norms) if qkv.is_contiguous() else None
+        if library is not None:  # norms, clipping and RoPE in place in one call, as the one-call decoder does
+            cpu_kernels.qk_prepare_(library, qkv, self.qk_kernel(), h, hkv, self.head_dim, cos, sin)
+            qkv = qkv.view(t, h + 2 * hkv, self.head_dim)
+            q, k, v = qkv[:, :h], qkv[:, h : h + hkv], qkv[:, h + hkv :]
+            return self.o_proj(attn.attend(self.layer_idx, q, k, v))
         if self.qk_norm == "projection":  # OLMoE: one norm over all q heads, one over all k heads
             q, k, v = qkv.split(self.split, dim=-1)
             qkv = torch.cat([self.q_norm(q), self.k_norm(k), v], dim=-1)
         if self.clip_qkv is not None:  # OLMoE clamps after the norms
             qkv = qkv.clamp(-self.clip_qkv, self.clip_qkv)
-        qkv = qkv.view(t, heads, self.head_dim)  # [T, H + 2*Hkv, D]
-        qk, v = qkv[:, : self.num_heads + self.num_kv_heads], qkv[:, self.num_heads + self.num_kv_heads :]
+        qkv = qkv.view(t, h + 2 * hkv, self.head_dim)  # [T, H + 2*Hkv, D]
+        qk, v = qkv[:, : h + hkv], qkv[:, h + hkv :]
         if self.qk_norm == "head":
-            qk = torch.cat([self.q_norm(qk[:, : self.num_heads]), self.k_norm(qk[:, self.num_heads :])], dim=1)
-        library = _fused(qkv, cos) if self.qk_norm != "head" and qkv.is_contiguous() else None
-        if library is not None:  # in place on the q and k heads of the projection's output
-            cpu_kernels.rope_(library, qkv, self.num_heads + self.num_kv_heads, self.head_dim, cos, sin)
-            qk = qkv[:, : self.num_heads + self.num_kv_heads]
-        else:  # RoPE on q and k heads at once (half the elementwise ops of doing them apart)
-            qk = qk * cos[:, None, :] + rotate_half(qk) * sin[:, None, :]
-        q, k = qk[:, : self.num_heads], qk[:, self.num_heads :]
-        out = attn.attend(self.layer_idx, q, k, v)  # [T, H*D]
+            qk = torch.cat([self.q_norm(qk[:, :h]), self.k_norm(qk[:, h:])], dim=1)
+        qk = qk * cos[:, None, :] + rotate_half(qk) * sin[:, None, :]  # q and k heads at once
+        out = attn.attend(self.layer_idx, qk[:, :h], qk[:, h:], v)  # [T, H*D]
         return self.o_proj(out)
+
+    def qk_kernel(self) -> cpu_kernels.FlQk:
+        """This layer's q/k norms and clipping as the C kernels take them (float32 norm weights)."""
+        q_norm, k_norm = self.q_norm, self.k_norm
+        return cpu_kernels.FlQk.of(
+            self.qk_norm, None if q_norm is None else q_norm.weight, None if k_norm is None else k_norm.weight,
+            q_norm.eps if q_norm is not None else 0.0, self.clip_qkv,
+        )  # fmt: skip
 
 
 class MLP(nn.Module):
