@@ -174,6 +174,9 @@ def test_metrics_exported(server, client):
 
     info = next(line for line in text.splitlines() if line.startswith("freelunch_cpu_info{"))
     assert f'isa="{isa_level()}"' in info and f'features="{" ".join(cpu_features())}"' in info
+    # forwards by the path the layers took: the tiny Llama's decode steps run in one C call
+    steps = {line.split('"')[1]: float(line.split()[-1]) for line in text.splitlines() if line.startswith("freelunch_engine_steps_total{")}
+    assert set(steps) == {"one_call", "per_layer"} and steps["one_call"] >= 1
 
 
 def test_stream_disconnect_frees_kv(server):

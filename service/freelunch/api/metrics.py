@@ -34,7 +34,7 @@ class Metrics:
         Gauge("freelunch_prefix_cache_blocks", "KV blocks named in the prefix cache", registry=r).set_function(
             lambda: stats().prefix_cache_blocks
         )
-        r.register(_EvictionCollector(stats))
+        r.register(_WorkerCounters(stats))
         self.prefix_cache_queries = Counter(
             "freelunch_prefix_cache_queries", "Prompt tokens looked up in the prefix cache", registry=r
         )
@@ -133,13 +133,22 @@ class Metrics:
             self.pruned_image_tokens.labels(method=pruning.get("method", "")).inc(pruned)
 
 
-class _EvictionCollector:
-    """The workers' eviction totals, as a counter (each worker counts since it started)."""
+class _WorkerCounters:
+    """The workers' totals as counters (each worker counts since it started): evictions, forwards by path."""
 
     def __init__(self, stats: Callable[[], object]) -> None:
         self.stats = stats
 
     def collect(self):
+        stats = self.stats()
         yield CounterMetricFamily(
-            "freelunch_prefix_cache_evictions", "Cached KV blocks whose memory went to other requests", value=self.stats().prefix_cache_evictions
+            "freelunch_prefix_cache_evictions", "Cached KV blocks whose memory went to other requests", value=stats.prefix_cache_evictions
         )
+        steps = CounterMetricFamily(
+            "freelunch_engine_steps",
+            "Model forwards by the path the layers took: one_call (every layer in one C call) or per_layer",
+            labels=["path"],
+        )
+        for path, count in sorted(stats.steps_by_path.items()):
+            steps.add_metric([path], count)
+        yield steps

@@ -137,6 +137,10 @@ class VllmEngine:
     prefix_cache_blocks = 0
     prefix_cache_evictions = 0
 
+    @property
+    def steps_by_path(self) -> dict[str, int]:
+        return {}  # vLLM's own model runner: no path of ours
+
     def has_work(self) -> bool:
         return bool(self.requests) or bool(self._finished)
 

@@ -291,6 +291,11 @@ class Engine:
         return self.blocks.cache_stats.evictions
 
     @property
+    def steps_by_path(self) -> dict[str, int]:
+        """Forwards by the path the model's layers took (one C call, per layer)."""
+        return dict(getattr(self.model, "steps_by_path", {}))
+
+    @property
     def num_running(self) -> int:
         return self.scheduler.num_running
 

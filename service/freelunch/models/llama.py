@@ -243,6 +243,9 @@ class DecoderLayer(nn.Module):
         return x + (self.mlp(h) if isinstance(self.mlp, MLP) else self.mlp(h, attn.routing))
 
 
+STACK_PATH, LAYER_PATH = "one_call", "per_layer"
+
+
 class LlamaForCausalLM(nn.Module):
     """Packed-batch Llama. `forward` returns hidden states; `logits` projects selected rows."""
 
@@ -256,6 +259,8 @@ class LlamaForCausalLM(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.rotary = RotaryTable(hf_config, cfg.head_dim, cfg.max_position_embeddings)
+        # forwards by the path they took (/metrics): STACK_PATH (every layer in one C call) or LAYER_PATH
+        self.steps_by_path: dict[str, int] = {STACK_PATH: 0, LAYER_PATH: 0}
 
     def forward(
         self,
@@ -277,7 +282,9 @@ class LlamaForCausalLM(nn.Module):
         stack = self.cpu_decoder_stack()
         if stack is not None and stack.serves(x, attn):  # every layer in one C call, bit-identical
             stack.run(x, cos, sin, attn)
+            self.steps_by_path[STACK_PATH] += 1
             return self.norm(x)
+        self.steps_by_path[LAYER_PATH] += 1
         for i, layer in enumerate(self.layers):
             keep = attn.keep_before_layer(i)
             if keep is not None:  # a prefill transform drops tokens from here on

@@ -67,6 +67,10 @@ class LlavaForConditionalGeneration(nn.Module):
     def forward(self, *args, **kwargs) -> torch.Tensor:
         return self.language_model(*args, **kwargs)
 
+    @property
+    def steps_by_path(self) -> dict[str, int]:
+        return self.language_model.steps_by_path
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.language_model.logits(hidden)
 

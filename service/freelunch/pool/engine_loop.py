@@ -10,7 +10,7 @@ import logging
 import threading
 import traceback
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from freelunch.engine.errors import EngineError
@@ -35,6 +35,7 @@ class WorkerStats:
     kv_usage: float = 0.0
     prefix_cache_blocks: int = 0  # blocks named in the prefix cache
     prefix_cache_evictions: int = 0  # cached blocks whose memory went to other rows, since start
+    steps_by_path: dict[str, int] = field(default_factory=dict)  # forwards by the path they took, since start
 
 
 class Sink(Protocol):
@@ -59,6 +60,7 @@ class EngineBackend(Protocol):
     kv_usage: float
     prefix_cache_blocks: int
     prefix_cache_evictions: int
+    steps_by_path: dict[str, int]
 
     def add_request(self, request: GenerationRequest) -> None: ...
 
@@ -124,7 +126,7 @@ class EngineLoop:
 
     def stats(self) -> WorkerStats:
         e = self.engine
-        return WorkerStats(e.num_running, e.num_waiting, e.kv_usage, e.prefix_cache_blocks, e.prefix_cache_evictions)
+        return WorkerStats(e.num_running, e.num_waiting, e.kv_usage, e.prefix_cache_blocks, e.prefix_cache_evictions, e.steps_by_path)
 
     def _post(self, kind: str, item: GenerationRequest | str) -> None:
         with self._lock:

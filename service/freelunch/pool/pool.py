@@ -8,7 +8,7 @@ the other backend that does."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 
 from freelunch.engine.request import GenerationRequest, RequestOutput
@@ -105,6 +105,7 @@ class WorkerPool:
             sum(p.kv_usage for p in parts) / len(parts),
             sum(p.prefix_cache_blocks for p in parts),
             sum(p.prefix_cache_evictions for p in parts),
+            _summed(p.steps_by_path for p in parts),
         )
 
     def worker_states(self) -> list[WorkerState]:
@@ -170,3 +171,12 @@ class WorkerPool:
         finally:
             if not finished:
                 worker.abort(request.request_id)
+
+
+def _summed(counts: Iterable[dict[str, int]]) -> dict[str, int]:
+    """Counts added by key (zeros kept: a Counter's sum drops them)."""
+    total: dict[str, int] = {}
+    for part in counts:
+        for key, n in part.items():
+            total[key] = total.get(key, 0) + n
+    return total
