@@ -204,6 +204,26 @@ def test_greedy_is_argmax():
             assert tok == int(np.argmax(logits.numpy()))
 
 
+def test_a_batch_mixing_greedy_and_other_rows_gives_each_row_its_own_token():
+    """Plain greedy rows share one argmax; rows with penalties, logprobs or sampling keep their own
+    treatment, in their place in the batch."""
+    logits = [_logits(seed, vocab=100) for seed in range(5)]
+    rows = [
+        _row(logits[0], temperature=0.0),
+        _row(logits[1], temperature=0.0, logprobs=2),
+        _row(logits[2], temperature=0.0),
+        _row(logits[3], temperature=0.0, repetition_penalty=50.0),
+        _row(logits[4], temperature=0.0),
+    ]
+    rows[3].output_ids = [int(np.argmax(logits[3].numpy()))]  # penalised away
+    got = sample(rows)
+    alone = [sample([row])[0] for row in rows]
+    assert [t for t, _ in got] == [t for t, _ in alone]
+    assert [t for t, _ in got][:3] == [int(np.argmax(lg.numpy())) for lg in logits[:3]]
+    assert got[3][0] != int(np.argmax(logits[3].numpy()))
+    assert got[1][1] is not None and got[1][1].top and got[0][1] is None
+
+
 def test_seeded_sampling_is_deterministic_and_per_row():
     logits = [_logits(s, vocab=50, scale=1.0) for s in range(40)]
 

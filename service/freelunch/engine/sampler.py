@@ -66,26 +66,44 @@ def top_logprobs(logprobs: torch.Tensor, token: int, k: int) -> TokenLogprob:
     return TokenLogprob(token, float(logprobs[token]), top)
 
 
+def _plain_greedy(row: SampleRow) -> bool:
+    """A row whose token is its logits' argmax and nothing more (no penalty, mask or logprobs)."""
+    p = row.params
+    return p.greedy and not p.penalised and p.logprobs is None and not (len(row.output_ids) < p.min_tokens and row.stop_ids)
+
+
 def sample(rows: list[SampleRow]) -> list[tuple[int, TokenLogprob | None]]:
-    """One token per row, with its logprob record when the row asked for logprobs."""
-    out: list[tuple[int, TokenLogprob | None]] = []
-    for row in rows:
-        p = row.params
-        logits = row.logits
-        needs_copy = p.penalised or (len(row.output_ids) < p.min_tokens and row.stop_ids)
-        if needs_copy:
-            logits = logits.clone()
-        if len(row.output_ids) < p.min_tokens and row.stop_ids:
-            logits[list(row.stop_ids)] = float("-inf")
-        if p.penalised:
-            apply_penalties(logits, p, row.prompt_ids, row.output_ids)
-        if p.greedy:
-            token = int(torch.argmax(logits))
-        else:
-            probs = filter_logits(logits, p).softmax(-1)
-            token = int(torch.multinomial(probs, 1, generator=row.generator))
-        record = None
-        if p.logprobs is not None:
-            record = top_logprobs(torch.log_softmax(row.logits, -1), token, p.logprobs)
-        out.append((token, record))
+    """One token per row, with its logprob record when the row asked for logprobs. Plain greedy
+    rows take one argmax over all of them (a call per row cost ~0.1 ms each at the default vocab)."""
+    greedy = [i for i, row in enumerate(rows) if _plain_greedy(row)] if len(rows) > 1 else []
+    out: list[tuple[int, TokenLogprob | None]] = [(0, None)] * len(rows)
+    if greedy:
+        tokens = torch.stack([rows[i].logits for i in greedy]).argmax(dim=-1).tolist()
+        for i, token in zip(greedy, tokens):
+            out[i] = (token, None)
+    batched = set(greedy)
+    for i, row in enumerate(rows):
+        if i not in batched:
+            out[i] = _sample_row(row)
     return out
+
+
+def _sample_row(row: SampleRow) -> tuple[int, TokenLogprob | None]:
+    p = row.params
+    logits = row.logits
+    needs_copy = p.penalised or (len(row.output_ids) < p.min_tokens and row.stop_ids)
+    if needs_copy:
+        logits = logits.clone()
+    if len(row.output_ids) < p.min_tokens and row.stop_ids:
+        logits[list(row.stop_ids)] = float("-inf")
+    if p.penalised:
+        apply_penalties(logits, p, row.prompt_ids, row.output_ids)
+    if p.greedy:
+        token = int(torch.argmax(logits))
+    else:
+        probs = filter_logits(logits, p).softmax(-1)
+        token = int(torch.multinomial(probs, 1, generator=row.generator))
+    record = None
+    if p.logprobs is not None:
+        record = top_logprobs(torch.log_softmax(row.logits, -1), token, p.logprobs)
+    return token, record
