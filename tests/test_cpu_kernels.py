@@ -216,3 +216,25 @@ def test_elementwise_kernels_match_pytorch(rows: int, width: int) -> None:
         desc = cpu_kernels.FlQk.of(norm, q_w if norm else None, k_w if norm else None, 1e-6, clip)
         cpu_kernels.qk_prepare_(library, qkv, desc, h, hkv, head_dim, cos, sin)
         torch.testing.assert_close(qkv.view_as(want), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("rows,vocab,k", [(1, 49152, 8), (5, 1000, 8), (3, 7, 4), (2, 100, 32), (4, 300, 1)])
+def test_topk_matches_torch_and_orders_ties_by_index(rows: int, vocab: int, k: int) -> None:
+    """Token Recycling's table update and greedy target read it: the values of torch.topk, and of
+    equal values the lower index first (the one argmax picks)."""
+    library = cpu_kernels.load()
+    gen = torch.Generator().manual_seed(rows * vocab + k)
+    x = torch.randn(rows, vocab, generator=gen)
+    x[0, vocab - 1] = x[0, vocab // 2] = x[0].max() + 1  # a tie at the top, the later index first in memory order
+    if rows > 1:
+        x[-1, : vocab // 2] = float("-inf")  # masked entries (a grammar, a plausibility cut)
+    values, indices = cpu_kernels.topk(library, x, k)
+    want_values, _ = torch.topk(x, k)
+    assert torch.equal(values, want_values)
+    assert torch.equal(x.gather(1, indices), values)
+    assert int(indices[0, 0]) == vocab // 2 == int(x[0].argmax())
+    for r in range(rows):  # among equal values, ascending index
+        for a, b in zip(range(k - 1), range(1, k)):
+            if values[r, a] == values[r, b]:
+                assert indices[r, a] < indices[r, b]
+    assert all(len(set(row)) == k for row in indices.tolist())

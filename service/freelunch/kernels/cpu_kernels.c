@@ -574,6 +574,42 @@ void fl_silu_mul(const float* gu, int64_t M, int64_t I, float* out) {
     }
 }
 
+/* ---- the k largest values of each row ------------------------------------------------------------
+ * values, indices [M, k]: row m's k largest entries, largest first; of equal values the lower index
+ * first (as a stable sort would give them). One pass: 8 entries at a time are compared with the
+ * k-th largest so far, and only those above it are inserted (few, after the first hundreds), so a
+ * row of the default vocabulary (49,152) takes ~15 us against torch.topk's ~65. Entries must not
+ * be NaN; k <= N. */
+/* Insert (val, j) into v/ix, which hold `filled` entries in order (at most k kept). */
+static inline void topk_insert(float* v, int64_t* ix, int64_t* filled, int64_t k, float val, int64_t j) {
+    int64_t at = *filled < k ? *filled : k - 1;
+    while (at > 0 && v[at - 1] < val) { /* strictly less: an equal earlier entry stays ahead */
+        v[at] = v[at - 1];
+        ix[at] = ix[at - 1];
+        at--;
+    }
+    if (*filled < k) (*filled)++;
+    v[at] = val;
+    ix[at] = j;
+}
+
+void fl_topk(const float* x, int64_t M, int64_t N, int64_t k, float* values, int64_t* indices) {
+    for (int64_t m = 0; m < M; m++) {
+        const float* row = x + m * N;
+        float* v = values + m * k;
+        int64_t* ix = indices + m * k;
+        int64_t filled = 0, j = 0;
+        for (; j < N && filled < k; j++) topk_insert(v, ix, &filled, k, row[j], j);
+        for (; j + 8 <= N; j += 8) {
+            if (!_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(row + j), _mm256_set1_ps(v[k - 1]), _CMP_GT_OQ))) continue;
+            for (int64_t b = j; b < j + 8; b++)
+                if (row[b] > v[k - 1]) topk_insert(v, ix, &filled, k, row[b], b);
+        }
+        for (; j < N; j++)
+            if (row[j] > v[k - 1]) topk_insert(v, ix, &filled, k, row[j], j);
+    }
+}
+
 /* ---- q and k before attention --------------------------------------------------------------------
  * What a layer does to its q/k/v projection rows [T, (H + 2 Hkv) D] before attention, in place, in
  * models/llama.py's order: q/k norms over the whole projection (OLMo2, OLMoE), clipping (OLMoE), q/k

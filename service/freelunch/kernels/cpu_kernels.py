@@ -153,6 +153,8 @@ def load() -> ctypes.CDLL | None:
     library.fl_qk_prepare.argtypes = [p, i64, i64, i64, i64, p, p, p]
     library.fl_qk_prepare.restype = None
     library.fl_silu_mul.argtypes = [p, i64, i64, p]
+    library.fl_topk.argtypes = [p, i64, i64, i64, p, p]
+    library.fl_topk.restype = None
     library.fl_rms_norm.restype = library.fl_rope.restype = library.fl_silu_mul.restype = None
     f32 = ctypes.c_float
     library.fl_decoder.argtypes = [p, i64, p, i64, i64, i64, i64, i64, i64, f32, p, p, p, p, i64, f32, p, ctypes.c_int]
@@ -303,6 +305,17 @@ def qk_prepare_(
     `qk`'s norms and clipping, then RoPE on the q and k heads; cos, sin [T, head_dim] float32."""
     cos, sin = cos.contiguous(), sin.contiguous()  # held here: the C call reads their memory
     library.fl_qk_prepare(qkv.data_ptr(), qkv.shape[0], heads, kv_heads, head_dim, ctypes.byref(qk), cos.data_ptr(), sin.data_ptr())
+
+
+def topk(library: ctypes.CDLL, x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k largest entries of each row of x [M, N] (float32, no NaN, k <= N), largest first, of
+    equal values the lower index first: (values [M, k], indices [M, k] int64), as torch.topk gives
+    them up to the order of ties."""
+    x = x.contiguous()
+    m, n = x.shape
+    values, indices = x.new_empty(m, k), torch.empty(m, k, dtype=torch.long)
+    library.fl_topk(x.data_ptr(), m, n, k, values.data_ptr(), indices.data_ptr())
+    return values, indices
 
 
 def silu_mul(library: ctypes.CDLL, gate_up: torch.Tensor) -> torch.Tensor:

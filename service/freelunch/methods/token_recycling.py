@@ -21,6 +21,7 @@ back to plain decoding and say so in `usage.method_stats.speculative.fallback`.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -31,6 +32,7 @@ from pydantic import Field, field_validator
 from freelunch.engine.request import GenerationRequest, Sequence
 from freelunch.engine.sampler import top_logprobs
 from freelunch.engine.strategy import RowPlan, Sampled, StepContext
+from freelunch.kernels import cpu_kernels
 from freelunch.methods import OptionError, register, validate_options
 from freelunch.methods.pipeline import Pipeline, Stage
 from freelunch.methods.spec import MethodOptions, MethodSpec
@@ -109,6 +111,9 @@ class AdjacencyTable:
         self.acceptance = RankAcceptance(k)  # what its candidates' ranks are worth, by depth
         self._default: dict[int, DraftTree] = {}  # by the rows a request verifies it on
         self._steps_since_choice = 0
+        # seconds a verify step spends outside the forward (drafting, acceptance, the table's
+        # update, keeping the path's KV), a moving average over verify steps: a tree must also pay this
+        self.step_work_s = 0.0
 
     def default_tree(self, cost: VerifyCost, rows: int = 1) -> DraftTree:
         """The tree for requests that name none: the most tokens per second under the observed
@@ -119,8 +124,12 @@ class AdjacencyTable:
             self._steps_since_choice = 0
         if rows not in self._default:
             scaled = cost if rows == 1 else (lambda tokens: cost(tokens * rows))
-            self._default[rows] = DraftTree.from_template(best_tree(scaled, self.acceptance.probabilities()))
+            self._default[rows] = DraftTree.from_template(best_tree(scaled, self.acceptance.probabilities(), self.step_work_s))
         return self._default[rows]
+
+    def note_step_work(self, seconds: float) -> None:
+        """A verify step's work outside the forward."""
+        self.step_work_s = seconds if not self.step_work_s else 0.95 * self.step_work_s + 0.05 * seconds
 
     def observe(self, ranks: list[int]) -> None:
         self.acceptance.observe(ranks)
@@ -161,7 +170,16 @@ class AdjacencyTable:
         return tokens
 
 
-def _greedy(logits: torch.Tensor, top: Any) -> torch.Tensor:
+def _topk(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values, indices) [N, k] of each row's k best scores, best first: the C kernel where it
+    serves (a verify step's table update took ~65 us a node with torch.topk, ~5 with it)."""
+    library = cpu_kernels.load() if scores.device.type == "cpu" and scores.dtype == torch.float32 else None
+    if library is None:
+        return tuple(torch.topk(scores, k, dim=-1))
+    return cpu_kernels.topk(library, scores, k)
+
+
+def _greedy(logits: torch.Tensor, top: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
     """argmax per row, as plain decoding picks it (the first of equal maxima), read from the top-k
     where the maximum is unique: one pass over the vocabulary instead of two."""
     values, indices = top
@@ -254,6 +272,7 @@ class TokenRecycling(Stage):
         self.steps = self.draft_tokens = self.accepted_tokens = self.plain_steps = 0
         self.plain_by_cost = 0  # steps where no tree paid here (every PROBE_EVERY-th of them probed)
         self.jump_forward_tokens = self.pruned_draft_tokens = 0
+        self._drafting_s = 0.0  # the last draft's
 
     def attach(self, pipeline: Pipeline) -> None:
         """Choose the tree, now that the rows a verify forward covers are known. Without a tree of
@@ -290,6 +309,7 @@ class TokenRecycling(Stage):
         return max(self.tree.size, PROBE_TREE.size)  # a request whose tree has no nodes still probes
 
     def draft(self, pipeline: Pipeline, budget: int) -> Draft | None:
+        started = time.perf_counter()
         if self.cost is not None:  # the table's default may have changed since the last step
             self.tree = self.table.default_tree(self.cost, self._rows)
         tree = self.tree
@@ -310,6 +330,7 @@ class TokenRecycling(Stage):
         forced = False
         if pipeline.constraint is not None:  # draft what the grammar allows, or what it forces
             tree, tokens, forced = self._constrained(pipeline.constraint, tree, tokens)
+        self._drafting_s = time.perf_counter() - started
         return Draft(tree, tokens, self.table.table[tokens], forced)
 
     def _constrained(self, c: Any, tree: DraftTree, draft: torch.Tensor) -> tuple[DraftTree, torch.Tensor, bool]:
@@ -344,9 +365,10 @@ class TokenRecycling(Stage):
         """Greedy acceptance on the combined distribution of every row ([N, vocab] each): walk from
         the root while the drafted child is the argmax at its parent; the argmax at the last
         accepted node is the bonus token. Every row keeps only the accepted path's KV."""
+        started = time.perf_counter()
         combined = pipeline.combined(rows)  # [N, vocab]
         tree, drafted = draft.tree, draft.tokens.tolist()
-        top = torch.topk(combined, self.table.table.shape[1], dim=-1)
+        top = _topk(combined, self.table.table.shape[1])
         selected = combined
         if pipeline.constraint is None:
             target = _greedy(combined, top).tolist()  # the greedy choice after each node
@@ -362,7 +384,7 @@ class TokenRecycling(Stage):
             path, target, selected = _constrained_walk(pipeline.constraint, combined, tree, drafted)
         if not draft.forced:  # a forced chain says nothing of the table's ranks
             self.table.observe(_ranks(draft.table_rows, path, target))
-        self.table.update(draft.tokens, top.indices)  # the table learns the combined distribution
+        self.table.update(draft.tokens, top[1])  # the table learns the combined distribution
         for seq in pipeline.rows:
             start = seq.num_computed
             ctx.commit_kv(seq, [start + i for i in path])
@@ -372,6 +394,7 @@ class TokenRecycling(Stage):
         self.steps += 1
         self.draft_tokens += tree.size - 1
         self.accepted_tokens += len(path) - 1
+        self.table.note_step_work(self._drafting_s + time.perf_counter() - started)
         k = self.request.params.logprobs
         if k is None:
             return [Sampled(t) for t in tokens]

@@ -25,6 +25,10 @@ MAX_DEPTH = max(len(p) for p in TEMPLATE_222)
 # Pseudo-counts pulling a depth's estimate towards all depths' (and those towards the prior):
 # a few dozen observations move it, one step does not.
 _PSEUDO_COUNT = 16.0
+# A tree must promise this many times plain decoding's tokens per second: the verify costs were
+# timed once, at start-up, and a real step's differ by a few percent (measured on the default GGUF,
+# 2 AVX-512 cores: a 1-node tree that promised 1.04x decoded at 0.91x, bench/results/step_profile_methods.json).
+_MIN_GAIN = 1.05
 # Tree sizes whose expected tokens per second are within this factor of the best one count as tied.
 _NEAR_BEST = 0.98
 # Counts halve when depth 1 has seen this many steps: the estimate follows changes in traffic.
@@ -89,9 +93,10 @@ class RankAcceptance:
         return by_depth[:, : self.k]
 
 
-def best_tree(cost: VerifyCost, probabilities: torch.Tensor) -> list[tuple[int, ...]]:
+def best_tree(cost: VerifyCost, probabilities: torch.Tensor, step_work_s: float = 0.0) -> list[tuple[int, ...]]:
     """The 2.2.2 nodes (parents first) that give the most expected tokens per second, given
-    P(rank | depth) ([MAX_DEPTH, k]); none where decoding plainly gives as many."""
+    P(rank | depth) ([MAX_DEPTH, k]) and the seconds a verify step spends outside its forward;
+    none where decoding plainly gives nearly as many (within _MIN_GAIN)."""
     k = probabilities.shape[1]
 
     def score(path: tuple[int, ...]) -> float:
@@ -101,11 +106,11 @@ def best_tree(cost: VerifyCost, probabilities: torch.Tensor) -> list[tuple[int, 
     rates, expected = [], 1.0
     for size, path in enumerate(ranked, start=1):
         expected += score(path)
-        rates.append(expected / cost(size + 1))
+        rates.append(expected / (cost(size + 1) + step_work_s))
     # Plain decoding is a candidate too: where verifying even one node costs more than it yields
     # (compute-bound kernels: the default GGUF's int4 layers on 2 AVX2 cores verify 2 tokens at
     # 1.5x one), no tree is the fastest.
-    if 1.0 / cost(1) >= max(rates):
+    if _MIN_GAIN / cost(1) >= max(rates):
         return []
     # The smallest tree within _NEAR_BEST of the best rate: the timings are noisy by a few
     # percent, and where sizes tie within that, a smaller tree leaves more of a batch's forward
