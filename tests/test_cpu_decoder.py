@@ -30,12 +30,16 @@ def _greedy(tokens: int = 12) -> SamplingParams:
     return SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True, logprobs=2)
 
 
-def _arrivals() -> dict[int, list[GenerationRequest]]:
+def _arrivals(moe: bool = False) -> dict[int, list[GenerationRequest]]:
     """Requests by the step they arrive at: fresh prompts of 5 to 81 tokens together, then a prompt
-    and a tree request beside rows decoding, then guided pairs and a tree over a guided pair."""
+    and a tree request beside rows decoding, then guided pairs and a tree over a guided pair; on a
+    MoE model, SCMoE's rows (routed per row) and a tree over them."""
     tr = lambda tree: {"speculative": {"method": "token_recycling", "tree": tree}}  # noqa: E731
     guided = {"guidance": {"scale": 1.5}}
+    contrast = {"moe_contrast": {"beta": 0.5}}
     return {
+        **({60: [GenerationRequest("contrast", PROMPTS[1], _greedy(), contrast),
+                 GenerationRequest("contrast_spec", PROMPTS[1], _greedy(), {**contrast, **tr(6)})]} if moe else {}),
         0: [GenerationRequest(f"r{i}", p, _greedy()) for i, p in enumerate(PROMPTS)],
         3: [GenerationRequest("spec", PROMPTS[1], _greedy(), tr(14)), GenerationRequest("late", PROMPTS[0][:3], _greedy())],
         20: [GenerationRequest("spec50", PROMPTS[2], _greedy(), tr(50)), GenerationRequest("spec80", PROMPTS[1], _greedy(), tr("2.2.2"))],
@@ -60,7 +64,7 @@ def _run(folder, mode: str, monkeypatch, stack: bool, adjust=None) -> tuple[dict
     config = EngineConfig(model=str(folder), max_model_len=256, kv_cache_gib=0.02, quantization=mode, max_step_cost=float("inf"))
     engine = Engine(loaded, config)
     got: dict[str, list] = {}
-    arrivals, step = _arrivals(), 0
+    arrivals, step = _arrivals(loaded.model.config.moe is not None), 0
     while arrivals or engine.has_work():
         for request in arrivals.pop(step, []):
             engine.add_request(request)
@@ -75,7 +79,10 @@ def _check(folder, mode, monkeypatch, adjust=None) -> tuple[dict[str, list], lis
     fused, served = _run(folder, mode, monkeypatch, stack=True, adjust=adjust)
     layered, unserved = _run(folder, mode, monkeypatch, stack=False, adjust=adjust)
     assert fused == layered  # tokens and logprobs, to the last bit
-    for spec, plain in (("spec", "r1"), ("spec50", "r2"), ("spec80", "r1"), ("guided_spec", "guided")):
+    pairs = [("spec", "r1"), ("spec50", "r2"), ("spec80", "r1"), ("guided_spec", "guided"), ("contrast_spec", "contrast")]
+    for spec, plain in pairs:
+        if spec not in fused:
+            continue
         assert [t for t, _, _ in fused[spec]] == [t for t, _, _ in fused[plain]], spec  # lossless speculation
     assert unserved == []
     assert any(len(g) == 1 and g[0] == 1 for g in served), "decode rows alone did not run in C"
@@ -94,6 +101,19 @@ def test_stack_steps_equal_the_per_layer_path_bit_for_bit(tmp_path, monkeypatch,
         for i, p in enumerate(PROMPTS):
             ref = hf.generate(torch.tensor([p]), max_new_tokens=12, do_sample=False, min_new_tokens=12)[0, len(p) :]
             assert [t for t, _, _ in fused[f"r{i}"]] == ref.tolist()
+
+
+@pytest.mark.parametrize("kind", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"])
+def test_moe_steps_equal_the_per_layer_path_bit_for_bit(tmp_path, monkeypatch, kind):
+    """Sparse MoE layers (Qwen2-MoE: a shared expert and a dense layer; OLMoE: norms over the
+    projection and clipping) in the one C call, SCMoE's weak rows routed per row beside them, and
+    greedy tokens as transformers gives them."""
+    hf = build_tiny_model(tmp_path, kind, seed=7)
+    fused, served = _check(tmp_path, "none", monkeypatch)
+    assert "contrast" in fused and "contrast_spec" in fused
+    for i, p in enumerate(PROMPTS):
+        ref = hf.generate(torch.tensor([p]), max_new_tokens=12, do_sample=False, min_new_tokens=12)[0, len(p) :]
+        assert [t for t, _, _ in fused[f"r{i}"]] == ref.tolist()
 
 
 def test_norms_over_the_projection_and_clipping_run_in_c_alike(tmp_path, monkeypatch):

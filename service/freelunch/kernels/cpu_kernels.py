@@ -157,7 +157,9 @@ def load() -> ctypes.CDLL | None:
     library.fl_topk.restype = None
     library.fl_rms_norm.restype = library.fl_rope.restype = library.fl_silu_mul.restype = None
     f32 = ctypes.c_float
-    library.fl_decoder.argtypes = [p, i64, p, i64, i64, i64, i64, i64, i64, f32, p, p, p, p, i64, f32, p, ctypes.c_int]
+    library.fl_decoder.argtypes = [p, i64, p, i64, i64, i64, i64, i64, i64, f32, p, p, p, p, i64, p, p, f32, p, ctypes.c_int]
+    library.fl_moe_forward.argtypes = [p, p, i64, i64, p, p, p, ctypes.c_int]
+    library.fl_moe_forward.restype = None
     library.fl_decoder.restype = None
     _library = library
     return library
@@ -352,10 +354,47 @@ class FlMatrix(ctypes.Structure):
         )  # fmt: skip
 
 
+class FlMoe(ctypes.Structure):
+    _fields_ = [("gate", FlMatrix), ("E", ctypes.c_int64), ("top_k", ctypes.c_int64), ("normalize", ctypes.c_int64),
+                ("gate_up", ctypes.c_void_p), ("down", ctypes.c_void_p), ("I", ctypes.c_int64),
+                ("shared_gate_up", FlMatrix), ("shared_down", FlMatrix), ("shared_gate", FlMatrix),
+                ("shared_I", ctypes.c_int64)]  # fmt: skip
+
+
+class MoeKernel:
+    """A sparse MoE block's weights as fl_moe_forward reads them (the matrices held here)."""
+
+    def __init__(
+        self, gate: KernelMatrix, experts: list[tuple[KernelMatrix, KernelMatrix]], top_k: int, normalize: bool,
+        shared: tuple[KernelMatrix, KernelMatrix, KernelMatrix] | None,
+    ) -> None:
+        self.matrices = (gate, experts, shared)
+        self.gate_up = (FlMatrix * len(experts))(*(FlMatrix.of(g) for g, _ in experts))
+        self.down = (FlMatrix * len(experts))(*(FlMatrix.of(d) for _, d in experts))
+        desc = FlMoe(gate=FlMatrix.of(gate), E=len(experts), top_k=top_k, normalize=normalize, I=experts[0][1].packed.shape[1])
+        desc.gate_up, desc.down = ctypes.addressof(self.gate_up), ctypes.addressof(self.down)
+        if shared is not None:
+            gate_up, down, shared_gate = shared
+            desc.shared_gate_up, desc.shared_down, desc.shared_gate = (FlMatrix.of(m) for m in shared)
+            desc.shared_I = down.packed.shape[1]
+        self.desc = desc
+
+    def forward(self, library: ctypes.CDLL, x: torch.Tensor, routing: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+        """x [T, hidden] float32 -> the block's output [T, hidden]; routing: per-token (rank, top_k)."""
+        x = x.contiguous()
+        out = torch.empty_like(x)
+        rank, top_k = (None, None) if routing is None else (routing[0].contiguous(), routing[1].contiguous())
+        library.fl_moe_forward(
+            ctypes.byref(self.desc), x.data_ptr(), x.shape[0], x.shape[1], None if rank is None else rank.data_ptr(),
+            None if top_k is None else top_k.data_ptr(), out.data_ptr(), torch.get_num_threads(),
+        )  # fmt: skip
+        return out
+
+
 class FlLayer(ctypes.Structure):
     _fields_ = [("input_norm", ctypes.c_void_p), ("post_norm", ctypes.c_void_p), ("qkv", FlMatrix), ("o", FlMatrix),
                 ("gate_up", FlMatrix), ("down", FlMatrix), ("qk", FlQk), ("k_cache", ctypes.c_void_p),
-                ("v_cache", ctypes.c_void_p)]  # fmt: skip
+                ("v_cache", ctypes.c_void_p), ("moe", ctypes.c_void_p)]  # fmt: skip
 
 
 class FlGroup(ctypes.Structure):
@@ -371,15 +410,18 @@ Group = tuple[torch.Tensor | None, int, int, torch.Tensor, torch.Tensor | None]
 def decoder(
     library: ctypes.CDLL, layers: ctypes.Array, x: torch.Tensor, shape: tuple[int, int, int, int], eps: float,
     cos: torch.Tensor, sin: torch.Tensor, slots: torch.Tensor, groups: list[Group], scale: float,
+    routing: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> None:
     """Run every layer of `layers` (FlLayer, k/v cache pointers filled in) over x [T, K] in place:
     shape = (heads, kv heads, head dim, intermediate size); cos, sin [T, D]; slots [T] where each
-    token's k/v go; the queries attend in `groups` as fl_paged_attention."""
+    token's k/v go; the queries attend in `groups` as fl_paged_attention; routing: MoE layers'
+    per-token (rank, top_k) [T] int64, or None."""
     t, k = x.shape
     h, hkv, d, i = shape
     scratch = torch.empty(t * (2 * k + (h + 2 * hkv) * d + 4 * h * d + 3 * i), dtype=torch.float32)
     cos, sin, slots = cos.contiguous(), sin.contiguous(), slots.contiguous()
-    held = []  # the C call reads their memory
+    rank, top_k = (None, None) if routing is None else (routing[0].contiguous(), routing[1].contiguous())
+    held = [rank, top_k]  # the C call reads their memory
     descs = (FlGroup * len(groups))()
     for desc, (q_index, b, n, kv_index, mask) in zip(descs, groups):
         q_index = None if q_index is None else q_index.contiguous()
@@ -390,5 +432,6 @@ def decoder(
         desc.mask = None if mask is None else mask.data_ptr()
     library.fl_decoder(
         ctypes.addressof(layers), len(layers), x.data_ptr(), t, k, h, hkv, d, i, eps, cos.data_ptr(), sin.data_ptr(),
-        slots.data_ptr(), ctypes.addressof(descs), len(groups), scale, scratch.data_ptr(), torch.get_num_threads(),
+        slots.data_ptr(), ctypes.addressof(descs), len(groups), None if rank is None else rank.data_ptr(),
+        None if top_k is None else top_k.data_ptr(), scale, scratch.data_ptr(), torch.get_num_threads(),
     )  # fmt: skip

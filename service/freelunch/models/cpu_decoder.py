@@ -7,9 +7,9 @@ default model (30 layers, 2 AVX2 cores) about 8 of a 23 ms decode step. `fl_deco
 is bit-identical to the per-layer path. It serves any step whose attention groups read the cache
 with at most CPU_KERNEL_MAX_QUERIES queries a row (decode rows, paired rows, `n` choices, draft
 trees, prompt chunks that short, beside each other), over layers with q/k norms, clipping and
-biases. The per-layer path still serves the rest: longer prompt chunks from position 0 (SDPA),
-pruning, a split cache, MoE layers. FREELUNCH_CPU_DECODER=layers turns it off (profiling,
-comparisons).
+biases, dense or sparse Mixture-of-Experts feed-forwards (routing overridden per row: SCMoE's weak
+rows). The per-layer path still serves the rest: longer prompt chunks from position 0 (SDPA),
+pruning, a split cache. FREELUNCH_CPU_DECODER=layers turns it off (profiling, comparisons).
 """
 
 from __future__ import annotations
@@ -32,24 +32,39 @@ class CpuDecoderStack:
         attn = first.self_attn
         self.library = library
         self.matrices = matrices  # holds the weights the descriptors point at
-        self.shape = (attn.num_heads, attn.num_kv_heads, attn.head_dim, first.mlp.intermediate)
+        dense = [layer.mlp.intermediate for layer in layers if layer.mlp._modules.get("gate_up_proj") is not None]
+        self.shape = (attn.num_heads, attn.num_kv_heads, attn.head_dim, max(dense, default=0))
         self.eps = first.input_layernorm.eps
         self.layers = (cpu_kernels.FlLayer * len(layers))()
+        self.moe_kernels = []  # held: the descriptors point into them
         for desc, layer, (qkv, o, gate_up, down) in zip(self.layers, layers, matrices):
             desc.input_norm = layer.input_layernorm.weight.data_ptr()
             desc.post_norm = layer.post_attention_layernorm.weight.data_ptr()
-            desc.qkv, desc.o, desc.gate_up, desc.down = (cpu_kernels.FlMatrix.of(m) for m in (qkv, o, gate_up, down))
+            desc.qkv, desc.o = cpu_kernels.FlMatrix.of(qkv), cpu_kernels.FlMatrix.of(o)
+            if gate_up is not None:  # a dense MLP
+                desc.gate_up, desc.down = cpu_kernels.FlMatrix.of(gate_up), cpu_kernels.FlMatrix.of(down)
+            else:  # a sparse MoE block
+                moe = layer.mlp.kernel()
+                self.moe_kernels.append(moe)
+                desc.moe = ctypes.addressof(moe.desc)
             desc.qk = layer.self_attn.qk_kernel()
 
     @classmethod
     def build(cls, layers: nn.ModuleList) -> "CpuDecoderStack | None":
         """The stack for these layers, or None where a layer is not one the C path computes alike."""
         from freelunch.models.llama import MLP, DecoderLayer, elementwise_library
+        from freelunch.models.moe import SparseMoeBlock
 
         library = elementwise_library()
         if os.environ.get("FREELUNCH_CPU_DECODER", "stack") == "layers" or library is None or attention_library() is None:
             return None
-        if not len(layers) or not all(type(layer) is DecoderLayer and type(layer.mlp) is MLP for layer in layers):
+        if not len(layers) or not all(type(layer) is DecoderLayer for layer in layers):
+            return None
+        dense = [layer.mlp for layer in layers if type(layer.mlp) is MLP]
+        sparse = [layer.mlp for layer in layers if type(layer.mlp) is SparseMoeBlock]
+        if len(dense) + len(sparse) != len(layers) or len({m.intermediate for m in dense}) > 1:
+            return None
+        if any(moe.kernel() is None for moe in sparse):
             return None
         first = layers[0]
         matrices = []
@@ -63,12 +78,11 @@ class CpuDecoderStack:
                 return None
             if qk_norms and attn.k_norm.eps != attn.q_norm.eps:
                 return None
-            if layer.mlp.intermediate != first.mlp.intermediate:
-                return None
-            found = [getattr(m, "kernel_matrix", lambda: None)() for m in _layer_modules(layer)]
+            qkv, o, gate_up, down = _layer_modules(layer)[:4]
+            found = [getattr(m, "kernel_matrix", lambda: None)() for m in (qkv, o, gate_up, down) if m is not None]
             if any(m is None for m in found):
                 return None
-            matrices.append(found)
+            matrices.append(found + [None] * (4 - len(found)))  # a MoE layer: its block's kernel instead
         return cls(library, layers, matrices)
 
     @staticmethod
@@ -88,7 +102,7 @@ class CpuDecoderStack:
         the cache through one view with at most CPU_KERNEL_MAX_QUERIES queries a row, nothing pruned."""
         if x.dtype != torch.float32 or x.device.type != "cpu" or x.dim() != 2 or not x.is_contiguous():
             return False
-        if attn.prune is not None or attn.routing is not None or len(attn.slot_mappings) != 1:
+        if attn.prune is not None or len(attn.slot_mappings) != 1:
             return False
         if any(g.views is None or len(g.views) != 1 or g.n > CPU_KERNEL_MAX_QUERIES for g in attn.groups):
             return False
@@ -101,7 +115,8 @@ class CpuDecoderStack:
             desc.k_cache, desc.v_cache = k_cache.data_ptr(), v_cache.data_ptr()
         groups = [(g.q_index, g.batch, g.n, *g.views[0][1:]) for g in attn.groups]
         slots = attn.slot_mappings[0][1]
-        cpu_kernels.decoder(self.library, self.layers, x, self.shape, self.eps, cos, sin, slots, groups, attn.scale)
+        routing = None if attn.routing is None else (attn.routing.rank, attn.routing.top_k)
+        cpu_kernels.decoder(self.library, self.layers, x, self.shape, self.eps, cos, sin, slots, groups, attn.scale, routing)
 
 
 def _layer_modules(layer: nn.Module) -> tuple[nn.Module | None, ...]:
@@ -110,4 +125,5 @@ def _layer_modules(layer: nn.Module) -> tuple[nn.Module | None, ...]:
     attn, mlp = layer._modules.get("self_attn"), layer._modules.get("mlp")
     own_attn = attn._modules if attn is not None else {}
     own_mlp = mlp._modules if mlp is not None else {}
-    return own_attn.get("qkv_proj"), own_attn.get("o_proj"), own_mlp.get("gate_up_proj"), own_mlp.get("down_proj")
+    moe = mlp.kernel_modules() if "experts" in own_mlp else ()  # a sparse MoE block's linears
+    return own_attn.get("qkv_proj"), own_attn.get("o_proj"), own_mlp.get("gate_up_proj"), own_mlp.get("down_proj"), *moe

@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from freelunch.models.expert_routing import EXPERT_RANK, EXPERT_TOP_K, ExpertRouting, route
-from freelunch.models.llama import MLP, CheckpointWeights, DecoderConfig, LlamaForCausalLM, load_gated_mlp
+from freelunch.kernels import cpu_kernels
+from freelunch.models.llama import MLP, CheckpointWeights, DecoderConfig, LlamaForCausalLM, elementwise_library, load_gated_mlp
 from freelunch.models.moe_config import MoeConfig
 
 
@@ -37,11 +38,43 @@ class SparseMoeBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, routing: ExpertRouting | None = None) -> torch.Tensor:
         """x [T, hidden] -> [T, hidden]."""
+        kernel = self.kernel() if x.dtype == torch.float32 and x.device.type == "cpu" else None
+        if kernel is not None:  # routing and experts in one C call, as the one-call decoder runs them
+            return kernel.forward(elementwise_library(), x, None if routing is None else (routing.rank, routing.top_k))
         experts, weights = route(self.gate(x), self.top_k, self.normalize_top_k, routing)
         out = self._run_experts(x, experts, weights)
         if self.shared_expert is not None:
             out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
         return out
+
+    def kernel_modules(self) -> tuple[nn.Module | None, ...]:
+        """The linear modules the C kernel reads (compared by identity: a replaced one rebuilds it)."""
+        own = self._modules
+        experts = [m for e in own["experts"] for m in (e._modules["gate_up_proj"], e._modules["down_proj"])]
+        shared = own.get("shared_expert")
+        shared_mods = (shared._modules["gate_up_proj"], shared._modules["down_proj"], own["shared_expert_gate"]) if shared else ()
+        return (own["gate"], *experts, *shared_mods)
+
+    def kernel(self) -> cpu_kernels.MoeKernel | None:
+        """The block as fl_moe_forward runs it, or None where a weight is not in a C kernel's layout
+        (or the C kernels do not run here)."""
+        modules = self.kernel_modules()
+        built = self.__dict__.get("_kernel")
+        if built is None or built[0] != modules:
+            built = (modules, self._build_kernel(modules))
+            self.__dict__["_kernel"] = built
+        return built[1]
+
+    def _build_kernel(self, modules: tuple[nn.Module | None, ...]) -> cpu_kernels.MoeKernel | None:
+        if elementwise_library() is None:
+            return None
+        found = [getattr(m, "kernel_matrix", lambda: None)() for m in modules]
+        if any(m is None for m in found):
+            return None
+        gate, rest = found[0], found[1:]
+        experts = list(zip(rest[0 : 2 * len(self.experts) : 2], rest[1 : 2 * len(self.experts) : 2]))
+        shared = tuple(rest[2 * len(self.experts) :]) or None
+        return cpu_kernels.MoeKernel(gate, experts, self.top_k, self.normalize_top_k, shared)
 
     def _run_experts(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Each token's weighted sum of its experts' outputs; experts [T, k] (-1 = unused slot)."""
