@@ -133,15 +133,25 @@ def run_once(
     }
 
 
-def bench_model(name: str, folder: Path, batches: list[int], tokens: int, repeats: int) -> dict:
+def hf_generate(hf, prompt: list[int], tokens: int) -> float:
+    """Seconds for transformers' greedy generate of exactly `tokens` tokens after `prompt`."""
+    start = time.perf_counter()
+    with torch.inference_mode():
+        hf.generate(torch.tensor([prompt]), max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
+    return time.perf_counter() - start
+
+
+def bench_model(
+    name: str, folder: Path, batches: list[int], tokens: int, repeats: int, with_hf: bool = False, quantization: str = "none"
+) -> dict:
     from freelunch.config import EngineConfig
     import freelunch.methods  # noqa: F401 - registers the methods with the engine
     from freelunch.engine.engine import Engine
     from freelunch.models.loader import load_model, resolve_source
 
-    loaded = load_model(resolve_source(str(folder)), "float32")
+    loaded = load_model(resolve_source(str(folder)), "float32", quantization=quantization)
     cfg, moe = loaded.model.config, loaded.model.config.moe
-    engine = Engine(loaded, EngineConfig(model=str(folder), max_model_len=1024, kv_cache_gib=0.25))
+    engine = Engine(loaded, EngineConfig(model=str(folder), max_model_len=1024, kv_cache_gib=0.25, quantization=quantization))
     timer = TimedRunner(engine)
     tok = loaded.tokenizer
 
@@ -152,6 +162,13 @@ def bench_model(name: str, folder: Path, batches: list[int], tokens: int, repeat
         return tok.encode(rendered, add_special_tokens=False)
 
     prompts = [chat(p) for p in PROMPTS]
+    hf = None
+    if with_hf:  # transformers' generate on the same weights, batch 1, the same greedy tokens
+        from transformers import AutoModelForCausalLM
+
+        hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+        hf_generate(hf, prompts[0], 4)
+    hf_runs: list[float] = []
     for b in batches:  # warm-up: first-call allocations, oneDNN primitives
         for scmoe in (False, True):
             run_once(engine, timer, prompts[:b], min(tokens, 8), scmoe, f"warm/{b}/{scmoe}")
@@ -164,6 +181,8 @@ def bench_model(name: str, folder: Path, batches: list[int], tokens: int, repeat
                 runs[(b, scmoe)].append(
                     run_once(engine, timer, prompts[:b], tokens, scmoe, f"{r}/{b}/{scmoe}")
                 )
+        if hf is not None:
+            hf_runs.append(hf_generate(hf, prompts[0], tokens))
     wall, (total1, own1) = time.perf_counter() - wall, busy_cpu_s()
     load_end = os.getloadavg()
 
@@ -192,6 +211,11 @@ def bench_model(name: str, folder: Path, batches: list[int], tokens: int, repeat
         cell["decode_slowdown_paired_median"] = statistics.median(
             x["decode_tok_s"] / y["decode_tok_s"] for x, y in zip(g, s)
         )
+        if b == 1 and hf_runs:
+            cell["transformers_e2e_s"] = statistics.median(hf_runs)
+            cell["greedy_speedup_vs_transformers_paired_median"] = statistics.median(
+                h / x["e2e_s"] for x, h in zip(g, hf_runs)
+            )
         cells.append(cell)
     return {
         "model": name,
@@ -211,6 +235,11 @@ def bench_model(name: str, folder: Path, batches: list[int], tokens: int, repeat
     }
 
 
+def _vs_hf(cell: dict) -> str:
+    ratio = cell.get("greedy_speedup_vs_transformers_paired_median")
+    return f"{ratio:.2f}x faster" if ratio else ""
+
+
 def table(res: dict) -> str:
     lines = [
         (
@@ -218,15 +247,16 @@ def table(res: dict) -> str:
             f"greedy, "
             f"{res['tokens']} tokens per request (ignore_eos), median of {res['repeats']} interleaved "
             f"repeats, "
-            f"{res['machine']['threads']} torch thread(s) on {res['machine']['cores']} cores. "
+            f"{res['machine']['threads']} torch thread(s) on {res['machine']['cores']} cores, our weights: "
+            f"{res.get('quantization', 'none')} (transformers: float32). "
             f"Target: <= {TARGET}x at batch 1."
         ),
         "",
         (
             "| model | experts (top-k) | batch | greedy tok/s | SCMoE tok/s | decode slowdown | e2e ratio "
-            "| fwd ms/step greedy -> SCMoE | other ms/step greedy -> SCMoE | load avg | others' cores |"
+            "| fwd ms/step greedy -> SCMoE | other ms/step greedy -> SCMoE | greedy vs transformers | load avg | others' cores |"
         ),
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- | --- | ---: | ---: |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- | --- | ---: | ---: | ---: |",
     ]
     for m in res["models"]:
         experts = f"{m['experts']} ({m['top_k']}{' + shared' if m['shared_expert'] else ''})"
@@ -241,6 +271,7 @@ def table(res: dict) -> str:
                 f"| {c['decode_slowdown_paired_median']:.2f}x | {c['e2e_ratio_paired_median']:.2f}x{flag} "
                 f"| {g['forward_ms_per_decode_step']:.1f} -> {s['forward_ms_per_decode_step']:.1f} "
                 f"| {g['other_ms_per_decode_step']:.1f} -> {s['other_ms_per_decode_step']:.1f} "
+                f"| {_vs_hf(c)} "
                 f"| {m['loadavg_start'][0]:.1f}-{m['loadavg_end'][0]:.1f} | "
                 f"{m['other_processes_cores_busy']:.2f} |"
             )
@@ -258,6 +289,10 @@ def main(argv: list[str] | None = None) -> dict:
         "--moe-model", type=Path, default=None, help=f"default: ~/.cache/freelunch/{DEFAULT_MOEFIED_NAME}"
     )
     parser.add_argument("--out", type=Path, default=ROOT / "bench/results/moe_contrast_latency.json")
+    parser.add_argument("--quantization", default="none", help="our engine's weights: none (float32), int8 or int4")
+    parser.add_argument(
+        "--transformers", action="store_true", help="also time transformers' generate at batch 1 (greedy vs transformers)"
+    )
     args = parser.parse_args(argv)
     batches = [int(b) for b in args.batches.split(",")]
     if max(batches) > len(PROMPTS):
@@ -280,7 +315,7 @@ def main(argv: list[str] | None = None) -> dict:
                 folder = Path(tmp) / name
                 build_tiny_model(folder, name, seed=3)  # as tests/test_moe.py
             t = time.perf_counter()
-            results.append(bench_model(name, folder, batches, args.tokens, args.repeats))
+            results.append(bench_model(name, folder, batches, args.tokens, args.repeats, args.transformers, args.quantization))
             c = results[-1]["cells"][0]
             print(
                 f"  {name}: batch {c['batch']} e2e ratio {c['e2e_ratio_paired_median']:.2f}x "
@@ -295,6 +330,7 @@ def main(argv: list[str] | None = None) -> dict:
         "scmoe": SCMOE,
         "tokens": args.tokens,
         "repeats": args.repeats,
+        "quantization": args.quantization,
         "target_batch1": TARGET,
         "machine": {
             "cpu": platform.processor() or platform.machine(),
