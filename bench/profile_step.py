@@ -12,7 +12,8 @@ output layer, and in everything else (PyTorch ops, Python, the engine's bookkeep
 wrapping the calls with perf_counter (no profiler: its per-call cost would swamp the small ops).
 
 Methods (--methods): plain decoding, guidance (scale 1.5), Token Recycling and Token Recycling over
-guidance, greedy, single stream, on the chats of freelunch.benchmark_prompts that the server has not
+guidance (each with its default tree, which may be none where no tree pays), and Token Recycling
+with a fixed 4-node tree (a verify step every step: what drafting and verifying cost), greedy, single stream, on the chats of freelunch.benchmark_prompts that the server has not
 seen (each method in a fresh process per round: the adjacency table is warmed on the warm-up chats
 only). For each, per step and per token: the model's forward (the runner: layers and output layer),
 the method's planning (Token Recycling drafts there), its handling of the logits (guidance's
@@ -93,6 +94,8 @@ METHODS = {  # name -> request options
     "guidance": {"guidance": {"scale": 1.5}},
     "token recycling": {"speculative": {"method": "token_recycling"}},
     "token recycling + guidance": {"speculative": {"method": "token_recycling"}, "guidance": {"scale": 1.5}},
+    # a tree every step, whether it pays or not: what verifying costs beside the forward
+    "token recycling, 4-node tree": {"speculative": {"method": "token_recycling", "tree": 4}},
 }
 PARTS = ("forward", "planning", "logits handling", "sampling", "rest of the step")
 
