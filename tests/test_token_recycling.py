@@ -237,11 +237,13 @@ def test_tree_templates():
 
 
 def test_the_greedy_target_is_plain_decodings_argmax_even_on_ties():
-    from freelunch.methods.token_recycling import _greedy
+    from freelunch.methods.token_recycling import _greedy, _topk
 
     logits = torch.tensor([[0.0, 3.0, 1.0, 3.0], [5.0, 1.0, 2.0, 0.0], [2.0, 2.0, 2.0, 2.0]])
     for k in (1, 2, 3):
-        assert _greedy(logits, torch.topk(logits, k)).tolist() == logits.argmax(-1).tolist() == [1, 0, 0]
+        assert _greedy(logits, torch.topk(logits, k), False).tolist() == logits.argmax(-1).tolist() == [1, 0, 0]
+        top, ties_by_index = _topk(logits, k)  # the C kernel where it runs: ties lower index first
+        assert _greedy(logits, top, ties_by_index).tolist() == [1, 0, 0]
 
 
 def test_adjacency_fill_and_update():

@@ -170,19 +170,23 @@ class AdjacencyTable:
         return tokens
 
 
-def _topk(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(values, indices) [N, k] of each row's k best scores, best first: the C kernel where it
-    serves (a verify step's table update took ~65 us a node with torch.topk, ~5 with it)."""
+def _topk(scores: torch.Tensor, k: int) -> tuple[tuple[torch.Tensor, torch.Tensor], bool]:
+    """((values, indices) [N, k] of each row's k best scores, best first; whether equal scores come
+    lower index first): the C kernel where it serves (a verify step's table update took ~65 us a
+    node with torch.topk, ~5 with it)."""
     library = cpu_kernels.load() if scores.device.type == "cpu" and scores.dtype == torch.float32 else None
     if library is None:
-        return tuple(torch.topk(scores, k, dim=-1))
-    return cpu_kernels.topk(library, scores, k)
+        return tuple(torch.topk(scores, k, dim=-1)), False
+    return cpu_kernels.topk(library, scores, k), True
 
 
-def _greedy(logits: torch.Tensor, top: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """argmax per row, as plain decoding picks it (the first of equal maxima), read from the top-k
-    where the maximum is unique: one pass over the vocabulary instead of two."""
+def _greedy(logits: torch.Tensor, top: tuple[torch.Tensor, torch.Tensor], ties_by_index: bool) -> torch.Tensor:
+    """argmax per row, as plain decoding picks it (the first of equal maxima), read from the top-k:
+    as it is where its ties come lower index first (the C kernel's), else where the maximum is
+    unique (torch.topk orders ties as it likes): one pass over the vocabulary instead of two."""
     values, indices = top
+    if ties_by_index:
+        return indices[:, 0]
     if values.shape[1] < 2:
         return logits.argmax(-1)
     target = indices[:, 0].clone()
@@ -368,10 +372,10 @@ class TokenRecycling(Stage):
         started = time.perf_counter()
         combined = pipeline.combined(rows)  # [N, vocab]
         tree, drafted = draft.tree, draft.tokens.tolist()
-        top = _topk(combined, self.table.table.shape[1])
+        top, ties_by_index = _topk(combined, self.table.table.shape[1])
         selected = combined
         if pipeline.constraint is None:
-            target = _greedy(combined, top).tolist()  # the greedy choice after each node
+            target = _greedy(combined, top, ties_by_index).tolist()  # the greedy choice after each node
             path = [0]
             node = 0
             while True:  # Python lists: a tensor element read costs ~1 us, and this is per step

@@ -75,21 +75,31 @@ class RankAcceptance:
 
     def __init__(self, k: int) -> None:
         self.k = k
-        self.counts = torch.zeros(MAX_DEPTH, k + 1, dtype=torch.float64)
+        # Python lists: a verify step adds a few counts, and a tensor element update costs ~10 us
+        self._counts = [[0.0] * (k + 1) for _ in range(MAX_DEPTH)]
+        self._depth1 = 0.0  # the sum of the first row
+
+    @property
+    def counts(self) -> torch.Tensor:
+        """[MAX_DEPTH, k + 1] float64."""
+        return torch.tensor(self._counts, dtype=torch.float64)
 
     def observe(self, ranks: list[int]) -> None:
         """ranks[d]: the rank at depth d + 1 (k = a miss); the last one is where the path stopped."""
         for depth, rank in enumerate(ranks[:MAX_DEPTH]):
-            self.counts[depth, rank] += 1
-        if float(self.counts[0].sum()) >= _MEMORY:
-            self.counts *= 0.5
+            self._counts[depth][rank] += 1
+        self._depth1 += 1 if ranks else 0
+        if self._depth1 >= _MEMORY:
+            self._counts = [[c * 0.5 for c in row] for row in self._counts]
+            self._depth1 *= 0.5
 
     def probabilities(self) -> torch.Tensor:
         """[MAX_DEPTH, k]: P(the next token is candidate r | the path reached depth d - 1)."""
         prior = torch.tensor([*rank_prior(self.k), 0.0], dtype=torch.float64)
         prior[-1] = max(0.0, 1.0 - float(prior.sum()))
-        pooled = (self.counts.sum(0) + _PSEUDO_COUNT * prior) / (float(self.counts.sum()) + _PSEUDO_COUNT)
-        by_depth = (self.counts + _PSEUDO_COUNT * pooled) / (self.counts.sum(1, keepdim=True) + _PSEUDO_COUNT)
+        counts = self.counts
+        pooled = (counts.sum(0) + _PSEUDO_COUNT * prior) / (float(counts.sum()) + _PSEUDO_COUNT)
+        by_depth = (counts + _PSEUDO_COUNT * pooled) / (counts.sum(1, keepdim=True) + _PSEUDO_COUNT)
         return by_depth[:, : self.k]
 
 
