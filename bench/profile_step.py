@@ -35,6 +35,20 @@ from pathlib import Path
 from host import machine, run_child  # bench/host.py
 
 
+def timed(spent: dict[str, float], owner: object, attr: str, label: str) -> None:
+    """Wrap owner.attr so that its calls add their seconds to spent[label]."""
+    inner = getattr(owner, attr)
+
+    def wrapper(*args, **kwargs):
+        t = time.perf_counter()
+        try:
+            return inner(*args, **kwargs)
+        finally:
+            spent[label] = spent.get(label, 0.0) + time.perf_counter() - t
+
+    setattr(owner, attr, wrapper)
+
+
 def measure(mode: str, tokens: int) -> dict:
     import torch
 
@@ -49,23 +63,11 @@ def measure(mode: str, tokens: int) -> dict:
     engine = Engine(loaded, EngineConfig(max_model_len=2048, quantization=mode))
     spent: dict[str, float] = {}
 
-    def timed(owner, name: str, label: str) -> None:
-        inner = getattr(owner, name)
-
-        def wrapper(*args, **kwargs):
-            t = time.perf_counter()
-            try:
-                return inner(*args, **kwargs)
-            finally:
-                spent[label] = spent.get(label, 0.0) + time.perf_counter() - t
-
-        setattr(owner, name, wrapper)
-
-    timed(loaded.model, "logits", "output layer")  # its matmul is not counted twice: see below
+    timed(spent, loaded.model, "logits", "output layer")  # its matmul is not counted twice: see below
     for name in ("linear", "linear_quantized"):
-        timed(cpu_kernels, name, "matmul kernels")
-    timed(cpu_kernels, "paged_attention", "attention kernel")
-    timed(CpuDecoderStack, "run", "layers in one C call")
+        timed(spent, cpu_kernels, name, "matmul kernels")
+    timed(spent, cpu_kernels, "paged_attention", "attention kernel")
+    timed(spent, CpuDecoderStack, "run", "layers in one C call")
 
     def run(count: int) -> int:
         engine.add_request(GenerationRequest(f"r{time.perf_counter_ns()}", [1, *range(300, 340)], SamplingParams(max_tokens=count, temperature=0.0, ignore_eos=True)))
@@ -117,23 +119,11 @@ def measure_method(name: str, tokens: int) -> dict:
     tok = loaded.tokenizer
     spent: dict[str, float] = {}
 
-    def timed(owner, attr: str, label: str) -> None:
-        inner = getattr(owner, attr)
-
-        def wrapper(*args, **kwargs):
-            t = time.perf_counter()
-            try:
-                return inner(*args, **kwargs)
-            finally:
-                spent[label] = spent.get(label, 0.0) + time.perf_counter() - t
-
-        setattr(owner, attr, wrapper)
-
-    timed(engine.runner, "run", "forward")
+    timed(spent, engine.runner, "run", "forward")
     for cls in (DecodingStrategy, Pipeline):
-        timed(cls, "plan", "planning")
-        timed(cls, "on_logits", "logits handling")
-    timed(engine_module, "sample", "sampling")
+        timed(spent, cls, "plan", "planning")
+        timed(spent, cls, "on_logits", "logits handling")
+    timed(spent, engine_module, "sample", "sampling")
 
     def encode(chat: list[dict]) -> list[int]:
         ids = tok.apply_chat_template(chat, tokenize=True, add_generation_prompt=True)
