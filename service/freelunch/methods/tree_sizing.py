@@ -26,8 +26,8 @@ MAX_DEPTH = max(len(p) for p in TEMPLATE_222)
 # a few dozen observations move it, one step does not.
 _PSEUDO_COUNT = 16.0
 # A tree must promise this many times plain decoding's tokens per second: the verify costs were
-# timed once, at start-up, and a real step's differ by a few percent (measured on the default GGUF,
-# 2 AVX-512 cores: a 1-node tree that promised 1.04x decoded at 0.91x, bench/results/step_profile_methods.json).
+# timed once, at start-up, and a real step's differ by a few percent (on the default GGUF and 2
+# AVX-512 cores, a 1-node tree that promised 1.04x decoded first-sight chats at 0.91x before this rule).
 _MIN_GAIN = 1.05
 # Tree sizes whose expected tokens per second are within this factor of the best one count as tied.
 _NEAR_BEST = 0.98

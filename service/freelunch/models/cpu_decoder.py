@@ -1,4 +1,4 @@
-"""A dense Llama-family decoder's layers as one C call.
+"""A Llama-family decoder's layers as one C call.
 
 Each layer's Python path (models/llama.py) makes a dozen calls into our C kernels and PyTorch,
 and between them PyTorch dispatch, ctypes and allocation cost about 0.3 ms a layer: on the
