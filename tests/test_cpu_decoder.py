@@ -72,11 +72,15 @@ def _run(folder, mode: str, monkeypatch, stack: bool, adjust=None) -> tuple[dict
             got.setdefault(o.request_id, []).extend((lp.token_id, lp.logprob, lp.top) for lp in o.logprobs or [])
         step += 1
     monkeypatch.undo()
+    _run.steps_by_path = engine.steps_by_path
     return got, served
 
 
 def _check(folder, mode, monkeypatch, adjust=None) -> tuple[dict[str, list], list[tuple[int, ...]]]:
     fused, served = _run(folder, mode, monkeypatch, stack=True, adjust=adjust)
+    paths = _run.steps_by_path
+    # what the one call does not serve falls back: the 81-token prompt (SDPA), the 81-query tree
+    assert paths["one_call"] == len(served) and paths["per_layer"] >= 2
     layered, unserved = _run(folder, mode, monkeypatch, stack=False, adjust=adjust)
     assert fused == layered  # tokens and logprobs, to the last bit
     pairs = [("spec", "r1"), ("spec50", "r2"), ("spec80", "r1"), ("guided_spec", "guided"), ("contrast_spec", "contrast")]
@@ -85,6 +89,7 @@ def _check(folder, mode, monkeypatch, adjust=None) -> tuple[dict[str, list], lis
             continue
         assert [t for t, _, _ in fused[spec]] == [t for t, _, _ in fused[plain]], spec  # lossless speculation
     assert unserved == []
+    assert _run.steps_by_path["one_call"] == 0  # FREELUNCH_CPU_DECODER=layers: none in one call
     assert any(len(g) == 1 and g[0] == 1 for g in served), "decode rows alone did not run in C"
     assert any(len(g) > 1 and 1 in g and max(g) > 1 for g in served), "no prompt chunk or tree beside decode rows ran in C"
     assert any(max(g) > 32 for g in served), "no tree over 32 nodes ran in C"
