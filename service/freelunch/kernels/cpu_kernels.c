@@ -166,8 +166,6 @@ void fl_linear_bf16(const float* x, int64_t M, int64_t K, const uint16_t* packed
 #define QG 32
 #define TILE_ROWS_Q4 6
 #define SCALE(m) a##m = _mm256_mul_ps(a##m, sc);
-#define GACC(m) __m256 g##m = _mm256_setzero_ps();
-#define GFMA(m) g##m = _mm256_fmadd_ps(_mm256_broadcast_ss(x + (m) * K + k), w, g##m);
 #define GFOLD(m) a##m = _mm256_fmadd_ps(d, g##m, _mm256_fmadd_ps(mn, _mm256_broadcast_ss(xs + (m) * groups + gi), a##m));
 
 /* Two sums per row and group (even and odd k) for the tiles of 2-3 rows: with one, each row's FMAs
@@ -711,9 +709,7 @@ typedef struct fl_moe {
 /* x [T, K] -> out [T, K]; rank, top_k [T] per-token routing (NULL: the router's own top-k). */
 void fl_moe_forward(const fl_moe* m, const float* x, int64_t T, int64_t K, const int64_t* rank, const int64_t* top_k,
                     float* out, int threads) {
-    int64_t E = m->E, I = m->I, slots = m->top_k;
-    if (top_k)
-        for (int64_t t = 0; t < T; t++) slots = top_k[t] > slots ? top_k[t] : slots;
+    int64_t E = m->E, I = m->I;
     float* probs = malloc(sizeof(float) * T * E);
     int64_t* chosen = malloc(sizeof(int64_t) * T * E); /* each token's experts, best first */
     float* weight = malloc(sizeof(float) * T * E);
@@ -749,7 +745,6 @@ void fl_moe_forward(const fl_moe* m, const float* x, int64_t T, int64_t K, const
             for (int64_t j = 0; j < k; j++) w[j] /= total;
         used[t] = k;
     }
-    (void)slots;
     float *xg = malloc(sizeof(float) * T * K), *gu = malloc(sizeof(float) * T * 2 * I), *act = malloc(sizeof(float) * T * I),
           *y = malloc(sizeof(float) * T * K);
     float* wg = malloc(sizeof(float) * T);

@@ -373,10 +373,9 @@ class MoeKernel:
         self.down = (FlMatrix * len(experts))(*(FlMatrix.of(d) for _, d in experts))
         desc = FlMoe(gate=FlMatrix.of(gate), E=len(experts), top_k=top_k, normalize=normalize, I=experts[0][1].packed.shape[1])
         desc.gate_up, desc.down = ctypes.addressof(self.gate_up), ctypes.addressof(self.down)
-        if shared is not None:
-            gate_up, down, shared_gate = shared
+        if shared is not None:  # (gate_up, down, gate)
             desc.shared_gate_up, desc.shared_down, desc.shared_gate = (FlMatrix.of(m) for m in shared)
-            desc.shared_I = down.packed.shape[1]
+            desc.shared_I = shared[1].packed.shape[1]
         self.desc = desc
 
     def forward(self, library: ctypes.CDLL, x: torch.Tensor, routing: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:

@@ -32,7 +32,7 @@ class CpuDecoderStack:
         attn = first.self_attn
         self.library = library
         self.matrices = matrices  # holds the weights the descriptors point at
-        dense = [layer.mlp.intermediate for layer in layers if layer.mlp._modules.get("gate_up_proj") is not None]
+        dense = [layer.mlp.intermediate for layer, found in zip(layers, matrices) if found[2] is not None]  # (a MoE layer: None)
         self.shape = (attn.num_heads, attn.num_kv_heads, attn.head_dim, max(dense, default=0))
         self.eps = first.input_layernorm.eps
         self.layers = (cpu_kernels.FlLayer * len(layers))()
