@@ -13,6 +13,7 @@ Torch-free: the API imports it.
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator
 from typing import Any, Literal
 
 Whitespace = Literal["single", "compact", "any"]
@@ -72,19 +73,26 @@ def _bound(node: dict[str, Any], max_string: int | None, max_digits: int | None)
                     _bound(sub, max_string, max_digits)
 
 
+def _nodes(schema: Any, skip: tuple[str, ...] = ()) -> Iterator[tuple[Any, int]]:
+    """Every value in `schema` with its nesting depth (the top: 1), without recursion (a hostile
+    schema nests thousands deep); the values under the keys in `skip` are not entered."""
+    stack = [(schema, 1)]
+    while stack:
+        node, depth = stack.pop()
+        yield node, depth
+        if isinstance(node, dict):
+            stack.extend((v, depth + 1) for k, v in node.items() if k not in skip)
+        elif isinstance(node, list):
+            stack.extend((v, depth + 1) for v in node)
+
+
 def external_ref(schema: Any) -> str | None:
     """The first `$ref` in `schema` that does not point inside it ("#..."): the server fetches
     nothing, and a grammar compiler that cannot resolve one would allow anything in its place."""
-    stack = [schema]
-    while stack:
-        node = stack.pop()
-        if isinstance(node, dict):
-            ref = node.get("$ref")
-            if ref is not None and not (isinstance(ref, str) and ref.startswith("#")):
-                return str(ref)
-            stack.extend(node.values())
-        elif isinstance(node, list):
-            stack.extend(node)
+    for node, _ in _nodes(schema):
+        ref = node.get("$ref") if isinstance(node, dict) else None
+        if ref is not None and not (isinstance(ref, str) and ref.startswith("#")):
+            return str(ref)
     return None
 
 
@@ -105,27 +113,17 @@ def string_bound(schema: Any, max_string: int | None) -> int:
     schema's own largest `maxLength` where it allows longer strings than that."""
     if max_string is None:
         return 0
-    longest, stack = max_string, [schema]
-    while stack:
-        node = stack.pop()
-        if isinstance(node, dict):
-            if isinstance(node.get("maxLength"), int) and not isinstance(node.get("maxLength"), bool):
-                longest = max(longest, node["maxLength"])
-            stack.extend(v for k, v in node.items() if k not in ("enum", "const", "default", "examples"))
-        elif isinstance(node, list):
-            stack.extend(node)
+    longest = max_string
+    for node, _ in _nodes(schema, skip=("enum", "const", "default", "examples")):  # values, not schemas
+        length = node.get("maxLength") if isinstance(node, dict) else None
+        if isinstance(length, int) and not isinstance(length, bool):
+            longest = max(longest, length)
     return longest
 
 
 def schema_depth(schema: Any) -> int:
     """How deeply `schema` nests (objects and arrays), counted without recursion."""
-    deepest, stack = 0, [(schema, 1)]
-    while stack:
-        node, depth = stack.pop()
-        if isinstance(node, (dict, list)):
-            deepest = max(deepest, depth)
-            stack.extend((child, depth + 1) for child in (node.values() if isinstance(node, dict) else node))
-    return deepest
+    return max((depth for node, depth in _nodes(schema) if isinstance(node, (dict, list))), default=0)
 
 
 def any_object_schema() -> dict[str, Any]:
