@@ -27,14 +27,13 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import statistics
-import subprocess
-import sys
+import tempfile
 import time
 from pathlib import Path
 
 import httpx
+from freelunch.benchmark import start_server, stop_server
 from host import machine  # bench/host.py
 
 USER_KEY, ATTACKER_KEY = "sk-bench-user", "sk-bench-attacker"
@@ -50,32 +49,6 @@ def slow_schema(base: int) -> dict:
 
 
 DEEP = '{"type": "array", "items": ' * 2000 + "{}" + "}" * 2000
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "freelunch.cli", "serve", "--port", str(port), "--workers", "2",
-                             "--api-key", USER_KEY, "--api-key", ATTACKER_KEY, "--log-level", "warning"],
-                            env={**os.environ, "HF_HUB_OFFLINE": "1"})  # fmt: skip
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit("the server exited during start-up")
-        try:
-            if httpx.get(base + "/ready").status_code == 200:
-                return proc, base
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    proc.kill()
-    raise SystemExit("the server did not become ready")
 
 
 class Bystander:
@@ -265,7 +238,9 @@ def main() -> None:
     if args.table:
         print(table(json.loads(Path(args.table).read_text())))
         return
-    proc, base = (None, args.url) if args.url else start_server(args)
+    log = tempfile.TemporaryFile()  # the server's output (shown if it fails to start)
+    serve = ["--workers", "2", "--api-key", USER_KEY, "--api-key", ATTACKER_KEY]
+    proc, base = (None, args.url) if args.url else start_server(serve, log)
     for _ in range(4):  # warm both workers (first-request costs are no attack's)
         httpx.post(base + "/v1/completions", json=BYSTANDER | {"max_tokens": 16}, timeout=300, headers=USER)
     try:
@@ -280,11 +255,8 @@ def main() -> None:
         reports = [asyncio.run(run_attack(name, base, seconds, attack)) for name, seconds, attack in attacks]
     finally:
         if proc is not None:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            stop_server(proc)
+        log.close()
     result = {"machine": machine(), "date": time.strftime("%Y-%m-%d"), "duration_s": args.duration,
               "command": "python bench/bench_abuse.py" + (f" --duration {args.duration:g}" if args.duration != 120 else ""),
               "attacks": reports}
