@@ -20,6 +20,15 @@ def tiny_llama(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def loaded(tiny_llama):
+    """The tiny Llama loaded by our loader in float32 (one per test module: tests change its state)."""
+    from freelunch.models.loader import load_model, resolve_source
+
+    folder, _ = tiny_llama
+    return load_model(resolve_source(str(folder)), "float32")
+
+
+@pytest.fixture(scope="module")
 def server(tiny_llama):
     """A real uvicorn server on loopback over the tiny Llama: (base url, model id, HF model, worker)."""
     folder, hf_model = tiny_llama

@@ -17,7 +17,6 @@ from freelunch.engine.request import GenerationRequest, SamplingParams
 from freelunch.methods import METHODS
 from freelunch.methods.pipeline import Stage, Variant
 from freelunch.methods.spec import MethodOptions, MethodSpec
-from freelunch.models.loader import load_model, resolve_source
 from live_server import live_server, tiny_app
 from pydantic import Field
 from test_moe import Model, hf_logits
@@ -28,12 +27,6 @@ PROMPTS = [
     "Translate to French: I like cheese.",
 ]
 NEGATIVE = "A very sad story about rain"
-
-
-@pytest.fixture(scope="module")
-def loaded(tiny_llama):
-    folder, _ = tiny_llama
-    return load_model(resolve_source(str(folder)), "float32")
 
 
 @pytest.fixture(scope="module")

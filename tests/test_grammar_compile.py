@@ -17,7 +17,6 @@ from freelunch.constraints.compile_guard import CompileGuard, GrammarTimeout
 from freelunch.constraints.grammar import GrammarCompiler, GrammarError, clean_error, tokenizer_info_json
 from freelunch.engine.engine import Engine
 from freelunch.engine.request import ConstraintSpec, GenerationRequest, RequestOutput, SamplingParams
-from freelunch.models.loader import load_model, resolve_source
 from freelunch.pool.engine_loop import EngineLoop, WorkerStats
 
 CHAT = "/v1/chat/completions"
@@ -33,12 +32,6 @@ def deep_arrays(depth: int) -> dict:
 # "any" whitespace between deeply nested arrays: about a second of xgrammar's time on 2 cores
 SLOW = ConstraintSpec("json_schema", json.dumps(deep_arrays(300)), "any")
 QUICK = ConstraintSpec("json_schema", json.dumps({"type": "object", "properties": {"a": {"type": "boolean"}}}))
-
-
-@pytest.fixture(scope="module")
-def loaded(tiny_llama):
-    folder, _ = tiny_llama
-    return load_model(resolve_source(str(folder)), "float32")
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,6 @@ from freelunch.config import EngineConfig
 from freelunch.engine.engine import Engine, EngineError
 from freelunch.engine.request import GenerationRequest, SamplingParams
 from freelunch.methods.guidance import guide
-from freelunch.models.loader import load_model, resolve_source
 
 PROMPTS = [
     "The quick brown fox jumps over the lazy dog. The quick brown fox",
@@ -21,12 +20,6 @@ PROMPTS = [
 NEGATIVE = "A very sad story about rain"
 LONG_PROMPT = " ".join(f"word{i}" for i in range(30))  # ~60 tokens: 4+ prefill chunks of 16
 MAX_TOKENS = 12
-
-
-@pytest.fixture(scope="module")
-def loaded(tiny_llama):
-    folder, _ = tiny_llama
-    return load_model(resolve_source(str(folder)), "float32")
 
 
 def _engine(loaded, **kw) -> Engine:

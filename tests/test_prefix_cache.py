@@ -13,7 +13,6 @@ from freelunch.config import EngineConfig
 from freelunch.engine.block_manager import BlockManager
 from freelunch.engine.engine import Engine
 from freelunch.engine.request import GenerationRequest, SamplingParams, Sequence
-from freelunch.models.loader import load_model, resolve_source
 from live_server import live_server, tiny_app
 
 SYSTEM = (
@@ -106,12 +105,6 @@ def test_a_row_without_a_key_neither_finds_nor_leaves_blocks():
 
 
 # ---- the engine: the same output with the cache on and off -----------------------------------------
-
-
-@pytest.fixture(scope="module")
-def loaded(tiny_llama):
-    folder, _ = tiny_llama
-    return load_model(resolve_source(str(folder)), "float32")
 
 
 def _engine(loaded, caching: bool = True, **kw) -> Engine:

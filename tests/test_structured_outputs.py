@@ -48,12 +48,6 @@ TIME = {
 
 
 @pytest.fixture(scope="module")
-def loaded(tiny_llama):
-    folder, _ = tiny_llama
-    return load_model(resolve_source(str(folder)), "float32")
-
-
-@pytest.fixture(scope="module")
 def api(tiny_llama):
     folder, _ = tiny_llama
     app, worker = tiny_app(folder, max_model_len=1024)

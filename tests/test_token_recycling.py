@@ -23,12 +23,6 @@ PROMPTS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def loaded(tiny_llama):
-    folder, _ = tiny_llama
-    return load_model(resolve_source(str(folder)), "float32")
-
-
 def _engine(loaded, **kw) -> Engine:
     kw.setdefault("max_step_cost", float("inf"))  # the paper's 80-node tree too, whatever it costs here
     return Engine(loaded, EngineConfig(kv_cache_gib=0.05, max_model_len=1024, **kw))
