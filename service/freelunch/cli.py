@@ -54,6 +54,14 @@ def build_parser() -> argparse.ArgumentParser:
         "auto: gguf for a .gguf model on CPU, none (the checkpoint's dtype) otherwise",
     )
     serve.add_argument(
+        "--activations",
+        default=env("FREELUNCH_ACTIVATIONS", "auto"),
+        choices=["auto", "float", "int8"],
+        help="numerics of the quantised layers (docs/reference.md): int8 quantises each input row in blocks of 32 and "
+        "multiplies in integer units, as llama.cpp (faster, a row's result still depends on that row alone); float "
+        "keeps float32 inputs (equal to transformers on the dequantised weights); auto: int8 where the CPU kernels run",
+    )
+    serve.add_argument(
         "--max-model-len", type=int, default=int(env("FREELUNCH_MAX_MODEL_LEN", "0")) or None,
         help="context length (prompt + output tokens); default: the model's own",
     )
@@ -274,6 +282,7 @@ def main(argv: list[str] | None = None) -> int:
             served_model_name=args.served_model_name,
             dtype=args.dtype,
             quantization=args.quantization,
+            activations=args.activations,
             max_model_len=args.max_model_len,
             max_num_seqs=args.max_num_seqs,
             max_num_batched_tokens=args.max_num_batched_tokens,

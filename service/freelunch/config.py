@@ -15,6 +15,8 @@ class EngineConfig:
     dtype: str = "auto"
     # weight-only (models/quantization.py): auto (gguf for a .gguf model on CPU, else none), none, int8, int4, gguf
     quantization: str = "auto"
+    # quantised layers' inputs (models/quantization.py): auto, float, or int8 (blocks of 32, integer dot products)
+    activations: str = "auto"
     device: str = "cpu"
     max_model_len: int | None = None  # None = the model's max_position_embeddings (capped at 8192)
     max_num_seqs: int = 64  # batch rows at once
@@ -53,6 +55,10 @@ class EngineConfig:
             raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, not {self.dtype!r}")
         if self.quantization not in ("auto", "none", "int8", "int4", "gguf"):
             raise ValueError(f"quantization must be auto, none, int8, int4 or gguf, not {self.quantization!r}")
+        if self.activations not in ("auto", "float", "int8"):
+            raise ValueError(f"activations must be auto, float or int8, not {self.activations!r}")
+        if self.activations == "int8" and (self.quantization == "none" or self.engine != "native"):
+            raise ValueError("--activations int8 applies to quantised weights on the native engine (--quantization auto|int8|int4|gguf)")
         if self.quantization not in ("auto", "none") and self.engine != "native":
             raise ValueError("--quantization applies to the native engine (vLLM quantises through its own checkpoints)")
         if self.max_model_len is not None and self.max_model_len < 16:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Callable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, InfoMetricFamily
 
 from freelunch.cpu_features import cpu_features, cpu_name, isa_level
 
@@ -18,9 +18,6 @@ class Metrics:
         """`stats()` returns an object with running, waiting and kv_usage (the pool's)."""
         self.registry = CollectorRegistry()
         r = self.registry
-        Info("freelunch_cpu", "The CPU, its widest instruction-set level and its features", registry=r).info(
-            {"model": cpu_name(), "isa": isa_level(), "features": " ".join(cpu_features())}
-        )
         Gauge("freelunch_workers_alive", "Engine workers serving requests", registry=r).set_function(workers_alive)
         Gauge("freelunch_requests_running", "Requests in the running batch", registry=r).set_function(
             lambda: stats().running
@@ -141,6 +138,12 @@ class _WorkerCounters:
 
     def collect(self):
         stats = self.stats()
+        yield InfoMetricFamily(
+            "freelunch_cpu",
+            "The CPU, its widest instruction-set level, its features, and the kernels the workers' linears run "
+            "(int8-<instruction set>: integer activations, the variant chosen by CPUID; float-avx2; torch; vllm)",
+            value={"model": cpu_name(), "isa": isa_level(), "features": " ".join(cpu_features()), "kernels": stats.kernels},
+        )
         yield CounterMetricFamily(
             "freelunch_prefix_cache_evictions", "Cached KV blocks whose memory went to other requests", value=stats.prefix_cache_evictions
         )

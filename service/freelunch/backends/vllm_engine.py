@@ -136,6 +136,7 @@ class VllmEngine:
     # and our prefix-cache query and hit counters, which the API counts, do cover it)
     prefix_cache_blocks = 0
     prefix_cache_evictions = 0
+    kernels = "vllm"  # vLLM's own
 
     @property
     def steps_by_path(self) -> dict[str, int]:

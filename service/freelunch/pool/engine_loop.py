@@ -36,6 +36,7 @@ class WorkerStats:
     prefix_cache_blocks: int = 0  # blocks named in the prefix cache
     prefix_cache_evictions: int = 0  # cached blocks whose memory went to other rows, since start
     steps_by_path: dict[str, int] = field(default_factory=dict)  # forwards by the path they took, since start
+    kernels: str = ""  # what runs the linears: "int8-avx512vnni", "float-avx2", "torch", "vllm" ("" unknown)
 
 
 class Sink(Protocol):
@@ -61,6 +62,7 @@ class EngineBackend(Protocol):
     prefix_cache_blocks: int
     prefix_cache_evictions: int
     steps_by_path: dict[str, int]
+    kernels: str
 
     def add_request(self, request: GenerationRequest) -> None: ...
 
@@ -126,7 +128,7 @@ class EngineLoop:
 
     def stats(self) -> WorkerStats:
         e = self.engine
-        return WorkerStats(e.num_running, e.num_waiting, e.kv_usage, e.prefix_cache_blocks, e.prefix_cache_evictions, e.steps_by_path)
+        return WorkerStats(e.num_running, e.num_waiting, e.kv_usage, e.prefix_cache_blocks, e.prefix_cache_evictions, e.steps_by_path, e.kernels)
 
     def _post(self, kind: str, item: GenerationRequest | str) -> None:
         with self._lock:

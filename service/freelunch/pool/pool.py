@@ -106,6 +106,7 @@ class WorkerPool:
             sum(p.prefix_cache_blocks for p in parts),
             sum(p.prefix_cache_evictions for p in parts),
             _summed(p.steps_by_path for p in parts),
+            ",".join(sorted({p.kernels for p in parts if p.kernels})),
         )
 
     def worker_states(self) -> list[WorkerState]:

@@ -192,7 +192,10 @@ def load_engine(config: EngineConfig) -> EngineBackend:
         return VllmEngine(config)
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
-    loaded = load_model(resolve_source(config.model, config.served_model_name), config.dtype, config.device, config.quantization)
+    loaded = load_model(
+        resolve_source(config.model, config.served_model_name), config.dtype, config.device, config.quantization,
+        config.activations,
+    )
     log_kernels(loaded)
     return Engine(loaded, config)
 
@@ -208,8 +211,10 @@ def log_kernels(loaded: LoadedModel) -> None:
     layers = Counter(type(m).__name__ for m in loaded.model.modules() if type(m).__name__.endswith("Linear"))
     stack = getattr(loaded.model, "cpu_decoder_stack", lambda: None)()
     log.info(
-        "cpu: %s (%s: %s); torch dispatch %s, %d threads; dtype %s, quantization %s; linears: %s; decode steps: %s",
+        "cpu: %s (%s: %s); torch dispatch %s, %d threads; dtype %s, quantization %s, %s activations; kernels %s; "
+        "linears: %s; decode steps: %s",
         cpu_name(), isa_level(), " ".join(cpu_features()) or "-", torch.backends.cpu.get_cpu_capability(),
-        torch.get_num_threads(), loaded.dtype, loaded.quantization, ", ".join(f"{n} {k}" for k, n in layers.most_common()),
+        torch.get_num_threads(), loaded.dtype, loaded.quantization, loaded.activations, loaded.kernels,
+        ", ".join(f"{n} {k}" for k, n in layers.most_common()),
         "all layers in one C call" if stack is not None else "layer by layer",
     )  # fmt: skip

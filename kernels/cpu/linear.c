@@ -11,13 +11,8 @@
  * Rows are taken in blocks of ROW_BLOCK; threads split a block's pairs of panels (OpenMP).
  * Each output is summed in k order, one FMA at a time.
  */
-#include <immintrin.h>
-#include <math.h>
-#include <stdint.h>
-#include <stdlib.h>
-#include <string.h>
+#include "common.h"
 
-#define PANEL 8
 #define TILE_ROWS 12
 #define ROW_BLOCK 48
 /* Software prefetch 2 KiB ahead in the panel, a cache line every other k: the hardware
@@ -360,475 +355,45 @@ void fl_linear_q4(const float* x, int64_t M, int64_t K, const uint8_t* packed, c
     free(xs);
 }
 
-/* ---- paged attention for few queries ------------------------------------------------------------
- * out[b, i, h] = softmax_j(scale * q[b, i, h] . K[j]) @ V over the keys j < L of row b that the mask
- * lets query i see, where K[j] = k_cache[kv_index[b, j], h / (H / Hkv)] (grouped-query heads).
- * One task per (row, query, head): gather the visible scores, exponentiate 8 at a time, then sum
- * the values. SDPA's CPU kernel spends most of its time on set-up at these sizes, and the keys are
- * read straight from the cache (no gathered copy). */
+/* ---- integer activations: the variant CPUID allows (linear_int8.c, one object per instruction set) -- */
+typedef void (*int8_linear_fn)(const fl_matrix*, const float*, int64_t, int64_t, float*, int);
+void fl_linear_i8_avx2(const fl_matrix*, const float*, int64_t, int64_t, float*, int);
+void fl_linear_i8_avxvnni(const fl_matrix*, const float*, int64_t, int64_t, float*, int);
+void fl_linear_i8_avx512(const fl_matrix*, const float*, int64_t, int64_t, float*, int);
+void fl_linear_i8_avx512vnni(const fl_matrix*, const float*, int64_t, int64_t, float*, int);
+/* in cpu_kernels.py's INT8_VARIANTS order */
+static const int8_linear_fn INT8_VARIANTS[] = {fl_linear_i8_avx2, fl_linear_i8_avxvnni, fl_linear_i8_avx512,
+                                               fl_linear_i8_avx512vnni};
+static int8_linear_fn int8_linear = fl_linear_i8_avx2;
 
-/* e^x for 8 floats (Cephes' single-precision polynomial, as in avx_mathfun); x <= 88 (no overflow). */
-static inline __m256 exp8(__m256 x) {
-    x = _mm256_max_ps(x, _mm256_set1_ps(-87.3365f));
-    __m256 fx = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
-    x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
-    x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
-    __m256 y = _mm256_set1_ps(1.9875691500e-4f);
-    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
-    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
-    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
-    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
-    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
-    y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
-    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(fx), _mm256_set1_epi32(127)), 23);
-    return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+/* Bit i set: INT8_VARIANTS[i] runs on this CPU (CPUID, and the OS saving the registers it uses). */
+int fl_int8_variants(void) {
+    __builtin_cpu_init();
+    int avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    int avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                 __builtin_cpu_supports("avx512vl");
+    return avx2 | (avx2 && __builtin_cpu_supports("avxvnni")) << 1 | avx512 << 2 |
+           (avx512 && __builtin_cpu_supports("avx512vnni")) << 3;
 }
 
-/* q . k for 8 keys at once (D a multiple of 8): 8 running sums, then one transposing reduction. */
-static inline __m256 dot8(const float* q, const float* k_cache, const int64_t* slot, int64_t D) {
-    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
-    const float *k0 = k_cache + slot[0], *k1 = k_cache + slot[1], *k2 = k_cache + slot[2], *k3 = k_cache + slot[3];
-    const float *k4 = k_cache + slot[4], *k5 = k_cache + slot[5], *k6 = k_cache + slot[6], *k7 = k_cache + slot[7];
-    for (int64_t d = 0; d < D; d += 8) {
-        __m256 x = _mm256_loadu_ps(q + d);
-        a0 = _mm256_fmadd_ps(x, _mm256_loadu_ps(k0 + d), a0);
-        a1 = _mm256_fmadd_ps(x, _mm256_loadu_ps(k1 + d), a1);
-        a2 = _mm256_fmadd_ps(x, _mm256_loadu_ps(k2 + d), a2);
-        a3 = _mm256_fmadd_ps(x, _mm256_loadu_ps(k3 + d), a3);
-        a4 = _mm256_fmadd_ps(x, _mm256_loadu_ps(k4 + d), a4);
-        a5 = _mm256_fmadd_ps(x, _mm256_loadu_ps(k5 + d), a5);
-        a6 = _mm256_fmadd_ps(x, _mm256_loadu_ps(k6 + d), a6);
-        a7 = _mm256_fmadd_ps(x, _mm256_loadu_ps(k7 + d), a7);
-    }
-    __m256 h0 = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
-    __m256 h1 = _mm256_hadd_ps(_mm256_hadd_ps(a4, a5), _mm256_hadd_ps(a6, a7));
-    return _mm256_add_ps(_mm256_permute2f128_ps(h0, h1, 0x20), _mm256_permute2f128_ps(h0, h1, 0x31));
+/* Use INT8_VARIANTS[i] from now on; 0 (and no change) where the CPU cannot run it. */
+int fl_use_int8_variant(int i) {
+    if (i < 0 || i > 3 || !(fl_int8_variants() >> i & 1)) return 0;
+    int8_linear = INT8_VARIANTS[i];
+    return 1;
 }
 
-static inline float dot(const float* a, const float* b, int64_t D) {
-    __m256 s = _mm256_setzero_ps();
-    int64_t d = 0;
-    for (; d + 8 <= D; d += 8) s = _mm256_fmadd_ps(_mm256_loadu_ps(a + d), _mm256_loadu_ps(b + d), s);
-    float t[8];
-    _mm256_storeu_ps(t, s);
-    float r = ((t[0] + t[4]) + (t[1] + t[5])) + ((t[2] + t[6]) + (t[3] + t[7]));
-    for (; d < D; d++) r += a[d] * b[d];
-    return r;
-}
-
-void fl_paged_attention(const float* q, int64_t B, int64_t n, int64_t H, int64_t D, const float* k_cache,
-                        const float* v_cache, int64_t Hkv, const int64_t* kv_index, int64_t L,
-                        const uint8_t* mask, float scale, float* out, int threads) {
-    int64_t group = H / Hkv, tasks = B * n * H;
-#pragma omp parallel num_threads(threads)
-    {
-        float* score = malloc(sizeof(float) * (L + 8));
-        int64_t* slot = malloc(sizeof(int64_t) * (L + 8));
-#pragma omp for schedule(static)
-        for (int64_t t = 0; t < tasks; t++) {
-            int64_t h = t % H, bi = t / H, b = bi / n;  /* bi = b * n + i */
-            const float* qv = q + t * D;
-            const int64_t* index = kv_index + b * L;
-            const uint8_t* visible = mask ? mask + bi * L : 0;
-            int64_t off = h / group * D, count = 0;
-            float top = -INFINITY;
-            for (int64_t j = 0; j < L; j++)
-                if (!visible || visible[j]) slot[count++] = index[j] * Hkv * D + off;
-            int64_t c = 0;
-            if (D % 8 == 0) {
-                __m256 top8 = _mm256_set1_ps(-INFINITY), sc = _mm256_set1_ps(scale);
-                for (; c + 8 <= count; c += 8) {
-                    __m256 s8 = _mm256_mul_ps(dot8(qv, k_cache, slot + c, D), sc);
-                    _mm256_storeu_ps(score + c, s8);
-                    top8 = _mm256_max_ps(top8, s8);
-                }
-                float t8[8];
-                _mm256_storeu_ps(t8, top8);
-                for (int k = 0; k < 8; k++) top = t8[k] > top ? t8[k] : top;
-            }
-            for (; c < count; c++) {
-                score[c] = dot(qv, k_cache + slot[c], D) * scale;
-                if (score[c] > top) top = score[c];
-            }
-            __m256 sum8 = _mm256_setzero_ps();
-            for (c = 0; c + 8 <= count; c += 8) {
-                __m256 p = exp8(_mm256_sub_ps(_mm256_loadu_ps(score + c), _mm256_set1_ps(top)));
-                _mm256_storeu_ps(score + c, p);
-                sum8 = _mm256_add_ps(sum8, p);
-            }
-            float sum = 0.0f;
-            for (; c < count; c++) sum += (score[c] = expf(score[c] - top));
-            float t8[8];
-            _mm256_storeu_ps(t8, sum8);
-            for (int k = 0; k < 8; k++) sum += t8[k];
-            float* o = out + t * D;
-            int64_t d = 0;
-            for (; d + 32 <= D; d += 32) {  /* 32 dims at a time stay in registers across the keys */
-                __m256 o0 = _mm256_setzero_ps(), o1 = o0, o2 = o0, o3 = o0;
-                for (c = 0; c < count; c++) {
-                    const float* v = v_cache + slot[c] + d;
-                    __m256 p = _mm256_broadcast_ss(score + c);
-                    o0 = _mm256_fmadd_ps(p, _mm256_loadu_ps(v), o0);
-                    o1 = _mm256_fmadd_ps(p, _mm256_loadu_ps(v + 8), o1);
-                    o2 = _mm256_fmadd_ps(p, _mm256_loadu_ps(v + 16), o2);
-                    o3 = _mm256_fmadd_ps(p, _mm256_loadu_ps(v + 24), o3);
-                }
-                _mm256_storeu_ps(o + d, o0);
-                _mm256_storeu_ps(o + d + 8, o1);
-                _mm256_storeu_ps(o + d + 16, o2);
-                _mm256_storeu_ps(o + d + 24, o3);
-            }
-            for (; d < D; d++) {
-                float acc = 0.0f;
-                for (c = 0; c < count; c++) acc += score[c] * v_cache[slot[c] + d];
-                o[d] = acc;
-            }
-            float inv = count ? 1.0f / sum : 0.0f;
-            for (int64_t d = 0; d < D; d++) o[d] *= inv;
-        }
-        free(slot);
-        free(score);
-    }
-}
-
-/* ---- the elementwise steps between a decoder layer's matmuls ---------------------------------------
- * A decode step runs them once per layer on a few rows, where PyTorch's per-op set-up (~5-30 us
- * an op, several ops a step) costs more than the arithmetic; each is one call here. */
-
-static inline float hsum8(__m256 v) {
-    float t[8];
-    _mm256_storeu_ps(t, v);
-    return ((t[0] + t[4]) + (t[1] + t[5])) + ((t[2] + t[6]) + (t[3] + t[7]));
-}
-
-/* RMSNorm, after a residual add when `delta` is given: sum = x (+ delta) into `sum` (may be x),
- * out = sum / sqrt(mean(sum^2) + eps) * weight. Rows of K floats. */
-void fl_rms_norm(const float* x, const float* delta, const float* weight, float eps, int64_t M, int64_t K, float* sum,
-                 float* out) {
-    for (int64_t m = 0; m < M; m++) {
-        const float* xr = x + m * K;
-        float* s = sum + m * K;
-        __m256 sq = _mm256_setzero_ps();
-        int64_t k = 0;
-        for (; k + 8 <= K; k += 8) {
-            __m256 v = _mm256_loadu_ps(xr + k);
-            if (delta) v = _mm256_add_ps(v, _mm256_loadu_ps(delta + m * K + k));
-            _mm256_storeu_ps(s + k, v);
-            sq = _mm256_fmadd_ps(v, v, sq);
-        }
-        float ss = hsum8(sq);
-        for (; k < K; k++) {
-            float v = xr[k] + (delta ? delta[m * K + k] : 0.0f);
-            s[k] = v;
-            ss += v * v;
-        }
-        float inv = 1.0f / sqrtf(ss / (float)K + eps);
-        __m256 iv = _mm256_set1_ps(inv);
-        for (k = 0; k + 8 <= K; k += 8)
-            _mm256_storeu_ps(out + m * K + k, _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(s + k), iv), _mm256_loadu_ps(weight + k)));
-        for (; k < K; k++) out[m * K + k] = s[k] * inv * weight[k];
-    }
-}
-
-/* Rotary embedding in place on the first `heads` heads of each of T rows (a row: `stride` floats,
- * a head: D, D even): x1' = x1 cos - x2 sin, x2' = x2 cos + x1 sin over the halves, cos and sin
- * [T, D] (transformers' rotate_half convention). */
-void fl_rope(float* x, int64_t T, int64_t heads, int64_t D, int64_t stride, const float* cos, const float* sin) {
-    int64_t half = D / 2;
-    for (int64_t t = 0; t < T; t++) {
-        const float *c = cos + t * D, *s = sin + t * D;
-        for (int64_t h = 0; h < heads; h++) {
-            float* x1 = x + t * stride + h * D;
-            float* x2 = x1 + half;
-            int64_t i = 0;
-            for (; i + 8 <= half; i += 8) {
-                __m256 a = _mm256_loadu_ps(x1 + i), b = _mm256_loadu_ps(x2 + i);
-                _mm256_storeu_ps(x1 + i, _mm256_sub_ps(_mm256_mul_ps(a, _mm256_loadu_ps(c + i)), _mm256_mul_ps(b, _mm256_loadu_ps(s + i))));
-                _mm256_storeu_ps(x2 + i, _mm256_add_ps(_mm256_mul_ps(b, _mm256_loadu_ps(c + half + i)),
-                                                       _mm256_mul_ps(a, _mm256_loadu_ps(s + half + i))));
-            }
-            for (; i < half; i++) {
-                float a = x1[i], b = x2[i];
-                x1[i] = a * c[i] - b * s[i];
-                x2[i] = b * c[half + i] + a * s[half + i];
-            }
-        }
-    }
-}
-
-/* SwiGLU's gate: out[m, i] = silu(gu[m, i]) * gu[m, I + i], gu rows [gate | up] of 2 I floats. */
-void fl_silu_mul(const float* gu, int64_t M, int64_t I, float* out) {
-    const __m256 one = _mm256_set1_ps(1.0f), top = _mm256_set1_ps(88.0f);
-    for (int64_t m = 0; m < M; m++) {
-        const float *g = gu + m * 2 * I, *u = g + I;
-        float* o = out + m * I;
-        int64_t i = 0;
-        for (; i + 8 <= I; i += 8) {
-            __m256 x = _mm256_loadu_ps(g + i);
-            __m256 e = exp8(_mm256_min_ps(_mm256_sub_ps(_mm256_setzero_ps(), x), top)); /* e^-x */
-            _mm256_storeu_ps(o + i, _mm256_mul_ps(_mm256_div_ps(x, _mm256_add_ps(one, e)), _mm256_loadu_ps(u + i)));
-        }
-        for (; i < I; i++) o[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
-    }
-}
-
-/* ---- the k largest values of each row ------------------------------------------------------------
- * values, indices [M, k]: row m's k largest entries, largest first; of equal values the lower index
- * first (as a stable sort would give them). One pass: 8 entries at a time are compared with the
- * k-th largest so far, and only those above it are inserted (few, after the first hundreds), so a
- * row of the default vocabulary (49,152) takes ~15 us against torch.topk's ~65. Entries must not
- * be NaN; k <= N. */
-/* Insert (val, j) into v/ix, which hold `filled` entries in order (at most k kept). */
-static inline void topk_insert(float* v, int64_t* ix, int64_t* filled, int64_t k, float val, int64_t j) {
-    int64_t at = *filled < k ? *filled : k - 1;
-    while (at > 0 && v[at - 1] < val) { /* strictly less: an equal earlier entry stays ahead */
-        v[at] = v[at - 1];
-        ix[at] = ix[at - 1];
-        at--;
-    }
-    if (*filled < k) (*filled)++;
-    v[at] = val;
-    ix[at] = j;
-}
-
-void fl_topk(const float* x, int64_t M, int64_t N, int64_t k, float* values, int64_t* indices) {
-    for (int64_t m = 0; m < M; m++) {
-        const float* row = x + m * N;
-        float* v = values + m * k;
-        int64_t* ix = indices + m * k;
-        int64_t filled = 0, j = 0;
-        for (; j < N && filled < k; j++) topk_insert(v, ix, &filled, k, row[j], j);
-        for (; j + 8 <= N; j += 8) {
-            if (!_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(row + j), _mm256_set1_ps(v[k - 1]), _CMP_GT_OQ))) continue;
-            for (int64_t b = j; b < j + 8; b++)
-                if (row[b] > v[k - 1]) topk_insert(v, ix, &filled, k, row[b], b);
-        }
-        for (; j < N; j++)
-            if (row[j] > v[k - 1]) topk_insert(v, ix, &filled, k, row[j], j);
-    }
-}
-
-/* ---- q and k before attention --------------------------------------------------------------------
- * What a layer does to its q/k/v projection rows [T, (H + 2 Hkv) D] before attention, in place, in
- * models/llama.py's order: q/k norms over the whole projection (OLMo2, OLMoE), clipping (OLMoE), q/k
- * norms per head (Qwen3), then RoPE on the q and k heads. The per-layer path and the one-call decoder
- * both call this, so they agree to the bit. */
-typedef struct {
-    const float* q_norm; /* [H D] (projection) or [D] (per head) RMSNorm weights, or NULL */
-    const float* k_norm;
-    int64_t norm;        /* 0: none, 1: per head, 2: over the projection */
-    float eps;
-    float clip;          /* clamp to [-clip, clip] when clipped */
-    int64_t clipped;
-} fl_qk;
-
-void fl_qk_prepare(float* qkv, int64_t T, int64_t H, int64_t Hkv, int64_t D, const fl_qk* qk, const float* cos,
-                   const float* sin) {
-    int64_t width = (H + 2 * Hkv) * D, qd = H * D, kv = Hkv * D;
-    for (int64_t t = 0; t < T; t++) {
-        float* row = qkv + t * width;
-        if (qk->norm == 2) {
-            fl_rms_norm(row, 0, qk->q_norm, qk->eps, 1, qd, row, row);
-            fl_rms_norm(row + qd, 0, qk->k_norm, qk->eps, 1, kv, row + qd, row + qd);
-        }
-        if (qk->clipped) {
-            float hi = qk->clip, lo = -qk->clip;
-            for (int64_t i = 0; i < width; i++) row[i] = row[i] < lo ? lo : (row[i] > hi ? hi : row[i]);
-        }
-        if (qk->norm == 1) {
-            fl_rms_norm(row, 0, qk->q_norm, qk->eps, H, D, row, row);
-            fl_rms_norm(row + qd, 0, qk->k_norm, qk->eps, Hkv, D, row + qd, row + qd);
-        }
-    }
-    fl_rope(qkv, T, H + Hkv, D, width, cos, sin);
-}
-
-/* ---- a whole dense decoder stack in one call ------------------------------------------------------
- * The layers of a Llama-family decoder (models/llama.py's DecoderLayer with a dense MLP) for a step
- * of any attention groups over the cache (decode rows, prompt chunks, draft trees): the same kernels in
- * the same order as the per-layer Python path, so the result is bit-identical, without the ~0.3 ms of
- * PyTorch dispatch, ctypes and allocation that a layer's dozen calls cost between them (a third of a
- * decode step of the default model on 2 AVX2 cores). */
-typedef struct {
-    int64_t kind; /* 0: float32 panels (fl_linear), 1: int8 (fl_linear_q8), 2: int4 (fl_linear_q4), 3: bfloat16 panels */
-    const void* packed;
-    const float* scales; /* q8: per panel [K/G][8]; q4: d and m per panel */
-    int64_t group;       /* q8: inputs a scale covers */
-    int64_t out;         /* output features */
-    const float* bias;   /* or NULL */
-} fl_matrix;
-
-typedef struct {
-    const float* input_norm;
-    const float* post_norm;
-    fl_matrix qkv, o, gate_up, down;
-    fl_qk qk;
-    float* k_cache; /* [slots, Hkv, D] */
-    float* v_cache;
-    const struct fl_moe* moe; /* a sparse MoE feed-forward (fl_moe_forward), or NULL: gate_up and down */
-} fl_layer;
-
-/* B rows of n queries each that attend as fl_paged_attention over kv_index [B, Lk] (mask [B, n, Lk] or
- * NULL); their tokens are rows q_index [B n] of the step (NULL: rows 0 .. B n - 1, in order). */
-typedef struct {
-    const int64_t* q_index;
-    int64_t B, n;
-    const int64_t* kv_index;
-    int64_t Lk;
-    const uint8_t* mask;
-} fl_group;
-
-static void matrix_apply(const fl_matrix* w, const float* x, int64_t M, int64_t K, float* y, int threads) {
+/* The one entry every layer's matmul goes through (the one-call decoder, MoE blocks, and
+ * models/quantization.py's layers), so both paths run the same kernel for a matrix. */
+void fl_matrix_apply(const fl_matrix* w, const float* x, int64_t M, int64_t K, float* y, int threads) {
     if (w->kind == 0)
         fl_linear(x, M, K, (const float*)w->packed, w->out, w->bias, y, threads);
     else if (w->kind == 3)
         fl_linear_bf16(x, M, K, (const uint16_t*)w->packed, w->out, w->bias, y, threads);
     else if (w->kind == 1)
         fl_linear_q8(x, M, K, (const int8_t*)w->packed, w->scales, w->group, w->out, w->bias, y, threads);
-    else
+    else if (w->kind == 2)
         fl_linear_q4(x, M, K, (const uint8_t*)w->packed, w->scales, w->out, w->bias, y, threads);
-}
-
-/* ---- a sparse Mixture-of-Experts feed-forward --------------------------------------------------
- * models/moe.py's SparseMoeBlock (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE): the router's softmax in
- * float32, each token's top-k experts (the larger probability first, of equal ones the lower expert),
- * renormalised where the model says so, or per token one expert of router rank r >= 1 with weight 1
- * (SCMoE's weak rows) or a token's own top-k; the experts run grouped by expert in ascending order,
- * each over its tokens in ascending order, out[t] += y * w; then Qwen2-MoE's shared expert,
- * out + sigmoid(gate) * shared. The per-layer path calls this too, so both paths agree to the bit. */
-typedef struct fl_moe {
-    fl_matrix gate;             /* router: hidden -> E */
-    int64_t E, top_k, normalize;
-    const fl_matrix* gate_up;   /* [E] */
-    const fl_matrix* down;      /* [E] */
-    int64_t I;                  /* an expert's intermediate size */
-    fl_matrix shared_gate_up, shared_down, shared_gate;
-    int64_t shared_I;           /* 0: no shared expert */
-} fl_moe;
-
-/* x [T, K] -> out [T, K]; rank, top_k [T] per-token routing (NULL: the router's own top-k). */
-void fl_moe_forward(const fl_moe* m, const float* x, int64_t T, int64_t K, const int64_t* rank, const int64_t* top_k,
-                    float* out, int threads) {
-    int64_t E = m->E, I = m->I;
-    float* probs = malloc(sizeof(float) * T * E);
-    int64_t* chosen = malloc(sizeof(int64_t) * T * E); /* each token's experts, best first */
-    float* weight = malloc(sizeof(float) * T * E);
-    int64_t* used = malloc(sizeof(int64_t) * T);       /* how many of them */
-    matrix_apply(&m->gate, x, T, K, probs, threads);
-    for (int64_t t = 0; t < T; t++) {
-        float* p = probs + t * E;
-        float top = p[0], sum = 0.0f;
-        for (int64_t e = 1; e < E; e++) top = p[e] > top ? p[e] : top;
-        for (int64_t e = 0; e < E; e++) sum += (p[e] = expf(p[e] - top));
-        for (int64_t e = 0; e < E; e++) p[e] /= sum;
-        int64_t* c = chosen + t * E;
-        float* w = weight + t * E;
-        for (int64_t e = 0; e < E; e++) { /* experts by probability, insertion: stable for ties */
-            int64_t at = e;
-            while (at > 0 && p[c[at - 1]] < p[e]) {
-                c[at] = c[at - 1];
-                at--;
-            }
-            c[at] = e;
-        }
-        int64_t r = rank ? rank[t] : 0;
-        if (r > 0) { /* the router's r-th expert alone, weight 1 */
-            c[0] = c[r - 1];
-            w[0] = 1.0f;
-            used[t] = 1;
-            continue;
-        }
-        int64_t k = top_k && top_k[t] > 0 ? top_k[t] : m->top_k;
-        float total = 0.0f;
-        for (int64_t j = 0; j < k; j++) total += (w[j] = p[c[j]]);
-        if (m->normalize)
-            for (int64_t j = 0; j < k; j++) w[j] /= total;
-        used[t] = k;
-    }
-    float *xg = malloc(sizeof(float) * T * K), *gu = malloc(sizeof(float) * T * 2 * I), *act = malloc(sizeof(float) * T * I),
-          *y = malloc(sizeof(float) * T * K);
-    float* wg = malloc(sizeof(float) * T);
-    int64_t* rows = malloc(sizeof(int64_t) * T);
-    memset(out, 0, sizeof(float) * T * K);
-    for (int64_t e = 0; e < E; e++) {
-        int64_t count = 0;
-        for (int64_t t = 0; t < T; t++)
-            for (int64_t j = 0; j < used[t]; j++)
-                if (chosen[t * E + j] == e) {
-                    rows[count] = t;
-                    wg[count++] = weight[t * E + j];
-                }
-        if (!count) continue;
-        for (int64_t r = 0; r < count; r++) memcpy(xg + r * K, x + rows[r] * K, sizeof(float) * K);
-        matrix_apply(m->gate_up + e, xg, count, K, gu, threads);
-        fl_silu_mul(gu, count, I, act);
-        matrix_apply(m->down + e, act, count, I, y, threads);
-        for (int64_t r = 0; r < count; r++) {
-            float* o = out + rows[r] * K;
-            const float* yr = y + r * K;
-            for (int64_t i = 0; i < K; i++) o[i] += yr[i] * wg[r];
-        }
-    }
-    free(xg), free(gu), free(act), free(wg), free(rows), free(probs), free(chosen), free(weight), free(used);
-    if (m->shared_I) {
-        int64_t S = m->shared_I;
-        float *sgu = malloc(sizeof(float) * T * 2 * S), *sact = malloc(sizeof(float) * T * S), *g = malloc(sizeof(float) * T);
-        matrix_apply(&m->shared_gate_up, x, T, K, sgu, threads);
-        fl_silu_mul(sgu, T, S, sact);
-        matrix_apply(&m->shared_down, sact, T, S, y, threads);
-        matrix_apply(&m->shared_gate, x, T, K, g, threads);
-        for (int64_t t = 0; t < T; t++) {
-            float s = 1.0f / (1.0f + expf(-g[t]));
-            for (int64_t i = 0; i < K; i++) out[t * K + i] += s * y[t * K + i];
-        }
-        free(sgu), free(sact), free(g);
-    }
-    free(y);
-}
-
-/* x [T, K]: the residual stream, updated in place through all L layers (the final norm is the
- * caller's). Token t is at rotary row t of cos/sin [T, D] and writes its k/v to cache slot slots[t];
- * the queries attend in the G groups; rank, top_k [T]: MoE layers' per-token routing (NULL: the
- * router's own). scratch: T * (2 K + (H + 2 Hkv) D + 4 H D + 3 I) floats. */
-void fl_decoder(const fl_layer* layers, int64_t L, float* x, int64_t T, int64_t K, int64_t H, int64_t Hkv, int64_t D,
-                int64_t I, float eps, const float* cos, const float* sin, const int64_t* slots, const fl_group* groups,
-                int64_t G, const int64_t* rank, const int64_t* top_k, float scale, float* scratch, int threads) {
-    int64_t width = (H + 2 * Hkv) * D, kv = Hkv * D, qd = H * D;
-    float *h = scratch, *qkv = h + T * K, *q = qkv + T * width, *att = q + T * qd, *delta = att + T * qd,
-          *gu = delta + T * K, *act = gu + T * 2 * I, *gq = act + T * I, *gatt = gq + T * qd;
-    for (int64_t l = 0; l < L; l++) {
-        const fl_layer* ly = layers + l;
-        fl_rms_norm(x, 0, ly->input_norm, eps, T, K, x, h);
-        matrix_apply(&ly->qkv, h, T, K, qkv, threads);
-        fl_qk_prepare(qkv, T, H, Hkv, D, &ly->qk, cos, sin);
-        for (int64_t t = 0; t < T; t++) {
-            const float* row = qkv + t * width;
-            memcpy(q + t * qd, row, sizeof(float) * qd);
-            memcpy(ly->k_cache + slots[t] * kv, row + qd, sizeof(float) * kv);
-            memcpy(ly->v_cache + slots[t] * kv, row + qd + kv, sizeof(float) * kv);
-        }
-        for (int64_t g = 0; g < G; g++) {
-            const fl_group* gr = groups + g;
-            int64_t rows = gr->B * gr->n;
-            if (!gr->q_index) {
-                fl_paged_attention(q, gr->B, gr->n, H, D, ly->k_cache, ly->v_cache, Hkv, gr->kv_index, gr->Lk, gr->mask,
-                                   scale, att, threads);
-                continue;
-            }
-            for (int64_t r = 0; r < rows; r++) memcpy(gq + r * qd, q + gr->q_index[r] * qd, sizeof(float) * qd);
-            fl_paged_attention(gq, gr->B, gr->n, H, D, ly->k_cache, ly->v_cache, Hkv, gr->kv_index, gr->Lk, gr->mask,
-                               scale, gatt, threads);
-            for (int64_t r = 0; r < rows; r++) memcpy(att + gr->q_index[r] * qd, gatt + r * qd, sizeof(float) * qd);
-        }
-        matrix_apply(&ly->o, att, T, qd, delta, threads);
-        fl_rms_norm(x, delta, ly->post_norm, eps, T, K, x, h);
-        if (ly->moe) {
-            fl_moe_forward(ly->moe, h, T, K, rank, top_k, delta, threads);
-        } else {
-            matrix_apply(&ly->gate_up, h, T, K, gu, threads);
-            fl_silu_mul(gu, T, I, act);
-            matrix_apply(&ly->down, act, T, I, delta, threads);
-        }
-        for (int64_t i = 0; i < T * K; i++) x[i] += delta[i];
-    }
+    else
+        int8_linear(w, x, M, K, y, threads);
 }
