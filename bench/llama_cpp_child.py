@@ -6,8 +6,13 @@ benchmark-only environment (its wheel compiles llama.cpp for several minutes: ne
 
 Reads {"model": path, "prompts": [[token ids]], "single": n, "max_tokens": n, "threads": n} on
 stdin: the same token ids as every other backend, greedy, `max_tokens` tokens per request whatever
-they are (llama.cpp's generator does not stop at an end token by itself), one request at a time
-(llama-cpp-python runs one sequence: no concurrent figure). Prints `RESULT <json>`.
+they are (llama.cpp's generator does not stop at an end token by itself), the first `single`
+prompts one request at a time. With "concurrency": n in the job, the first n prompts are then
+decoded together (`concurrent_tok_s`): llama-cpp-python's high-level API runs one sequence, so this
+part uses its low-level API as llama-server's parallel slots do: one context with a sequence per
+request (non-unified KV cache, n_ctx shared equally), the prompts prefilled in one batch, then one
+llama_decode a step for all sequences, greedy argmax of each sequence's logits; the high-level
+model is closed first, so peak memory holds one context at a time. Prints `RESULT <json>`.
 Imports nothing of freelunch's.
 """
 
@@ -33,6 +38,53 @@ def decode(llm: llama_cpp.Llama, prompt: list[int], max_tokens: int) -> tuple[fl
     return time.perf_counter() - start, first or 0.0
 
 
+def concurrent(job: dict) -> float:
+    """Tokens a second of the first job["concurrency"] prompts decoded together (see the docstring)."""
+    import numpy as np
+
+    prompts, steps, n = job["prompts"][: job["concurrency"]], job["max_tokens"], job["concurrency"]
+    mparams = llama_cpp.llama_model_default_params()
+    if hasattr(mparams, "use_extra_bufts"):
+        mparams.use_extra_bufts = False  # as in main()
+    model = llama_cpp.llama_model_load_from_file(job["model"].encode(), mparams)
+    vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(model))
+    per_seq = -(-(max(len(p) for p in prompts) + steps + 1) // 256) * 256
+    cparams = llama_cpp.llama_context_default_params()
+    cparams.n_ctx, cparams.n_seq_max = n * per_seq, n
+    cparams.n_batch = max(512, sum(len(p) for p in prompts))
+    cparams.n_threads = cparams.n_threads_batch = job["threads"]
+    cparams.kv_unified = False
+    ctx = llama_cpp.llama_init_from_model(model, cparams)
+    batch = llama_cpp.llama_batch_init(cparams.n_batch, 0, 1)
+
+    def decode(items: list[tuple[int, int, int, bool]]) -> list[int]:
+        """(token, position, sequence, wants logits) -> the argmax of each requested row."""
+        for i, (token, pos, seq, logits) in enumerate(items):
+            batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = token, pos, 1, logits
+            batch.seq_id[i][0] = seq
+        batch.n_tokens = len(items)
+        if llama_cpp.llama_decode(ctx, batch) != 0:
+            raise RuntimeError("llama_decode failed")
+        rows = [i for i, item in enumerate(items) if item[3]]
+        return [int(np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx, i), shape=(vocab,)).argmax()) for i in rows]
+
+    def run(max_tokens: int) -> float:
+        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(ctx), True)
+        start = time.perf_counter()
+        items = [(t, pos, s, pos == len(p) - 1) for s, p in enumerate(prompts) for pos, t in enumerate(p)]
+        tokens = decode(items)  # every sequence's first token
+        for step in range(1, max_tokens):
+            tokens = decode([(t, len(p) + step - 1, s, True) for s, (t, p) in enumerate(zip(tokens, prompts))])
+        return n * max_tokens / (time.perf_counter() - start)
+
+    run(2)  # warm-up
+    result = run(steps)
+    llama_cpp.llama_batch_free(batch)
+    llama_cpp.llama_free(ctx)
+    llama_cpp.llama_model_free(model)
+    return result
+
+
 def main() -> None:
     job = json.load(sys.stdin)
     t0 = time.perf_counter()
@@ -52,6 +104,9 @@ def main() -> None:
         "weight_bytes_per_step": llama_cpp.llama_model_size(llm.model),
         "system_info": llama_cpp.llama_print_system_info().decode(),
     }
+    if job.get("concurrency"):
+        llm.close()
+        result["concurrent_tok_s"] = concurrent(job)
     print("RESULT " + json.dumps(result), flush=True)
 
 

@@ -40,21 +40,25 @@ def variants(library) -> list[str]:
     return runs
 
 
-def weights(form: str, n: int, k: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, int]:
+def weights(form: str, n: int, k: int, seed: int, half: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, int]:
     bits, group, (lo, hi) = FORMS[form]
     g = torch.Generator().manual_seed(seed)
     q = torch.randint(lo, hi + 1, (n, k), generator=g).to(torch.int8 if bits == 8 else torch.uint8)
     d = torch.rand(n, k // group, generator=g) * 0.02 + 1e-3
     m = None if bits == 8 else -torch.rand(n, k // 32, generator=g) * 0.1
+    if half:  # float16 values (as GGUF's Q4_0, Q4_1, Q8_0 store them): kept as float16
+        d, m = d.half().float(), None if m is None else m.half().float()
     return q, d, m, bits
 
 
+@pytest.mark.parametrize("half", [False, True], ids=["float32-scales", "float16-scales"])
 @pytest.mark.parametrize("form", FORMS)
-def test_every_variant_equals_the_reference_at_every_row_count(library, form):
+def test_every_variant_equals_the_reference_at_every_row_count(library, form, half):
     n, k = 44, 320  # a last panel of 4 columns
-    q, d, m, bits = weights(form, n, k, seed=len(form))
+    q, d, m, bits = weights(form, n, k, seed=len(form), half=half)
     bias = torch.randn(n)
     matrix = cpu_kernels.pack_int8_activations(q, d, m, n, bias, bits)
+    assert matrix.scales.dtype == (torch.float16 if half else torch.float32)
     assert torch.equal(cpu_kernels.unpack_int8_activations(matrix, k).to(q.dtype), q)
     for rows in ROWS:
         x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows)) * 3

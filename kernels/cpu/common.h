@@ -60,6 +60,7 @@ typedef struct {
     const float* bias;    /* or NULL */
     const float* mins;    /* 5, 6: m per panel [K/32][8] (w = d q + m) */
     const int32_t* wsum;  /* 4: 128 x each group's weight sum per panel [K/G][8] (the unsigned offset of VNNI) */
+    int64_t half;         /* 4-6: scales and mins stored as float16 (where they are float16 values, as GGUF's) */
 } fl_matrix;
 
 typedef struct {

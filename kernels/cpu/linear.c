@@ -369,7 +369,7 @@ static int8_linear_fn int8_linear = fl_linear_i8_avx2;
 /* Bit i set: INT8_VARIANTS[i] runs on this CPU (CPUID, and the OS saving the registers it uses). */
 int fl_int8_variants(void) {
     __builtin_cpu_init();
-    int avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    int avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
     int avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                  __builtin_cpu_supports("avx512vl");
     return avx2 | (avx2 && __builtin_cpu_supports("avxvnni")) << 1 | avx512 << 2 |

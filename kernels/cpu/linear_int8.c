@@ -125,6 +125,12 @@ static inline __m256i columns(vec lo, vec hi) {
 }
 #endif
 
+/* 8 scales of a panel, float32 or float16 (widened exactly) as the matrix stores them. */
+static inline __m256 scales8(const void* base, int64_t at, int half) {
+    if (half) return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)((const uint16_t*)base + at)));
+    return _mm256_loadu_ps((const float*)base + at);
+}
+
 /* ---- a tile: R rows by one panel ------------------------------------------------------------------
  * kind 4 (int8 weights): AVX2 / AVX-512BW multiply |w| by x with w's sign (vpmaddubsw takes one
  * unsigned operand; |w| <= 128 and |x| <= 127 keep its 16-bit pair sums from saturating); VNNI takes
@@ -141,7 +147,8 @@ static inline __attribute__((always_inline)) void tile(int R, const rows_t* a, c
     const int64_t K = a->K, G = w->group, octets = K / 8, groups = K / G;
     const int kind = (int)w->kind;
     const uint8_t* p = (const uint8_t*)w->packed + j * octets * (kind == 5 ? 32 : 64);
-    const float *dw = w->scales + j * groups * PANEL, *mw = w->mins ? w->mins + j * (K / BLOCK) * PANEL : 0;
+    const int half = (int)w->half;
+    const int64_t dw = j * groups * PANEL, mw = j * (K / BLOCK) * PANEL; /* this panel's scales and mins */
     const int32_t* ws = w->wsum ? w->wsum + j * groups * PANEL : 0;
     __m256 acc[RMAX];
     for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
@@ -200,15 +207,15 @@ static inline __attribute__((always_inline)) void tile(int R, const rows_t* a, c
             }
         }
         int64_t b = g * G / BLOCK;
-        __m256 dg = _mm256_loadu_ps(dw + g * PANEL);
+        __m256 dg = scales8(w->scales, dw + g * PANEL, half);
         __m256i off = ws && VNNI ? _mm256_loadu_si256((const __m256i*)(ws + g * PANEL)) : _mm256_setzero_si256();
         int block_end = ((g + 1) * G) % BLOCK == 0;
         for (int r = 0; r < R; r++) {
             __m256i isum = _mm256_sub_epi32(columns(lo[r], hi[r]), off);
             __m256 sc = _mm256_mul_ps(_mm256_set1_ps(a->xd[(m0 + r) * (K / BLOCK) + b]), dg);
             acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), sc, acc[r]);
-            if (mw && block_end)
-                acc[r] = _mm256_fmadd_ps(_mm256_loadu_ps(mw + b * PANEL), _mm256_set1_ps(a->xs[(m0 + r) * (K / BLOCK) + b]), acc[r]);
+            if (w->mins && block_end)
+                acc[r] = _mm256_fmadd_ps(scales8(w->mins, mw + b * PANEL, half), _mm256_set1_ps(a->xs[(m0 + r) * (K / BLOCK) + b]), acc[r]);
         }
     }
     int ncols = a->N - j * PANEL < PANEL ? (int)(a->N - j * PANEL) : PANEL;

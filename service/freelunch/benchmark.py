@@ -399,6 +399,82 @@ def start_server(serve_args: list[str], log: Any, ready_timeout: float = 600.0) 
     raise RuntimeError(f"the server did not become ready within {ready_timeout:.0f} s")
 
 
+def _uss_kib(pid: int) -> int:
+    """Unique set size (private pages: clean + dirty) of process `pid` in KiB, from /proc (Linux)."""
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        return sum(int(line.split()[1]) for line in f if line.startswith(("Private_Clean:", "Private_Dirty:")))
+
+
+def _children(pid: int) -> list[int]:
+    """`pid`'s descendants (workers, and what multiprocessing starts beside them)."""
+    found, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            for task in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{task}/children") as f:
+                    kids = [int(c) for c in f.read().split()]
+                found += kids
+                todo += kids
+        except OSError:
+            continue
+    return found
+
+
+def _role(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return "gone"
+    return "resource tracker" if "resource_tracker" in cmd else "worker" if "spawn_main" in cmd else "child"
+
+
+def footprint(pid: int) -> dict[str, Any] | None:
+    """Memory of a server process tree: USS (pages no other process shares) of the API process
+    `pid` and of each child, in MiB, and their total; None where /proc cannot tell (not Linux)."""
+    try:
+        api = _uss_kib(pid)
+    except OSError:
+        return None
+    children = []
+    for child in _children(pid):
+        try:
+            children.append({"pid": child, "role": _role(child), "uss_mib": round(_uss_kib(child) / 1024, 1)})
+        except OSError:
+            continue  # exited meanwhile
+    total = api / 1024 + sum(c["uss_mib"] for c in children)
+    return {"api_uss_mib": round(api / 1024, 1), "children": children, "total_uss_mib": round(total, 1)}
+
+
+class FootprintPeak:
+    """Samples `footprint(pid)` on a thread every `interval` seconds; `peak` is the sample with the
+    largest total seen between start() and stop()."""
+
+    def __init__(self, pid: int, interval: float = 0.5) -> None:
+        import threading
+
+        self.pid, self.interval, self.peak = pid, interval, None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="footprint", daemon=True)
+
+    def _run(self) -> None:
+        while True:
+            now = footprint(self.pid)
+            if now is not None and (self.peak is None or now["total_uss_mib"] > self.peak["total_uss_mib"]):
+                self.peak = now
+            if self._stop.wait(self.interval):
+                return
+
+    def __enter__(self) -> "FootprintPeak":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
 def stop_server(proc: subprocess.Popen) -> None:
     proc.terminate()
     try:

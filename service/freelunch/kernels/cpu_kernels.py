@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 
 SOURCES = Path(__file__).with_name("csrc")  # the top-level kernels/cpu/ (a link in the source tree)
 PANEL = 8  # output columns per packed panel (common.h's PANEL)
-FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-fPIC")
+FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-fPIC")
 # The integer-activation matmul (linear_int8.c), one object per instruction set, in the order of
 # linear.c's INT8_VARIANTS; each is called only where CPUID says it runs (fl_int8_variants).
 INT8_VARIANTS = {
@@ -305,8 +305,15 @@ def _octets(q: torch.Tensor) -> torch.Tensor:
 
 
 def _per_panel(t: torch.Tensor) -> torch.Tensor:
-    """[N, groups] -> [ceil(N / 8), groups, 8] float32."""
-    return _panels(t.float()).transpose(1, 2).contiguous()
+    """[N, groups] -> [ceil(N / 8), groups, 8] (float32 or float16 as given)."""
+    return _panels(t).transpose(1, 2).contiguous()
+
+
+def _storable_in_half(*scales: torch.Tensor | None) -> bool:
+    """Whether every scale is a float16 value (GGUF's Q4_0, Q4_1, Q8_0 store them so): kept in half
+    the bytes and widened exactly, the same products."""
+    present = [s.float() for s in scales if s is not None]
+    return all(torch.equal(s.half().float(), s) for s in present)
 
 
 def pack_int8_activations(
@@ -318,6 +325,10 @@ def pack_int8_activations(
     n, k = q.shape
     if d.dim() == 1 or d.shape[1] == 1:
         d = d.reshape(n, 1).expand(n, k // 32)
+    # scales: a third of an int4 matrix's bytes in float32 (8 bytes a 32-input group), a fifth in float16
+    scale_type = torch.float16 if _storable_in_half(d, m) else torch.float32
+    d = d.to(scale_type)
+    m = None if m is None else m.to(scale_type)
     group = k // d.shape[1]
     if group not in (16, 32) or k % 32:
         raise ValueError(f"int8 activations take groups of 16 or 32 inputs and K a multiple of 32, not {group} / {k}")
@@ -347,10 +358,10 @@ def unpack_int8_activations(m: KernelMatrix, in_features: int) -> torch.Tensor:
 def dequantize_kernel_matrix(m: KernelMatrix, in_features: int) -> torch.Tensor:
     """The float32 weights [out_features, K] an int8-activation matrix holds."""
     q = unpack_int8_activations(m, in_features).float()
-    scales = m.scales.transpose(1, 2).reshape(-1, m.scales.shape[1])[: m.out_features]
+    scales = m.scales.float().transpose(1, 2).reshape(-1, m.scales.shape[1])[: m.out_features]
     w = (q.view(m.out_features, scales.shape[1], -1) * scales[..., None]).view(m.out_features, in_features)
     if m.mins is not None:
-        mins = m.mins.transpose(1, 2).reshape(-1, m.mins.shape[1])[: m.out_features]
+        mins = m.mins.float().transpose(1, 2).reshape(-1, m.mins.shape[1])[: m.out_features]
         w = w + mins.repeat_interleave(32, 1)
     return w
 
@@ -487,13 +498,13 @@ def _ptr(t: torch.Tensor | None) -> int | None:
 class FlMatrix(ctypes.Structure):
     _fields_ = [("kind", ctypes.c_int64), ("packed", ctypes.c_void_p), ("scales", ctypes.c_void_p),
                 ("group", ctypes.c_int64), ("out", ctypes.c_int64), ("bias", ctypes.c_void_p),
-                ("mins", ctypes.c_void_p), ("wsum", ctypes.c_void_p)]  # fmt: skip
+                ("mins", ctypes.c_void_p), ("wsum", ctypes.c_void_p), ("half", ctypes.c_int64)]  # fmt: skip
 
     @classmethod
     def of(cls, m: KernelMatrix) -> "FlMatrix":
         return cls(
             KINDS.index(m.kind), m.packed.data_ptr(), _ptr(m.scales), m.group, m.out_features, _ptr(m.bias), _ptr(m.mins),
-            _ptr(m.wsum),
+            _ptr(m.wsum), m.scales is not None and m.scales.dtype == torch.float16,
         )  # fmt: skip
 
 
