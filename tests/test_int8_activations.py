@@ -168,7 +168,7 @@ def test_engine_on_int8_activations_equals_transformers_computing_them(tmp_path,
         for name, child in list(parent.named_children()):
             if isinstance(child, nn.Linear):
                 setattr(parent, name, _ReferenceLinear(child, mode))
-    engine = Engine(loaded, EngineConfig(model=str(tmp_path), max_model_len=256, kv_cache_gib=0.02, quantization=mode, activations="int8"))
+    engine = Engine(loaded, EngineConfig(model=str(tmp_path), max_model_len=256, kv_cache_gib=0.02, quantization=mode, activations="int8", kv_cache_dtype="float32"))
     prompts = [[1, 5, 9, 200, 31], [1] + list(range(300, 340))]
     for i, p in enumerate(prompts):
         engine.add_request(GenerationRequest(f"r{i}", p, SamplingParams(max_tokens=8, temperature=0, ignore_eos=True, logprobs=1)))

@@ -124,7 +124,7 @@ def _dequantized_copy(hf, mode: str) -> None:
 
 
 def _engine_equals_transformers(hf, loaded, folder, mode: str) -> None:
-    engine = Engine(loaded, EngineConfig(model=str(folder), max_model_len=256, kv_cache_gib=0.02, quantization=mode))
+    engine = Engine(loaded, EngineConfig(model=str(folder), max_model_len=256, kv_cache_gib=0.02, quantization=mode, kv_cache_dtype="float32"))
     prompts = [[1, 5, 9, 200, 31], [1, 4000, 17, 18, 19, 20, 21, 22], [1] + list(range(300, 340))]
     for i, p in enumerate(prompts):
         engine.add_request(GenerationRequest(f"r{i}", p, SamplingParams(max_tokens=10, temperature=0, ignore_eos=True, logprobs=1)))

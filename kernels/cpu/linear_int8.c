@@ -142,6 +142,16 @@ typedef struct {
     int64_t K, N;
 } rows_t;
 
+/* Stores R rows' sums of `cols` columns (at most 16: acc[r] lanes) from column j * 8, with the bias. */
+static inline void store_rows(int R, const float* acc, int64_t stride, const rows_t* a, const fl_matrix* w, int64_t j,
+                              int64_t m0, float* y, int cols) {
+    const float* bias = w->bias ? w->bias + j * PANEL : 0;
+    for (int r = 0; r < R; r++) {
+        float* out = y + (m0 + r) * a->N + j * PANEL;
+        for (int c = 0; c < cols; c++) out[c] = bias ? acc[r * stride + c] + bias[c] : acc[r * stride + c];
+    }
+}
+
 static inline __attribute__((always_inline)) void tile(int R, const rows_t* a, const fl_matrix* w, int64_t j, int64_t m0,
                                                         float* y) {
     const int64_t K = a->K, G = w->group, octets = K / 8, groups = K / G;
@@ -218,21 +228,93 @@ static inline __attribute__((always_inline)) void tile(int R, const rows_t* a, c
                 acc[r] = _mm256_fmadd_ps(scales8(w->mins, mw + b * PANEL, half), _mm256_set1_ps(a->xs[(m0 + r) * (K / BLOCK) + b]), acc[r]);
         }
     }
-    int ncols = a->N - j * PANEL < PANEL ? (int)(a->N - j * PANEL) : PANEL;
-    const float* bias = w->bias ? w->bias + j * PANEL : 0;
-    for (int r = 0; r < R; r++) {
-        float* out = y + (m0 + r) * a->N + j * PANEL;
-        __m256 v = acc[r];
-        if (ncols == PANEL) {
-            if (bias) v = _mm256_add_ps(v, _mm256_loadu_ps(bias));
-            _mm256_storeu_ps(out, v);
-        } else {
-            float t[PANEL];
-            _mm256_storeu_ps(t, v);
-            for (int c = 0; c < ncols; c++) out[c] = bias ? t[c] + bias[c] : t[c];
+    float out[RMAX * PANEL];
+    for (int r = 0; r < R; r++) _mm256_storeu_ps(out + r * PANEL, acc[r]);
+    int64_t cols = a->N - j * PANEL;
+    store_rows(R, out, PANEL, a, w, j, m0, y, cols < PANEL ? (int)cols : PANEL);
+}
+
+#if WIDE
+/* Two panels (16 columns) by R rows, 512-bit: each group's float steps run on 16 columns at once, half
+ * the instructions of two one-panel tiles (those steps, not the integer dot products, dominate a
+ * group: 4 multiply-adds a row against ~9 reducing, converting, scaling and accumulating). The same
+ * float operations in the same order per output: the same bits. */
+#define PAIR_RMAX 6
+static inline __m512 join8(__m256 lo, __m256 hi) { /* AVX-512F only (insertf32x8 needs DQ) */
+    return _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castpd256_pd512(_mm256_castps_pd(lo)), _mm256_castps_pd(hi), 1));
+}
+static inline __attribute__((always_inline)) void tile_pair(int R, const rows_t* a, const fl_matrix* w, int64_t j,
+                                                             int64_t m0, float* y) {
+    const int64_t K = a->K, G = w->group, octets = K / 8, groups = K / G, blocks = K / BLOCK;
+    const int kind = (int)w->kind, half = (int)w->half, step = kind == 5 ? 32 : 64;
+    const uint8_t* p0 = (const uint8_t*)w->packed + j * octets * step;
+    const uint8_t* p1 = p0 + octets * step;
+    const __m512i evens = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    __m512 acc[PAIR_RMAX];
+    for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < groups; g++) {
+        vec s0[PAIR_RMAX], s1[PAIR_RMAX];
+        for (int r = 0; r < R; r++) s0[r] = s1[r] = ZERO;
+        for (int64_t o = g * G / 8; o < (g + 1) * G / 8; o++) {
+            vec w0, w1;
+            if (kind == 5) {
+                __m256i nib = _mm256_set1_epi8(15);
+                __m256i v0 = _mm256_loadu_si256((const __m256i*)(p0 + o * 32)), v1 = _mm256_loadu_si256((const __m256i*)(p1 + o * 32));
+                w0 = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(v0, nib)), _mm256_and_si256(_mm256_srli_epi16(v0, 4), nib), 1);
+                w1 = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(v1, nib)), _mm256_and_si256(_mm256_srli_epi16(v1, 4), nib), 1);
+            } else {
+                w0 = _mm512_loadu_si512((const void*)(p0 + o * 64));
+                w1 = _mm512_loadu_si512((const void*)(p1 + o * 64));
+            }
+            _mm_prefetch((const char*)(p0 + o * step + PREFETCH_BYTES), _MM_HINT_T0);
+            _mm_prefetch((const char*)(p1 + o * step + PREFETCH_BYTES), _MM_HINT_T0);
+            if (kind != 4 || VNNI) {
+                for (int r = 0; r < R; r++) {
+                    vec x = bcast8(a->xq + (m0 + r) * K + o * 8);
+#if VNNI
+                    s0[r] = kind == 4 ? _mm512_dpbusd_epi32(s0[r], x, w0) : dot_unsigned(s0[r], w0, x);
+                    s1[r] = kind == 4 ? _mm512_dpbusd_epi32(s1[r], x, w1) : dot_unsigned(s1[r], w1, x);
+#else
+                    s0[r] = dot_unsigned(s0[r], w0, x);
+                    s1[r] = dot_unsigned(s1[r], w1, x);
+#endif
+                }
+            } else {
+                __mmask64 n0 = _mm512_movepi8_mask(w0), n1 = _mm512_movepi8_mask(w1);
+                vec u0 = _mm512_abs_epi8(w0), u1 = _mm512_abs_epi8(w1);
+                for (int r = 0; r < R; r++) {
+                    vec x = bcast8(a->xq + (m0 + r) * K + o * 8);
+                    s0[r] = dot_unsigned(s0[r], u0, _mm512_mask_sub_epi8(x, n0, _mm512_setzero_si512(), x));
+                    s1[r] = dot_unsigned(s1[r], u1, _mm512_mask_sub_epi8(x, n1, _mm512_setzero_si512(), x));
+                }
+            }
+        }
+        int64_t b = g * G / BLOCK, at0 = j * groups * PANEL + g * PANEL, at1 = at0 + groups * PANEL;
+        __m512 dg = join8(scales8(w->scales, at0, half), scales8(w->scales, at1, half));
+        __m512i off = _mm512_setzero_si512();
+        if (w->wsum && VNNI)
+            off = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i*)(w->wsum + at0))),
+                                     _mm256_loadu_si256((const __m256i*)(w->wsum + at1)), 1);
+        int block_end = ((g + 1) * G) % BLOCK == 0;
+        __m512 mg = _mm512_setzero_ps();
+        if (w->mins && block_end) {
+            int64_t m0at = j * blocks * PANEL + b * PANEL;
+            mg = join8(scales8(w->mins, m0at, half), scales8(w->mins, m0at + blocks * PANEL, half));
+        }
+        for (int r = 0; r < R; r++) {
+            __m512i c0 = _mm512_add_epi32(s0[r], _mm512_srli_epi64(s0[r], 32)), c1 = _mm512_add_epi32(s1[r], _mm512_srli_epi64(s1[r], 32));
+            __m512i isum = _mm512_sub_epi32(_mm512_permutex2var_epi32(c0, evens, c1), off);
+            __m512 sc = _mm512_mul_ps(_mm512_set1_ps(a->xd[(m0 + r) * blocks + b]), dg);
+            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), sc, acc[r]);
+            if (w->mins && block_end) acc[r] = _mm512_fmadd_ps(mg, _mm512_set1_ps(a->xs[(m0 + r) * blocks + b]), acc[r]);
         }
     }
+    float out[PAIR_RMAX * 16];
+    for (int r = 0; r < R; r++) _mm512_storeu_ps(out + r * 16, acc[r]);
+    int64_t cols = a->N - j * PANEL;
+    store_rows(R, out, 16, a, w, j, m0, y, cols < 16 ? (int)cols : 16);
 }
+#endif
 
 typedef void (*tile_fn)(const rows_t*, const fl_matrix*, int64_t, int64_t, float*);
 #define TILE(R) \
@@ -243,6 +325,12 @@ TILE(5) TILE(6) TILE(7) TILE(8)
 static const tile_fn TILES[RMAX + 1] = {0, tile1, tile2, tile3, tile4, tile5, tile6, tile7, tile8};
 #else
 static const tile_fn TILES[RMAX + 1] = {0, tile1, tile2, tile3, tile4};
+#endif
+#if WIDE
+#define PAIR(R) \
+    static void pair##R(const rows_t* a, const fl_matrix* w, int64_t j, int64_t m0, float* y) { tile_pair(R, a, w, j, m0, y); }
+PAIR(1) PAIR(2) PAIR(3) PAIR(4) PAIR(5) PAIR(6)
+static const tile_fn PAIRS[PAIR_RMAX + 1] = {0, pair1, pair2, pair3, pair4, pair5, pair6};
 #endif
 
 /* x [M, K] float32 (K a multiple of 32) -> y [M, w->out]. Rows in blocks of ROW_BLOCK; a block's panels
@@ -255,17 +343,33 @@ void NAME(fl_linear_i8)(const fl_matrix* w, const float* x, int64_t M, int64_t K
     int flip = w->kind == 4 && VNNI;
     for (int64_t m = 0; m < M; m++) quantize_row(x + m * K, K, xq + m * K, xd + m * blocks, xs + m * blocks, flip);
     rows_t a = {xq, xd, xs, K, N};
+#if WIDE
+    const int width = 2, rmax = PAIR_RMAX; /* pairs of panels (a last one alone) */
+#else
+    const int width = 1, rmax = RMAX;
+#endif
 #pragma omp parallel num_threads(threads)
     for (int64_t r0 = 0; r0 < M; r0 += ROW_BLOCK) {
         int64_t r1 = r0 + ROW_BLOCK < M ? r0 + ROW_BLOCK : M;
-        int64_t tiles = (r1 - r0 + RMAX - 1) / RMAX;
 #pragma omp for schedule(static)
-        for (int64_t j = 0; j < panels; j++)
+        for (int64_t jj = 0; jj < (panels + width - 1) / width; jj++) {
+            int64_t j = jj * width;
+            int alone = j + 1 >= panels || width == 1;
+            int most = alone ? RMAX : rmax;
+            int64_t tiles = (r1 - r0 + most - 1) / most;
             for (int64_t t = 0, m0 = r0; t < tiles; t++) {
                 int mr = (int)((r1 - m0) / (tiles - t));
+#if WIDE
+                if (!alone) {
+                    PAIRS[mr](&a, w, j, m0, y);
+                    m0 += mr;
+                    continue;
+                }
+#endif
                 TILES[mr](&a, w, j, m0, y);
                 m0 += mr;
             }
+        }
     }
     free(xq);
     free(xd);
