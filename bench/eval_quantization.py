@@ -1,7 +1,11 @@
 """What a dtype or `--quantization` costs in quality, on the default model: perplexity on fixed
 English text, and how often greedy decoding agrees with float32.
 
-    python bench/eval_quantization.py [--modes float32,bfloat16,int8,int4,gguf] [--out bench/results/quantization_quality.json]
+    python bench/eval_quantization.py [--modes float32,bfloat16,int8,int4,gguf,int8/int8,int4/int8,gguf/int8]
+                                      [--out bench/results/quantization_quality.json]
+
+A mode `Q/int8` is `--quantization Q --activations int8` (each layer's input quantised to int8 in
+blocks of 32, integer dot products); a plain `Q` keeps float activations.
 
 Engine level. Text: the docstrings of a fixed list of Python standard-library modules (shipped
 with every Python, so the same text everywhere), cut into 256-token pieces, scored with prompt
@@ -44,8 +48,13 @@ def measure(mode: str) -> dict:
     from freelunch.engine.request import GenerationRequest, SamplingParams
     from freelunch.pool.worker import load_engine
 
-    dtype, quantization = ("bfloat16", "none") if mode == "bfloat16" else ("float32", "none" if mode == "float32" else mode)
-    engine = load_engine(EngineConfig(dtype=dtype, quantization=quantization, kv_cache_gib=0.5, enable_prefix_caching=False))
+    weights, _, activations = mode.partition("/")
+    dtype, quantization = ("bfloat16", "none") if weights == "bfloat16" else ("float32", "none" if weights == "float32" else weights)
+    config = EngineConfig(
+        dtype=dtype, quantization=quantization, activations=activations or ("auto" if quantization == "none" else "float"),
+        kv_cache_gib=0.5, enable_prefix_caching=False,
+    )
+    engine = load_engine(config)
     tok = engine.tokenizer
     text = "\n\n".join(importlib.import_module(m).__doc__ or "" for m in MODULES)
     ids = tok.encode(text)
@@ -59,7 +68,7 @@ def measure(mode: str) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--modes", default="float32,bfloat16,int8,int4,gguf")
+    ap.add_argument("--modes", default="float32,bfloat16,int8,int4,gguf,int8/int8,int4/int8,gguf/int8")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "quantization_quality.json"))
     args = ap.parse_args()
     results = {mode: measure(mode) for mode in args.modes.split(",")}
