@@ -341,7 +341,6 @@ void NAME(fl_linear_i8)(const fl_matrix* w, const float* x, int64_t M, int64_t K
     float* xd = malloc(sizeof(float) * M * blocks * 2);
     float* xs = xd + M * blocks;
     int flip = w->kind == 4 && VNNI;
-    for (int64_t m = 0; m < M; m++) quantize_row(x + m * K, K, xq + m * K, xd + m * blocks, xs + m * blocks, flip);
     rows_t a = {xq, xd, xs, K, N};
 #if WIDE
     const int width = 2, rmax = PAIR_RMAX; /* pairs of panels (a last one alone) */
@@ -349,6 +348,10 @@ void NAME(fl_linear_i8)(const fl_matrix* w, const float* x, int64_t M, int64_t K
     const int width = 1, rmax = RMAX;
 #endif
 #pragma omp parallel num_threads(threads)
+    {
+    /* the rows quantised by the threads in turn (a row's bits do not depend on which) */
+#pragma omp for schedule(static)
+    for (int64_t m = 0; m < M; m++) quantize_row(x + m * K, K, xq + m * K, xd + m * blocks, xs + m * blocks, flip);
     for (int64_t r0 = 0; r0 < M; r0 += ROW_BLOCK) {
         int64_t r1 = r0 + ROW_BLOCK < M ? r0 + ROW_BLOCK : M;
 #pragma omp for schedule(static)
@@ -370,6 +373,7 @@ void NAME(fl_linear_i8)(const fl_matrix* w, const float* x, int64_t M, int64_t K
                 m0 += mr;
             }
         }
+    }
     }
     free(xq);
     free(xd);
