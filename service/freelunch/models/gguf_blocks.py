@@ -2,7 +2,7 @@
 
 A GGUF file stores each weight matrix row by row in blocks; each block holds small integers and
 the scales that turn them into weights. Every type served here is one of two forms that our
-kernels (kernels/cpu_kernels.c) compute with, so a layer reads the file's own numbers:
+kernels (kernels/cpu/linear.c, linear_int8.c) compute with, so a layer reads the file's own numbers:
 
 - int4, groups of 32 inputs, w = d q + m, q in [0, 15]: Q4_0 (m = -8 d), Q4_1, Q4_K (d and m are
   a super-block's fp16 scale times a 6-bit sub-block scale: exact in float32);

@@ -66,7 +66,7 @@ def int4_dequantize(q: torch.Tensor, d: torch.Tensor, m: torch.Tensor, group: in
 
 
 class _QuantizedLinear(nn.Module):
-    """Runs in our AVX2 kernels (kernels/cpu_kernels.c: the weights widened in registers, one pass
+    """Runs in our AVX2 kernels (kernels/cpu/linear.c: the weights widened in registers, one pass
     over them per step; 16-bit activations widened to float32), or in PyTorch's on a CPU without
     AVX2 (their fast paths are for 16-bit activations only: float32 ones were 5-70x slower than
     F.linear on an AVX2 CPU)."""
