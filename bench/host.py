@@ -15,9 +15,10 @@ def machine() -> dict:
 def run_child(cmd: list[str], stdin: str | None = None, env: dict[str, str] | None = None, memory: bool = False) -> dict | None:
     """Run one measurement in its own process (`cmd` prints `RESULT <json>`; `stdin` is its input,
     `env` added to this process's environment): its result, or None after printing the end of its
-    stderr. With `memory`, the result also holds the process's peak memory in bytes:
-    `peak_rss_bytes` (the kernel's high-water mark, from wait4) and `peak_uss_bytes` (its private
-    memory, sampled every 0.5 s from /proc/PID/smaps_rollup: a lower bound of the peak)."""
+    stderr. With `memory`, the result also holds the process's peak memory in bytes, both read
+    from /proc every 0.25 s while it runs (what it reaches in its last 0.25 s can be missed):
+    `peak_rss_bytes` (the kernel's high-water mark, VmHWM; not wait4's ru_maxrss, which counts the
+    parent's memory at the fork) and `peak_uss_bytes` (its private memory, /proc/PID/smaps_rollup)."""
     import json
     import subprocess
     import sys
@@ -35,14 +36,17 @@ def run_child(cmd: list[str], stdin: str | None = None, env: dict[str, str] | No
     return json.loads(line[7:]) | peaks
 
 
-def _uss(pid: int) -> int:
-    """Private (unshared) bytes of a process, 0 when it cannot be read (it has exited)."""
+def _memory(pid: int) -> tuple[int, int]:
+    """(VmHWM, USS) of a running process in bytes, zeros once it has exited."""
     try:
-        text = open(f"/proc/{pid}/smaps_rollup").read()
+        with open(f"/proc/{pid}/status") as f:
+            hwm = next((int(ln.split()[1]) for ln in f if ln.startswith("VmHWM:")), 0)
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            fields = dict(ln.split(":", 1) for ln in f.read().splitlines() if ":" in ln and not ln[0].isdigit())
     except OSError:
-        return 0
-    fields = dict(ln.split(":", 1) for ln in text.splitlines() if ":" in ln and not ln[0].isdigit())
-    return sum(int(fields.get(k, "0 kB").split()[0]) for k in ("Private_Clean", "Private_Dirty", "Private_Hugetlb")) * 1024
+        return 0, 0
+    uss = sum(int(fields.get(k, "0 kB").split()[0]) for k in ("Private_Clean", "Private_Dirty", "Private_Hugetlb"))
+    return hwm * 1024, uss * 1024
 
 
 def _run_measured(cmd: list[str], stdin: str | None, env: dict[str, str]) -> tuple[str, str, dict]:
@@ -53,24 +57,23 @@ def _run_measured(cmd: list[str], stdin: str | None, env: dict[str, str]) -> tup
 
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=out, stderr=err, text=True, env=env)
-        peak_uss, done = [0], threading.Event()
+        peaks, done = [0, 0], threading.Event()
 
         def sample() -> None:
-            while not done.wait(0.5):
-                peak_uss[0] = max(peak_uss[0], _uss(proc.pid))
+            while not done.wait(0.25):
+                peaks[:] = [max(a, b) for a, b in zip(peaks, _memory(proc.pid))]
 
         sampler = threading.Thread(target=sample, daemon=True)
         sampler.start()
         if stdin:
             proc.stdin.write(stdin)
         proc.stdin.close()
-        _, status, usage = os.wait4(proc.pid, 0)  # rusage of this child alone
-        proc.returncode = os.waitstatus_to_exitcode(status)
+        proc.wait()
         done.set()
         sampler.join()
         out.seek(0)
         err.seek(0)
-        return out.read(), err.read(), {"peak_rss_bytes": usage.ru_maxrss * 1024, "peak_uss_bytes": peak_uss[0]}
+        return out.read(), err.read(), {"peak_rss_bytes": peaks[0], "peak_uss_bytes": peaks[1]}
 
 
 def run_llama_cpp(
