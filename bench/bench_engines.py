@@ -61,6 +61,20 @@ def prompts(tokenizer, count: int) -> list[list[int]]:
     return out
 
 
+def long_prompts(tokenizer, length: int, count: int = 3) -> list[list[int]]:
+    """`count` prompts of exactly `length` tokens, from different places of a fixed text (the
+    docstrings of standard-library modules, the same on every machine), so no prefix is shared."""
+    import importlib
+
+    text = "\n\n".join(importlib.import_module(m).__doc__ or "" for m in ("argparse", "collections", "json", "functools", "pathlib", "typing", "subprocess", "statistics"))
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    step = max(1, (len(ids) - length) // max(1, count - 1))
+    out = [ids[i * step : i * step + length] for i in range(count)]
+    if any(len(p) < length for p in out):
+        raise ValueError(f"the text holds {len(ids)} tokens: too few for {count} prompts of {length}")
+    return out
+
+
 def run_engine(engine, requests) -> tuple[float, int, float]:
     """(seconds, tokens, seconds to the first token of the first request)."""
     start = time.perf_counter()
@@ -145,6 +159,10 @@ def measure_engine(backend: str, args) -> dict:
         single_s, single_tok = single_s + s, single_tok + n
         ttft.append(first)
     result = {"startup_s": startup, "single_tok_s": single_tok / single_s, "ttft_s": sorted(ttft)[len(ttft) // 2]}
+    if args.long_prompt and not speculative:  # a long prompt's prefill alone, to its first token
+        firsts = [run_engine(engine, [GenerationRequest(f"long{i}", p, SamplingParams(max_tokens=1, temperature=0.0))])[2]
+                  for i, p in enumerate(long_prompts(engine.tokenizer, args.long_prompt))]  # fmt: skip
+        result["long_ttft_s"] = sorted(firsts)[len(firsts) // 2]
     if not backend.startswith("vllm"):
         result["weight_bytes_per_step"] = weight_bytes(engine.model)
         result["kernels"] = engine.kernels  # which variant ran (int8-avx512vnni, float-avx2, ...)
@@ -160,7 +178,12 @@ def measure_llama_cpp(args) -> dict | None:
 
     if not args.llama_cpp_python:
         raise SystemExit("the llama.cpp backend needs --llama-cpp-python PATH (an environment with llama-cpp-python)")
-    return run_llama_cpp(args.llama_cpp_python, prompts(load_tokenizer(resolve_source(None)), args.single), args.max_tokens)
+    tok = load_tokenizer(resolve_source(None))
+    ids = prompts(tok, max(args.single, args.concurrency))
+    return run_llama_cpp(
+        args.llama_cpp_python, ids, args.max_tokens, single=args.single, concurrency=args.concurrency,
+        long_prompts=long_prompts(tok, args.long_prompt) if args.long_prompt else None,
+    )
 
 
 def measure_vllm_mp(args) -> dict:
@@ -248,6 +271,7 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--model", help="a model folder (default: the default model)")
     ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--long-prompt", type=int, default=1500, help="tokens of the prompts whose time to first token is measured (0: none)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "engines.json"))
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--llama-cpp-python", help="interpreter of an environment with llama-cpp-python: adds the llama.cpp backend")
@@ -269,7 +293,8 @@ def main() -> None:
                 result = measure_llama_cpp(args)
             else:
                 cmd = [sys.executable, __file__, "--child", backend, "--max-tokens", str(args.max_tokens), "--single", str(args.single),
-                       "--concurrency", str(args.concurrency), "--dtype", args.dtype, *(["--model", args.model] if args.model else [])]  # fmt: skip
+                       "--concurrency", str(args.concurrency), "--dtype", args.dtype, "--long-prompt", str(args.long_prompt),
+                       *(["--model", args.model] if args.model else [])]  # fmt: skip
                 result = run_child(cmd)
             if result is not None:
                 runs.setdefault(backend, []).append(result)
@@ -302,15 +327,17 @@ def table(data: dict) -> str:
     meta, results = data["meta"], data["results"]
     host, a = meta["machine"], meta["args"]
     hf = max((results[h] for h in ("hf", "hf-bf16") if h in results), key=lambda r: r["single_tok_s"], default={})
-    anchors = {"single_tok_s": [hf, results.get("llama.cpp", {})], "concurrent_tok_s": [results.get("vllm", {})]}
+    anchors = {"single_tok_s": [hf, results.get("llama.cpp", {})], "concurrent_tok_s": [results.get("vllm", {}), results.get("llama.cpp", {})]}
+    long = a.get("long_prompt", 0)
     model = f"{a['model']} (`--dtype {a['dtype']}` for the native and vLLM rows)" if a.get("model") else "SmolLM2-135M-Instruct"
     lines = [
         f"{model}, {a['max_tokens']} tokens a request, {host['cpu']} ({host['isa']}: {' '.join(host['features'])}), "
         f"{host['cores']} cores, memory bandwidth {meta['memory_bandwidth_bytes_s'] / 1e9:.1f} GB/s, medians of {a['rounds']} "
         f"interleaved round(s), {meta['date']}",
         "",
-        f"| backend | kernels | single stream, tok/s | vs transformers | vs llama.cpp | weight bytes a step | of bandwidth | TTFT ms | {a['concurrency']} concurrent, tok/s | vs vLLM-CPU |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        f"| backend | kernels | single stream, tok/s | vs transformers | vs llama.cpp | weight bytes a step | of bandwidth | TTFT ms | "
+        f"TTFT ms, {long}-token prompt | vs llama.cpp | {a['concurrency']} concurrent, tok/s | vs vLLM-CPU | vs llama.cpp |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]  # fmt: skip
     for name, r in results.items():
         ratio = lambda key, ref: f"{r[key] / ref[key]:.2f}x" if key in r and key in ref else ""  # noqa: E731
@@ -319,7 +346,8 @@ def table(data: dict) -> str:
             r.get("kernels", ""), f"{r['single_tok_s']:.1f}", *(ratio("single_tok_s", ref) for ref in anchors["single_tok_s"]),
             f"{r['weight_bytes_per_step'] / 1e6:.0f} MB" if "weight_bytes_per_step" in r else "",
             f"{r['bandwidth_fraction']:.0%}" if "bandwidth_fraction" in r else "", f"{1000 * r['ttft_s']:.0f}" if "ttft_s" in r else "",
-            f"{r['concurrent_tok_s']:.1f}" if "concurrent_tok_s" in r else "", ratio("concurrent_tok_s", anchors["concurrent_tok_s"][0]),
+            f"{1000 * r['long_ttft_s']:.0f}" if "long_ttft_s" in r else "", ratio("long_ttft_s", results.get("llama.cpp", {})),
+            f"{r['concurrent_tok_s']:.1f}" if "concurrent_tok_s" in r else "", *(ratio("concurrent_tok_s", ref) for ref in anchors["concurrent_tok_s"]),
         ]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

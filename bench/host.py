@@ -78,7 +78,7 @@ def _run_measured(cmd: list[str], stdin: str | None, env: dict[str, str]) -> tup
 
 def run_llama_cpp(
     python: str, prompts: list[list[int]], max_tokens: int, model: str | None = None, single: int | None = None,
-    concurrency: int = 0, memory: bool = False,
+    concurrency: int = 0, memory: bool = False, long_prompts: list[list[int]] | None = None,
 ) -> dict | None:
     """llama.cpp (llama-cpp-python) on the default model's GGUF (or `model`, a .gguf file), in the
     environment whose interpreter is `python` (bench/llama_cpp_child.py), all cores: the first
@@ -93,4 +93,6 @@ def run_llama_cpp(
     job = {"model": str(model or default_model_path()), "prompts": prompts, "single": single or len(prompts), "max_tokens": max_tokens, "threads": os.cpu_count()}
     if concurrency:
         job["concurrency"] = concurrency
+    if long_prompts:
+        job["long_prompts"] = long_prompts
     return run_child([python, str(Path(__file__).with_name("llama_cpp_child.py"))], json.dumps(job), memory=memory)

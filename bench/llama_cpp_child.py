@@ -7,7 +7,8 @@ benchmark-only environment (its wheel compiles llama.cpp for several minutes: ne
 Reads {"model": path, "prompts": [[token ids]], "single": n, "max_tokens": n, "threads": n} on
 stdin: the same token ids as every other backend, greedy, `max_tokens` tokens per request whatever
 they are (llama.cpp's generator does not stop at an end token by itself), the first `single`
-prompts one request at a time. With "concurrency": n in the job, the first n prompts are then
+prompts one request at a time. With "long_prompts": [[token ids]], each is also prefilled alone for
+one token (`long_ttft_s`: the median time to its first token). With "concurrency": n in the job, the first n prompts are then
 decoded together (`concurrent_tok_s`): llama-cpp-python's high-level API runs one sequence, so this
 part uses its low-level API as llama-server's parallel slots do: one context with a sequence per
 request (non-unified KV cache, n_ctx shared equally), the prompts prefilled in one batch, then one
@@ -104,6 +105,8 @@ def main() -> None:
         "weight_bytes_per_step": llama_cpp.llama_model_size(llm.model),
         "system_info": llama_cpp.llama_print_system_info().decode(),
     }
+    if job.get("long_prompts"):  # time to first token on long prompts (the prompt's prefill)
+        result["long_ttft_s"] = sorted(decode(llm, p, 1)[1] for p in job["long_prompts"])[len(job["long_prompts"]) // 2]
     if job.get("concurrency"):
         llm.close()
         result["concurrent_tok_s"] = concurrent(job)
