@@ -13,7 +13,7 @@ llama-quantize would) are generated when missing. For each file, in turn:
    process: its time and peak memory are recorded, `conversion`; nothing when already converted);
 2. --rounds interleaved rounds of the two backends, each in its own process, one after another:
    `freelunch`: bench_engines.py's `native-gguf` child (the native engine, `--quantization gguf`,
-   float32 activations as that script runs them) on the file; `llama.cpp`: bench_engines.py's
+   `--activations auto`: int8 where our kernels run) on the file; `llama.cpp`: bench_engines.py's
    llama.cpp child (bench/llama_cpp_child.py, llama-cpp-python from the environment that
    --llama-cpp-python names) on the file, with its concurrent part (one context, a sequence per
    request). Both get the same prompt token ids (bench_engines.py's chats through the default
@@ -89,7 +89,7 @@ def convert(path: Path) -> dict:
 
 def measure_freelunch(path: Path, args) -> dict | None:
     cmd = [sys.executable, str(HERE / "bench_engines.py"), "--child", "native-gguf", "--max-tokens", str(args.max_tokens),
-           "--single", str(args.single), "--concurrency", str(args.concurrency), "--dtype", "float32", "--model", str(path)]  # fmt: skip
+           "--single", str(args.single), "--concurrency", str(args.concurrency), "--dtype", "float32", "--model", str(path), "--long-prompt", "0"]  # fmt: skip
     return run_child(cmd, memory=True)
 
 

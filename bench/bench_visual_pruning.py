@@ -245,12 +245,12 @@ def bench_config(name: str, max_tokens: int, repeats: int, workdir: Path) -> dic
     ids = head + [image_id] * patches + tail
     # CLIP-normalised random pixels: the processor's output shape, content irrelevant for cost
     pixels = torch.randn(3, side, side, generator=torch.Generator().manual_seed(1))
-    per_token = KVCache.bytes_per_token(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, torch.float32)
-    per_token_layer = per_token // cfg.num_layers
     engine = Engine(
         loaded,
         EngineConfig(model=str(folder), dtype="float32", max_num_batched_tokens=2048, kv_cache_gib=0.25),
     )
+    per_token = KVCache.bytes_per_token(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, engine.kv.dtype)  # as stored
+    per_token_layer = per_token // cfg.num_layers
     block_size = engine.blocks.block_size
 
     run_one(engine, ids, pixels, max_tokens, "cls", 1.0, f"{name}-warm")  # warm-up, not recorded

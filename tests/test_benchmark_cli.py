@@ -76,3 +76,40 @@ def test_bench_unknown_option_fails_cleanly(server, tmp_path, capsys):
         == 1
     )
     assert "telepathy" in capsys.readouterr().err
+
+
+def test_footprint_counts_the_server_process_and_its_children(tmp_path):
+    """`freelunch bench` (for a server it starts) and bench/bench_memory.py report USS and PSS of the
+    API process and of each child, from /proc; the table prints them."""
+    import os
+    import subprocess
+    import sys
+
+    import pytest
+
+    from freelunch.benchmark import FootprintPeak, footprint, markdown
+
+    if not os.path.exists(f"/proc/{os.getpid()}/smaps_rollup"):
+        pytest.skip("needs Linux's /proc")
+    child = subprocess.Popen([sys.executable, "-c", "import time; b = bytearray(64 << 20); time.sleep(30)"])
+    try:
+        with FootprintPeak(os.getpid(), 0.05) as peak:
+            for _ in range(100):  # until the child holds its 64 MiB
+                now = footprint(os.getpid())
+                mine = [c for c in now["children"] if c["pid"] == child.pid]
+                if mine and mine[0]["uss_mib"] > 64:
+                    break
+                __import__("time").sleep(0.1)
+    finally:
+        child.kill()
+        child.wait()
+    assert mine and mine[0]["role"] == "child" and mine[0]["pss_mib"] >= 64
+    assert now["api_uss_mib"] > 0 and now["total_uss_mib"] >= now["api_uss_mib"] + mine[0]["uss_mib"] - 0.2
+    assert peak.peak is not None and peak.peak["total_uss_mib"] >= now["api_uss_mib"]
+    result = {
+        "model": "m", "server": {"url": "u"}, "settings": {"max_tokens": 2}, "machine": {},
+        "single_stream": {"decode_tps": 1.0, "ttft_s": 0.1, "e2e_s": 1.0}, "concurrency": {}, "methods": {},
+        "footprint": {"peak": now, "idle_after_run": now},
+    }  # fmt: skip
+    table = markdown(result)
+    assert f"| memory, idle after run | {now['total_uss_mib']:.0f} MiB USS (API" in table and "| memory, peak |" in table

@@ -108,6 +108,77 @@ def test_memory_error_over_budget():
     bm.check_no_leaks()
 
 
+def test_the_lowest_free_blocks_go_first():
+    """The cache's memory is touched only where a block is written (engine/kv_cache.py): handing out
+    the lowest free blocks keeps the touched part as large as the peak use, however long the
+    server runs (a queue would walk through every block in turn)."""
+    rng = random.Random(5)
+    bm = BlockManager(num_blocks=64, block_size=4, cache_blocks=0)
+    live, peak = [], 0
+    for _ in range(400):
+        if live and rng.random() < 0.5:
+            bm.free(live.pop(rng.randrange(len(live))))
+        else:
+            s = Sequence([0], 1)
+            bm.allocate(s, rng.randint(1, 12))
+            live.append(s)
+        held = [b for s in live for b in s.block_table]
+        peak = max(peak, len(held))
+        assert max(held, default=-1) < peak, "a block above the peak use was handed out"
+    freed = Sequence([0], 1)
+    for s in live:
+        bm.free(s)
+    bm.allocate(freed, 4 * 3)
+    assert freed.block_table == [0, 1, 2]
+
+
+def test_the_kv_cache_is_zero_and_not_resident_before_it_is_written():
+    import os
+
+    from freelunch.engine.kv_cache import KVCache
+
+    def private_kib() -> int:
+        with open(f"/proc/{os.getpid()}/smaps_rollup") as f:
+            return sum(int(line.split()[1]) for line in f if line.startswith(("Private_Clean:", "Private_Dirty:")))
+
+    if not os.path.exists(f"/proc/{os.getpid()}/smaps_rollup"):
+        pytest.skip("needs Linux's /proc")
+    before = private_kib()
+    kv = KVCache(8, 1 << 16, 4, 64, torch.float16, torch.device("cpu"))  # 512 MiB of slots
+    assert private_kib() - before < 16 << 10
+    k, v = kv.layers[3]
+    assert k.dtype == torch.float16 and k.shape == (1 << 16, 4, 64) and k.is_contiguous()
+    k[:1024] = 1.0
+    v[-16:] = 2.0
+    assert private_kib() - before < 32 << 10  # the pages written, not the whole layer
+    assert float(k[:2048].float().sum()) == 1024 * 4 * 64 and not v[:-16].any() and not kv.layers[7][0].any()
+
+
+def test_kv_cache_dtype_resolution_and_refusals():
+    from freelunch.config import EngineConfig
+    from freelunch.engine.kv_cache import kv_cache_dtype
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert kv_cache_dtype("auto", torch.float32, cpu) == torch.float16  # 16 bits on CPU
+    assert kv_cache_dtype("auto", torch.bfloat16, cpu) == torch.bfloat16  # a 16-bit model's own
+    assert kv_cache_dtype("float32", torch.float32, cpu) == torch.float32  # the exact reference
+    assert kv_cache_dtype("bfloat16", torch.float32, cpu) == torch.bfloat16
+    assert kv_cache_dtype("auto", torch.bfloat16, gpu) == torch.bfloat16  # GPUs: the model's dtype
+    assert kv_cache_dtype("bfloat16", torch.bfloat16, gpu) == torch.bfloat16
+    with pytest.raises(ValueError, match="model's dtype"):
+        kv_cache_dtype("float16", torch.bfloat16, gpu)
+    with pytest.raises(ValueError, match="kv_cache_dtype"):
+        kv_cache_dtype("int8", torch.float32, cpu)
+    with pytest.raises(ValueError, match="kv_cache_dtype must be"):
+        EngineConfig(kv_cache_dtype="fp8")
+    with pytest.raises(ValueError, match="native engine"):
+        EngineConfig(kv_cache_dtype="float16", engine="vllm")
+    with pytest.raises(ValueError, match="off the CPU"):
+        EngineConfig(kv_cache_dtype="float16", device="cuda", dtype="bfloat16")
+    EngineConfig(kv_cache_dtype="bfloat16", device="cuda", dtype="bfloat16")
+    EngineConfig(kv_cache_dtype="auto", engine="vllm")
+
+
 def test_invalid_sizes():
     with pytest.raises(ValueError):
         BlockManager(0, 16)

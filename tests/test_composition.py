@@ -89,7 +89,7 @@ def test_token_recycling_over_guidance_under_preemption_and_chunking(loaded):
     ids = [tok.encode(p) for p in PROMPTS]
     alone = _run(_engine(loaded), [_req(f"r{i}", p, {"guidance": guidance}, max_tokens=40) for i, p in enumerate(ids)])
     # 8 blocks of 16 tokens for 3 requests of 2 rows each: preemption, and 16-token prefill chunks
-    tight = _engine(loaded, kv_cache_gib=8 * 16 * 768 / (1 << 30), max_num_batched_tokens=16)
+    tight = _engine(loaded, kv_cache_gib=8 * 16 * 768 / (1 << 30), kv_cache_dtype="float32", max_num_batched_tokens=16)
     got = _run(tight, [_req(f"r{i}", p, {"guidance": guidance, "speculative": TR}, max_tokens=40) for i, p in enumerate(ids)])
     assert got == alone
     assert tight.stats["preemptions"] > 0

@@ -47,7 +47,7 @@ def _arrivals(moe: bool = False) -> dict[int, list[GenerationRequest]]:
     }
 
 
-def _run(folder, mode: str, monkeypatch, stack: bool, adjust=None) -> tuple[dict[str, list], list[tuple[int, ...]]]:
+def _run(folder, mode: str, monkeypatch, stack: bool, adjust=None, kv: str = "auto") -> tuple[dict[str, list], list[tuple[int, ...]]]:
     """(request id -> [(token, logprob, top logprobs)], the queries a row of each group in each step the stack ran)."""
     monkeypatch.setenv("FREELUNCH_CPU_DECODER", "stack" if stack else "layers")
     mode, _, activations = mode.partition("/")  # "int4/float": float activations (default: int8 where quantised)
@@ -62,8 +62,11 @@ def _run(folder, mode: str, monkeypatch, stack: bool, adjust=None) -> tuple[dict
         return run(self, x, cos, sin, attn)
 
     monkeypatch.setattr(CpuDecoderStack, "run", counted)
-    config = EngineConfig(model=str(folder), max_model_len=256, kv_cache_gib=0.02, quantization=mode, max_step_cost=float("inf"))
+    config = EngineConfig(
+        model=str(folder), max_model_len=256, kv_cache_gib=0.02, quantization=mode, max_step_cost=float("inf"), kv_cache_dtype=kv
+    )
     engine = Engine(loaded, config)
+    _run.kv_dtype = engine.kv.dtype
     got: dict[str, list] = {}
     arrivals, step = _arrivals(loaded.model.config.moe is not None), 0
     while arrivals or engine.has_work():
@@ -77,12 +80,12 @@ def _run(folder, mode: str, monkeypatch, stack: bool, adjust=None) -> tuple[dict
     return got, served
 
 
-def _check(folder, mode, monkeypatch, adjust=None) -> tuple[dict[str, list], list[tuple[int, ...]]]:
-    fused, served = _run(folder, mode, monkeypatch, stack=True, adjust=adjust)
+def _check(folder, mode, monkeypatch, adjust=None, kv: str = "auto") -> tuple[dict[str, list], list[tuple[int, ...]]]:
+    fused, served = _run(folder, mode, monkeypatch, stack=True, adjust=adjust, kv=kv)
     paths = _run.steps_by_path
     # what the one call does not serve falls back: the 81-token prompt (SDPA), the 81-query tree
     assert paths["one_call"] == len(served) and paths["per_layer"] >= 2
-    layered, unserved = _run(folder, mode, monkeypatch, stack=False, adjust=adjust)
+    layered, unserved = _run(folder, mode, monkeypatch, stack=False, adjust=adjust, kv=kv)
     assert fused == layered  # tokens and logprobs, to the last bit
     pairs = [("spec", "r1"), ("spec50", "r2"), ("spec80", "r1"), ("guided_spec", "guided"), ("contrast_spec", "contrast")]
     for spec, plain in pairs:
@@ -103,10 +106,23 @@ def _check(folder, mode, monkeypatch, adjust=None) -> tuple[dict[str, list], lis
 def test_stack_steps_equal_the_per_layer_path_bit_for_bit(tmp_path, monkeypatch, kind, mode):
     hf = build_tiny_model(tmp_path, kind, seed=7)
     fused, _ = _check(tmp_path, mode, monkeypatch)
+    assert _run.kv_dtype == torch.float16  # the CPU's default cache: 16 bits
     if mode == "none":
         for i, p in enumerate(PROMPTS):
             ref = hf.generate(torch.tensor([p]), max_new_tokens=12, do_sample=False, min_new_tokens=12)[0, len(p) :]
             assert [t for t, _, _ in fused[f"r{i}"]] == ref.tolist()
+
+
+@pytest.mark.parametrize("kv", ["float32", "bfloat16"])  # the default (float16 on CPU): above
+def test_stack_steps_equal_the_per_layer_path_for_each_kv_cache_dtype(tmp_path, monkeypatch, kv):
+    """The one call writes k and v rounded to the cache's dtype as the per-layer path's .to() does
+    (fl_kv_store) and widens them as it reads: the same bits either way, in every cache dtype."""
+    hf = build_tiny_model(tmp_path, "llama", seed=7)
+    fused, _ = _check(tmp_path, "none", monkeypatch, kv=kv)
+    assert _run.kv_dtype == getattr(torch, kv)
+    for i, p in enumerate(PROMPTS):
+        ref = hf.generate(torch.tensor([p]), max_new_tokens=12, do_sample=False, min_new_tokens=12)[0, len(p) :]
+        assert [t for t, _, _ in fused[f"r{i}"]] == ref.tolist()
 
 
 @pytest.mark.parametrize("kind", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"])

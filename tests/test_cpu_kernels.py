@@ -155,12 +155,61 @@ def test_paged_attention_matches_the_reference(batch, queries, heads, kv_heads, 
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("stored", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("batch,queries,heads,kv_heads,head_dim,keys", [(3, 1, 9, 3, 64, 107), (1, 7, 4, 2, 40, 33)])
+def test_paged_attention_over_a_16_bit_cache_is_the_float32_one_on_widened_values(
+    stored, batch, queries, heads, kv_heads, head_dim, keys
+) -> None:
+    """Keys and values stored in 16 bits are widened exactly in registers: the kernel's result is,
+    to the bit, its result over the same values widened to a float32 cache (and the SDPA reference
+    over the 16-bit cache widens them alike)."""
+    from freelunch.kernels.paged_attention_ref import paged_attention_ref
+
+    library = cpu_kernels.load()
+    gen = torch.Generator().manual_seed(keys + head_dim)
+    slots = 2 * keys
+    k16, v16 = ((torch.randn(slots, kv_heads, head_dim, generator=gen) * 4).to(stored) for _ in range(2))
+    kv_index = torch.stack([torch.randperm(slots, generator=gen)[:keys] for _ in range(batch)])
+    mask = torch.rand(batch, queries, keys, generator=gen) > 0.3
+    mask[..., 0] = True
+    q = torch.randn(batch, queries, heads, head_dim, generator=gen)
+    for m in (None, mask):
+        got = cpu_kernels.paged_attention(library, q, k16, v16, kv_index, m, head_dim**-0.5)
+        assert torch.equal(got, cpu_kernels.paged_attention(library, q, k16.float(), v16.float(), kv_index, m, head_dim**-0.5))
+        want = paged_attention_ref(q.transpose(1, 2), k16, v16, kv_index, m, head_dim**-0.5).transpose(1, 2)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("stored", [torch.float16, torch.bfloat16])
+def test_kv_store_rounds_as_torch_does(stored) -> None:
+    """The one-call decoder writes its cache with fl_kv_store: the bits torch's .to() gives (round
+    to nearest even), through ties, subnormals, overflow and infinities, so that it and the per-layer
+    path (index_copy_ of k.to(dtype)) keep the same cache."""
+    gen = torch.Generator().manual_seed(7)
+    info = torch.finfo(stored)
+    low = (torch.randn(999, generator=gen) * 100).to(stored)
+    high = (low.view(torch.int16) + 1).view(stored)  # the next 16-bit value away from zero
+    ties = (low.float() + high.float()) / 2
+    x = torch.cat([
+        torch.randn(4099, generator=gen) * 10.0 ** torch.randint(-9, 6, (4099,), generator=gen),
+        torch.tensor([0.0, -0.0, float("inf"), -float("inf"), info.max, -info.max, info.max * 1.0001, info.tiny,
+                      info.tiny / 3, info.smallest_normal / 1024, 1e-30, 65519.0, 65520.0, 3.4e38]),
+        ties,  # halfway between two 16-bit neighbours (exact in float32); their float32 neighbours below
+    ])  # fmt: skip
+    x = torch.cat([x, torch.nextafter(x, torch.tensor(float("inf"))), torch.nextafter(x, torch.tensor(-float("inf")))])
+    got = cpu_kernels.kv_store(cpu_kernels.load(), x, stored)
+    assert torch.equal(got.view(torch.int16), x.to(stored).view(torch.int16))
+
+
 def test_the_model_takes_the_kernel_for_few_queries_and_sdpa_for_many(monkeypatch) -> None:
     from freelunch.models import attention
 
     q, cache = torch.zeros(1, 1), torch.zeros(1, 1)
     limit = attention.CPU_KERNEL_MAX_QUERIES
     assert attention._cpu_kernels_for(q, cache, limit) is not None
+    for stored in (torch.float16, torch.bfloat16):  # 16-bit caches too: widened in the kernel
+        assert attention._cpu_kernels_for(q, cache.to(stored), 1) is not None
+    assert attention._cpu_kernels_for(q, cache.double(), 1) is None
     assert attention._cpu_kernels_for(q, cache, limit + 1) is None
     assert attention._cpu_kernels_for(q.double(), cache, 1) is None
     monkeypatch.setenv("FREELUNCH_CPU_ATTENTION", "sdpa")

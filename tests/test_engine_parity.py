@@ -15,12 +15,14 @@ import pytest
 import torch
 from freelunch.config import EngineConfig
 from freelunch.engine.engine import Engine, EngineError
-from freelunch.engine.kv_cache import KVCache
+from freelunch.engine.kv_cache import KVCache, kv_cache_dtype
 from freelunch.engine.request import GenerationRequest, SamplingParams
 from freelunch.models.loader import load_model, resolve_source
 from tiny_models import build_tiny_model
 
 LOGPROB_ATOL = 1e-4
+# a 16-bit KV cache's rounding (8 bits of mantissa for bfloat16, 11 for float16) moves logprobs by up to
+KV_16_BIT_LOGPROB_ATOL = {"float16": 1e-3, "bfloat16": 1e-2}  # measured: 2.4e-4, 2.6e-3
 # bench/device_check.sh runs this file on a GPU: FREELUNCH_TEST_DEVICE=cuda (transformers stays on CPU)
 DEVICE = os.environ.get("FREELUNCH_TEST_DEVICE", "cpu")
 
@@ -46,9 +48,13 @@ class Model:
         self.tok = self.loaded.tokenizer
 
     def engine(self, kv_blocks: int | None = None, **config) -> Engine:
+        # the exact reference: a float32 cache equals transformers to float32 summation order (the
+        # default 16-bit one: test_kv_cache_16_bit_keeps_greedy_tokens)
+        config.setdefault("kv_cache_dtype", "float32")
         if kv_blocks is not None:
             cfg = self.loaded.model.config
-            per_token = KVCache.bytes_per_token(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, torch.float32)
+            stored = kv_cache_dtype(config.get("kv_cache_dtype", "auto"), torch.float32, torch.device(DEVICE))
+            per_token = KVCache.bytes_per_token(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, stored)
             config["kv_cache_gib"] = kv_blocks * config.get("block_size", 16) * per_token / (1 << 30)
         config.setdefault("kv_cache_gib", 0.02)
         return Engine(self.loaded, EngineConfig(model=str(self.folder), device=DEVICE, **config))
@@ -236,6 +242,31 @@ def test_logprobs_match_transformers(model):
             )
             # greedy: the chosen token is the best one
             assert rec.top[0][0] == rec.token_id
+    engine.check_no_leaks()
+
+
+@pytest.mark.parametrize("stored", ["float16", "bfloat16"])
+def test_kv_cache_16_bit_keeps_greedy_tokens(model, stored):
+    """A 16-bit cache (the CPU's default: float16) keeps keys and values rounded to it: transformers'
+    greedy tokens still, logprobs within a small bound (a float32 cache: to 1e-4, above)."""
+    if DEVICE != "cpu":
+        pytest.skip("off the CPU the cache is kept in the model's dtype")
+    engine = model.engine(kv_cache_dtype=stored, max_num_batched_tokens=16)  # prompts in chunks: read back
+    assert engine.kv.dtype == getattr(torch, stored)
+    worst = 0.0
+    for i, text in enumerate(PROMPT_TEXTS):
+        ids = model.ids(text)
+        out = model.hf.generate(
+            torch.tensor([ids]), max_new_tokens=20, do_sample=False, pad_token_id=0, eos_token_id=None,
+            output_logits=True, return_dict_in_generate=True,
+        )  # fmt: skip
+        req = GenerationRequest(str(i), ids, SamplingParams(max_tokens=20, temperature=0.0, logprobs=1, ignore_eos=True))
+        res = run(engine, [req])[str(i)]
+        assert res.tokens == out.sequences[0, len(ids) :].tolist(), f"prompt {i}"
+        for rec, logits in zip(res.logprobs, out.logits):
+            worst = max(worst, abs(rec.logprob - float(torch.log_softmax(logits[0].float(), -1)[rec.token_id])))
+    print(f"{stored}: worst logprob difference {worst:.2e}")
+    assert worst < KV_16_BIT_LOGPROB_ATOL[stored]
     engine.check_no_leaks()
 
 
@@ -559,3 +590,42 @@ def test_a_read_only_cache_keeps_the_gguf_unless_a_folder_is_required(monkeypatc
         gguf.as_folder(required=True)  # vLLM cannot
     folder = loader.ModelSource(tmp_path, "m")
     assert folder.as_folder(required=True) is folder
+
+
+@pytest.mark.parametrize(
+    "model_type,tokenizer_class",
+    [("llama", "TokenizersBackend"), ("llama", "LlamaTokenizerFast"), ("llama", "GPT2Tokenizer"), ("qwen2", "Qwen2TokenizerFast"),
+     ("qwen3", "Qwen2Tokenizer"), ("qwen2_moe", "PreTrainedTokenizerFast"), ("olmoe", "GPT2TokenizerFast"),
+     ("qwen3_moe", "LlamaTokenizer"), ("mistral", "LlamaTokenizer"), ("mixtral", "TokenizersBackend")],
+)  # fmt: skip
+def test_tokenizers_load_as_autotokenizer_loads_them_without_importing_it(tiny_llama, tmp_path, model_type, tokenizer_class):
+    """load_tokenizer finds the class without AutoTokenizer (whose import costs each process ~150 MB):
+    the same class, ids, chat template and special tokens, for the class names hub folders give."""
+    import json
+    import shutil
+    import subprocess
+    import sys
+
+    from transformers import AutoTokenizer
+
+    from freelunch.models.loader import ModelSource, _direct_tokenizer_class, load_tokenizer
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_llama[0], folder)
+    for name, key, value in (("tokenizer_config.json", "tokenizer_class", tokenizer_class), ("config.json", "model_type", model_type)):
+        data = json.loads((folder / name).read_text())
+        data[key] = value
+        (folder / name).write_text(json.dumps(data))
+    assert (_direct_tokenizer_class(folder) is None) == (model_type in ("mistral", "mixtral"))  # Mistral's rules: AutoTokenizer
+    got, want = load_tokenizer(ModelSource(folder, "m")), AutoTokenizer.from_pretrained(str(folder))
+    assert type(got) is type(want)
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there, 中文 🎉"}]
+    assert got.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == want.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=True
+    )
+    for text in ["Hello world", "  two  spaces\n\nand lines", "<|im_start|>user\nhi<|im_end|>"]:
+        assert got(text)["input_ids"] == want(text)["input_ids"]
+    assert (got.all_special_ids, got.eos_token_id, got.bos_token_id, len(got)) == (want.all_special_ids, want.eos_token_id, want.bos_token_id, len(want))
+    if tokenizer_class == "TokenizersBackend" and model_type == "llama":  # in a fresh process: no transformers.models.auto
+        code = f"import sys; from freelunch.models.loader import ModelSource, load_tokenizer; load_tokenizer(ModelSource(__import__('pathlib').Path({str(folder)!r}), 'm')); print('transformers.models.auto' in sys.modules)"
+        assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"

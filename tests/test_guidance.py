@@ -24,6 +24,7 @@ MAX_TOKENS = 12
 
 def _engine(loaded, **kw) -> Engine:
     kw.setdefault("kv_cache_gib", 0.05)
+    kw.setdefault("kv_cache_dtype", "float32")  # transformers' logprobs to 1e-4; 768 bytes a token
     return Engine(loaded, EngineConfig(max_model_len=512, **kw))
 
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 from freelunch.config import EngineConfig
 from freelunch.engine.engine import Engine, EngineError
-from freelunch.engine.kv_cache import KVCache
+from freelunch.engine.kv_cache import KVCache, kv_cache_dtype
 from freelunch.engine.request import GenerationRequest, SamplingParams, Sequence
 from freelunch.engine.strategy import DecodingStrategy, RowPlan, Sampled
 from freelunch.engine import plugins
@@ -60,7 +60,8 @@ def make_engine(setup, kv_blocks=None, **config) -> Engine:
     folder, _, loaded = setup
     if kv_blocks is not None:
         cfg = loaded.model.config
-        per_token = KVCache.bytes_per_token(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, torch.float32)
+        stored = kv_cache_dtype(config.get("kv_cache_dtype", "auto"), torch.float32, torch.device("cpu"))
+        per_token = KVCache.bytes_per_token(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, stored)
         config["kv_cache_gib"] = kv_blocks * 16 * per_token / (1 << 30)
     config.setdefault("kv_cache_gib", 0.02)
     return Engine(loaded, EngineConfig(model=str(folder), **config))

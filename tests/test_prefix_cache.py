@@ -200,7 +200,7 @@ def test_preemption_and_eviction_under_a_small_cache(loaded):
 
     off = _run(_engine(loaded, caching=False), waves("a", "b"))
     # 14 blocks of 16 tokens for 8 requests of ~50 tokens each: preemption and eviction
-    tight = _engine(loaded, kv_cache_gib=14 * 16 * 768 / (1 << 30), max_num_batched_tokens=32)
+    tight = _engine(loaded, kv_cache_gib=14 * 16 * 768 / (1 << 30), kv_cache_dtype="float32", max_num_batched_tokens=32)
     on = _run(tight, waves("a", "b"))
     _same(on, off)
     assert tight.stats["preemptions"] > 0 and tight.blocks.cache_stats.evictions > 0

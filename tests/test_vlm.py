@@ -21,7 +21,7 @@ import pytest
 import torch
 from freelunch.config import EngineConfig
 from freelunch.engine.engine import Engine, EngineError
-from freelunch.engine.kv_cache import KVCache
+from freelunch.engine.kv_cache import KVCache, kv_cache_dtype
 from freelunch.engine.request import GenerationRequest, ImageInput, SamplingParams
 from freelunch.models.loader import load_model, resolve_source
 from freelunch.pool import wire
@@ -387,7 +387,8 @@ def test_fastv_recompute_after_preemption_keeps_the_same_tokens(vlm, one_image, 
     # 10 blocks of 16 slots (per pool when split at layer 2): both 65-token prompts fit, not both
     # grown by 24 tokens (FastV's request holds 41 + 24 tokens in the upper pool, all 89 below it)
     cfg = vlm.loaded.model.config
-    per_token = KVCache.bytes_per_token(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, torch.float32)
+    stored = kv_cache_dtype("auto", torch.float32, torch.device("cpu"))  # what the engine's cache stores
+    per_token = KVCache.bytes_per_token(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, stored)
     engine = vlm.engine(kv_cache_gib=10 * 16 * per_token / (1 << 30), kv_split_layer=split, kv_lower_blocks_ratio=1.0)
     assert engine.blocks.num_blocks == 10 and engine.blocks.split == (split or None)
     res = run(engine, [request("o", other, 24), request("f", one_image, 24, {"method": "fastv", "keep": 0.5})])
@@ -400,7 +401,8 @@ def test_fastv_frees_the_upper_layers_kv_of_what_it_drops(vlm, one_image):
     """In a cache split at FastV's layer, a pruned request holds upper blocks for its kept tokens
     only, so more pruned requests run at once than plain ones, and their outputs do not change."""
     cfg = vlm.loaded.model.config
-    per_token = KVCache.bytes_per_token(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, torch.float32)
+    stored = kv_cache_dtype("auto", torch.float32, torch.device("cpu"))  # what the engine's cache stores
+    per_token = KVCache.bytes_per_token(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, stored)
     budget = 20 * 16 * per_token / (1 << 30)  # 12 upper + 24 lower blocks of 16 slots at the default ratio 2
     fastv = {"method": "fastv", "keep": 0.25}
     alone = run(vlm.engine(), [request("f", one_image, 8, fastv)])["f"][0]

@@ -48,6 +48,11 @@ typedef struct {
     int64_t clipped;
 } fl_qk;
 
+/* The element types a KV cache may be stored in (cpu_kernels.py's KV_DTYPES): float32, or 16 bits
+ * (float16 / bfloat16) widened to float32 as they are read, rounded to nearest-even as they are
+ * written (fl_kv_store), exactly as torch's .to() rounds. */
+enum { FL_KV_F32 = 0, FL_KV_F16 = 1, FL_KV_BF16 = 2 };
+
 /* A linear layer's weights, in one of the forms the matmul kernels read (cpu_kernels.py's FlMatrix). */
 typedef struct {
     /* float activations: 0 float32 panels (fl_linear), 1 int8 (fl_linear_q8), 2 int4 (fl_linear_q4),
@@ -68,9 +73,10 @@ typedef struct {
     const float* post_norm;
     fl_matrix qkv, o, gate_up, down;
     fl_qk qk;
-    float* k_cache; /* [slots, Hkv, D] */
-    float* v_cache;
+    void* k_cache; /* [slots, Hkv, D] of kv_dtype */
+    void* v_cache;
     const struct fl_moe* moe; /* a sparse MoE feed-forward (fl_moe_forward), or NULL: gate_up and down */
+    int64_t kv_dtype;         /* the cache's element type: FL_KV_F32, FL_KV_F16 or FL_KV_BF16 */
 } fl_layer;
 
 /* B rows of n queries each that attend as fl_paged_attention over kv_index [B, Lk] (mask [B, n, Lk] or
@@ -103,9 +109,10 @@ void fl_linear_q8(const float* x, int64_t M, int64_t K, const int8_t* packed, co
 void fl_linear_q4(const float* x, int64_t M, int64_t K, const uint8_t* packed, const float* dm, int64_t N,
                   const float* bias, float* y, int threads);
 void fl_matrix_apply(const fl_matrix* w, const float* x, int64_t M, int64_t K, float* y, int threads);
-void fl_paged_attention(const float* q, int64_t B, int64_t n, int64_t H, int64_t D, const float* k_cache,
-                        const float* v_cache, int64_t Hkv, const int64_t* kv_index, int64_t L, const uint8_t* mask,
-                        float scale, float* out, int threads);
+void fl_paged_attention(const float* q, int64_t B, int64_t n, int64_t H, int64_t D, const void* k_cache,
+                        const void* v_cache, int64_t kv_dtype, int64_t Hkv, const int64_t* kv_index, int64_t L,
+                        const uint8_t* mask, float scale, float* out, int threads);
+void fl_kv_store(void* cache, int64_t kv_dtype, const float* x, int64_t count);
 void fl_rms_norm(const float* x, const float* delta, const float* weight, float eps, int64_t M, int64_t K, float* sum,
                  float* out);
 void fl_silu_mul(const float* gu, int64_t M, int64_t I, float* out);

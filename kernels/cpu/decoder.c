@@ -7,7 +7,8 @@
 #include "common.h"
 
 /* x [T, K]: the residual stream, updated in place through all L layers (the final norm is the
- * caller's). Token t is at rotary row t of cos/sin [T, D] and writes its k/v to cache slot slots[t];
+ * caller's). Token t is at rotary row t of cos/sin [T, D] and writes its k/v to cache slot slots[t]
+ * (in the layer's kv_dtype, rounded as the per-layer path's .to() rounds);
  * the queries attend in the G groups; rank, top_k [T]: MoE layers' per-token routing (NULL: the
  * router's own). scratch: T * (2 K + (H + 2 Hkv) D + 4 H D + 3 I) floats. */
 void fl_decoder(const fl_layer* layers, int64_t L, float* x, int64_t T, int64_t K, int64_t H, int64_t Hkv, int64_t D,
@@ -21,23 +22,24 @@ void fl_decoder(const fl_layer* layers, int64_t L, float* x, int64_t T, int64_t 
         fl_rms_norm(x, 0, ly->input_norm, eps, T, K, x, h);
         fl_matrix_apply(&ly->qkv, h, T, K, qkv, threads);
         fl_qk_prepare(qkv, T, H, Hkv, D, &ly->qk, cos, sin);
+        size_t item = ly->kv_dtype == FL_KV_F32 ? sizeof(float) : sizeof(uint16_t);  /* a cache element's bytes */
         for (int64_t t = 0; t < T; t++) {
             const float* row = qkv + t * width;
             memcpy(q + t * qd, row, sizeof(float) * qd);
-            memcpy(ly->k_cache + slots[t] * kv, row + qd, sizeof(float) * kv);
-            memcpy(ly->v_cache + slots[t] * kv, row + qd + kv, sizeof(float) * kv);
+            fl_kv_store((char*)ly->k_cache + slots[t] * kv * item, ly->kv_dtype, row + qd, kv);
+            fl_kv_store((char*)ly->v_cache + slots[t] * kv * item, ly->kv_dtype, row + qd + kv, kv);
         }
         for (int64_t g = 0; g < G; g++) {
             const fl_group* gr = groups + g;
             int64_t rows = gr->B * gr->n;
             if (!gr->q_index) {
-                fl_paged_attention(q, gr->B, gr->n, H, D, ly->k_cache, ly->v_cache, Hkv, gr->kv_index, gr->Lk, gr->mask,
-                                   scale, att, threads);
+                fl_paged_attention(q, gr->B, gr->n, H, D, ly->k_cache, ly->v_cache, ly->kv_dtype, Hkv, gr->kv_index,
+                                   gr->Lk, gr->mask, scale, att, threads);
                 continue;
             }
             for (int64_t r = 0; r < rows; r++) memcpy(gq + r * qd, q + gr->q_index[r] * qd, sizeof(float) * qd);
-            fl_paged_attention(gq, gr->B, gr->n, H, D, ly->k_cache, ly->v_cache, Hkv, gr->kv_index, gr->Lk, gr->mask,
-                               scale, gatt, threads);
+            fl_paged_attention(gq, gr->B, gr->n, H, D, ly->k_cache, ly->v_cache, ly->kv_dtype, Hkv, gr->kv_index,
+                               gr->Lk, gr->mask, scale, gatt, threads);
             for (int64_t r = 0; r < rows; r++) memcpy(att + gr->q_index[r] * qd, gatt + r * qd, sizeof(float) * qd);
         }
         fl_matrix_apply(&ly->o, att, T, qd, delta, threads);

@@ -9,7 +9,9 @@ tokens, and measures:
   concurrency    aggregate tokens/s, median TTFT and per-stream decode tokens/s with C requests
                  sent at once, for each C in `--concurrency`;
   each option    the same single-stream requests with the option set, interleaved with the
-                 plain ones, and their ratios to plain (speed-up = plain latency / option latency).
+                 plain ones, and their ratios to plain (speed-up = plain latency / option latency);
+  footprint      a server it started: the memory of its processes (USS and PSS of the API
+                 process and of each worker, Linux), the peak while it ran and idle at its end.
 
 An option the served model cannot run (a 400: `moe_contrast` on a dense model, an option the
 backend lacks) is reported as unavailable, not as a failure. `visual_pruning` needs image inputs
@@ -23,6 +25,7 @@ import asyncio
 import json
 import os
 import platform
+import re
 import shlex
 import socket
 import statistics
@@ -254,6 +257,17 @@ def summarise(runs: list[Stream]) -> dict[str, Any]:
     }
 
 
+async def server_kernels(client: httpx.AsyncClient) -> str | None:
+    """What runs the server's linears, as its /metrics says (freelunch_cpu_info's kernels label:
+    int8-<instruction set>, float-avx2, torch, vllm), or None where /metrics does not say."""
+    r = await client.get("/metrics")
+    if r.status_code != 200:
+        return None
+    line = next((ln for ln in r.text.splitlines() if ln.startswith("freelunch_cpu_info{")), "")
+    found = re.search(r'kernels="([^"]*)"', line)
+    return found.group(1) if found else None
+
+
 async def measure(
     base: str, headers: dict[str, str], args: argparse.Namespace, progress: Any
 ) -> dict[str, Any]:
@@ -270,6 +284,7 @@ async def measure(
         progress.update(1)
         if warm.status != 200 or warm.error:
             raise RuntimeError(f"a plain request failed ({warm.status}): {warm.error}")
+        kernels = await server_kernels(client)
 
         methods: dict[str, dict[str, Any]] = {}
         for name in wanted:  # one short request each: warm-up, and is the option available here?
@@ -339,7 +354,7 @@ async def measure(
                 "failed": c - len(ok),
             }
         progress.set_description("done")
-    return {"model": model, "single_stream": plain, "concurrency": concurrency, "methods": methods}
+    return {"model": model, "kernels": kernels, "single_stream": plain, "concurrency": concurrency, "methods": methods}
 
 
 def plan(args: argparse.Namespace) -> tuple[list[int], list[str]]:
@@ -399,10 +414,18 @@ def start_server(serve_args: list[str], log: Any, ready_timeout: float = 600.0) 
     raise RuntimeError(f"the server did not become ready within {ready_timeout:.0f} s")
 
 
-def _uss_kib(pid: int) -> int:
-    """Unique set size (private pages: clean + dirty) of process `pid` in KiB, from /proc (Linux)."""
+def _memory_kib(pid: int) -> tuple[int, int]:
+    """(USS, PSS) of process `pid` in KiB, from /proc (Linux). USS: its private pages (clean + dirty);
+    PSS: those plus its share of pages it maps with other processes (libraries the API and the workers
+    both load), so that PSS adds up across processes where USS leaves the shared pages out."""
+    uss = pss = 0
     with open(f"/proc/{pid}/smaps_rollup") as f:
-        return sum(int(line.split()[1]) for line in f if line.startswith(("Private_Clean:", "Private_Dirty:")))
+        for line in f:
+            if line.startswith(("Private_Clean:", "Private_Dirty:")):
+                uss += int(line.split()[1])
+            elif line.startswith("Pss:"):
+                pss += int(line.split()[1])
+    return uss, pss
 
 
 def _children(pid: int) -> list[int]:
@@ -422,29 +445,44 @@ def _children(pid: int) -> list[int]:
 
 
 def _role(pid: int) -> str:
+    """What a server's child is: multiprocessing's resource tracker, the grammar compile process (the
+    one spawned child at the lowest priority: constraints/compile_guard.py), an engine worker."""
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
             cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            nice = int(f.read().rsplit(b")", 1)[1].split()[16])
+    except (OSError, ValueError, IndexError):
         return "gone"
-    return "resource tracker" if "resource_tracker" in cmd else "worker" if "spawn_main" in cmd else "child"
+    if "resource_tracker" in cmd:
+        return "resource tracker"
+    if "spawn_main" in cmd:
+        return "grammar compiler" if nice > 0 else "worker"
+    return "child"
 
 
 def footprint(pid: int) -> dict[str, Any] | None:
-    """Memory of a server process tree: USS (pages no other process shares) of the API process
-    `pid` and of each child, in MiB, and their total; None where /proc cannot tell (not Linux)."""
+    """Memory of a server's process tree in MiB: USS and PSS of the API process `pid` and of each
+    child (engine workers; a grammar compile's child while one runs), and their totals; None where
+    /proc cannot tell (not Linux)."""
     try:
-        api = _uss_kib(pid)
+        api_uss, api_pss = _memory_kib(pid)
     except OSError:
         return None
     children = []
     for child in _children(pid):
         try:
-            children.append({"pid": child, "role": _role(child), "uss_mib": round(_uss_kib(child) / 1024, 1)})
+            uss, pss = _memory_kib(child)
         except OSError:
             continue  # exited meanwhile
-    total = api / 1024 + sum(c["uss_mib"] for c in children)
-    return {"api_uss_mib": round(api / 1024, 1), "children": children, "total_uss_mib": round(total, 1)}
+        children.append({"pid": child, "role": _role(child), "uss_mib": round(uss / 1024, 1), "pss_mib": round(pss / 1024, 1)})
+    return {
+        "api_uss_mib": round(api_uss / 1024, 1),
+        "api_pss_mib": round(api_pss / 1024, 1),
+        "children": children,
+        "total_uss_mib": round(api_uss / 1024 + sum(c["uss_mib"] for c in children), 1),
+        "total_pss_mib": round(api_pss / 1024 + sum(c["pss_mib"] for c in children), 1),
+    }
 
 
 class FootprintPeak:
@@ -466,7 +504,7 @@ class FootprintPeak:
             if self._stop.wait(self.interval):
                 return
 
-    def __enter__(self) -> "FootprintPeak":
+    def __enter__(self) -> FootprintPeak:
         self._thread.start()
         return self
 
@@ -490,7 +528,7 @@ def markdown(result: dict[str, Any]) -> str:
     lines = [
         f"freelunch bench: {result['model']} at {result['server']['url']}, {result['settings']['max_tokens']} tokens per request",
         f"on {machine.get('cpu')} ({', '.join(machine.get('features') or []) or 'features unknown'}), "
-        f"{machine.get('cores')} cores",
+        f"{machine.get('cores')} cores; kernels {result.get('kernels') or 'unknown'}",
         "",
         "| measure | value |",
         "| --- | ---: |",
@@ -502,6 +540,14 @@ def markdown(result: dict[str, Any]) -> str:
         lines.append(
             f"| throughput @ {c} concurrent | {row['throughput_tps']:.1f} tok/s, TTFT {row['ttft_median_s'] * 1e3:.0f} ms{failed} |"
         )
+    for when, f in (result.get("footprint") or {}).items():
+        if f is not None:
+            workers = sum(c["uss_mib"] for c in f["children"] if c["role"] == "worker")
+            other = sum(c["uss_mib"] for c in f["children"] if c["role"] != "worker")
+            lines.append(
+                f"| memory, {when.replace('_', ' ')} | {f['total_uss_mib']:.0f} MiB USS (API {f['api_uss_mib']:.0f}, "
+                f"workers {workers:.0f}, other {other:.0f}), {f['total_pss_mib']:.0f} MiB PSS |"
+            )
     lines += [
         "",
         "| option | decode tok/s | TTFT ms | latency s | speed vs plain | TTFT vs plain |",
@@ -562,7 +608,12 @@ def run(args: argparse.Namespace) -> int:
             if "speculative" in wanted:
                 total += spec_requests() - args.repeats
             with tqdm(total=total, unit="req", file=sys.stderr, disable=args.no_progress) as progress:
-                measured = asyncio.run(measure(base, headers, args, progress))
+                if proc is None:
+                    measured = asyncio.run(measure(base, headers, args, progress))
+                else:  # a server of our own: its processes' memory too
+                    with FootprintPeak(proc.pid) as peak:
+                        measured = asyncio.run(measure(base, headers, args, progress))
+                    measured["footprint"] = {"peak": peak.peak, "idle_after_run": footprint(proc.pid)}
         except (RuntimeError, ValueError, httpx.HTTPError) as e:
             print(f"freelunch bench: {e}", file=sys.stderr)
             return 1

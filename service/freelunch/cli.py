@@ -114,7 +114,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--kv-cache-gib", type=float, default=float(env("FREELUNCH_KV_CACHE_GIB", "2")),
-        help="GiB of KV cache per engine worker (native engine; vLLM: its own KV cache space)",
+        help="GiB of KV cache per engine worker, at most (native engine: resident only as far as it is used; vLLM: "
+        "its own KV cache space)",
+    )
+    serve.add_argument(
+        "--kv-cache-dtype", default=env("FREELUNCH_KV_CACHE_DTYPE", "auto"), choices=["auto", "float16", "bfloat16", "float32"],
+        help="what the KV cache stores (native engine): auto = 16 bits on CPU (float16, or the model's 16-bit dtype; "
+        "half the memory of float32, attention still computes in float32), the model's dtype on GPUs; float32 = "
+        "the exact reference",
     )
     serve.add_argument(
         "--no-prefix-caching",
@@ -290,6 +297,7 @@ def main(argv: list[str] | None = None) -> int:
             max_step_cost=args.max_step_cost,
             long_prefill_token_threshold=args.long_prefill_token_threshold,
             kv_cache_gib=args.kv_cache_gib,
+            kv_cache_dtype=args.kv_cache_dtype,
             enable_prefix_caching=not args.no_prefix_caching,
             prefix_cache_blocks=None if args.prefix_cache_blocks < 0 else args.prefix_cache_blocks,
             prefix_cache_salt=args.prefix_cache_salt,
@@ -343,6 +351,9 @@ def main(argv: list[str] | None = None) -> int:
 
         for wait in waits:
             wait(900.0)
+        from freelunch.memory import release_freed_memory
+
+        release_freed_memory()  # what loading the tokenizer and the imports freed
     except (ValueError, OSError, ModelLoadError, RuntimeError, TimeoutError) as e:
         print(f"freelunch: {e}", file=sys.stderr)
         return 2

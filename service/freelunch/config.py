@@ -27,7 +27,10 @@ class EngineConfig:
     # fair policy: prompt tokens a request prefills per step while other requests decode
     long_prefill_token_threshold: int = 256
     block_size: int = 16
-    kv_cache_gib: float = 2.0
+    kv_cache_gib: float = 2.0  # the cache's bound; its memory is resident only as far as it is used
+    # what the KV cache stores (engine/kv_cache.py): auto = 16 bits on CPU (float16, or the model's
+    # 16-bit dtype), the model's dtype on GPUs; float32 = the exact reference
+    kv_cache_dtype: str = "auto"
     # automatic prefix caching (engine/block_manager.py): full blocks of committed tokens are kept,
     # content-addressed, for later requests; at most `prefix_cache_blocks` unheld ones (None: any
     # free block); `prefix_cache_salt` "per-key" keys them by API key (no sharing across tenants)
@@ -81,6 +84,12 @@ class EngineConfig:
             raise ValueError("tensor_parallel_size must be >= 1, and above 1 only with the vllm engine")
         if self.kv_cache_gib <= 0:
             raise ValueError("kv_cache_gib must be positive")
+        if self.kv_cache_dtype not in ("auto", "float16", "bfloat16", "float32"):
+            raise ValueError(f"kv_cache_dtype must be auto, float16, bfloat16 or float32, not {self.kv_cache_dtype!r}")
+        if self.kv_cache_dtype != "auto" and self.engine != "native":
+            raise ValueError("--kv-cache-dtype applies to the native engine (vLLM keeps its own KV cache)")
+        if self.kv_cache_dtype not in ("auto", self.dtype) and self.device != "cpu":
+            raise ValueError(f"--kv-cache-dtype {self.kv_cache_dtype}: off the CPU the KV cache is kept in the model's dtype; leave it auto")
         if self.kv_split_layer < -1 or not self.kv_lower_blocks_ratio >= 1:
             raise ValueError("kv_split_layer must be -1 (auto), 0 (none) or a layer; kv_lower_blocks_ratio at least 1")
 

@@ -12,16 +12,18 @@ hash chained over its tokens, every token before it, and its row's cache key (wh
 its KV: the tenant's salt, images, a routing override; a row without a key is never cached).
 Blocks are reference-counted: a row that starts with a cached chain takes its blocks (one block
 may serve many rows) and computes only the rest. A block no row holds keeps its content until
-its memory is needed: free blocks are handed out first, then cached ones, least recently used
-first. A cached block is never handed out while a row holds it, and only a full block of
+its memory is needed: free blocks are handed out first (the lowest-numbered first, so that the
+cache's memory is touched only as far as the peak use reaches), then cached ones, least recently
+used first. A cached block is never handed out while a row holds it, and only a full block of
 committed tokens is ever shared, so a shared block is never written again.
 """
 
 from __future__ import annotations
 
 import hashlib
+import heapq
 from array import array
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -52,7 +54,9 @@ class CacheStats:
 class _Pool:
     def __init__(self, num_blocks: int, cache_blocks: int | None) -> None:
         self.num_blocks = num_blocks
-        self.free: deque[int] = deque(range(num_blocks))  # held by no row, no content kept
+        # held by no row, no content kept: a min-heap, so that the lowest block goes first and the
+        # part of the cache ever written (resident memory, kv_cache.py) follows the peak use
+        self.free: list[int] = list(range(num_blocks))
         self.holders: dict[int, list[int]] = {}  # block -> seq_ids holding it (catches double frees, leaks)
         # blocks held by no row whose content is kept for later rows, least recently used first
         self.cached: OrderedDict[int, None] = OrderedDict()
@@ -68,7 +72,7 @@ class _Pool:
     def take(self, seq: Sequence, table: list[int], count: int) -> None:
         for _ in range(count):
             if self.free:
-                block = self.free.popleft()
+                block = heapq.heappop(self.free)
             else:  # the least recently used cached block gives its memory up
                 block, _ = self.cached.popitem(last=False)
                 self._forget(block)
@@ -100,11 +104,11 @@ class _Pool:
                 if self.cache_blocks is not None and len(self.cached) > self.cache_blocks:
                     oldest, _ = self.cached.popitem(last=False)
                     self._forget(oldest)
-                    self.free.append(oldest)
+                    heapq.heappush(self.free, oldest)
                     self.stats.evictions += 1
             else:
                 self._forget(block)
-                self.free.append(block)
+                heapq.heappush(self.free, block)
 
     def register(self, block: int, key: bytes) -> None:
         """`block` holds the content named `key` (a full block of committed tokens)."""

@@ -17,7 +17,7 @@ from freelunch.engine import plugins
 from freelunch.engine.block_manager import BlockManager, BlockNeed
 from freelunch.engine.detokenizer import IncrementalText
 from freelunch.engine.errors import EngineError, check_new_request
-from freelunch.engine.kv_cache import KVCache
+from freelunch.engine.kv_cache import KVCache, kv_cache_dtype
 from freelunch.engine.model_runner import ModelRunner
 from freelunch.engine.request import (
     FinishReason,
@@ -108,7 +108,7 @@ class Engine:
         self.device = torch.device(config.device)
         cfg = loaded.model.config
         self.max_model_len = config.context_length(cfg.max_position_embeddings)
-        kv_dtype = next(loaded.model.parameters()).dtype
+        kv_dtype = kv_cache_dtype(config.kv_cache_dtype, next(loaded.model.parameters()).dtype, self.device)
         takes_images = hasattr(loaded.model, "encode_images")
         self.blocks = _kv_blocks(config, cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, kv_dtype, takes_images)
         split = self.blocks.split

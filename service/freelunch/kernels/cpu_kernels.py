@@ -1,5 +1,10 @@
-"""Float32 CPU kernels for AVX2 machines (cpu_kernels.c), built once with the system's C compiler.
+"""The C CPU kernels (the top-level kernels/cpu/, linked here as csrc/), built once with the system's
+C compiler, and their Python wrappers.
 
+- `matrix_apply`: every linear layer's matmul, whatever form its weights take (KINDS): float
+  activations (`linear`, `linear_quantized`) or int8 activations (`pack_int8_activations`:
+  kernels/cpu/linear_int8.c, one object per instruction set, the variant CPUID allows chosen at
+  load: `int8_variants`, `int8_variant`).
 - `linear`: decoding and draft-tree verification multiply a handful of rows by every weight
   matrix, so a step costs about one pass over the weights in memory (weights that are bfloat16
   values, as a bfloat16 checkpoint's, are kept and read as bfloat16: half the pass). oneDNN's kernels, tuned
@@ -14,8 +19,8 @@
 - `decoder`: all the layers of a dense Llama-family decoder in one call, built from the kernels
   above (models/cpu_decoder.py).
 
-The shared library is compiled from the shipped source at first use (about a second with gcc)
-into `<FREELUNCH_CACHE_DIR>/kernels/`, named by a hash of the source and the flags; a read-only
+The shared library is compiled from the shipped sources at first use (a few seconds with gcc)
+into `<FREELUNCH_CACHE_DIR>/kernels/`, named by a hash of the sources and the flags; a read-only
 cache compiles into a temporary folder instead, and an image may ship it prebuilt (the
 Dockerfile does). Without it and without a C compiler, or on a CPU without AVX2 and FMA,
 `load()` returns None and callers fall back to oneDNN.
@@ -163,10 +168,12 @@ def load() -> ctypes.CDLL | None:
     library.fl_linear_bf16.restype = None
     library.fl_paged_attention.argtypes = [
         ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
-        ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_float,
-        ctypes.c_void_p, ctypes.c_int,
+        ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
+        ctypes.c_float, ctypes.c_void_p, ctypes.c_int,
     ]  # fmt: skip
     library.fl_paged_attention.restype = None
+    library.fl_kv_store.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64]
+    library.fl_kv_store.restype = None
     library.fl_linear_q8.argtypes = [
         ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
         ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
@@ -383,6 +390,11 @@ def linear_quantized(
     return y
 
 
+# The element types a KV cache may hold, as common.h numbers them (FL_KV_*): float32, or 16 bits
+# widened to float32 as the kernels read them.
+KV_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+
 def paged_attention(
     library: ctypes.CDLL,
     q: torch.Tensor,
@@ -392,19 +404,31 @@ def paged_attention(
     mask: torch.Tensor | None,
     scale: float,
 ) -> torch.Tensor:
-    """q [B, n, H, D] float32; k_cache, v_cache [slots, Hkv, D]; kv_index [B, L] slot ids; mask
-    [B, n, L] bool (True = may attend) or None -> [B, n, H, D]. Every query must see a key."""
+    """q [B, n, H, D] float32; k_cache, v_cache [slots, Hkv, D] contiguous, of one of KV_DTYPES; kv_index
+    [B, L] slot ids; mask [B, n, L] bool (True = may attend) or None -> [B, n, H, D]. Every query must
+    see a key."""
     b, n, h, d = q.shape
+    if k_cache.dtype != v_cache.dtype or k_cache.dtype not in KV_DTYPES:
+        raise ValueError(f"k/v caches of {k_cache.dtype}/{v_cache.dtype}: one of {', '.join(map(str, KV_DTYPES))}")
     q = q.contiguous()
     kv_index = kv_index.contiguous()
     if mask is not None:
         mask = mask.contiguous()
     out = torch.empty_like(q)
     library.fl_paged_attention(
-        q.data_ptr(), b, n, h, d, k_cache.data_ptr(), v_cache.data_ptr(), k_cache.shape[1],
+        q.data_ptr(), b, n, h, d, k_cache.data_ptr(), v_cache.data_ptr(), KV_DTYPES[k_cache.dtype], k_cache.shape[1],
         kv_index.data_ptr(), kv_index.shape[1], None if mask is None else mask.data_ptr(), scale,
         out.data_ptr(), torch.get_num_threads(),
     )  # fmt: skip
+    return out
+
+
+def kv_store(library: ctypes.CDLL, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x float32 -> the values as the one-call decoder writes them into a `dtype` cache (fl_kv_store):
+    x.to(dtype) to the bit (tests)."""
+    x = x.contiguous()
+    out = torch.empty(x.shape, dtype=dtype)
+    library.fl_kv_store(out.data_ptr(), KV_DTYPES[dtype], x.data_ptr(), x.numel())
     return out
 
 
@@ -557,7 +581,7 @@ class MoeKernel:
 class FlLayer(ctypes.Structure):
     _fields_ = [("input_norm", ctypes.c_void_p), ("post_norm", ctypes.c_void_p), ("qkv", FlMatrix), ("o", FlMatrix),
                 ("gate_up", FlMatrix), ("down", FlMatrix), ("qk", FlQk), ("k_cache", ctypes.c_void_p),
-                ("v_cache", ctypes.c_void_p), ("moe", ctypes.c_void_p)]  # fmt: skip
+                ("v_cache", ctypes.c_void_p), ("moe", ctypes.c_void_p), ("kv_dtype", ctypes.c_int64)]  # fmt: skip
 
 
 class FlGroup(ctypes.Structure):

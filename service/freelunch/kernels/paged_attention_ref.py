@@ -23,12 +23,15 @@ def paged_attention_ref(
 
     q: [B, H, n, D]; k_cache, v_cache: [slots, Hkv, D]; kv_index: [B, L] slot ids;
     mask: [B, n, L] bool (True = may attend) or None (all visible). Returns [B, H, n, D].
-    H must be a multiple of Hkv (grouped-query attention).
+    H must be a multiple of Hkv (grouped-query attention). A cache in another dtype than q's (16 bits
+    on CPUs) is widened to q's after the gather.
     """
     b, length = kv_index.shape
     flat = kv_index.reshape(-1)
     k = k_cache.index_select(0, flat).view(b, length, *k_cache.shape[1:]).transpose(1, 2)  # [B, Hkv, L, D]
     v = v_cache.index_select(0, flat).view(b, length, *v_cache.shape[1:]).transpose(1, 2)
+    if k.dtype != q.dtype:
+        k, v = k.to(q.dtype), v.to(q.dtype)
     return sdpa_gqa(q, k, v, None if mask is None else mask[:, None], scale=scale)
 
 

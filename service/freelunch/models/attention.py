@@ -34,8 +34,11 @@ def attention_library():
 
 
 def _cpu_kernels_for(q: torch.Tensor, k_cache: torch.Tensor, n: int):
-    """The C attention kernel's library when it serves these queries, else None."""
-    if n > CPU_KERNEL_MAX_QUERIES or q.device.type != "cpu" or q.dtype != torch.float32 or k_cache.dtype != torch.float32:
+    """The C attention kernel's library when it serves these queries (float32 queries on the CPU over a
+    float32 or 16-bit cache), else None."""
+    if n > CPU_KERNEL_MAX_QUERIES or q.device.type != "cpu" or q.dtype != torch.float32:
+        return None
+    if k_cache.dtype not in cpu_kernels.KV_DTYPES or not k_cache.is_contiguous():
         return None
     return attention_library()
 
@@ -84,7 +87,9 @@ class PrunePlan:
 
 @dataclass(slots=True)
 class AttentionBatch:
-    kv_caches: list[tuple[torch.Tensor, torch.Tensor]]  # per layer: k, v [slots, Hkv, D]
+    # per layer: k, v [slots, Hkv, D], in the cache's dtype (16 bits on CPUs: written rounded to it,
+    # read widened back to the compute dtype)
+    kv_caches: list[tuple[torch.Tensor, torch.Tensor]]
     # (from layer, [T] cache slot of each packed token), by layer (a split cache's upper layers
     # keep tokens in slots of their own)
     slot_mappings: list[tuple[int, torch.Tensor]]

@@ -3,7 +3,7 @@
 Each layer's Python path (models/llama.py) makes a dozen calls into our C kernels and PyTorch,
 and between them PyTorch dispatch, ctypes and allocation cost about 0.3 ms a layer: on the
 default model (30 layers, 2 AVX2 cores) about 8 of a 23 ms decode step. `fl_decoder`
-(kernels/cpu_kernels.c) runs the same kernels in the same order over all layers, so its result
+(kernels/cpu/decoder.c) runs the same kernels in the same order over all layers, so its result
 is bit-identical to the per-layer path. It serves any step whose attention groups read the cache
 with at most CPU_KERNEL_MAX_QUERIES queries a row (decode rows, paired rows, `n` choices, draft
 trees, prompt chunks that short, beside each other), over layers with q/k norms, clipping and
@@ -98,8 +98,8 @@ class CpuDecoderStack:
         return len(layers) == len(modules) and all(_layer_modules(layer) == seen for layer, seen in zip(layers, modules))
 
     def serves(self, x: torch.Tensor, attn: AttentionBatch) -> bool:
-        """Whether this step is one the C path computes: float32 rows on the CPU whose groups all read
-        the cache through one view with at most CPU_KERNEL_MAX_QUERIES queries a row, nothing pruned."""
+        """Whether this step is one the C path computes: float32 rows on the CPU (over a float32 or
+        16-bit cache) whose groups all read the cache through one view with at most CPU_KERNEL_MAX_QUERIES queries a row, nothing pruned."""
         if x.dtype != torch.float32 or x.device.type != "cpu" or x.dim() != 2 or not x.is_contiguous():
             return False
         if attn.prune is not None or len(attn.slot_mappings) != 1:
@@ -107,12 +107,18 @@ class CpuDecoderStack:
         if any(g.views is None or len(g.views) != 1 or g.n > CPU_KERNEL_MAX_QUERIES for g in attn.groups):
             return False
         k_cache, v_cache = attn.kv_caches[0]
-        return k_cache.dtype == v_cache.dtype == torch.float32 and k_cache.is_contiguous() and v_cache.is_contiguous()
+        return (
+            k_cache.dtype == v_cache.dtype
+            and k_cache.dtype in cpu_kernels.KV_DTYPES
+            and k_cache.is_contiguous()
+            and v_cache.is_contiguous()
+        )
 
     def run(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: AttentionBatch) -> None:
         """Every layer over x [T, hidden] in place (a step `serves` accepted)."""
         for desc, (k_cache, v_cache) in zip(self.layers, attn.kv_caches):
             desc.k_cache, desc.v_cache = k_cache.data_ptr(), v_cache.data_ptr()
+            desc.kv_dtype = cpu_kernels.KV_DTYPES[k_cache.dtype]
         groups = [(g.q_index, g.batch, g.n, *g.views[0][1:]) for g in attn.groups]
         slots = attn.slot_mappings[0][1]
         routing = None if attn.routing is None else (attn.routing.rank, attn.routing.top_k)

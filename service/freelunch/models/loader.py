@@ -6,6 +6,7 @@ import contextlib
 import importlib.util
 import json
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import torch
 
 from freelunch.config import cache_dir
 from freelunch.kernels import cpu_kernels
+from freelunch.memory import release_freed_memory
 from freelunch.models import gguf_blocks
 from freelunch.models.cpu_linear import pack_linears, panel_kernels
 from freelunch.models.quantization import Int8ActivationLinear, quantize_linears
@@ -172,6 +174,27 @@ def gguf_to_folder(path: Path) -> Path:
     return target
 
 
+@contextlib.contextmanager
+def _no_auto_docstrings():
+    """transformers writes a docstring for each config class as it first imports it, and for that
+    imports transformers.models.auto's model mappings: every model family, the generation utilities,
+    torch.distributed, sympy and scikit-learn, about 170 MB of a worker that needs one config class
+    (and seconds of its start). The classes first imported in this block keep their own docstrings
+    instead. Where transformers has no such hook (another version), nothing changes."""
+    import transformers.utils  # noqa: F401  (the submodule below is then loaded)
+
+    module = sys.modules.get("transformers.utils.auto_docstring")
+    original = getattr(module, "auto_class_docstring", None)
+    if original is None:
+        yield
+        return
+    module.auto_class_docstring = lambda cls, *args, **kwargs: cls
+    try:
+        yield
+    finally:
+        module.auto_class_docstring = original
+
+
 def load_hf_config(source: ModelSource):
     from transformers import AutoConfig
 
@@ -181,10 +204,46 @@ def load_hf_config(source: ModelSource):
         raw = json.load(f)
     if "auto_map" in raw:
         raise ModelLoadError("models with custom code (auto_map) are not supported")
-    return AutoConfig.from_pretrained(str(source.path), trust_remote_code=False)
+    with _no_auto_docstrings():
+        return AutoConfig.from_pretrained(str(source.path), trust_remote_code=False)
+
+
+# Model types for which AutoTokenizer (transformers 5) loads the class that tokenizer_config.json
+# names, or TokenizersBackend where that is a generic one or none: none of them is in its
+# MODELS_WITH_INCORRECT_HUB_TOKENIZER_CLASS, and none registers a generic class or Mistral's (whose
+# rules differ: mistral and mixtral go through AutoTokenizer).
+DIRECT_TOKENIZER_MODEL_TYPES = frozenset({"llama", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "olmoe"})
+
+
+def _direct_tokenizer_class(folder: Path):
+    """The tokenizer class AutoTokenizer would pick for `folder`, found without importing AutoTokenizer,
+    or None where that takes AutoTokenizer's own rules. Importing transformers.models.auto brings every
+    model family, the generation utilities, torch.distributed and sympy: ~150 MB of each process that
+    loads a tokenizer (the API's and every worker's) and seconds of start-up, for one class name."""
+    try:
+        with open(folder / "tokenizer_config.json") as f:
+            tokenizer_config = json.load(f)
+        with open(folder / "config.json") as f:
+            model_type = json.load(f).get("model_type")
+    except (OSError, ValueError):
+        return None
+    name = tokenizer_config.get("tokenizer_class")
+    if model_type not in DIRECT_TOKENIZER_MODEL_TYPES or "auto_map" in tokenizer_config or not isinstance(name, str):
+        return None
+    import transformers
+    from transformers.tokenization_utils_tokenizers import TokenizersBackend
+
+    cls = getattr(transformers, name, None) or (None if name.endswith("Fast") else getattr(transformers, name + "Fast", None))
+    if cls is None or cls.__name__ in ("PythonBackend", "PreTrainedTokenizerFast"):
+        cls = TokenizersBackend  # AutoTokenizer's fallbacks for these
+    return cls if isinstance(cls, type) and issubclass(cls, TokenizersBackend) else None
 
 
 def load_tokenizer(source: ModelSource):
+    if not source.is_gguf:
+        cls = _direct_tokenizer_class(source.path)
+        if cls is not None:
+            return cls.from_pretrained(str(source.path))
     from transformers import AutoTokenizer
 
     if source.is_gguf:
@@ -258,6 +317,7 @@ def load_model(
         if activations == "int8":
             raise ModelLoadError("--activations int8 applies to quantised weights (--quantization int8, int4 or gguf)")
         activations = "float"
+    release_freed_memory()
     return LoadedModel(
         model, load_tokenizer(source), hf_config, source.served_name, torch_dtype, quantization, activations,
         kernel_variant(activations),

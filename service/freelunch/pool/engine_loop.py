@@ -15,6 +15,7 @@ from typing import Protocol
 
 from freelunch.engine.errors import EngineError
 from freelunch.engine.request import GenerationRequest, RequestOutput
+from freelunch.memory import release_freed_memory
 
 log = logging.getLogger("freelunch.worker")
 
@@ -175,14 +176,19 @@ class EngineLoop:
             self._release()
 
     def _steps(self) -> None:
+        busy = False
         while not self._stop:
             changed = self._drain_inbox()
             if not self.engine.has_work():
                 if changed:
                     self.sink.outputs([], self.stats())
+                if busy:  # just gone idle: what the steps freed (activations, tables) goes back
+                    busy = False
+                    release_freed_memory()
                 self._wake.wait(timeout=0.5)
                 self._wake.clear()
                 continue
+            busy = True
             try:
                 outputs = self.engine.step()
             except Exception as e:  # a bug must fail the requests in flight, not hang them

@@ -184,6 +184,7 @@ def load_engine(config: EngineConfig) -> EngineBackend:
     import freelunch.constraints  # noqa: F401 - registers structured outputs and logit bias with the engine
     import freelunch.methods  # noqa: F401 - registers the shipped decoding methods with the engine
     from freelunch.engine.engine import Engine
+    from freelunch.memory import release_freed_memory
     from freelunch.models.loader import load_model, resolve_source
 
     if config.engine == "vllm":
@@ -197,7 +198,9 @@ def load_engine(config: EngineConfig) -> EngineBackend:
         config.activations,
     )
     log_kernels(loaded)
-    return Engine(loaded, config)
+    engine = Engine(loaded, config)
+    release_freed_memory()  # what building the engine freed (the loader trims what loading freed)
+    return engine
 
 
 def log_kernels(loaded: LoadedModel) -> None:
