@@ -12,7 +12,7 @@ from freelunch.engine.block_manager import BlockManager
 from freelunch.engine.kv_cache import KVCache
 from freelunch.engine.request import Sequence
 from freelunch.engine.strategy import RowPlan
-from freelunch.models.attention import CPU_KERNEL_MAX_QUERIES, AttentionBatch, AttentionGroup, PrunePlan
+from freelunch.models.attention import CPU_PROMPT_MAX_QUERIES, AttentionBatch, AttentionGroup, PrunePlan
 
 
 View = tuple[int, torch.Tensor, torch.Tensor]  # (from layer, [L] slots, [n, L] bool mask)
@@ -42,9 +42,10 @@ class ModelRunner:
         cfg = model.config
         self.scale = cfg.head_dim**-0.5
         # A fresh prompt chunk up to this long reads its own keys back from the cache like a draft
-        # tree, so that the C kernels serve its step beside other rows (models/cpu_decoder.py);
-        # longer ones attend over their own keys with SDPA (the C kernel's cost grows per query).
-        self.short_chunk = CPU_KERNEL_MAX_QUERIES if device.type == "cpu" else 0
+        # tree: the C kernels serve its step (up to 64 tokens beside other rows in one call,
+        # models/cpu_decoder.py), and it takes the same sums as when found in the prefix cache
+        # (models/attention.py CPU_PROMPT_MAX_QUERIES); longer ones attend over their own keys with SDPA.
+        self.short_chunk = CPU_PROMPT_MAX_QUERIES if device.type == "cpu" else 0
 
     @torch.inference_mode()
     def run(self, plans: list[RowPlan]) -> dict[int, torch.Tensor]:

@@ -25,6 +25,13 @@ from freelunch.models.expert_routing import ExpertRouting
 # takes 670 us to SDPA's 435, but it lets the step run as one C call (models/cpu_decoder.py), which
 # saves about 0.3 ms a layer: draft trees of 64 nodes and short prompt chunks ride it.
 CPU_KERNEL_MAX_QUERIES = 64
+# Fresh prompt chunks up to this many tokens also attend through the C kernel, over the cache, rather
+# than SDPA over their own keys: a prompt computed fresh and the same prompt found in the prefix cache
+# (its tail computed over the cached blocks) then take the same sums in the same order, to the bit.
+# SDPA's other order moved logprobs by ~1e-6, which int8 activations can turn into another token
+# (2 of 9 chats, Token Recycling on first sight after plain decoding of the same chat). Longer
+# chunks keep SDPA (a 1,500-token prompt's time to first token).
+CPU_PROMPT_MAX_QUERIES = 256
 
 
 @functools.cache
@@ -36,7 +43,7 @@ def attention_library():
 def _cpu_kernels_for(q: torch.Tensor, k_cache: torch.Tensor, n: int):
     """The C attention kernel's library when it serves these queries (float32 queries on the CPU over a
     float32 or 16-bit cache), else None."""
-    if n > CPU_KERNEL_MAX_QUERIES or q.device.type != "cpu" or q.dtype != torch.float32:
+    if n > CPU_PROMPT_MAX_QUERIES or q.device.type != "cpu" or q.dtype != torch.float32:
         return None
     if k_cache.dtype not in cpu_kernels.KV_DTYPES or not k_cache.is_contiguous():
         return None
