@@ -205,7 +205,7 @@ def test_the_model_takes_the_kernel_for_few_queries_and_sdpa_for_many(monkeypatc
     from freelunch.models import attention
 
     q, cache = torch.zeros(1, 1), torch.zeros(1, 1)
-    limit = attention.CPU_KERNEL_MAX_QUERIES
+    limit = attention.CPU_PROMPT_MAX_QUERIES  # prompt chunks up to it too (the same sums as from the prefix cache)
     assert attention._cpu_kernels_for(q, cache, limit) is not None
     for stored in (torch.float16, torch.bfloat16):  # 16-bit caches too: widened in the kernel
         assert attention._cpu_kernels_for(q, cache.to(stored), 1) is not None
