@@ -147,10 +147,8 @@ def _quantized_rows(linear: nn.Linear, mode: str) -> QuantizedRows:
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])
 def test_engine_on_int8_activations_equals_transformers_computing_them(tmp_path, mode):
-    from freelunch.config import EngineConfig
-    from freelunch.engine.engine import Engine
-    from freelunch.engine.request import GenerationRequest, SamplingParams
     from freelunch.models.loader import load_model, resolve_source
+    from test_quantization import _engine_equals_transformers
     from tiny_models import build_tiny_model
 
     hf = build_tiny_model(tmp_path, "llama", seed=7)
@@ -161,22 +159,10 @@ def test_engine_on_int8_activations_equals_transformers_computing_them(tmp_path,
         for name, child in list(parent.named_children()):
             if isinstance(child, nn.Linear):
                 setattr(parent, name, _ReferenceLinear(child, mode))
-    engine = Engine(loaded, EngineConfig(model=str(tmp_path), max_model_len=256, kv_cache_gib=0.02, quantization=mode, activations="int8", kv_cache_dtype="float32"))
-    prompts = [[1, 5, 9, 200, 31], [1] + list(range(300, 340))]
-    for i, p in enumerate(prompts):
-        engine.add_request(GenerationRequest(f"r{i}", p, SamplingParams(max_tokens=8, temperature=0, ignore_eos=True, logprobs=1)))
-    got: dict[str, list] = {}
-    while engine.has_work():
-        for o in engine.step():
-            got.setdefault(o.request_id, []).extend(o.logprobs or [])
-    for i, p in enumerate(prompts):
-        ids = [lp.token_id for lp in got[f"r{i}"]]
-        with torch.no_grad():
-            ref = hf.generate(torch.tensor([p]), max_new_tokens=8, do_sample=False, min_new_tokens=8)[0, len(p) :].tolist()
-            logits = hf(torch.tensor([p + ids])).logits[0, len(p) - 1 : -1].float()
-        assert ids == ref
-        want = torch.log_softmax(logits, -1).gather(1, torch.tensor(ids)[:, None]).flatten()
-        assert torch.allclose(torch.tensor([lp.logprob for lp in got[f"r{i}"]]), want, atol=1e-4)
+    # transformers' attention sums in another order than ours (1e-6); an activation that lands that
+    # close to a rounding boundary of its int8 block then takes the other integer: one step of a
+    # block's scale, ~1e-3 on a logprob (seen: 1.5e-3). Tokens stay equal.
+    _engine_equals_transformers(hf, loaded, tmp_path, mode, atol=5e-3, activations="int8")
 
 
 def test_token_recycling_over_int8_activations_equals_plain_decoding(tmp_path):
