@@ -21,15 +21,12 @@ row), so a cache's rounding there shows as noise of about the same size whatever
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
-import math
 import os
 import time
 from pathlib import Path
 
-from bench_engines import CHATS, prompts  # the chats every engine benchmark decodes
-from eval_quantization import MODULES, run
+from eval_quantization import MODULES, score  # bench/eval_quantization.py: the same text and chats
 from host import machine  # bench/host.py
 
 
@@ -44,7 +41,6 @@ def int8_per_vector(x):
 def measure(mode: str, activations: str) -> dict:
     import freelunch.methods  # noqa: F401 - registers the methods, as a worker does
     from freelunch.config import EngineConfig
-    from freelunch.engine.request import GenerationRequest, SamplingParams
     from freelunch.models.attention import AttentionBatch
     from freelunch.pool.worker import load_engine
 
@@ -56,21 +52,9 @@ def measure(mode: str, activations: str) -> dict:
             kv_cache_dtype="float32" if mode == "int8" else mode, kv_cache_gib=0.5, enable_prefix_caching=False,
             max_num_batched_tokens=16, activations=activations,
         )  # fmt: skip
-        engine = load_engine(config)
-        tok = engine.tokenizer
-        text = "\n\n".join(importlib.import_module(m).__doc__ or "" for m in MODULES)
-        ids = tok.encode(text)
-        pieces = [ids[i : i + 256] for i in range(0, len(ids) - 256, 256)]
-        scored = run(engine, [GenerationRequest(f"p{i}", p, SamplingParams(max_tokens=0, prompt_logprobs=0)) for i, p in enumerate(pieces)])
-        nll = [-lp.logprob for key in sorted(scored, key=lambda k: int(k[1:])) for lp in scored[key]["prompt_logprobs"][1:]]
-        chats = prompts(tok, len(CHATS))
-        greedy = run(engine, [GenerationRequest(f"c{i}", p, SamplingParams(max_tokens=64, temperature=0.0, ignore_eos=True)) for i, p in enumerate(chats)])
+        return score(load_engine(config))
     finally:
         AttentionBatch.attend = attend
-    return {
-        "perplexity": math.exp(sum(nll) / len(nll)), "scored_tokens": len(nll), "nll": nll,
-        "greedy": [greedy[f"c{i}"]["tokens"] for i in range(len(chats))],
-    }  # fmt: skip
 
 
 def main() -> None:

@@ -45,7 +45,6 @@ def run(engine, requests) -> dict:
 def measure(mode: str) -> dict:
     import freelunch.methods  # noqa: F401 - registers the methods, as a worker does
     from freelunch.config import EngineConfig
-    from freelunch.engine.request import GenerationRequest, SamplingParams
     from freelunch.pool.worker import load_engine
 
     weights, _, activations = mode.partition("/")
@@ -54,16 +53,26 @@ def measure(mode: str) -> dict:
         dtype=dtype, quantization=quantization, activations=activations or ("auto" if quantization == "none" else "float"),
         kv_cache_gib=0.5, enable_prefix_caching=False, kv_cache_dtype="float32",  # the weights' and activations' effect alone
     )
-    engine = load_engine(config)
+    result = score(load_engine(config))
+    del result["nll"]
+    return result
+
+
+def score(engine) -> dict:
+    """The engine's perplexity on the docstrings of MODULES (its per-token negative log-likelihoods,
+    in text order, as `nll`) and its greedy tokens on bench_engines.py's chats."""
+    from freelunch.engine.request import GenerationRequest, SamplingParams
+
     tok = engine.tokenizer
     text = "\n\n".join(importlib.import_module(m).__doc__ or "" for m in MODULES)
     ids = tok.encode(text)
     pieces = [ids[i : i + 256] for i in range(0, len(ids) - 256, 256)]
     scored = run(engine, [GenerationRequest(f"p{i}", p, SamplingParams(max_tokens=0, prompt_logprobs=0)) for i, p in enumerate(pieces)])
-    nll = [-lp.logprob for o in scored.values() for lp in o["prompt_logprobs"][1:]]
+    nll = [-lp.logprob for i in range(len(pieces)) for lp in scored[f"p{i}"]["prompt_logprobs"][1:]]
     chats = prompts(tok, len(CHATS))
     greedy = run(engine, [GenerationRequest(f"c{i}", p, SamplingParams(max_tokens=64, temperature=0.0, ignore_eos=True)) for i, p in enumerate(chats)])
-    return {"perplexity": math.exp(sum(nll) / len(nll)), "scored_tokens": len(nll), "greedy": [greedy[f"c{i}"]["tokens"] for i in range(len(chats))]}
+    return {"perplexity": math.exp(sum(nll) / len(nll)), "scored_tokens": len(nll), "nll": nll,
+            "greedy": [greedy[f"c{i}"]["tokens"] for i in range(len(chats))]}  # fmt: skip
 
 
 def main() -> None:
