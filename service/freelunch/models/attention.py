@@ -19,7 +19,7 @@ from freelunch.kernels import cpu_kernels
 from freelunch.kernels.paged_attention_ref import paged_attention_ref, sdpa_gqa
 from freelunch.models.expert_routing import ExpertRouting
 
-# Up to this many queries per row, the C kernel (freelunch/kernels/cpu_kernels.c) serves attention on
+# Up to this many queries per row, the C kernel (kernels/cpu/attention.c) serves attention on
 # float32 CPUs. Alone it beats gathering the keys and calling SDPA up to 16 (15 vs 76 us for one query
 # over 300 keys, 78 vs 118 for 8, 159 vs 4300 for 16 decode rows over 300); at 64 over 300 keys it
 # takes 670 us to SDPA's 435, but it lets the step run as one C call (models/cpu_decoder.py), which
