@@ -11,16 +11,6 @@
 
 /* ---- the cache's element types ---- */
 
-/* 8 cache values from element `off` as float32 (exact for every type); `kind` is a constant where
- * this is inlined, so each specialisation keeps one load. */
-static inline __m256 load8(const void* cache, int64_t off, int kind) {
-    if (kind == FL_KV_F16) return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)((const uint16_t*)cache + off)));
-    if (kind == FL_KV_BF16)
-        return _mm256_castsi256_ps(
-            _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)((const uint16_t*)cache + off))), 16));
-    return _mm256_loadu_ps((const float*)cache + off);
-}
-
 static inline float load1(const void* cache, int64_t off, int kind) {
     if (kind == FL_KV_F16) return _cvtsh_ss(((const uint16_t*)cache)[off]);
     if (kind == FL_KV_BF16) {

@@ -48,10 +48,21 @@ typedef struct {
     int64_t clipped;
 } fl_qk;
 
-/* The element types a KV cache may be stored in (cpu_kernels.py's KV_DTYPES): float32, or 16 bits
- * (float16 / bfloat16) widened to float32 as they are read, rounded to nearest-even as they are
- * written (fl_kv_store), exactly as torch's .to() rounds. */
+/* The element types the kernels read as float32: a KV cache's (cpu_kernels.py's KV_DTYPES: float32,
+ * or 16 bits widened as they are read, rounded to nearest-even as they are written by fl_kv_store,
+ * exactly as torch's .to() rounds), and a matrix's float16 scales or bfloat16 panels. */
 enum { FL_KV_F32 = 0, FL_KV_F16 = 1, FL_KV_BF16 = 2 };
+
+/* 8 values of one of those element types from element `off` as float32 (exact for every type): a
+ * cache's keys and values, a matrix's float16 scales, bfloat16 weight panels. `kind` is a constant
+ * where this is inlined, so each specialisation keeps one load. */
+static inline __m256 load8(const void* p, int64_t off, int kind) {
+    if (kind == FL_KV_F16) return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)((const uint16_t*)p + off)));
+    if (kind == FL_KV_BF16) /* bfloat16 is the top half of a float32: widening is a shift */
+        return _mm256_castsi256_ps(
+            _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)((const uint16_t*)p + off))), 16));
+    return _mm256_loadu_ps((const float*)p + off);
+}
 
 /* A linear layer's weights, in one of the forms the matmul kernels read (cpu_kernels.py's FlMatrix). */
 typedef struct {

@@ -93,9 +93,7 @@ static inline void store_row(__m256 acc, float* y, const float* bias, int ncols)
         R##MR(STORE2)                                                                              \
     }
 #define LOAD_F32(p, k) _mm256_loadu_ps((p) + (k) * PANEL)
-/* bfloat16 is the top half of a float32: widening is a shift, exact. */
-#define LOAD_BF16(p, k) \
-    _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)((p) + (k) * PANEL))), 16))
+#define LOAD_BF16(p, k) load8((p), (k) * PANEL, FL_KV_BF16) /* widened exactly */
 #define PAIRS_OF(NAME, T, LOAD)                                                                             \
     PAIR(NAME, T, LOAD, 1) PAIR(NAME, T, LOAD, 2) PAIR(NAME, T, LOAD, 3) PAIR(NAME, T, LOAD, 4)             \
     PAIR(NAME, T, LOAD, 5) PAIR(NAME, T, LOAD, 6)                                                           \

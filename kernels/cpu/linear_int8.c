@@ -126,10 +126,7 @@ static inline __m256i columns(vec lo, vec hi) {
 #endif
 
 /* 8 scales of a panel, float32 or float16 (widened exactly) as the matrix stores them. */
-static inline __m256 scales8(const void* base, int64_t at, int half) {
-    if (half) return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)((const uint16_t*)base + at)));
-    return _mm256_loadu_ps((const float*)base + at);
-}
+static inline __m256 scales8(const void* base, int64_t at, int half) { return load8(base, at, half ? FL_KV_F16 : FL_KV_F32); }
 
 /* ---- a tile: R rows by one panel ------------------------------------------------------------------
  * kind 4 (int8 weights): AVX2 / AVX-512BW multiply |w| by x with w's sign (vpmaddubsw takes one
