@@ -104,11 +104,9 @@ def weight_bytes(model) -> int:
         if isinstance(module, nn.Embedding):
             continue
         tensors = {**module._parameters, **module._buffers, **{k: v for k, v in vars(module).items() if isinstance(v, torch.Tensor)}}
-        if getattr(module, "library", None) is not None and hasattr(module, "c_packed"):  # a quantised layer on our kernels
-            tensors = {"c_packed": module.c_packed, "c_scales": module.c_scales, "bias": module.bias}
-        if hasattr(module, "matrix"):  # an integer-activation layer (the VNNI variants also read wsum)
-            m = module.matrix
-            tensors = {"packed": m.packed, "scales": m.scales, "mins": m.mins, "bias": m.bias}
+        kernel = module.kernel_matrix() if hasattr(module, "kernel_matrix") else None
+        if kernel is not None:  # a layer on our kernels: what they read (the VNNI variants also read wsum)
+            tensors = {"packed": kernel.packed, "scales": kernel.scales, "mins": kernel.mins, "bias": kernel.bias}
         for name, t in tensors.items():
             if t is None or t.data_ptr() in seen or name in ("cos", "sin", "inv_freq") or name.startswith("_"):
                 continue

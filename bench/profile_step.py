@@ -64,7 +64,7 @@ def measure(mode: str, tokens: int) -> dict:
     spent: dict[str, float] = {}
 
     timed(spent, loaded.model, "logits", "output layer")  # its matmul is not counted twice: see below
-    for name in ("linear", "linear_quantized"):
+    for name in ("linear", "matrix_apply"):
         timed(spent, cpu_kernels, name, "matmul kernels")
     timed(spent, cpu_kernels, "paged_attention", "attention kernel")
     timed(spent, CpuDecoderStack, "run", "layers in one C call")

@@ -108,8 +108,8 @@ def test_per_channel_int8_and_int4_layers_run_on_integer_activations(library):
 def _rows_of(layer: Int8ActivationLinear):
     m = layer.matrix
     q = cpu_kernels.unpack_int8_activations(m, layer.in_features)
-    d = m.scales.transpose(1, 2).reshape(-1, m.scales.shape[1])[: m.out_features]
-    mins = None if m.mins is None else m.mins.transpose(1, 2).reshape(-1, m.mins.shape[1])[: m.out_features]
+    d = cpu_kernels.from_panels(m.scales, m.out_features)
+    mins = None if m.mins is None else cpu_kernels.from_panels(m.mins, m.out_features)
     return q, d, mins, m.group
 
 

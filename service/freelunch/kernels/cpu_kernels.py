@@ -2,7 +2,7 @@
 C compiler, and their Python wrappers.
 
 - `matrix_apply`: every linear layer's matmul, whatever form its weights take (KINDS): float
-  activations (`linear`, `linear_quantized`) or int8 activations (`pack_int8_activations`:
+  activations (`pack`, `pack_q8`, `pack_q4`) or int8 activations (`pack_int8_activations`:
   kernels/cpu/linear_int8.c, one object per instruction set, the variant CPUID allows chosen at
   load: `int8_variants`, `int8_variant`).
 - `linear`: decoding and draft-tree verification multiply a handful of rows by every weight
@@ -174,15 +174,6 @@ def load() -> ctypes.CDLL | None:
     library.fl_paged_attention.restype = None
     library.fl_kv_store.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64]
     library.fl_kv_store.restype = None
-    library.fl_linear_q8.argtypes = [
-        ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
-        ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
-    ]  # fmt: skip
-    library.fl_linear_q4.argtypes = [
-        ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
-        ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
-    ]  # fmt: skip
-    library.fl_linear_q8.restype = library.fl_linear_q4.restype = None
     p, i64 = ctypes.c_void_p, ctypes.c_int64
     library.fl_rms_norm.argtypes = [p, p, p, ctypes.c_float, i64, i64, p, p]
     library.fl_rope.argtypes = [p, i64, i64, i64, i64, p, p]
@@ -278,16 +269,20 @@ def _panels(t: torch.Tensor) -> torch.Tensor:
     return padded.view(-1, PANEL, *t.shape[1:])
 
 
+def per_panel(t: torch.Tensor) -> torch.Tensor:
+    """[N, X] -> [ceil(N / 8), X, 8]: each panel's 8 columns side by side, zero past N (dtype kept)."""
+    return _panels(t).transpose(1, 2).contiguous()
+
+
+def from_panels(t: torch.Tensor, out_features: int) -> torch.Tensor:
+    """per_panel's [ceil(N / 8), X, 8] back to [out_features, X] (references and tests)."""
+    return t.transpose(1, 2).reshape(-1, t.shape[1])[:out_features]
+
+
 def pack_q8(q: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """int8 q [N, K], scales [N] (one per output channel) or [N, K / G] (groups of G inputs) ->
     (panels [ceil(N / 8), K, 8] int8, scales per panel [ceil(N / 8), groups, 8] float32)."""
-    grouped = scales.float().reshape(q.shape[0], -1)
-    return _panels(q).transpose(1, 2).contiguous(), _panels(grouped).transpose(1, 2).contiguous()
-
-
-def unpack_q8(packed: torch.Tensor, out_features: int) -> torch.Tensor:
-    """pack_q8's panels back to q [out_features, K] int8 (references and tests)."""
-    return packed.transpose(1, 2).reshape(-1, packed.shape[1])[:out_features]
+    return per_panel(q), per_panel(scales.float().reshape(q.shape[0], -1))
 
 
 def pack_q4(q: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -309,11 +304,6 @@ def _octets(q: torch.Tensor) -> torch.Tensor:
     """q [N, K] -> [ceil(N / 8), K / 8, 64]: per panel and 8 inputs, column c's 8 values at 8 c (zero past N)."""
     p = _panels(q)  # [P, 8, K]
     return p.view(p.shape[0], PANEL, -1, 8).permute(0, 2, 1, 3).reshape(p.shape[0], -1, 64).contiguous()
-
-
-def _per_panel(t: torch.Tensor) -> torch.Tensor:
-    """[N, groups] -> [ceil(N / 8), groups, 8] (float32 or float16 as given)."""
-    return _panels(t).transpose(1, 2).contiguous()
 
 
 def _storable_in_half(*scales: torch.Tensor | None) -> bool:
@@ -343,14 +333,13 @@ def pack_int8_activations(
         if m is not None:
             raise ValueError("int8 weights take no offset")
         wsum = 128 * q.view(n, k // group, group).sum(-1, dtype=torch.int32)
-        return KernelMatrix("w8a8", _octets(q.to(torch.int8)), _per_panel(d), out_features, bias, group, None,
-                            _panels(wsum).transpose(1, 2).contiguous())  # fmt: skip
+        return KernelMatrix("w8a8", _octets(q.to(torch.int8)), per_panel(d), out_features, bias, group, None, per_panel(wsum))
     if m is None or group != 32:
         raise ValueError("int4 and 5-bit weights take an offset m and groups of 32")
     octets = _octets(q.to(torch.uint8))
     if bits == 4:  # two columns' halves a byte: columns 0-3 low nibbles, 4-7 high
         octets = octets[..., :32] | (octets[..., 32:] << 4)
-    return KernelMatrix(f"w{bits}a8", octets.contiguous(), _per_panel(d), out_features, bias, group, _per_panel(m))
+    return KernelMatrix(f"w{bits}a8", octets.contiguous(), per_panel(d), out_features, bias, group, per_panel(m))
 
 
 def unpack_int8_activations(m: KernelMatrix, in_features: int) -> torch.Tensor:
@@ -365,29 +354,11 @@ def unpack_int8_activations(m: KernelMatrix, in_features: int) -> torch.Tensor:
 def dequantize_kernel_matrix(m: KernelMatrix, in_features: int) -> torch.Tensor:
     """The float32 weights [out_features, K] an int8-activation matrix holds."""
     q = unpack_int8_activations(m, in_features).float()
-    scales = m.scales.float().transpose(1, 2).reshape(-1, m.scales.shape[1])[: m.out_features]
+    scales = from_panels(m.scales, m.out_features).float()
     w = (q.view(m.out_features, scales.shape[1], -1) * scales[..., None]).view(m.out_features, in_features)
     if m.mins is not None:
-        mins = m.mins.float().transpose(1, 2).reshape(-1, m.mins.shape[1])[: m.out_features]
-        w = w + mins.repeat_interleave(32, 1)
+        w = w + from_panels(m.mins, m.out_features).float().repeat_interleave(32, 1)
     return w
-
-
-def linear_quantized(
-    library: ctypes.CDLL, kind: str, x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, out_features: int,
-    bias: torch.Tensor | None,
-) -> torch.Tensor:
-    """x [M, K] float32 contiguous -> x W^T + bias [M, out_features], W int8 ("q8": pack_q8, the
-    scale groups read off the scales' shape) or int4 in groups of 32 ("q4": pack_q4)."""
-    m, k = x.shape
-    y = torch.empty(m, out_features, dtype=torch.float32)
-    if m:
-        group = (k // scales.shape[1],) if kind == "q8" else ()
-        getattr(library, f"fl_linear_{kind}")(
-            x.data_ptr(), m, k, packed.data_ptr(), scales.data_ptr(), *group, out_features,
-            None if bias is None else bias.data_ptr(), y.data_ptr(), torch.get_num_threads(),
-        )  # fmt: skip
-    return y
 
 
 # The element types a KV cache may hold, as common.h numbers them (FL_KV_*): float32, or 16 bits

@@ -126,16 +126,12 @@ class AttentionBatch:
             prune.observed = [query_attention(q[query], k[keys], self.scale) for query, keys in prune.probes]
         k_cache, v_cache = self.kv_caches[layer]
         slots = next(m for start, m in reversed(self.slot_mappings) if start <= layer)
-        if k.dtype != k_cache.dtype:  # a 16-bit cache: every path attends to the values as stored
-            k, v = k.to(k_cache.dtype), v.to(v_cache.dtype)
-            k_cache.index_copy_(0, slots, k)
-            v_cache.index_copy_(0, slots, v)
-            # a fresh prompt's own keys too (SDPA below), as the decode steps after it and a request
-            # that finds the prompt in the prefix cache see them: else the first token can differ
-            k, v = k.to(q.dtype), v.to(q.dtype)
-        else:
-            k_cache.index_copy_(0, slots, k)
-            v_cache.index_copy_(0, slots, v)
+        k, v = k.to(k_cache.dtype), v.to(v_cache.dtype)  # a 16-bit cache's rounding (no copy otherwise)
+        k_cache.index_copy_(0, slots, k)
+        v_cache.index_copy_(0, slots, v)
+        # every path attends to the values as stored: a fresh prompt's own keys too (SDPA below), as the
+        # decode steps after it and a request that finds the prompt in the prefix cache see them
+        k, v = k.to(q.dtype), v.to(q.dtype)
         t, h, d = q.shape
         if len(self.groups) == 1 and self.groups[0].q_index is None:
             return self._attend_group(self.groups[0], layer, q, k, v).reshape(t, h * d)

@@ -279,6 +279,12 @@ def load_model(
         explicit = False
     else:
         explicit = quantization != "none"
+    if quantization == "none":  # activations are a choice for quantised layers only
+        if activations == "int8":
+            raise ModelLoadError("--activations int8 applies to quantised weights (--quantization int8, int4 or gguf)")
+        activations = "float"
+    elif activations == "auto":
+        activations = "int8" if cpu_kernels.load() is not None else "float"
     source = source.as_folder()  # with a read-only cache, the GGUF is read directly every time
     hf_config = load_hf_config(source)
     archs = getattr(hf_config, "architectures", None) or ["LlamaForCausalLM"]
@@ -298,11 +304,9 @@ def load_model(
             raise ModelLoadError(f"--quantization {quantization} runs on CPU only (our and PyTorch's packed-weight CPU matmuls)")
         # before the dtype conversion: gguf finds a layer's stored rows by their float32 bits
         stored = _stored_blocks(source, gguf_file) if quantization == "gguf" else None
-        if activations == "auto":
-            activations = "int8" if cpu_kernels.load() is not None else "float"
         counts = quantize_linears(model, quantization, stored, activations)
         if not any(isinstance(m, Int8ActivationLinear) for m in model.modules()):
-            activations = "float"
+            activations = "float"  # no layer took them (no kernels here, or no layer they fit)
         if quantization == "gguf" and explicit and not (counts.get("int4") or counts.get("int8")):
             raise ModelLoadError(
                 f"--quantization gguf: no layer of this file is stored as one of {', '.join(gguf_blocks.SERVED_TYPES)}"
@@ -313,10 +317,6 @@ def load_model(
     model.to(device)  # buffers (RoPE tables, a vision tower's position ids) keep their dtypes
     if torch_dtype == torch.float32 and torch.device(device).type == "cpu":
         pack_linears(model)  # the layers left in float32
-    if quantization == "none":
-        if activations == "int8":
-            raise ModelLoadError("--activations int8 applies to quantised weights (--quantization int8, int4 or gguf)")
-        activations = "float"
     release_freed_memory()
     return LoadedModel(
         model, load_tokenizer(source), hf_config, source.served_name, torch_dtype, quantization, activations,

@@ -89,11 +89,8 @@ class _QuantizedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features).contiguous()
-        if self.library is not None and rows.dtype == torch.float32:
-            y = cpu_kernels.linear_quantized(self.library, self.kind, rows, self.c_packed, self.c_scales, self.out_features, self.bias)
-        elif self.library is not None:  # 16-bit activations widened to float32
-            y = cpu_kernels.linear_quantized(self.library, self.kind, rows.float(), self.c_packed, self.c_scales, self.out_features, self.bias)
-            y = y.to(rows.dtype)
+        if self.library is not None:  # 16-bit activations widened to float32, and the result narrowed back
+            y = cpu_kernels.matrix_apply(self.library, self.kernel_matrix(), rows.float()).to(rows.dtype)
         else:
             y = self.torch_matmul(rows)
             if self.bias is not None:
@@ -121,10 +118,9 @@ class Int8Linear(_QuantizedLinear):
     def dequantized(self) -> torch.Tensor:
         if self.library is None:
             return QuantizedRows(self.q, self.scales[:, None], None, self.in_features).dequantize()
-        groups = self.c_scales.shape[1]
-        scales = self.c_scales.transpose(1, 2).reshape(-1, groups)[: self.out_features]
-        q = cpu_kernels.unpack_q8(self.c_packed, self.out_features)
-        return QuantizedRows(q, scales, None, self.in_features // groups).dequantize()
+        scales = cpu_kernels.from_panels(self.c_scales, self.out_features)
+        q = cpu_kernels.from_panels(self.c_packed, self.out_features)
+        return QuantizedRows(q, scales, None, self.in_features // scales.shape[1]).dequantize()
 
     def torch_matmul(self, rows: torch.Tensor) -> torch.Tensor:
         return torch.ops.aten._weight_int8pack_mm(rows, self.q, self.scales.to(rows.dtype))
@@ -156,19 +152,16 @@ class Int4Linear(_QuantizedLinear):
         return torch.ops.aten._weight_int4pack_mm_for_cpu(rows, self.packed, GROUP, self.scale_zero.to(rows.dtype))
 
 
-class Int8ActivationLinear(nn.Module):
+class Int8ActivationLinear(_QuantizedLinear):
     """y = x (d q (+ m))^T + b with x quantised to int8 per row in blocks of 32 (`--activations int8`):
     int8 weights (scales per 16 or 32 inputs, or per channel), int4 or 5-bit ones with an offset,
-    in kernels/cpu/linear_int8.c (the variant CPUID chose)."""
+    in kernels/cpu/linear_int8.c (the variant CPUID chose). Built only where the kernels load
+    (`fits` and quantize_linears see to it)."""
 
-    def __init__(self, linear: nn.Linear, rows: QuantizedRows, library) -> None:
-        super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.library = library
-        bias = None if linear.bias is None else linear.bias.detach().float().clone()
+    def __init__(self, linear: nn.Linear, rows: QuantizedRows) -> None:
+        super().__init__(linear, use_c_kernel=True)
         bits = int(rows.kind[3:])
-        self.matrix = cpu_kernels.pack_int8_activations(rows.q, rows.d, rows.m, self.out_features, bias, bits)
-        self.weight_kind = rows.kind
+        self.matrix = cpu_kernels.pack_int8_activations(rows.q, rows.d, rows.m, self.out_features, self.bias, bits)
 
     @staticmethod
     def fits(linear: nn.Linear, rows: QuantizedRows) -> bool:
@@ -182,11 +175,6 @@ class Int8ActivationLinear(nn.Module):
 
     def dequantized(self) -> torch.Tensor:
         return cpu_kernels.dequantize_kernel_matrix(self.matrix, self.in_features)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, self.in_features)
-        y = cpu_kernels.matrix_apply(self.library, self.matrix, rows.float())
-        return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
 
 
 def _int4_fits(linear: nn.Linear) -> bool:
@@ -264,7 +252,7 @@ def quantize_linears(
         if rows is None:
             pass
         elif integer and Int8ActivationLinear.fits(child, rows):
-            layer = Int8ActivationLinear(child, rows, library)
+            layer = Int8ActivationLinear(child, rows)
         elif rows.kind == "int4" and (library is not None or _int4_fits(child)):
             layer = Int4Linear(child, (rows.q, rows.d, rows.m))
         elif rows.kind == "int8" and (library is not None or rows.group == child.in_features):
