@@ -18,13 +18,12 @@ from freelunch.engine.engine import Engine, EngineError
 from freelunch.engine.kv_cache import KVCache, kv_cache_dtype
 from freelunch.engine.request import GenerationRequest, SamplingParams
 from freelunch.models.loader import load_model, resolve_source
-from tiny_models import build_tiny_model
+from tiny_models import TEST_DEVICE, build_tiny_model, engine_settings
 
 LOGPROB_ATOL = 1e-4
 # a 16-bit KV cache's rounding (8 bits of mantissa for bfloat16, 11 for float16) moves logprobs by up to
 KV_16_BIT_LOGPROB_ATOL = {"float16": 1e-3, "bfloat16": 1e-2}  # measured: 2.4e-4, 2.6e-3
-# bench/device_check.sh runs this file on a GPU: FREELUNCH_TEST_DEVICE=cuda (transformers stays on CPU)
-DEVICE = os.environ.get("FREELUNCH_TEST_DEVICE", "cpu")
+DEVICE = TEST_DEVICE  # bench/device_check.sh runs this file on a GPU
 
 PROMPT_TEXTS = [
     "Hello, my name is",
@@ -57,7 +56,7 @@ class Model:
             per_token = KVCache.bytes_per_token(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, stored)
             config["kv_cache_gib"] = kv_blocks * config.get("block_size", 16) * per_token / (1 << 30)
         config.setdefault("kv_cache_gib", 0.02)
-        return Engine(self.loaded, EngineConfig(model=str(self.folder), device=DEVICE, **config))
+        return Engine(self.loaded, EngineConfig(model=str(self.folder), device=DEVICE, **engine_settings(config)))
 
     def ids(self, text: str) -> list[int]:
         return self.tok(text)["input_ids"]

@@ -28,7 +28,7 @@ from freelunch.models.expert_routing import EXPERT_RANK, ExpertRouting, route
 from freelunch.models.loader import load_model, resolve_source
 from freelunch.models.moe import MoeForCausalLM
 from live_server import live_server, tiny_app
-from tiny_models import MOE_KINDS, build_tiny_model, default_tokenizer
+from tiny_models import MOE_KINDS, TEST_DEVICE, build_tiny_model, default_tokenizer, engine_settings
 
 PROMPTS = [
     "Hello, my name is",
@@ -45,12 +45,13 @@ class Model:
         self.kind = kind
         self.folder = folder
         self.hf = build_tiny_model(folder, kind, seed=3)
-        self.loaded = load_model(resolve_source(str(folder)), "float32")
+        self.loaded = load_model(resolve_source(str(folder)), "float32", TEST_DEVICE)
         self.tok = self.loaded.tokenizer
 
     def engine(self, **config) -> Engine:
         config.setdefault("kv_cache_gib", 0.02)
-        return Engine(self.loaded, EngineConfig(model=str(self.folder), max_model_len=512, **config))
+        config = engine_settings(config)
+        return Engine(self.loaded, EngineConfig(model=str(self.folder), max_model_len=512, device=TEST_DEVICE, **config))
 
     def ids(self, text: str) -> list[int]:
         return self.tok.encode(text)

@@ -341,3 +341,31 @@ def test_a_masked_token_stays_masked_under_any_repetition_penalty(penalty):
     rows = [SampleRow(logits, p, torch.Generator().manual_seed(0), [3, 7, 9], [], (3,))]
     token, _ = sample(rows)[0]
     assert token != 3
+
+
+def test_rows_filtered_together_equal_each_row_filtered_alone():
+    """The batched filter (one pass a kind for a step's rows) keeps exactly what each row's own
+    parameters keep, whatever its neighbours ask for."""
+    from freelunch.engine.sampler import filter_rows
+
+    params = [
+        SamplingParams(temperature=0.7),
+        SamplingParams(temperature=1.3, top_k=5),
+        SamplingParams(top_p=0.6),
+        SamplingParams(temperature=0.5, min_p=0.2),
+        SamplingParams(temperature=0.9, top_k=12, top_p=0.8, min_p=0.05),
+    ]
+    logits = torch.stack([_logits(s) for s in range(len(params))])
+    together = filter_rows(logits, params)
+    for i, p in enumerate(params):
+        alone = filter_logits(logits[i], p)
+        assert torch.equal(torch.isinf(together[i]), torch.isinf(alone)), f"row {i}"
+        assert torch.allclose(together[i], alone, rtol=0, atol=1e-6), f"row {i}"
+    # and a seeded draw from a mixed batch is the draw the row makes alone
+    rows = lambda: [_row(logits[i], seed=40 + i, **vars_of(p)) for i, p in enumerate(params)]  # noqa: E731
+    batch = [t for t, _ in sample(rows())]
+    assert batch == [sample([r])[0][0] for r in rows()]
+
+
+def vars_of(p: SamplingParams) -> dict:
+    return {k: getattr(p, k) for k in ("temperature", "top_k", "top_p", "min_p")}

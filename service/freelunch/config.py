@@ -20,7 +20,9 @@ class EngineConfig:
     device: str = "cpu"
     max_model_len: int | None = None  # None = the model's max_position_embeddings (capped at 8192)
     max_num_seqs: int = 64  # batch rows at once
-    max_num_batched_tokens: int = 1024  # tokens per forward (prefill chunks are cut to fit)
+    # tokens per forward (prefill chunks are cut to fit); None: 1024 on the native engine, vLLM's own
+    # default (larger on GPUs) on vllm
+    max_num_batched_tokens: int | None = None
     scheduling_policy: str = "fair"  # "fair" or "fifo" (engine/scheduler.py)
     # a request's rows may make a step cost at most this many one-token decode steps (draft trees)
     max_step_cost: float = 2.0
@@ -45,6 +47,14 @@ class EngineConfig:
     num_threads: int | None = None  # torch intra-op threads; None = all cores
     engine: str = "native"  # "native" (ours) or "vllm" (backends/vllm_engine.py)
     tensor_parallel_size: int = 1  # vLLM only: GPUs one model is split over
+    enforce_eager: bool = False  # vLLM only: no CUDA graphs or compilation (faster start, slower steps)
+    # the native engine's Triton kernels (paged/tree attention, grouped MoE experts): auto = on CUDA;
+    # on = wherever Triton runs (on a CPU only under TRITON_INTERPRET=1: the tests); off = PyTorch's
+    triton_kernels: str = "auto"
+
+    @property
+    def native_batched_tokens(self) -> int:
+        return self.max_num_batched_tokens or 1024
 
     def context_length(self, max_position_embeddings: int) -> int:
         """The context length served: `max_model_len`, or the model's own capped at 8192."""
@@ -66,7 +76,7 @@ class EngineConfig:
             raise ValueError("--quantization applies to the native engine (vLLM quantises through its own checkpoints)")
         if self.max_model_len is not None and self.max_model_len < 16:
             raise ValueError("max_model_len must be at least 16")
-        if self.max_num_seqs < 1 or self.max_num_batched_tokens < 16 or self.block_size < 1:
+        if self.max_num_seqs < 1 or self.native_batched_tokens < 16 or self.block_size < 1:
             raise ValueError("max_num_seqs, max_num_batched_tokens and block_size must be positive")
         if self.scheduling_policy not in ("fair", "fifo"):
             raise ValueError(f"scheduling_policy must be fair or fifo, not {self.scheduling_policy!r}")
@@ -82,6 +92,10 @@ class EngineConfig:
             raise ValueError(f"engine must be native or vllm, not {self.engine!r}")
         if self.tensor_parallel_size < 1 or (self.tensor_parallel_size > 1 and self.engine != "vllm"):
             raise ValueError("tensor_parallel_size must be >= 1, and above 1 only with the vllm engine")
+        if self.triton_kernels not in ("auto", "on", "off"):
+            raise ValueError(f"triton_kernels must be auto, on or off, not {self.triton_kernels!r}")
+        if self.enforce_eager and self.engine != "vllm":
+            raise ValueError("--enforce-eager applies to the vllm engine (the native engine runs eagerly)")
         if self.kv_cache_gib <= 0:
             raise ValueError("kv_cache_gib must be positive")
         if self.kv_cache_dtype not in ("auto", "float16", "bfloat16", "float32"):

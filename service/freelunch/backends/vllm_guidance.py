@@ -1,76 +1,151 @@
-"""Classifier-free guidance inside vLLM: a batch-level logits processor over paired rows.
+"""Classifier-free guidance inside vLLM: logits processors over paired rows, for both model runners.
 
-A guided request is two vLLM requests, decoded in the same batch: `cond` (the prompt) and
-`uncond` (the negative prompt, or the last prompt token), tagged through
-`SamplingParams.extra_args[EXTRA_KEY]`. At a step where both rows are present and have produced
-the same number of tokens, both rows' logits become the guided values (the native engine's
-formula, `freelunch.methods.guidance`). The two requests share their sampling parameters and
-seed, so they sample the same token and stay in lockstep.
+A guided request is two vLLM requests decoded side by side: `cond` (the prompt) and `uncond` (the
+negative prompt, or the last prompt token), tagged through `SamplingParams.extra_args[EXTRA_KEY]`.
+vLLM's scheduler does not know they are a pair, so a step may sample one row without the other
+(admitted in different steps, one of them preempted, or one still mid-prefill under chunked
+prefill). Each step, for each pair:
 
-vLLM's scheduler does not know they are a pair: it may run one row without the other (admitted
-in different steps, or one of them preempted). A token sampled then is unguided. This processor
-never guides such a step; it records the pair as broken, with how many tokens were guided, and
-the adapter (vllm_engine.py) drops the unguided tokens and restarts the pair from there. The
-record is a process-wide table: the adapter runs vLLM's engine core in its own process, so the
-processor and the adapter share memory.
+- both rows sampled and both with the same number of output tokens: the step is *guided*. Both
+  rows get the guided values (the native engine's formula, `freelunch.methods.guidance.guide`);
+  a sampling request draws its token here, from the guided values filtered by its temperature,
+  top-k, top-p and min-p with the pair's own seeded generator, and both rows get a one-hot of it.
+  The two rows then take the same token whatever vLLM's per-row noise does (Model Runner V2
+  draws it from the row's position, and the two prompts differ in length).
+- otherwise each sampled row of the pair is forced to a token *unlike* the other branch's token
+  at the same output index (or token 0 where the other has none there yet).
+
+So the i-th tokens of the two branches are equal exactly when step i was guided for both: the
+adapter (vllm_engine.py) reads lockstep from the two output streams alone, keeps their common
+prefix and restarts the pair after it. No state is shared with the adapter, so vLLM may run its
+engine core in its own process, with CUDA graphs and chunked prefill (a row the V1 runner samples
+mid-prefill is discarded by vLLM, and its partner's token from that step is then unlike the
+discarded row's real one, so the pair restarts there).
+
+Two classes, one per runner interface: `PairedGuidance` (V1's batch-level processor) and
+`PairedGuidanceV2` (Model Runner V2, the default on CUDA since vLLM 0.25, which refuses V1-interface
+classes); `processor_for` picks one.
 """
 
 from __future__ import annotations
 
-import threading
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import torch
-from freelunch.methods.guidance import guide
 from vllm import SamplingParams
-from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
+from vllm.v1.sample.logits_processor import BatchUpdate, MoveDirectionality
+from vllm.v1.sample.logits_processor import LogitsProcessor as V1LogitsProcessor
+from vllm.v1.worker.gpu.sample.logits_processor import LogitsProcessor as V2LogitsProcessor
+
+from freelunch.engine.sampler import filter_logits
+from freelunch.methods.guidance import guide
+
+if TYPE_CHECKING:
+    from vllm.v1.worker.gpu.sample.logits_processor import LogitsContext, LogitsProcRequestState
 
 EXTRA_KEY = "freelunch_guidance"
-
-_lock = threading.Lock()
-_broken: dict[str, int] = {}  # pair id -> tokens decoded under guidance before the break
+ROLES = ("cond", "uncond")
 
 
-def take_break(pair: str) -> int | None:
-    """How many tokens of `pair` were guided before it fell out of lockstep (None: it has not);
-    the record is consumed."""
-    with _lock:
-        return _broken.pop(pair, None)
+def guidance_tag(params: SamplingParams) -> dict | None:
+    return (params.extra_args or {}).get(EXTRA_KEY) if params is not None else None
 
 
-def forget(pair: str) -> None:
-    with _lock:
-        _broken.pop(pair, None)
-
-
-def _record_break(pair: str, guided: int) -> None:
-    with _lock:
-        _broken[pair] = min(guided, _broken.get(pair, guided))
+def check_tag(params: SamplingParams) -> None:
+    tag = guidance_tag(params)
+    if tag is None:
+        return
+    if (
+        not isinstance(tag, dict)
+        or tag.get("role") not in ROLES
+        or not isinstance(tag.get("pair"), str)
+        or not isinstance(tag.get("seed"), int)
+    ):
+        raise ValueError(f"extra_args.{EXTRA_KEY} must be {{pair, role, scale, rescale, seed}}")
 
 
 @dataclass(slots=True)
-class _Row:
+class Branch:
+    """One guided row's request-constant state."""
+
     pair: str
     role: str  # "cond" or "uncond"
     scale: float
     rescale: float | None
-    output_ids: list[int]  # vLLM's live list of the request's output tokens
+    seed: int
+    params: SamplingParams  # temperature, top-k, top-p, min-p: what a drawn token is filtered by
+    generator: torch.Generator | None = None  # the pair's draws (kept on the cond branch)
+
+    @classmethod
+    def from_params(cls, params: SamplingParams) -> Branch | None:
+        tag = guidance_tag(params)
+        if tag is None:
+            return None
+        return cls(tag["pair"], tag["role"], float(tag["scale"]), tag.get("rescale"), int(tag["seed"]), params)
 
 
-class PairedGuidance(LogitsProcessor):
-    """Registered with the engine (`logits_processors=[PairedGuidance]`); active for rows whose
-    `extra_args` carry EXTRA_KEY."""
+@dataclass(slots=True)
+class Seen:
+    """A guided row in this step's logits."""
 
-    def __init__(self, vllm_config: object, device: torch.device, is_pin_memory: bool) -> None:
-        self.rows: dict[int, _Row] = {}  # persistent-batch index -> guided row
+    branch: Branch
+    row: int  # logits row
+    count: int  # output tokens before this step's
+    sampled: bool  # False: mid-prefill, its token is discarded
+    token_at: Callable[[int], int | torch.Tensor | None] = field(repr=False)  # its output token at an index
+
+
+def steer(logits: torch.Tensor, seen: list[Seen]) -> None:
+    """Guide (or force apart) every pair among `seen`, in place on logits [rows, vocab]."""
+    pairs: dict[str, dict[str, Seen]] = {}
+    for s in seen:
+        pairs.setdefault(s.branch.pair, {})[s.branch.role] = s
+    for roles in pairs.values():
+        cond, uncond = roles.get("cond"), roles.get("uncond")
+        if cond is not None and uncond is not None and cond.sampled and uncond.sampled and cond.count == uncond.count:
+            _guide_pair(logits, cond, uncond)
+            continue
+        for s, other in ((cond, uncond), (uncond, cond)):
+            if s is not None and s.sampled:
+                theirs = other.token_at(s.count) if other is not None else None
+                # unlike the other branch's token at this index; 0 when it has none there yet (a
+                # token it samples there later is then forced unlike this one)
+                _one_hot(logits, s.row, 0 if theirs is None else (theirs + 1) % logits.shape[1])
+
+
+def _guide_pair(logits: torch.Tensor, cond: Seen, uncond: Seen) -> None:
+    b = cond.branch
+    guided = guide(logits[cond.row].float(), logits[uncond.row].float(), b.scale, b.rescale)
+    if b.params.temperature < 1e-5:  # greedy (vLLM's threshold): both rows take the same argmax
+        logits[cond.row] = guided.to(logits.dtype)
+        logits[uncond.row] = guided.to(logits.dtype)
+        return
+    if b.generator is None:
+        b.generator = torch.Generator(device=logits.device)
+        b.generator.manual_seed(b.seed)
+    probs = filter_logits(guided, b.params).softmax(-1)
+    token = torch.multinomial(probs, 1, generator=b.generator)[0]  # stays on the device: no host sync
+    _one_hot(logits, cond.row, token)
+    _one_hot(logits, uncond.row, token)
+
+
+def _one_hot(logits: torch.Tensor, row: int, token: int | torch.Tensor) -> None:
+    logits[row] = float("-inf")
+    logits[row, token] = 0.0
+
+
+class PairedGuidance(V1LogitsProcessor):
+    """The V1 model runner's processor (vLLM's CPU build runs this one): rows by persistent-batch
+    index, output tokens from vLLM's live per-request lists."""
+
+    def __init__(self, vllm_config: Any, device: torch.device, is_pin_memory: bool) -> None:
+        self.rows: dict[int, tuple[Branch, list[int]]] = {}  # batch index -> (branch, live output ids)
 
     @classmethod
     def validate_params(cls, sampling_params: SamplingParams) -> None:
-        tag = (sampling_params.extra_args or {}).get(EXTRA_KEY)
-        if tag is None:
-            return
-        if not isinstance(tag, dict) or tag.get("role") not in ("cond", "uncond") or not isinstance(tag.get("pair"), str):
-            raise ValueError(f"extra_args.{EXTRA_KEY} must be {{pair, role, scale, rescale}}")
+        check_tag(sampling_params)
 
     def is_argmax_invariant(self) -> bool:
         return False
@@ -81,11 +156,11 @@ class PairedGuidance(LogitsProcessor):
         for index in batch_update.removed:
             self.rows.pop(index, None)
         for index, params, _prompt, output_ids in batch_update.added:
-            tag = (params.extra_args or {}).get(EXTRA_KEY) if params is not None else None
-            if tag is None:
+            branch = Branch.from_params(params)
+            if branch is None:
                 self.rows.pop(index, None)
             else:
-                self.rows[index] = _Row(tag["pair"], tag["role"], float(tag["scale"]), tag.get("rescale"), output_ids)
+                self.rows[index] = (branch, output_ids)
         for a, b, direction in batch_update.moved:
             row_a, row_b = self.rows.pop(a, None), self.rows.pop(b, None)
             if row_a is not None:
@@ -94,23 +169,70 @@ class PairedGuidance(LogitsProcessor):
                 self.rows[a] = row_b
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
-        if not self.rows:
-            return logits
-        pairs: dict[str, dict[str, int]] = {}
-        for index, row in self.rows.items():
-            if index < logits.shape[0]:
-                pairs.setdefault(row.pair, {})[row.role] = index
-        for pair, roles in pairs.items():
-            cond, uncond = roles.get("cond"), roles.get("uncond")
-            if cond is None or uncond is None:
-                present = self.rows[cond if cond is not None else uncond]
-                _record_break(pair, len(present.output_ids))
-                continue
-            c_row, u_row = self.rows[cond], self.rows[uncond]
-            if len(c_row.output_ids) != len(u_row.output_ids):
-                _record_break(pair, min(len(c_row.output_ids), len(u_row.output_ids)))
-                continue
-            guided = guide(logits[cond].float(), logits[uncond].float(), c_row.scale, c_row.rescale)
-            logits[cond] = guided.to(logits.dtype)
-            logits[uncond] = guided.to(logits.dtype)
+        if self.rows:
+            steer(logits, [_seen_v1(index, branch, ids) for index, (branch, ids) in self.rows.items() if index < logits.shape[0]])
         return logits
+
+
+def _seen_v1(index: int, branch: Branch, output_ids: list[int]) -> Seen:
+    def token_at(i: int) -> int | None:
+        # -1: a placeholder for a token still in flight (async scheduling): not known here
+        return output_ids[i] if i < len(output_ids) and output_ids[i] >= 0 else None
+
+    # the V1 runner does not tell a row mid-prefill; its token is discarded (see the module docstring)
+    return Seen(branch, index, len(output_ids), True, token_at)
+
+
+class PairedGuidanceV2(V2LogitsProcessor):
+    """Model Runner V2's processor: requests by slot, rows mapped through `LogitsContext`, lengths
+    read from the host-side buffers (no device sync), tokens gathered on the device."""
+
+    def __init__(self, vllm_config: Any, req_states: LogitsProcRequestState) -> None:
+        self.req_states = req_states
+        self.slots: dict[int, Branch] = {}
+
+    @classmethod
+    def validate_params(cls, sampling_params: SamplingParams) -> None:
+        check_tag(sampling_params)
+
+    def add_request(self, req_idx: int, sampling_params: SamplingParams) -> bool:
+        branch = Branch.from_params(sampling_params)
+        if branch is None:
+            self.slots.pop(req_idx, None)  # a recycled slot: forget its previous occupant
+            return False  # plain requests: this processor costs them nothing
+        self.slots[req_idx] = branch
+        return True
+
+    def apply(self, logits: torch.Tensor, ctx: LogitsContext) -> torch.Tensor:
+        if not self.slots:
+            return logits
+        slots = ctx.idx_mapping_np
+        if logits.shape[0] != len(slots):
+            # one row per request is what lets a batch position name a row; the adapter never
+            # configures vLLM's speculative decoding, which gives a request several rows
+            raise RuntimeError("guided pairs need one logits row per request (no vLLM speculative decoding)")
+        states = self.req_states
+        seen = []
+        for row, slot in enumerate(slots.tolist()):
+            branch = self.slots.get(slot)
+            if branch is None:
+                continue
+            prompt_len = int(states.prompt_len.np[slot])
+            seq_len = int(ctx.seq_lens_upper_bound_np[row])  # exact without speculative decoding
+            count = max(0, seq_len - prompt_len)
+            sampled = seq_len >= int(states.prefill_len.np[slot])  # not mid-prefill
+            seen.append(Seen(branch, row, count, sampled, _token_at_v2(states, slot, prompt_len, count)))
+        steer(logits, seen)
+        return logits
+
+
+def _token_at_v2(states: LogitsProcRequestState, slot: int, prompt_len: int, count: int) -> Callable[[int], torch.Tensor | None]:
+    def token_at(i: int) -> torch.Tensor | None:
+        return states.all_token_ids.gpu[slot, prompt_len + i] if i < count else None  # a device scalar
+
+    return token_at
+
+
+def processor_for(use_v2_model_runner: bool) -> type:
+    """The guidance processor for the runner vLLM chose (`VllmConfig.use_v2_model_runner`)."""
+    return PairedGuidanceV2 if use_v2_model_runner else PairedGuidance

@@ -30,6 +30,7 @@ from freelunch.engine.request import (
 from freelunch.engine.sampler import SampleRow, sample, top_logprobs
 from freelunch.engine.scheduler import Scheduler
 from freelunch.engine.strategy import DecodingStrategy, ImageEncoder, Sampled
+from freelunch.kernels import triton_kernels_enabled
 from freelunch.models.loader import LoadedModel
 
 
@@ -115,11 +116,14 @@ class Engine:
         upper = (split, self.blocks.upper.num_blocks * config.block_size) if split is not None else None
         slots = self.blocks.num_blocks * config.block_size
         self.kv = KVCache(cfg.num_layers, slots, cfg.num_kv_heads, cfg.head_dim, kv_dtype, self.device, upper)
-        self.runner = ModelRunner(loaded.model, self.kv, self.blocks, self.device)
+        triton = triton_kernels_enabled(config.triton_kernels, self.device.type)
+        if triton:
+            self.kernels = f"{self.kernels}+triton"
+        self.runner = ModelRunner(loaded.model, self.kv, self.blocks, self.device, triton)
         self.scheduler = Scheduler(
             self.blocks,
             config.max_num_seqs,
-            config.max_num_batched_tokens,
+            config.native_batched_tokens,
             config.scheduling_policy,
             config.long_prefill_token_threshold,
         )
@@ -135,7 +139,7 @@ class Engine:
             self.max_model_len,
             config.device,
             vision=loaded.model if takes_images else None,
-            max_num_batched_tokens=config.max_num_batched_tokens,
+            max_num_batched_tokens=config.native_batched_tokens,
             measure_verify_cost=self.runner.forward_cost,
             kv_split_layer=self.blocks.split,
             max_step_cost=config.max_step_cost,

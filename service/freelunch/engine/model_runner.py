@@ -34,8 +34,11 @@ def _causal_mask(start: int, n: int) -> torch.Tensor:
 
 
 class ModelRunner:
-    def __init__(self, model: torch.nn.Module, kv: KVCache, blocks: BlockManager, device: torch.device) -> None:
+    def __init__(
+        self, model: torch.nn.Module, kv: KVCache, blocks: BlockManager, device: torch.device, triton: bool = False
+    ) -> None:
         self.model = model
+        self.triton = triton  # attention over the cache and MoE experts through the Triton kernels
         self.kv = kv
         self.blocks = blocks
         self.device = device
@@ -78,7 +81,8 @@ class ModelRunner:
         if upper_parts:
             slot_mappings.append((self.blocks.split, torch.cat(upper_parts)))
         attn = AttentionBatch(
-            self.kv.layers, [(i, m.to(self.device)) for i, m in slot_mappings], self._groups(layouts, offset), self.scale
+            self.kv.layers, [(i, m.to(self.device)) for i, m in slot_mappings], self._groups(layouts, offset), self.scale,
+            triton=self.triton,
         )
         if any(p.prune_layer is not None for p in plans):
             attn.prune = self._prune_plan(plans, layouts, slot_mappings)
@@ -93,12 +97,13 @@ class ModelRunner:
             keep_map = {int(old): new for new, old in enumerate(attn.prune.keep.tolist())}
             logit_rows = [keep_map[r] for r in logit_rows]
         logits = self.model.logits(hidden[torch.tensor(logit_rows, dtype=torch.long, device=self.device)])
+        logits = logits.cpu()  # one device-to-host transfer for every row of the step
         out: dict[int, torch.Tensor] = {}
         i = 0
         for plan in plans:
             k = len(plan.logits_at)
             if k:
-                out[plan.seq.seq_id] = logits[i : i + k].cpu()
+                out[plan.seq.seq_id] = logits[i : i + k]
             i += k
         return out
 
@@ -273,7 +278,9 @@ class ModelRunner:
                 for index, slots in packed_rows:
                     mapping[index] = slots
             after_mappings.append((start, mapping.to(self.device)))
-        after = AttentionBatch(self.kv.layers, after_mappings, self._groups(after_layouts, new_offset), self.scale)
+        after = AttentionBatch(
+            self.kv.layers, after_mappings, self._groups(after_layouts, new_offset), self.scale, triton=self.triton
+        )
         return keep.to(self.device), after
 
 

@@ -40,21 +40,33 @@ def apply_penalties(logits: torch.Tensor, p: SamplingParams, prompt_ids: list[in
 
 def filter_logits(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
     """Temperature, top-k, top-p and min-p on one row [vocab]; filtered entries become -inf."""
-    logits = logits / p.temperature
+    return filter_rows(logits[None], [p])[0]
+
+
+def filter_rows(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """`filter_logits` over rows [R, vocab], each with its own parameters, in one pass of each kind
+    (a GPU step's rows then cost one launch a filter, not one each)."""
     vocab = logits.shape[-1]
-    if p.top_k > 0 and p.top_k < vocab:
-        kth = torch.topk(logits, p.top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if p.top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)
+    column = lambda values, dtype: torch.tensor(values, dtype=dtype, device=logits.device)[:, None]
+    logits = logits / column([p.temperature for p in params], logits.dtype)
+    top_k = [p.top_k if 0 < p.top_k < vocab else 0 for p in params]
+    if any(top_k):
+        k = column(top_k, torch.long)
+        kth = logits.sort(dim=-1, descending=True, stable=True).values.gather(1, (k - 1).clamp(min=0))
+        logits = logits.masked_fill((logits < kth) & (k > 0), float("-inf"))
+    if any(p.top_p < 1.0 for p in params):
+        top_p = column([p.top_p for p in params], logits.dtype)
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True, stable=True)
         probs = sorted_logits.softmax(-1)
-        # drop a token when the mass before it already reaches top_p (the first token always stays)
-        drop = (probs.cumsum(-1) - probs) >= p.top_p
-        drop[0] = False  # a top_p that rounds to 0 in the logits' dtype would drop everything
-        logits = logits.scatter(0, order, sorted_logits.masked_fill(drop, float("-inf")))
-    if p.min_p > 0.0:
+        # drop a token when the mass before it already reaches top_p (the first token always stays:
+        # a top_p that rounds to 0 in the logits' dtype would drop everything)
+        drop = ((probs.cumsum(-1) - probs) >= top_p) & (top_p < 1.0)
+        drop[:, 0] = False
+        logits = logits.scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    if any(p.min_p > 0.0 for p in params):
+        min_p = column([p.min_p for p in params], logits.dtype)
         probs = logits.softmax(-1)
-        logits = logits.masked_fill(probs < p.min_p * probs.max(), float("-inf"))
+        logits = logits.masked_fill(probs < min_p * probs.max(dim=-1, keepdim=True).values, float("-inf"))
     return logits
 
 
@@ -74,7 +86,8 @@ def _plain_greedy(row: SampleRow) -> bool:
 
 def sample(rows: list[SampleRow]) -> list[tuple[int, TokenLogprob | None]]:
     """One token per row, with its logprob record when the row asked for logprobs. Plain greedy
-    rows take one argmax over all of them (a call per row cost ~0.1 ms each at the default vocab)."""
+    rows take one argmax over all of them (a call per row cost ~0.1 ms each at the default vocab);
+    sampled rows are filtered together (`filter_rows`), then each draws with its own generator."""
     greedy = [i for i, row in enumerate(rows) if _plain_greedy(row)] if len(rows) > 1 else []
     out: list[tuple[int, TokenLogprob | None]] = [(0, None)] * len(rows)
     if greedy:
@@ -82,28 +95,32 @@ def sample(rows: list[SampleRow]) -> list[tuple[int, TokenLogprob | None]]:
         for i, token in zip(greedy, tokens):
             out[i] = (token, None)
     batched = set(greedy)
-    for i, row in enumerate(rows):
-        if i not in batched:
-            out[i] = _sample_row(row)
+    rest = [i for i in range(len(rows)) if i not in batched]
+    prepared = {i: _penalised(rows[i]) for i in rest}
+    drawn = [i for i in rest if not rows[i].params.greedy]
+    if drawn:
+        probs = filter_rows(torch.stack([prepared[i] for i in drawn]), [rows[i].params for i in drawn]).softmax(-1)
+        for i, row_probs in zip(drawn, probs):
+            out[i] = (int(torch.multinomial(row_probs, 1, generator=rows[i].generator)), None)
+    for i in rest:
+        row = rows[i]
+        token = int(torch.argmax(prepared[i])) if row.params.greedy else out[i][0]
+        record = None
+        if row.params.logprobs is not None:
+            record = top_logprobs(torch.log_softmax(row.logits, -1), token, row.params.logprobs)
+        out[i] = (token, record)
     return out
 
 
-def _sample_row(row: SampleRow) -> tuple[int, TokenLogprob | None]:
+def _penalised(row: SampleRow) -> torch.Tensor:
+    """The row's logits with min_tokens' stop-token mask and its penalties (a copy when it has any)."""
     p = row.params
-    logits = row.logits
-    needs_copy = p.penalised or (len(row.output_ids) < p.min_tokens and row.stop_ids)
-    if needs_copy:
-        logits = logits.clone()
-    if len(row.output_ids) < p.min_tokens and row.stop_ids:
+    masked = len(row.output_ids) < p.min_tokens and row.stop_ids
+    if not (p.penalised or masked):
+        return row.logits
+    logits = row.logits.clone()
+    if masked:
         logits[list(row.stop_ids)] = float("-inf")
     if p.penalised:
         apply_penalties(logits, p, row.prompt_ids, row.output_ids)
-    if p.greedy:
-        token = int(torch.argmax(logits))
-    else:
-        probs = filter_logits(logits, p).softmax(-1)
-        token = int(torch.multinomial(probs, 1, generator=row.generator))
-    record = None
-    if p.logprobs is not None:
-        record = top_logprobs(torch.log_softmax(row.logits, -1), token, p.logprobs)
-    return token, record
+    return logits

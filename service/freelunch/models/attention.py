@@ -50,6 +50,14 @@ def _cpu_kernels_for(q: torch.Tensor, k_cache: torch.Tensor, n: int):
     return attention_library()
 
 
+def _triton_serves(q: torch.Tensor, k_cache: torch.Tensor, n: int) -> bool:
+    """Whether the Triton kernel (kernels/tree_attention_triton.py) takes these queries: its head
+    sizes, dtypes and query count, over a cache in the queries' dtype."""
+    from freelunch.kernels.tree_attention_triton import MAX_QUERIES, SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS
+
+    return q.dtype in SUPPORTED_DTYPES and k_cache.dtype == q.dtype and q.shape[-1] in SUPPORTED_HEAD_DIMS and n <= MAX_QUERIES
+
+
 @dataclass(slots=True)
 class AttentionGroup:
     """Queries of B rows with n tokens each, attending over gathered cache slots."""
@@ -107,6 +115,7 @@ class AttentionBatch:
     # model interprets (models/moe.py); opaque to the engine
     row_inputs: list[tuple[dict[str, Any], int]] = field(default_factory=list)
     routing: ExpertRouting | None = None  # per-token MoE routing override (None: every token routes by default)
+    triton: bool = False  # the Triton kernels serve attention over the cache (and MoE experts: models/moe.py)
 
     def keep_before_layer(self, layer: int) -> torch.Tensor | None:
         """Packed indices to keep from `layer` on, when a prefill transform prunes there."""
@@ -154,6 +163,10 @@ class AttentionBatch:
         else:
             k_cache, v_cache = self.kv_caches[layer]
             kv_index, mask = g.view_at(layer)
+            if self.triton and _triton_serves(q, k_cache, g.n):
+                from freelunch.kernels.tree_attention_triton import tree_attention
+
+                return tree_attention(qb, k_cache, v_cache, kv_index, mask, self.scale).transpose(1, 2).reshape(g.batch * g.n, h, d)
             library = _cpu_kernels_for(q, k_cache, g.n)
             if library is not None:  # [B, n, H, D] in and out: the packed layout
                 o = cpu_kernels.paged_attention(library, q.view(g.batch, g.n, h, d), k_cache, v_cache, kv_index, mask, self.scale)

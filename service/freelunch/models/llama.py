@@ -240,7 +240,7 @@ class DecoderLayer(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: AttentionBatch) -> torch.Tensor:
         x, h = self.post_attention_layernorm.add_forward(x, self.self_attn(self.input_layernorm(x), cos, sin, attn))
         # a dense MLP sees only hidden states; a MoE block also the batch's per-token routing override
-        return x + (self.mlp(h) if isinstance(self.mlp, MLP) else self.mlp(h, attn.routing))
+        return x + (self.mlp(h) if isinstance(self.mlp, MLP) else self.mlp(h, attn.routing, attn.triton))
 
 
 STACK_PATH, LAYER_PATH = "one_call", "per_layer"
@@ -280,7 +280,7 @@ class LlamaForCausalLM(nn.Module):
             x = x.index_copy(0, index, values.to(x.dtype))
         cos, sin = self.rotary(positions, x.dtype)
         stack = self.cpu_decoder_stack()
-        if stack is not None and stack.serves(x, attn):  # every layer in one C call, bit-identical
+        if stack is not None and not attn.triton and stack.serves(x, attn):  # every layer in one C call, bit-identical
             stack.run(x, cos, sin, attn)
             self.steps_by_path[STACK_PATH] += 1
             return self.norm(x)

@@ -36,16 +36,41 @@ class SparseMoeBlock(nn.Module):
             self.shared_expert = MLP(hidden_size, moe.shared_expert_intermediate_size)
             self.shared_expert_gate = nn.Linear(hidden_size, 1, bias=False)
 
-    def forward(self, x: torch.Tensor, routing: ExpertRouting | None = None) -> torch.Tensor:
-        """x [T, hidden] -> [T, hidden]."""
-        kernel = self.kernel() if x.dtype == torch.float32 and x.device.type == "cpu" else None
+    def forward(self, x: torch.Tensor, routing: ExpertRouting | None = None, triton: bool = False) -> torch.Tensor:
+        """x [T, hidden] -> [T, hidden]; `triton`: the experts through the grouped Triton kernel."""
+        stacked = self.stacked_experts() if triton else None
+        kernel = self.kernel() if stacked is None and x.dtype == torch.float32 and x.device.type == "cpu" else None
         if kernel is not None:  # routing and experts in one C call, as the one-call decoder runs them
             return kernel.forward(elementwise_library(), x, None if routing is None else (routing.rank, routing.top_k))
         experts, weights = route(self.gate(x), self.top_k, self.normalize_top_k, routing)
-        out = self._run_experts(x, experts, weights)
+        if stacked is not None:  # every expert in two kernel launches, not a matmul per expert
+            from freelunch.kernels.moe_triton import grouped_expert_mlp
+
+            out = grouped_expert_mlp(x, experts, weights, *stacked)
+        else:
+            out = self._run_experts(x, experts, weights)
         if self.shared_expert is not None:
             out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
         return out
+
+    def stacked_experts(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The experts' weights stacked as the Triton kernel reads them (gate_up [E, 2I, H], down
+        [E, H, I]); each expert's weights become views into them, so they are held once. None where
+        an expert's linears are not plain nn.Linear (packed or quantised for the C kernels)."""
+        built = self.__dict__.get("_stacked")
+        if built is not None:
+            return built
+        linears = [(e.gate_up_proj, e.down_proj) for e in self.experts]
+        if not all(type(g) is nn.Linear and type(d) is nn.Linear and g.bias is None and d.bias is None for g, d in linears):
+            return None
+        with torch.no_grad():
+            gate_up = torch.stack([g.weight for g, _ in linears])
+            down = torch.stack([d.weight for _, d in linears])
+            for i, (g, d) in enumerate(linears):
+                g.weight = nn.Parameter(gate_up[i], requires_grad=False)
+                d.weight = nn.Parameter(down[i], requires_grad=False)
+        self.__dict__["_stacked"] = (gate_up, down)
+        return gate_up, down
 
     def kernel_modules(self) -> tuple[nn.Module | None, ...]:
         """The linear modules the C kernel reads (compared by identity: a replaced one rebuilds it)."""
