@@ -133,6 +133,23 @@ def test_seeded_sampling_is_reproducible_and_seeds_differ(tiny):
     assert tokens(a["s1"]) != tokens(a["s2"])
 
 
+def test_guided_sampling_draws_one_token_for_both_rows(tiny):
+    """A sampled guided request: the processor draws the pair's token (vllm_guidance.py). Top-k 1
+    draws the guided argmax, so it equals greedy guidance; a seed reproduces its draws."""
+    _, _, vllm_engine, native = tiny
+    guided = {"guidance": {"scale": 2.0}}
+
+    def run(rid: str, **params) -> list:
+        p = SamplingParams(max_tokens=10, ignore_eos=True, **params)
+        return run_all(vllm_engine, [GenerationRequest(rid, PROMPTS[1], p, dict(guided))])[rid]
+
+    want = tokens(run_all(native, [GenerationRequest("n", PROMPTS[1], greedy(10, ignore_eos=True), dict(guided))])["n"])
+    assert tokens(run("k1", temperature=1.0, top_k=1)) == want
+    a, b, c = run("s1", temperature=1.0, seed=3), run("s2", temperature=1.0, seed=3), run("s3", temperature=1.0, seed=4)
+    assert all(o[-1].method_stats["guidance"]["resyncs"] == 0 for o in (a, b, c)), "one request alone stays in lockstep"
+    assert tokens(a) == tokens(b) != tokens(c)
+
+
 def test_abort_answers_and_frees_the_request(tiny):
     _, _, vllm_engine, _ = tiny
     vllm_engine.add_request(GenerationRequest("x", PROMPTS[1], greedy(200, ignore_eos=True)))
