@@ -55,9 +55,10 @@ def test_slot_alignment():
     experts = torch.tensor([[2, 0], [0, -1], [2, 1]])
     slots, block_expert = align_slots(experts, 4, block_m=2)
     s = 6  # the sentinel: T * K
-    # expert 0: slots 1, 2 | expert 1: slot 5 (+pad) | expert 2: slots 0, 4 | expert 3: none
-    assert slots.tolist() == [1, 2, 5, s, 0, 4]
-    assert block_expert.tolist() == [0, 1, 2]
+    # expert 0: slots 1, 2 | expert 1: slot 5 (+pad) | expert 2: slots 0, 4 | expert 3: none; then
+    # blocks of sentinels up to the capacity the shapes allow (6 slots + 4 experts' padding: 10)
+    assert slots.tolist() == [1, 2, 5, s, 0, 4, s, s, s, s]
+    assert block_expert.tolist()[:3] == [0, 1, 2] and len(block_expert) == 5
 
 
 def test_reference_matches_the_engine_moe_block():

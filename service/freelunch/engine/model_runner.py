@@ -178,6 +178,7 @@ class ModelRunner:
         dev = self.device
         singles = [lay for lay in layouts if lay.q_index.numel() == 1 and lay.views is not None and not lay.pruned]
         groups: list[AttentionGroup] = []
+        host_index: list[torch.Tensor] = []  # each group's q_index on the host
         if singles:
             views = []
             for v, (start, _, _) in enumerate(singles[0].views):  # the same layer ranges for every plain row
@@ -191,6 +192,7 @@ class ModelRunner:
                 views.append((start, kv_index.to(dev), None if bool(mask.all()) else mask.to(dev)))
             q_index = torch.cat([lay.q_index for lay in singles])
             groups.append(AttentionGroup(q_index.to(dev), len(singles), 1, views))
+            host_index.append(q_index)
         for lay in layouts:
             if any(lay is s for s in singles):
                 continue
@@ -199,9 +201,9 @@ class ModelRunner:
             if lay.views is not None:
                 views = [(start, index[None].to(dev), mask[None].to(dev)) for start, index, mask in lay.views]
             groups.append(AttentionGroup(lay.q_index.to(dev), 1, n, views))
-        if len(groups) == 1 and groups[0].q_index.numel() == total and bool(
-            (groups[0].q_index == torch.arange(total, device=dev)).all()
-        ):
+            host_index.append(lay.q_index)
+        # checked on the host copy: on a GPU the device one would stall the step for the answer
+        if len(groups) == 1 and host_index[0].numel() == total and bool((host_index[0] == torch.arange(total)).all()):
             groups[0].q_index = None  # one group covering the batch in order: no gather/scatter
         return groups
 

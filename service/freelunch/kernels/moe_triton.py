@@ -46,6 +46,8 @@ def _gate_up_kernel(
     PRECISION: tl.constexpr,  # tl.dot input precision: "ieee" keeps float32 exact (no TF32)
     UPCAST: tl.constexpr,  # interpreter: it has no bf16 arithmetic, so dot in float32
 ):  # fmt: skip
+    if tl.load(slots_ptr + tl.program_id(0) * BLOCK_M) >= num_slots:
+        return  # a block past the used ones (align_slots): only sentinels
     rows, slot, valid, expert = _block_of_slots(slots_ptr, block_expert_ptr, num_slots, BLOCK_M)
     pid_n = tl.program_id(1)
     token = tl.where(valid, slot // top_k, 0)
@@ -83,6 +85,8 @@ def _down_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):  # fmt: skip
+    if tl.load(slots_ptr + tl.program_id(0) * BLOCK_M) >= num_slots:
+        return
     rows, slot, valid, expert = _block_of_slots(slots_ptr, block_expert_ptr, num_slots, BLOCK_M)
     pid_n = tl.program_id(1)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # hidden features
@@ -107,21 +111,30 @@ def _down_kernel(
 
 def align_slots(experts: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Slot ids (t * K + j) sorted by expert, each expert's run padded to a multiple of `block_m`
-    with the sentinel T * K; and the expert of each block. Unused slots (-1) are left out."""
+    with the sentinel T * K; and the expert of each block. Unused slots (-1) are left out.
+
+    No host sync (a GPU step would otherwise wait here twice a layer): the arrays have a capacity
+    known from the shapes alone, the most any routing can need (every expert's run padded by
+    block_m - 1); blocks past the used ones hold only sentinels and their programs exit at once."""
     flat = experts.flatten()
     num_slots = flat.numel()
-    valid = flat >= 0
-    order = torch.argsort(torch.where(valid, flat, num_experts), stable=True)[: int(valid.sum())]
-    counts = torch.bincount(flat[valid], minlength=num_experts)
+    key = torch.where(flat >= 0, flat, num_experts)  # unused slots sort last
+    order = torch.argsort(key, stable=True)
+    counts = torch.zeros(num_experts + 1, dtype=torch.long, device=flat.device).scatter_add_(0, key, torch.ones_like(key))
+    counts = counts[:num_experts]
     padded = (counts + block_m - 1) // block_m * block_m
     start = torch.cumsum(counts, 0) - counts
     padded_start = torch.cumsum(padded, 0) - padded
-    sorted_experts = flat[order]
-    dest = padded_start[sorted_experts] + torch.arange(order.numel(), device=flat.device) - start[sorted_experts]
-    slots = torch.full((int(padded.sum()),), num_slots, dtype=torch.int32, device=flat.device)
-    slots[dest] = order.to(torch.int32)
-    block_expert = torch.repeat_interleave(torch.arange(num_experts, device=flat.device), padded // block_m)
-    return slots, block_expert.to(torch.int32)
+    capacity = -(-(num_slots + num_experts * (block_m - 1)) // block_m) * block_m
+    sorted_key = key[order]
+    expert = sorted_key.clamp(max=num_experts - 1)
+    rank = torch.arange(num_slots, device=flat.device) - start[expert]  # place in its expert's run
+    dest = torch.where(sorted_key < num_experts, padded_start[expert] + rank, capacity)  # unused: past the end
+    slots = torch.full((capacity + 1,), num_slots, dtype=torch.int32, device=flat.device)
+    slots.scatter_(0, dest, order.to(torch.int32))
+    block_starts = torch.arange(0, capacity, block_m, device=flat.device)
+    block_expert = torch.searchsorted(torch.cumsum(padded, 0), block_starts, right=True).clamp(max=num_experts - 1)
+    return slots[:capacity], block_expert.to(torch.int32)
 
 
 def grouped_expert_mlp(
