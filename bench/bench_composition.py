@@ -33,7 +33,9 @@ def main() -> None:
     args = parser.parse_args()
 
     import freelunch.constraints  # noqa: F401 - registers constraints and methods with the engine
-    import freelunch.methods  # noqa: F401
+    from freelunch.methods import load_methods
+
+    load_methods()  # the installed methods, as a worker loads them
     from freelunch.benchmark_prompts import SPEC_PROMPTS, SPEC_WARMUP
     from freelunch.config import EngineConfig
     from freelunch.engine.engine import Engine

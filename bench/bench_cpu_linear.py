@@ -26,7 +26,9 @@ KINDS = ("panel", "onednn", "torch")
 
 def measure(kind: str, model: str | None, sizes: tuple[int, ...], repeats: int, decode_tokens: int) -> dict:
     from freelunch.config import EngineConfig
-    import freelunch.methods  # noqa: F401 - registers the methods with the engine
+    from freelunch.methods import load_methods
+
+    load_methods()  # the installed methods, as a worker loads them
     from freelunch.engine.engine import Engine
     from freelunch.engine.request import GenerationRequest, SamplingParams
     from freelunch.models.cpu_linear import PanelLinear, PackedLinear

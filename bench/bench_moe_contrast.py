@@ -145,7 +145,9 @@ def bench_model(
     name: str, folder: Path, batches: list[int], tokens: int, repeats: int, with_hf: bool = False, quantization: str = "none"
 ) -> dict:
     from freelunch.config import EngineConfig
-    import freelunch.methods  # noqa: F401 - registers the methods with the engine
+    from freelunch.methods import load_methods
+
+    load_methods()  # the installed methods, as a worker loads them
     from freelunch.engine.engine import Engine
     from freelunch.models.loader import load_model, resolve_source
 

@@ -91,7 +91,9 @@ def child(backend: str, caching: bool, args) -> dict:
 
         engine = VllmEngine(config)
     else:
-        import freelunch.methods  # noqa: F401 - registers the methods, as a worker does
+        from freelunch.methods import load_methods
+
+        load_methods()  # the installed methods, as a worker loads them
         from freelunch.pool.worker import load_engine
 
         engine = load_engine(config)

@@ -86,7 +86,9 @@ def main() -> None:
     args = parser.parse_args()
 
     import freelunch.constraints  # noqa: F401 - registers constraints and methods with the engine
-    import freelunch.methods  # noqa: F401
+    from freelunch.methods import load_methods
+
+    load_methods()  # the installed methods, as a worker loads them
     from freelunch.config import EngineConfig
     from freelunch.constraints.grammar import GrammarCompiler
     from freelunch.constraints.json_layout import DEFAULT_MAX_NUMBER_DIGITS, DEFAULT_MAX_STRING_LENGTH, bounded_schema

@@ -86,7 +86,9 @@ def main(argv: list[str] | None = None) -> dict:
         AdjacencyTable.seed = lambda self, tokens: None  # this process only
 
     from freelunch.config import EngineConfig
-    import freelunch.methods  # noqa: F401 - registers the methods with the engine
+    from freelunch.methods import load_methods
+
+    load_methods()  # the installed methods, as a worker loads them
     from freelunch.engine.engine import Engine
     from freelunch.models.loader import load_model, resolve_source
 

@@ -39,7 +39,9 @@ def int8_per_vector(x):
 
 
 def measure(mode: str, activations: str) -> dict:
-    import freelunch.methods  # noqa: F401 - registers the methods, as a worker does
+    from freelunch.methods import load_methods
+
+    load_methods()  # the installed methods, as a worker loads them
     from freelunch.config import EngineConfig
     from freelunch.models.attention import AttentionBatch
     from freelunch.pool.worker import load_engine

@@ -43,7 +43,9 @@ def run(engine, requests) -> dict:
 
 
 def measure(mode: str) -> dict:
-    import freelunch.methods  # noqa: F401 - registers the methods, as a worker does
+    from freelunch.methods import load_methods
+
+    load_methods()  # the installed methods, as a worker loads them
     from freelunch.config import EngineConfig
     from freelunch.pool.worker import load_engine
 

@@ -104,7 +104,9 @@ PARTS = ("forward", "planning", "logits handling", "sampling", "rest of the step
 
 def measure_method(name: str, tokens: int) -> dict:
     import freelunch.constraints  # noqa: F401 - as a worker builds its engine
-    import freelunch.methods  # noqa: F401
+    from freelunch.methods import load_methods
+
+    load_methods()  # the installed methods, as a worker loads them
     from freelunch.benchmark_prompts import SPEC_PROMPTS, SPEC_WARMUP
     from freelunch.config import EngineConfig
     from freelunch.engine import engine as engine_module

@@ -8,6 +8,7 @@ import os
 import signal
 import sys
 from dataclasses import replace
+from typing import TYPE_CHECKING, Any
 
 
 class _Help(argparse.ArgumentDefaultsHelpFormatter):
@@ -17,6 +18,34 @@ class _Help(argparse.ArgumentDefaultsHelpFormatter):
         if action.default is None or action.default is False or isinstance(action, argparse._StoreTrueAction):
             return action.help
         return super()._get_help_string(action)
+
+
+if TYPE_CHECKING:
+    from freelunch.methods.spec import ServerFlag
+
+
+def _env_name(flag: str) -> str:
+    return "FREELUNCH_" + flag.lstrip("-").upper().replace("-", "_")
+
+
+def _method_flags() -> list[ServerFlag]:
+    """The installed methods' server flags."""
+    from freelunch.methods import method_specs
+
+    return [flag for spec in method_specs().values() for flag in spec.flags]
+
+
+def method_defaults(args: argparse.Namespace) -> dict[str, Any]:
+    """Each method's server-wide default options, from its flags ({option: options})."""
+    from freelunch.methods import method_specs
+
+    defaults: dict[str, Any] = {}
+    for spec in method_specs().values():
+        for flag in spec.flags:
+            options = flag.options(getattr(args, flag.name.lstrip("-").replace("-", "_")))
+            if options is not None:
+                defaults[spec.option] = options
+    return defaults
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -168,12 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
         "pools at 2)",
     )
     serve.add_argument("--threads", type=int, default=int(env("FREELUNCH_THREADS", "0")) or None, help="CPU threads of each engine worker; default: torch's (every core), 1 with --workers 0")
-    serve.add_argument(
-        "--speculative",
-        default=env("FREELUNCH_SPECULATIVE", "none"),
-        choices=["none", "token_recycling"],
-        help="speculative decoding for every eligible request (a request may opt out with speculative.method=none)",
-    )
+    for flag in _method_flags():  # each installed method's own (methods/spec.py)
+        serve.add_argument(flag.name, default=env(_env_name(flag.name), flag.default), choices=list(flag.choices), help=flag.help)
     serve.add_argument(
         "--enable-auto-tool-choice",
         action=argparse.BooleanOptionalAction,
@@ -341,8 +366,14 @@ def main(argv: list[str] | None = None) -> int:
         )
         if args.native_workers and config.engine != "vllm":
             raise ValueError("--native-workers goes with --engine vllm (the native engine's workers are --workers)")
-        if args.speculative != "none" and config.engine == "vllm" and not args.native_workers:
-            raise ValueError("--speculative runs on native workers: with --engine vllm, add --native-workers N")
+        defaults = method_defaults(args)
+        if config.engine == "vllm" and not args.native_workers:
+            from freelunch.methods import method_specs
+
+            specs = method_specs()
+            native_only = [flag.name for option in defaults if "vllm" not in specs[option].engines for flag in specs[option].flags]
+            if native_only:
+                raise ValueError(f"{native_only[0]} runs on native workers: with --engine vllm, add --native-workers N")
         waits = []
         if server.workers == 0:
             # native: one torch thread unless told; libgomp throttles the spinning of OpenMP teams
@@ -369,7 +400,6 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError, ModelLoadError, RuntimeError, TimeoutError) as e:
         print(f"freelunch: {e}", file=sys.stderr)
         return 2
-    defaults = {"speculative": {"method": args.speculative}} if args.speculative != "none" else {}
     capacity = max(1, len(workers)) * config.max_num_seqs + server.max_queue
     pool = WorkerPool(workers, max_in_flight=capacity)
     app = create_app(pool, defaults, server)

@@ -49,7 +49,7 @@ def create_app(
         description="OpenAI-compatible server: chat and text completions, with training-free decoding methods as "
         "per-request options",
     )
-    metrics = Metrics(pool.stats, lambda: sum(w.alive for w in pool.workers))
+    metrics = Metrics(pool.stats, lambda: sum(w.alive for w in pool.workers), method_specs())
     served = pool.served
     images = ImageLoader(
         server.allowed_image_hosts, server.image_fetch_timeout, allow_private_addresses=server.allow_private_image_addresses

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Mapping
+from typing import Any, Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, InfoMetricFamily
@@ -14,8 +15,11 @@ _TOKEN_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5,
 
 
 class Metrics:
-    def __init__(self, stats: Callable[[], object], workers_alive: Callable[[], int]) -> None:
-        """`stats()` returns an object with running, waiting and kv_usage (the pool's)."""
+    def __init__(
+        self, stats: Callable[[], object], workers_alive: Callable[[], int], method_specs: Mapping[str, Any] | None = None
+    ) -> None:
+        """`stats()` returns an object with running, waiting and kv_usage (the pool's); `method_specs`
+        the served methods' specs (methods/spec.py), whose counters are added."""
         self.registry = CollectorRegistry()
         r = self.registry
         Gauge("freelunch_workers_alive", "Engine workers serving requests", registry=r).set_function(workers_alive)
@@ -49,18 +53,12 @@ class Metrics:
         )
         self.prompt_tokens = Counter("freelunch_prompt_tokens", "Prompt tokens processed", registry=r)
         self.generation_tokens = Counter("freelunch_generation_tokens", "Tokens generated", registry=r)
-        self.spec_draft_tokens = Counter(
-            "freelunch_spec_decode_num_draft_tokens", "Draft tokens proposed by speculative decoding", registry=r
-        )
-        self.spec_accepted_tokens = Counter(
-            "freelunch_spec_decode_num_accepted_tokens", "Draft tokens accepted by speculative decoding", registry=r
-        )
-        self.pruned_image_tokens = Counter(
-            "freelunch_visual_pruning_pruned_tokens",
-            "Image tokens that visual token pruning kept from the language model",
-            ["method"],
-            registry=r,
-        )
+        # each method's own counters, declared in its spec: (option, metric, counter)
+        self.method_counters = [
+            (spec.option, metric, Counter(metric.name, metric.help, list(metric.labels), registry=r))
+            for spec in (method_specs or {}).values()
+            for metric in spec.metrics
+        ]
         self.method_requests = Counter(
             "freelunch_method_requests",
             "Finished generations (one per choice) that used a decoding method, by method",
@@ -120,14 +118,11 @@ class Metrics:
                 self.structured_requests.inc()
                 continue
             self.method_requests.labels(method=method).inc()
-        spec = (method_stats or {}).get("speculative")
-        if spec:
-            self.spec_draft_tokens.inc(spec.get("draft_tokens", 0))
-            self.spec_accepted_tokens.inc(spec.get("accepted_tokens", 0))
-        pruning = (method_stats or {}).get("visual_pruning")
-        if pruning:
-            pruned = pruning.get("image_tokens", 0) - pruning.get("kept_image_tokens", 0)
-            self.pruned_image_tokens.labels(method=pruning.get("method", "")).inc(pruned)
+        for option, metric, counter in self.method_counters:
+            stats = (method_stats or {}).get(option)
+            if stats:
+                for labels, value in metric.read(stats):
+                    (counter.labels(*labels) if labels else counter).inc(value)
 
 
 class _WorkerCounters:

@@ -1,12 +1,16 @@
 """Decoding methods: each declares itself once, in its own module, with a `MethodSpec` (spec.py).
 
-Importing this package registers the shipped methods, here (the API builds its request schema
-from `method_specs()`) and in the engine's plugin registry (engine/plugins.py); neither imports a
-method itself.
+Methods are found through the entry-point group `freelunch.methods` (name: the option, value:
+`module:SPEC`). The shipped four are declared in pyproject.toml like any third party's, and
+`load_methods()` reads the group once, explicitly, where a process builds its API or engine:
+nothing registers as a side effect of an import, and two methods with one option name are an error,
+not a silent replacement.
 """
 
 from __future__ import annotations
 
+import logging
+from importlib.metadata import entry_points
 from typing import Any
 
 from pydantic import ValidationError
@@ -16,19 +20,44 @@ from freelunch.engine.errors import OptionError
 from freelunch.engine.request import GenerationRequest
 from freelunch.methods.spec import MethodOptions, MethodSpec
 
-__all__ = ["METHODS", "OptionError", "fallbacks", "method_specs", "register", "validate_options"]
+__all__ = ["ENTRY_POINT_GROUP", "METHODS", "OptionError", "fallbacks", "load_methods", "method_specs", "validate_options"]
 
+ENTRY_POINT_GROUP = "freelunch.methods"
 METHODS: dict[str, MethodSpec] = {}  # option name -> spec
+_loaded = False
+log = logging.getLogger("freelunch.methods")
 
 
-def register(spec: MethodSpec) -> MethodSpec:
-    METHODS[spec.option] = spec
-    plugins.STRATEGIES[spec.option] = spec
-    return spec
+def load_methods() -> dict[str, MethodSpec]:
+    """The installed methods (once a process): each entry point of the group must name a
+    MethodSpec whose option is the entry point's name."""
+    global _loaded
+    if _loaded:
+        return METHODS
+    found: dict[str, str] = {}
+    for point in sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda p: (p.name, p.value)):
+        if point.name in found:
+            raise RuntimeError(
+                f"two installed methods declare the option {point.name!r}: {found[point.name]} and {point.value} "
+                f"(entry-point group {ENTRY_POINT_GROUP}); uninstall one"
+            )
+        spec = point.load()
+        if not isinstance(spec, MethodSpec) or spec.option != point.name:
+            raise RuntimeError(f"entry point {point.name} = {point.value} ({ENTRY_POINT_GROUP}) is not the MethodSpec of option {point.name!r}")
+        found[point.name] = point.value
+        METHODS[spec.option] = spec
+        plugins.STRATEGIES[spec.option] = spec
+        if spec.kv_split_hint is not None:
+            plugins.KV_SPLIT_HINTS.append(spec.kv_split_hint)
+    plugins.COMPOSERS[:] = [_compose]  # methods' stages run as one pipeline (methods/pipeline.py)
+    if not found:
+        log.warning("no decoding methods are installed (entry-point group %s): is freelunch installed?", ENTRY_POINT_GROUP)
+    _loaded = True
+    return METHODS
 
 
 def method_specs() -> dict[str, MethodSpec]:
-    return METHODS
+    return load_methods()
 
 
 def validate_options(option: str, raw: Any, model: type[MethodOptions] | None = None) -> MethodOptions:
@@ -51,15 +80,7 @@ def fallbacks(request: GenerationRequest) -> dict[str, str]:
     return {name: reason for name, reason in reasons.items() if reason}
 
 
-
-
 def _compose(request: GenerationRequest, main: Any, model_info: Any, stages: list[Any]) -> Any:
     from freelunch.methods.pipeline import Pipeline
 
     return Pipeline(request, main, model_info, stages)
-
-
-plugins.COMPOSERS.append(_compose)
-
-# The shipped methods register themselves (after `register` exists: they import it).
-from freelunch.methods import guidance, moe_contrast, token_recycling, visual_pruning  # noqa: E402, F401

@@ -27,7 +27,7 @@ from pydantic import Field, model_validator
 from pydantic_core import PydanticCustomError
 
 from freelunch.engine.request import GenerationRequest, Sequence
-from freelunch.methods import OptionError, register, validate_options
+from freelunch.methods import OptionError, validate_options
 from freelunch.methods.pipeline import Stage, Variant
 from freelunch.methods.spec import MethodOptions, MethodSpec, PromptField, TokenId
 
@@ -111,15 +111,15 @@ class ClassifierFreeGuidance(Stage):
         return {"scale": self.options.scale}
 
 
-SPEC = register(
-    MethodSpec(
-        option="guidance",
-        options=GuidanceOptions,
-        description="classifier-free guidance (Sanchez et al. 2023): stronger adherence to the prompt",
-        build=ClassifierFreeGuidance,
-        stages=("row_expansion", "combination"),
-        prompts={"negative_prompt": PromptField("text", "negative_prompt_ids"),
-                 "negative_messages": PromptField("chat", "negative_prompt_ids")},
-        chat_aliases=("negative_messages",),
-    )
+SPEC = MethodSpec(
+    option="guidance",
+    options=GuidanceOptions,
+    description="classifier-free guidance (Sanchez et al. 2023): stronger adherence to the prompt",
+    build=ClassifierFreeGuidance,
+    stages=("row_expansion", "combination"),
+    prompts={"negative_prompt": PromptField("text", "negative_prompt_ids"),
+             "negative_messages": PromptField("chat", "negative_prompt_ids")},
+    chat_aliases=("negative_messages",),
+    engines=frozenset({"native", "vllm"}),  # vLLM: as paired rows (backends/vllm_guidance.py)
+    docs="docs/guidance.md",
 )

@@ -23,7 +23,7 @@ import torch
 from pydantic import Field
 
 from freelunch.engine.request import GenerationRequest, Sequence
-from freelunch.methods import OptionError, register, validate_options
+from freelunch.methods import OptionError, validate_options
 from freelunch.methods.pipeline import Stage, Variant
 from freelunch.methods.spec import MethodOptions, MethodSpec
 from freelunch.models.expert_routing import EXPERT_RANK, EXPERT_TOP_K
@@ -106,13 +106,12 @@ class MoeContrast(Stage):
         return stats | ({"strong_top_k": opts.strong_top_k} if opts.strong_top_k is not None else {})
 
 
-SPEC = register(
-    MethodSpec(
-        option="moe_contrast",
-        options=MoeContrastOptions,
-        description="SCMoE self-contrast (Shi et al. 2024) for Mixture-of-Experts models",
-        build=MoeContrast,
-        stages=("row_expansion", "combination"),
-        requires=("moe",),
-    )
+SPEC = MethodSpec(
+    option="moe_contrast",
+    options=MoeContrastOptions,
+    description="SCMoE self-contrast (Shi et al. 2024) for Mixture-of-Experts models",
+    build=MoeContrast,
+    stages=("row_expansion", "combination"),
+    requires=("moe",),
+    docs="docs/moe_contrast.md",
 )

@@ -1,9 +1,11 @@
 """What a decoding method declares, once, in its own module: `MethodSpec`.
 
-The API builds the request schema from the specs (each option's pydantic model is a field of the
-request body, so its types, bounds and defaults are in /openapi.json and a bad value is a 400
-naming it before admission), the engine builds a request's strategy from them, and the pool
-routes on their names. Nothing outside `methods/` names a method.
+A method is found through the `freelunch.methods` entry-point group (pyproject.toml; ours register
+there as a third party's would: `methods/__init__.py` loads them). The API builds the request
+schema from the specs (each option's pydantic model is a field of the request body, so its types,
+bounds and defaults are in /openapi.json and a bad value is a 400 naming it before admission), the
+CLI adds their server flags, the metrics their counters, the engine builds a request's strategy
+from them, and the pool routes on their names and the engines they run on.
 """
 
 from __future__ import annotations
@@ -37,6 +39,30 @@ class PromptField:
 
 
 @dataclass(frozen=True, slots=True)
+class ServerFlag:
+    """A `freelunch serve` flag of a method's (also read from FREELUNCH_<NAME>): a server-wide
+    default for its option, which a request's own value replaces."""
+
+    name: str  # "--speculative"
+    help: str
+    choices: tuple[str, ...]
+    default: str
+    options: Callable[[str], dict[str, Any] | None]  # the flag's value -> the option's default (None: no default)
+
+
+@dataclass(frozen=True, slots=True)
+class MethodMetric:
+    """A Prometheus counter a method declares, counted from its `usage.method_stats` entry as each
+    generation finishes."""
+
+    name: str  # "freelunch_..."
+    help: str
+    # the method's stats of one generation -> (label values, increment) pairs
+    read: Callable[[dict[str, Any]], list[tuple[tuple[str, ...], float]]]
+    labels: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class MethodSpec:
     option: str  # the request body field
     options: type[MethodOptions]  # validated at the API and again by the engine
@@ -55,3 +81,11 @@ class MethodSpec:
     prompts: dict[str, PromptField] = field(default_factory=dict)
     # chat-request fields that are this option's fields too (`negative_messages` at the top level)
     chat_aliases: tuple[str, ...] = ()
+    flags: tuple[ServerFlag, ...] = ()
+    metrics: tuple[MethodMetric, ...] = ()
+    # the engines that run it ("native", "vllm"); elsewhere the pool routes it to native workers,
+    # or refuses it with a 400 naming the option
+    engines: frozenset[str] = frozenset({"native"})
+    docs: str = ""  # its page, relative to the repository (docs/<method>.md)
+    # (takes images, decoder layers) -> the KV cache layer it wants split at by default, or None
+    kv_split_hint: Callable[[bool, int], int | None] | None = None

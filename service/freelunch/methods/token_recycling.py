@@ -33,9 +33,9 @@ from freelunch.engine.request import GenerationRequest, Sequence
 from freelunch.engine.sampler import top_logprobs
 from freelunch.engine.strategy import RowPlan, Sampled, StepContext
 from freelunch.kernels import cpu_kernels
-from freelunch.methods import OptionError, register, validate_options
+from freelunch.methods import OptionError, validate_options
 from freelunch.methods.pipeline import Pipeline, Stage
-from freelunch.methods.spec import MethodOptions, MethodSpec
+from freelunch.methods.spec import MethodMetric, MethodOptions, MethodSpec, ServerFlag
 from freelunch.methods.tree_sizing import RankAcceptance, VerifyCost, best_tree
 from freelunch.methods.tree_templates import TEMPLATE_222, DraftTree, sub_template
 
@@ -459,14 +459,32 @@ def _ranks(table_rows: torch.Tensor, path: list[int], target: list[int]) -> list
     return [row.index(target[n]) if target[n] in row else len(row) for n, row in zip(path, rows)]
 
 
-SPEC = register(
-    MethodSpec(
-        option="speculative",
-        options=SpeculativeOptions,
-        description="Token Recycling (Luo et al. 2024): lossless speculative decoding for greedy requests",
-        build=TokenRecycling,
-        stages=("selection",),
-        fallback=fallback_reason,
-        off=lambda options: options.get("method") == "none",
-    )
+SPEC = MethodSpec(
+    option="speculative",
+    options=SpeculativeOptions,
+    description="Token Recycling (Luo et al. 2024): lossless speculative decoding for greedy requests",
+    build=TokenRecycling,
+    stages=("selection",),
+    fallback=fallback_reason,
+    off=lambda options: options.get("method") == "none",
+    flags=(
+        ServerFlag(
+            "--speculative",
+            "speculative decoding for every eligible request (a request may opt out with speculative.method=none)",
+            ("none", "token_recycling"),
+            "none",
+            lambda value: {"method": value} if value != "none" else None,
+        ),
+    ),
+    metrics=(
+        MethodMetric(
+            "freelunch_spec_decode_num_draft_tokens", "Draft tokens proposed by speculative decoding",
+            lambda stats: [((), stats.get("draft_tokens", 0))],
+        ),
+        MethodMetric(
+            "freelunch_spec_decode_num_accepted_tokens", "Draft tokens accepted by speculative decoding",
+            lambda stats: [((), stats.get("accepted_tokens", 0))],
+        ),
+    ),
+    docs="docs/token_recycling.md",
 )

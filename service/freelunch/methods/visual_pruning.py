@@ -25,12 +25,11 @@ from typing import Any, Literal
 import torch
 from pydantic import Field
 
-from freelunch.engine import plugins
 from freelunch.engine.request import GenerationRequest, Sequence
 from freelunch.engine.strategy import ImageEncoder, RowPlan
-from freelunch.methods import OptionError, register, validate_options
+from freelunch.methods import OptionError, validate_options
 from freelunch.methods.pipeline import Pipeline, Stage
-from freelunch.methods.spec import MethodOptions, MethodSpec
+from freelunch.methods.spec import MethodMetric, MethodOptions, MethodSpec
 
 DEFAULT_KEEP = 0.5
 DEFAULT_FASTV_LAYER = 2
@@ -194,15 +193,23 @@ def build(request: GenerationRequest, main: Sequence, model_info: Any) -> Visual
 
 # A vision model's KV cache splits where FastV prunes by default: requests pruned there hold upper
 # blocks for their kept tokens only (engine/block_manager.py).
-plugins.KV_SPLIT_HINTS.append(lambda takes_images, layers: min(DEFAULT_FASTV_LAYER, layers - 1) if takes_images else None)
 
-SPEC = register(
-    MethodSpec(
-        option="visual_pruning",
-        options=PruningOptions,
-        description="FastV / [CLS] visual token pruning for vision-language models",
-        build=build,
-        stages=("prefill_transform",),
-        requires=("vision",),
-    )
+SPEC = MethodSpec(
+    option="visual_pruning",
+    options=PruningOptions,
+    description="FastV / [CLS] visual token pruning for vision-language models",
+    build=build,
+    stages=("prefill_transform",),
+    requires=("vision",),
+    metrics=(
+        MethodMetric(
+            "freelunch_visual_pruning_pruned_tokens",
+            "Image tokens that visual token pruning kept from the language model",
+            lambda stats: [((stats.get("method", ""),), stats.get("image_tokens", 0) - stats.get("kept_image_tokens", 0))],
+            labels=("method",),
+        ),
+    ),
+    docs="docs/visual_pruning.md",
+    # FastV's layer for a model that takes images: the KV cache splits there (engine/block_manager.py)
+    kv_split_hint=lambda takes_images, layers: min(DEFAULT_FASTV_LAYER, layers - 1) if takes_images else None,
 )

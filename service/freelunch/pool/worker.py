@@ -182,7 +182,9 @@ def load_engine(config: EngineConfig) -> EngineBackend:
     import torch
 
     import freelunch.constraints  # noqa: F401 - registers structured outputs and logit bias with the engine
-    import freelunch.methods  # noqa: F401 - registers the shipped decoding methods with the engine
+    from freelunch.methods import load_methods
+
+    load_methods()  # the installed decoding methods, into the engine's registry
     from freelunch.engine.engine import Engine
     from freelunch.memory import release_freed_memory
     from freelunch.models.loader import load_model, resolve_source
