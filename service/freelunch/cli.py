@@ -313,6 +313,9 @@ def main(argv: list[str] | None = None) -> int:
 
         return run_bench(args)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # no network at run time: whatever Hugging Face code runs in this process or its workers stays offline
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     from freelunch.config import EngineConfig, ServerConfig
     from freelunch.models.loader import ModelLoadError
     from freelunch.pool.process_worker import start_process_workers

@@ -7,6 +7,22 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+# Switches between kernel paths, for benchmarks, tests and bisecting a numeric difference (not
+# server settings: no flag sets them). Read here, the one module below the CLI that reads the
+# environment; the kernels and models ask `kernel_switch`.
+KERNEL_SWITCHES = {
+    "FREELUNCH_CPU_LINEAR": "panel",  # float32 linears: panel (our C kernels), onednn, torch
+    "FREELUNCH_CPU_ATTENTION": "kernel",  # few-query attention: kernel (C), sdpa
+    "FREELUNCH_CPU_ELEMENTWISE": "kernel",  # RMSNorm, RoPE, SwiGLU's gate: kernel (C), torch
+    "FREELUNCH_CPU_DECODER": "stack",  # a step's layers: stack (one C call where it serves), layers
+    "FREELUNCH_INT8_KERNEL": "",  # the integer-activation variant; "": the best the CPU has
+    "CC": "",  # the C compiler that builds the kernels; "": gcc, else cc
+}
+
+
+def kernel_switch(name: str) -> str:
+    return os.environ.get(name, KERNEL_SWITCHES[name])
+
 
 @dataclass(frozen=True, slots=True)
 class EngineConfig:

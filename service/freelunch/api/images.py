@@ -242,7 +242,7 @@ class VisionPrompts:
     def __init__(self, folder: Path) -> None:
         from transformers import AutoProcessor
 
-        processor = AutoProcessor.from_pretrained(str(folder))
+        processor = AutoProcessor.from_pretrained(str(folder), local_files_only=True)
         if not hasattr(processor, "image_processor") or not getattr(processor, "image_token", None):
             raise RuntimeError(f"{folder} has no image processor config: the model cannot take images")
         self.processor = processor

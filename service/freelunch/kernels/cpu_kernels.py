@@ -40,6 +40,8 @@ from pathlib import Path
 
 import torch
 
+from freelunch.config import kernel_switch
+
 log = logging.getLogger(__name__)
 
 SOURCES = Path(__file__).with_name("csrc")  # the top-level kernels/cpu/ (a link in the source tree)
@@ -66,7 +68,7 @@ def cpu_supported() -> bool:
 
 
 def _compiler() -> str | None:
-    return os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
+    return kernel_switch("CC") or shutil.which("gcc") or shutil.which("cc")
 
 
 def _objects() -> list[tuple[Path, tuple[str, ...], str]]:
@@ -207,7 +209,7 @@ def _chosen_variant(library: ctypes.CDLL) -> str:
     """FREELUNCH_INT8_KERNEL names one (refused where the CPU cannot run it), else the first of
     INT8_PREFERENCE that runs here."""
     runs = int8_variants(library)
-    wanted = os.environ.get("FREELUNCH_INT8_KERNEL")
+    wanted = kernel_switch("FREELUNCH_INT8_KERNEL") or None
     if wanted:
         if wanted not in runs:
             raise RuntimeError(f"FREELUNCH_INT8_KERNEL={wanted}: this CPU runs {', '.join(runs) or 'none of them'}")

@@ -14,13 +14,10 @@ weights' dtype between the two kernels (as vLLM's fused_moe does). Computes exac
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -107,6 +104,10 @@ def _down_kernel(
     weight = tl.load(weights_ptr + tl.where(valid, slot, 0), mask=valid, other=0.0)
     acc = acc * weight[:, None]
     tl.store(y_ptr + slot[:, None] * sy_s + cols[None, :] * sy_h, acc, mask=valid[:, None] & col_ok[None, :])
+
+
+# Triton set TRITON_INTERPRET=1 at import: the kernels are interpreted (tests on CPU)
+INTERPRETED = not isinstance(_gate_up_kernel, triton.runtime.JITFunction)
 
 
 def align_slots(experts: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:

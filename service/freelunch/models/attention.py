@@ -8,13 +8,13 @@ share a shape: all single-token decode rows form one padded batch; each multi-to
 from __future__ import annotations
 
 import functools
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from freelunch.config import kernel_switch
 from freelunch.kernels import cpu_kernels
 from freelunch.kernels.paged_attention_ref import paged_attention_ref, sdpa_gqa
 from freelunch.models.expert_routing import ExpertRouting
@@ -37,7 +37,7 @@ CPU_PROMPT_MAX_QUERIES = 256
 @functools.cache
 def attention_library():
     """The C kernels' library unless FREELUNCH_CPU_ATTENTION=sdpa (read once: ~10 us a lookup, 30 a step)."""
-    return None if os.environ.get("FREELUNCH_CPU_ATTENTION", "kernel") == "sdpa" else cpu_kernels.load()
+    return None if kernel_switch("FREELUNCH_CPU_ATTENTION") == "sdpa" else cpu_kernels.load()
 
 
 def _cpu_kernels_for(q: torch.Tensor, k_cache: torch.Tensor, n: int):

@@ -15,11 +15,11 @@ pruning, a split cache. FREELUNCH_CPU_DECODER=layers turns it off (profiling, co
 from __future__ import annotations
 
 import ctypes
-import os
 
 import torch
 from torch import nn
 
+from freelunch.config import kernel_switch
 from freelunch.kernels import cpu_kernels
 from freelunch.models.attention import CPU_KERNEL_MAX_QUERIES, AttentionBatch, attention_library
 
@@ -56,7 +56,7 @@ class CpuDecoderStack:
         from freelunch.models.moe import SparseMoeBlock
 
         library = elementwise_library()
-        if os.environ.get("FREELUNCH_CPU_DECODER", "stack") == "layers" or library is None or attention_library() is None:
+        if kernel_switch("FREELUNCH_CPU_DECODER") == "layers" or library is None or attention_library() is None:
             return None
         if not len(layers) or not all(type(layer) is DecoderLayer for layer in layers):
             return None

@@ -14,12 +14,12 @@ from F.linear by float32 rounding (~1e-5 on logits).
 from __future__ import annotations
 
 import ctypes
-import os
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
+from freelunch.config import kernel_switch
 from freelunch.kernels import cpu_kernels
 
 # Row-count hint for the packed layout; 16 measured best from 1 to 300 rows on AVX2.
@@ -70,7 +70,7 @@ class PanelLinear(nn.Module):
 def _panel_library() -> ctypes.CDLL | None:
     """Our kernel's library where float32 linears run in it (PanelLinear, which also reads bfloat16
     weights as stored): FREELUNCH_CPU_LINEAR is `panel` (the default) and the kernel builds."""
-    return cpu_kernels.load() if os.environ.get("FREELUNCH_CPU_LINEAR", "panel") == "panel" else None
+    return cpu_kernels.load() if kernel_switch("FREELUNCH_CPU_LINEAR") == "panel" else None
 
 
 def panel_kernels() -> bool:
@@ -83,7 +83,7 @@ def _packer() -> Callable[[nn.Linear], nn.Module] | None:
     library = _panel_library()
     if library is not None:
         return lambda linear: PanelLinear(linear, library)
-    if os.environ.get("FREELUNCH_CPU_LINEAR", "panel") != "torch" and onednn_available():
+    if kernel_switch("FREELUNCH_CPU_LINEAR") != "torch" and onednn_available():
         return PackedLinear
     return None
 

@@ -10,7 +10,6 @@ MoE models (moe.py) reuse it with sparse feed-forward blocks (`feed_forward`, `l
 from __future__ import annotations
 
 import functools
-import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from freelunch.config import kernel_switch
 from freelunch.kernels import cpu_kernels
 from freelunch.models.attention import AttentionBatch
 from freelunch.models.cpu_decoder import CpuDecoderStack
@@ -94,7 +94,7 @@ def _sliding_window(c) -> int | None:
 @functools.cache
 def elementwise_library():
     """The C kernels for norms, RoPE and SwiGLU unless FREELUNCH_CPU_ELEMENTWISE=torch (read once)."""
-    return None if os.environ.get("FREELUNCH_CPU_ELEMENTWISE", "kernel") == "torch" else cpu_kernels.load()
+    return None if kernel_switch("FREELUNCH_CPU_ELEMENTWISE") == "torch" else cpu_kernels.load()
 
 
 def _fused(*tensors: torch.Tensor):

