@@ -314,11 +314,11 @@ def test_the_tree_follows_the_observed_acceptance():
 def test_the_default_tree_is_measured_once_per_model_and_learned_per_table(loaded):
     engine = _engine(loaded)
     calls = []
-    measure = engine.info.measure_verify_cost
+    measure = engine.info.forward_cost
     # measured, then made flat and long beside a verify step's own work (as on a GPU): this tiny
     # model's timings are noise, and where a tree does not pay the request decodes plainly
     # (test_where_no_tree_pays_...)
-    engine.info.measure_verify_cost = lambda **kw: calls.append(1) or {t: 1.0 for t in measure(**kw)}
+    engine.info.forward_cost = lambda **kw: calls.append(1) or {t: 1.0 for t in measure(**kw)}
     tok = loaded.tokenizer
     sampled = GenerationRequest("s", tok.encode("x"), SamplingParams(max_tokens=4, temperature=0.7), {"speculative": {}})
     _run(engine, [sampled])
@@ -345,7 +345,7 @@ def test_where_no_tree_pays_the_request_decodes_plainly_probes_and_says_so(loade
     request decodes plainly, the same tokens, drafting one node every PROBE_EVERY steps so that the
     acceptance stays measured, and its stats say how many steps went plain for that reason."""
     engine = _engine(loaded)
-    engine.info.measure_verify_cost = lambda **kw: {t: 0.01 * t for t in (1, 2, 4, 8, 16)}
+    engine.info.forward_cost = lambda **kw: {t: 0.01 * t for t in (1, 2, 4, 8, 16)}
     tok = loaded.tokenizer
     plain = _run(_engine(loaded), _requests(tok, None, max_tokens=40)[:1])
     assert _run(engine, _requests(tok, {}, max_tokens=40)[:1]) == plain
@@ -362,7 +362,7 @@ def test_a_full_cache_defers_the_measurement(loaded):
     def full(**kw) -> dict[int, float]:
         raise MemoryError("no free blocks")
 
-    engine.info.measure_verify_cost = full
+    engine.info.forward_cost = full
     plain = _run(_engine(loaded), _requests(tok, None, max_tokens=12)[:1])
     spec = _run(engine, _requests(tok, {}, max_tokens=12)[:1])
     assert spec == plain

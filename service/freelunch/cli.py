@@ -142,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=float(env("FREELUNCH_MAX_STEP_COST", "2")),
         help="a request's rows may make an engine step cost at most this many one-token decode steps, as measured "
-        "at start on this hardware: a speculative.tree whose verification costs more is a 400 naming the largest "
+        "at start on this hardware: an option whose rows cost more (a draft tree) is a 400 naming the largest "
         "tree this server takes",
     )
     serve.add_argument(

@@ -37,7 +37,7 @@ from freelunch.pool.pool import WorkerPool
 
 log = logging.getLogger("freelunch.api")
 
-# options a request asked for that decode as plain decoding (e.g. Token Recycling under sampling)
+# options a request asked for that decode as plain decoding (a method's `fallback`: methods/spec.py)
 FALLBACK_HEADER = "x-freelunch-fallback"
 # request fields accepted and ignored under --ignore-unknown-fields (percent-encoded)
 IGNORED_HEADER = "x-freelunch-ignored-fields"
@@ -183,7 +183,7 @@ class RequestBuilder:
     # ---- method options --------------------------------------------------------------------
     async def methods(self, req: SamplingFields) -> dict[str, dict[str, Any]]:
         """The request's method options (with a chat request's top-level aliases) over the
-        server's defaults; an option that says "off" (`speculative: {"method": "none"}`) opts
+        server's defaults; an option that says "off" (its spec's `off`) opts
         out of its default. Prompts inside options become token ids."""
         own = req.method_options()
         for name, aliases in getattr(req, "method_aliases", {}).items():

@@ -61,7 +61,7 @@ def usage(choices: list[ChoiceState], prompt_tokens: int, cached_tokens: int) ->
 
 
 def _is_setting(key: str) -> bool:
-    """Stats that describe a setting (e.g. guidance scale) or a mean are not summed over choices."""
+    """Stats that describe a setting (e.g. a method's scale) or a mean are not summed over choices."""
     return not (key.endswith(("_tokens", "_rows", "steps")) or key.startswith("mean_"))
 
 

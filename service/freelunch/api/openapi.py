@@ -17,7 +17,7 @@ class ErrorDetail(BaseModel):
     message: str
     type: str = Field(description="invalid_request_error, authentication_error, not_found_error, timeout_error, "
                       "rate_limit_error, server_error or service_unavailable")
-    param: str | None = Field(description="the request field the error is about, dotted (`guidance.scale`)")
+    param: str | None = Field(description="the request field the error is about, dotted (`<option>.<field>`)")
     code: str | None = None
 
 

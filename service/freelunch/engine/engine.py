@@ -48,8 +48,8 @@ class ModelInfo:
     shared_state: dict = field(default_factory=dict)  # per-model method state (e.g. draft tables)
     vision: ImageEncoder | None = None  # a vision-language model's image side
     max_num_batched_tokens: int = 0  # tokens one forward may take (a prefill transform needs the whole prompt)
-    # seconds per forward of T tokens after a short context, by T (what verifying a draft tree costs)
-    measure_verify_cost: Callable[[], dict[int, float]] | None = None
+    # seconds per forward of T tokens after a short context, by T (what a step of T rows costs)
+    forward_cost: Callable[..., dict[int, float]] | None = None
     kv_split_layer: int | None = None  # the KV cache's layer split (see block_manager), if any
     # a request's rows may make a step cost at most this many one-token decode steps
     max_step_cost: float = float("inf")
@@ -140,7 +140,7 @@ class Engine:
             config.device,
             vision=loaded.model if takes_images else None,
             max_num_batched_tokens=config.native_batched_tokens,
-            measure_verify_cost=self.runner.forward_cost,
+            forward_cost=self.runner.forward_cost,
             kv_split_layer=self.blocks.split,
             max_step_cost=config.max_step_cost,
         )

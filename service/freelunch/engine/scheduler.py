@@ -17,7 +17,7 @@ Policy "fifo" is the plain order: admission order, whole budget, FIFO admission.
 
 Prefix caching: a row that starts from nothing first takes the longest cached chain of its
 blocks (block_manager.py). A row whose first missing block another row is computing right now
-(the other choices of `n` > 1, guidance's rows sharing a system prompt, a burst of requests with
+(the other choices of `n` > 1, a method's extra rows sharing a system prompt, a burst of requests with
 one few-shot prefix) waits until that row has computed it and then takes it, instead of computing
 the same prefix beside it.
 """

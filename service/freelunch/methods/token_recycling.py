@@ -212,10 +212,10 @@ def verify_cost(model_info: Any) -> VerifyCost | None:
     it cannot be measured (the cache is full right now: a later request measures)."""
     state = model_info.shared_state
     if "token_recycling_cost" not in state:
-        if model_info.measure_verify_cost is None:
+        if model_info.forward_cost is None:
             return None
         try:
-            seconds = model_info.measure_verify_cost(context=VERIFY_CONTEXT, sizes=VERIFY_SIZES)
+            seconds = model_info.forward_cost(context=VERIFY_CONTEXT, sizes=VERIFY_SIZES)
         except MemoryError:
             return None
         state["token_recycling_cost"] = VerifyCost.fit(seconds)

@@ -18,7 +18,7 @@ Activations (`--activations`) are a second, named choice of numerics:
 - `int8`: each row of the input is quantised in blocks of 32 and multiplied in integer units
   (kernels/cpu/linear_int8.c, as llama.cpp computes GGUF models): several times the multiply-adds
   per instruction, so a step of a few rows (a draft tree) costs little more than one. A row's
-  result depends on that row alone, so speculative decoding stays lossless.
+  result depends on that row alone, so verifying a draft stays lossless.
 """
 
 from __future__ import annotations
