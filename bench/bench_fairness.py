@@ -29,7 +29,7 @@ from pathlib import Path
 
 import httpx
 
-from freelunch.benchmark import PLAIN, Stream, start_server, stop_server, stream_once
+from freelunch.benchmark import plain_fields, Stream, start_server, stop_server, stream_once
 from host import machine  # bench/host.py
 
 LIGHT = [{"role": "user", "content": "Say hello in one short sentence."}]
@@ -50,7 +50,7 @@ async def heavy_load(client: httpx.AsyncClient, model: str) -> list[asyncio.Task
         return s
 
     async def long() -> Stream:
-        return await stream_once(client, model, LONG_PROMPT, 32, PLAIN)
+        return await stream_once(client, model, LONG_PROMPT, 32, plain_fields())
 
     async def many() -> httpx.Response:
         body = {"model": model, "prompt": "Write a poem:", "max_tokens": 192, "n": 16, "ignore_eos": True, "temperature": 0.8}
@@ -62,7 +62,7 @@ async def heavy_load(client: httpx.AsyncClient, model: str) -> list[asyncio.Task
 async def light_requests(client: httpx.AsyncClient, model: str, count: int) -> list[Stream]:
     async def one(i: int) -> Stream:
         await asyncio.sleep(0.4 * i)
-        return await stream_once(client, model, LIGHT, 16, PLAIN, ignore_eos=True)
+        return await stream_once(client, model, LIGHT, 16, plain_fields(), ignore_eos=True)
 
     return list(await asyncio.gather(*(one(i) for i in range(count))))
 
@@ -81,7 +81,7 @@ def summary(runs: list[Stream]) -> dict:
 async def measure(base: str, light: int) -> dict:
     async with httpx.AsyncClient(base_url=base, timeout=httpx.Timeout(900.0), limits=httpx.Limits(max_connections=400)) as client:
         model = (await client.get("/v1/models")).json()["data"][0]["id"]
-        await stream_once(client, model, LIGHT, 4, PLAIN)  # warm-up
+        await stream_once(client, model, LIGHT, 4, plain_fields())  # warm-up
         alone = summary(await light_requests(client, model, light))
         heavy = await heavy_load(client, model)
         await asyncio.sleep(1.0)  # the heavy requests are admitted and running

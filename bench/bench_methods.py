@@ -30,12 +30,12 @@ from pathlib import Path
 import httpx
 from host import machine  # bench/host.py
 
-from freelunch.benchmark import PLAIN, start_server, stop_server, stream_once
+from freelunch.benchmark import plain_fields, start_server, stop_server, stream_once
 from freelunch.benchmark_prompts import SPEC_PROMPTS, SPEC_WARMUP
 
 TR = {"speculative": {"method": "token_recycling"}}
 GUIDED = {"guidance": {"scale": 1.5}}
-METHODS = {"plain": PLAIN, "guidance": GUIDED, "token recycling": TR, "token recycling + guidance": {**TR, **GUIDED}}
+METHODS = {"plain": plain_fields(), "guidance": GUIDED, "token recycling": TR, "token recycling + guidance": {**TR, **GUIDED}}
 BASELINE = {"token recycling": "plain", "token recycling + guidance": "guidance"}  # same outputs expected
 
 

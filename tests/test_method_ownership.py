@@ -19,7 +19,6 @@ INTERFACE = {"methods/__init__.py", "methods/spec.py", "methods/pipeline.py"}
 KNOWN = {
     "backends/vllm_engine.py": {"guidance"},  # vLLM's paired rows: no vLLM hook in the spec yet
     "backends/vllm_guidance.py": {"guidance", "speculative"},  # the same, and "vLLM speculative decoding" (vLLM's)
-    "benchmark.py": {"speculative", "guidance", "moe_contrast", "visual_pruning"},  # `freelunch bench` names its cases
 }
 
 

@@ -1,11 +1,12 @@
 """The proof that a method lives in one place: a method from outside the package (tests/plugin_method,
 a distribution with a `freelunch.methods` entry point) installed beside freelunch is served like
-the shipped four, with no line of freelunch changed: in `freelunch serve --help`, /openapi.json,
+the shipped four, with no line of freelunch changed: in `freelunch serve --help`, /openapi.json, `freelunch bench`,
 requests (alone and composed with Token Recycling), `usage.method_stats`, /metrics, and refused with
 a 400 naming it on an engine that does not run it."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -66,6 +67,13 @@ def test_the_plugin_method_is_served_like_the_shipped_ones(with_plugin, tiny_lla
         assert bad.status_code == 400 and bad.json()["error"]["param"] == "prompt_contrast.alpha"
         assert metric(base, "freelunch_prompt_contrast_steps_total") >= 8
         assert 'freelunch_method_requests_total{method="prompt_contrast"}' in httpx.get(base + "/metrics").text
+
+        out = Path(with_plugin).parent / "bench.json"
+        bench = [sys.executable, "-m", "freelunch.cli", "bench", "--url", base, "--options", "prompt_contrast",
+                 "--repeats", "1", "--concurrency", "1", "--max-tokens", "4", "--out", str(out), "--no-progress"]  # fmt: skip
+        subprocess.run(bench, check=True, capture_output=True)
+        row = json.loads(out.read_text())["methods"]["prompt_contrast"]
+        assert row["status"] == "ok" and row["options"] == {"prompt_contrast": {"alpha": 0.5}} and row["decode_tps"] > 0
     finally:
         stop_server(proc)
 

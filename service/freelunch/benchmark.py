@@ -13,9 +13,11 @@ tokens, and measures:
   footprint      a server it started: the memory of its processes (USS and PSS of the API
                  process and of each worker, Linux), the peak while it ran and idle at its end.
 
-An option the served model cannot run (a 400: `moe_contrast` on a dense model, an option the
-backend lacks) is reported as unavailable, not as a failure. `visual_pruning` needs image inputs
-on a vision-language model and is skipped. Writes JSON (`--out`) and prints markdown tables.
+The options and how each is measured come from the installed methods' specs (`bench`: its
+request fields; a lossless speed-up is measured on chats the server has not seen: SPEC_PROTOCOL).
+An option the served model cannot run (a 400: a MoE method on a dense model, an option the backend
+lacks) is reported as unavailable, not as a failure; one a spec does not measure (it needs image
+inputs) is reported as skipped, with why. Writes JSON (`--out`) and prints markdown tables.
 """
 
 from __future__ import annotations
@@ -35,11 +37,14 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 
 from freelunch.cpu_features import cpu_features, cpu_name
+
+if TYPE_CHECKING:
+    from freelunch.methods.spec import BenchCase
 
 PROMPTS = [
     "Write a short story about a robot who learns to paint.",
@@ -52,15 +57,23 @@ PROMPTS = [
     "Give a recipe for pancakes, step by step.",
 ]
 
-# Plain decoding, even on a server started with `--speculative token_recycling` for every request.
-PLAIN: dict[str, Any] = {"speculative": {"method": "none"}}
-# option name -> request fields measured against plain decoding
-OPTIONS: dict[str, dict[str, Any]] = {
-    "speculative": {"speculative": {"method": "token_recycling"}},
-    "guidance": {"guidance": {"scale": 1.5}},
-    "moe_contrast": {"moe_contrast": {"beta": 0.5}},
-}
-SKIPPED = {"visual_pruning": "needs image inputs on a vision-language model; not measured by this benchmark"}
+def cases() -> dict[str, BenchCase]:
+    """The installed methods' cases (each spec's `bench`), by option."""
+    from freelunch.methods import method_specs
+
+    return {name: spec.bench for name, spec in method_specs().items() if spec.bench is not None}
+
+
+def plain_fields() -> dict[str, Any]:
+    """Request fields of plain decoding, even on a server whose flags turn a method on for every request."""
+    from freelunch.methods import method_specs
+
+    return {name: spec.off_options for name, spec in method_specs().items() if spec.off_options is not None}
+
+
+def option_fields(name: str) -> dict[str, Any]:
+    """Request fields that measure option `name` against plain decoding."""
+    return {name: cases()[name].options}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -88,11 +101,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--repeats", type=int, default=3, help="single-stream requests per mode (medians)")
     parser.add_argument(
-        "--spec-max-tokens", type=int, default=128, help="tokens per chat in the Token Recycling measurement"
+        "--spec-max-tokens", type=int, default=128, help="tokens per chat in a lossless speed-up's measurement"
     )
     parser.add_argument("--concurrency", default="1,4,16", help="comma-separated concurrency levels")
     parser.add_argument(
-        "--options", default=",".join([*OPTIONS, *SKIPPED]), help="method options to compare with plain"
+        "--options", default=",".join(cases()), help="method options to compare with plain"
     )
     parser.add_argument("--out", default="freelunch-bench.json", help="JSON results file")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -137,7 +150,7 @@ async def stream_once(
 ) -> Stream:
     """One greedy streamed completion (a chat when `prompt` is a list of messages) of up to
     `max_tokens` tokens (exactly, with `ignore_eos`), with the body fields `extra` (method options;
-    `PLAIN` for plain decoding whatever the server's defaults); also used by bench/bench_http.py."""
+    `plain_fields()` for plain decoding whatever the server's defaults); also used by bench/bench_http.py."""
     chat = isinstance(prompt, list)
     body = {
         "model": model,
@@ -181,62 +194,64 @@ async def stream_once(
 
 
 SPEC_PROTOCOL = (
-    "Token Recycling the paper's way: the adjacency table is warmed on {warmup} chats, then each of {n} other chats "
+    "Measured as the Token Recycling paper does: the method is warmed on {warmup} chats, then each of {n} other chats "
     "is decoded once with it (first sight), interleaved with plain decoding of the same chat; a second pass decodes "
     "the same chats again (repeated prompt: the table has seen them). Greedy chat completions of up to {tokens} "
-    "tokens that end where the model stops; speed-up = plain time / Token Recycling time over all chats "
+    "tokens that end where the model stops; speed-up = plain time / the method's time over all chats "
     "(the outputs are the same tokens). The set: {n} hand-written chats in {categories} categories named after "
     "Spec-Bench's, not Spec-Bench itself. Against a running server (--url), its table may have seen them already."
 )
 
 
 def spec_requests() -> int:
-    """Requests of the Token Recycling measurement: the warm-up, then two passes of (plain, TR) per chat."""
+    """Requests of a lossless speed-up's measurement: the warm-up, then two passes of (plain, the method) per chat."""
     from freelunch.benchmark_prompts import SPEC_PROMPTS, SPEC_WARMUP
 
     return len(SPEC_WARMUP) + 4 * sum(len(convs) for convs in SPEC_PROMPTS.values())
 
 
-async def measure_speculative(
-    client: httpx.AsyncClient, model: str, max_tokens: int, progress: Any
+async def measure_lossless(
+    client: httpx.AsyncClient, model: str, name: str, max_tokens: int, progress: Any
 ) -> dict[str, Any]:
-    """First-sight and repeated-prompt speed-ups of Token Recycling over plain decoding (SPEC_PROTOCOL)."""
+    """First-sight and repeated-prompt speed-ups of a lossless method over plain decoding (SPEC_PROTOCOL)."""
     from freelunch.benchmark_prompts import SPEC_PROMPTS, SPEC_WARMUP
 
-    tr = OPTIONS["speculative"]
+    plain_request, per_step = plain_fields(), cases()[name].per_step
+    tr = plain_request | option_fields(name)
     chats = [conv for convs in SPEC_PROMPTS.values() for conv in convs]
 
     async def run(conv: list[dict[str, Any]], extra: dict[str, Any]) -> Stream:
         s = await stream_once(client, model, conv, max_tokens, extra, ignore_eos=False)
         if s.status != 200 or s.error:
-            raise RuntimeError(f"speculative: request failed ({s.status}): {s.error}")
+            raise RuntimeError(f"{name}: request failed ({s.status}): {s.error}")
         progress.update(1)
         return s
 
-    progress.set_description("speculative: warm-up")
+    progress.set_description(f"{name}: warm-up")
     for conv in SPEC_WARMUP:
         await run(conv, tr)
     passes: dict[str, tuple[list[Stream], list[Stream]]] = {}
-    for name in ("first_sight", "repeated"):
-        progress.set_description(f"speculative: {name}")
+    for pass_name in ("first_sight", "repeated"):
+        progress.set_description(f"{name}: {pass_name}")
         plain, spec = [], []
         for conv in chats:  # interleaved, so that drift hits both alike
-            plain.append(await run(conv, PLAIN))
+            plain.append(await run(conv, plain_request))
             spec.append(await run(conv, tr))
-        passes[name] = (plain, spec)
+        passes[pass_name] = (plain, spec)
     result: dict[str, Any] = {
         "protocol": SPEC_PROTOCOL.format(
             warmup=len(SPEC_WARMUP), n=len(chats), tokens=max_tokens, categories=len(SPEC_PROMPTS)
         )
     }
-    for name, (plain, spec) in passes.items():
+    for pass_name, (plain, spec) in passes.items():
         plain_s, spec_s = sum(r.e2e for r in plain), sum(r.e2e for r in spec)
-        accepted = [r.method_stats["speculative"]["mean_accepted_tokens_per_step"] for r in spec if r.method_stats]
-        result[name] = {
+        accepted = [r.method_stats[name][per_step] for r in spec if r.method_stats and name in r.method_stats]
+        result[pass_name] = {
             "speedup_vs_plain": plain_s / spec_s if spec_s else 0.0,
             "plain_tps": sum(r.tokens for r in plain) / plain_s if plain_s else 0.0,
-            "speculative_tps": sum(r.tokens for r in spec) / spec_s if spec_s else 0.0,
-            "mean_accepted_tokens_per_step": statistics.mean(accepted) if accepted else 1.0,
+            "method_tps": sum(r.tokens for r in spec) / spec_s if spec_s else 0.0,
+            "per_step_stat": per_step,
+            per_step: statistics.mean(accepted) if accepted else 1.0,
             "identical_outputs": sum(a.text == b.text for a, b in zip(plain, spec)),
             "chats": len(chats),
         }
@@ -280,7 +295,8 @@ async def measure(
         r.raise_for_status()
         model = r.json()["data"][0]["id"]
 
-        warm = await stream_once(client, model, PROMPTS[0], 8, PLAIN)
+        plain_request, known = plain_fields(), cases()
+        warm = await stream_once(client, model, PROMPTS[0], 8, plain_request)
         progress.update(1)
         if warm.status != 200 or warm.error:
             raise RuntimeError(f"a plain request failed ({warm.status}): {warm.error}")
@@ -289,39 +305,41 @@ async def measure(
         methods: dict[str, dict[str, Any]] = {}
         for name in wanted:  # one short request each: warm-up, and is the option available here?
             progress.set_description(f"probe {name}")
-            if name in SKIPPED:
-                methods[name] = {"status": "skipped", "reason": SKIPPED[name]}
+            if known[name].options is None:
+                methods[name] = {"status": "skipped", "reason": known[name].skip}
             else:
-                probe = await stream_once(client, model, PROMPTS[0], 8, PLAIN | OPTIONS[name])
+                fields = plain_request | option_fields(name)
+                probe = await stream_once(client, model, PROMPTS[0], 8, fields)
                 if probe.status == 400:
-                    methods[name] = {"status": "unavailable", "reason": probe.error, "options": OPTIONS[name]}
+                    methods[name] = {"status": "unavailable", "reason": probe.error, "options": option_fields(name)}
                 elif probe.status != 200 or probe.error:
                     raise RuntimeError(f"{name}: request failed ({probe.status}): {probe.error}")
                 else:
-                    methods[name] = {"status": "ok", "options": OPTIONS[name]}
+                    methods[name] = {"status": "ok", "options": option_fields(name)}
             progress.update(1)
         measured = [name for name in wanted if methods[name]["status"] == "ok"]
         progress.total -= args.repeats * (len(wanted) - len(measured))
-        if "speculative" in wanted and "speculative" not in measured:
-            progress.total -= spec_requests() - args.repeats
+        lossless = [name for name in measured if known[name].lossless]
+        progress.total -= sum(spec_requests() - args.repeats for name in wanted if known[name].lossless and name not in lossless)
         progress.refresh()
 
-        # Single stream: plain and each option, interleaved so that drift hits them alike. Token
-        # Recycling is measured its own way (warm-up, then prompts its table has not seen).
-        runs: dict[str, list[Stream]] = {name: [] for name in ["plain", *measured] if name != "speculative"}
+        # Single stream: plain and each option, interleaved so that drift hits them alike. A lossless
+        # speed-up is measured its own way (warm-up, then prompts the server has not seen).
+        runs: dict[str, list[Stream]] = {name: [] for name in ["plain", *measured] if name not in lossless}
         for i in range(args.repeats):
             for name, done in runs.items():
                 progress.set_description(f"single stream: {name}")
                 s = await stream_once(
-                    client, model, PROMPTS[i % len(PROMPTS)], args.max_tokens, PLAIN | OPTIONS.get(name, {})
+                    client, model, PROMPTS[i % len(PROMPTS)], args.max_tokens,
+                    plain_request | (option_fields(name) if name != "plain" else {}),
                 )
                 if s.status != 200 or s.error:
                     raise RuntimeError(f"{name}: request failed ({s.status}): {s.error}")
                 done.append(s)
                 progress.update(1)
         plain = summarise(runs["plain"])
-        if "speculative" in measured:
-            methods["speculative"].update(await measure_speculative(client, model, args.spec_max_tokens, progress))
+        for name in lossless:
+            methods[name].update(await measure_lossless(client, model, name, args.spec_max_tokens, progress))
         for name in [m for m in measured if m in runs]:
             row = summarise(runs[name])
             row["speedup_vs_plain"] = plain["e2e_s"] / row["e2e_s"] if row["e2e_s"] else 0.0
@@ -337,7 +355,7 @@ async def measure(
             progress.set_description(f"concurrency {c}")
 
             async def tracked(i: int) -> Stream:
-                s = await stream_once(client, model, PROMPTS[i % len(PROMPTS)], args.max_tokens, PLAIN)
+                s = await stream_once(client, model, PROMPTS[i % len(PROMPTS)], args.max_tokens, plain_request)
                 progress.update(1)
                 return s
 
@@ -364,9 +382,9 @@ def plan(args: argparse.Namespace) -> tuple[list[int], list[str]]:
     except ValueError:
         raise ValueError(f"--concurrency takes comma-separated integers, not {args.concurrency!r}") from None
     wanted = [o.strip() for o in args.options.split(",") if o.strip()]
-    unknown = [o for o in wanted if o not in OPTIONS and o not in SKIPPED]
+    unknown = [o for o in wanted if o not in cases()]
     if unknown:
-        raise ValueError(f"unknown option(s) {unknown}; known: {', '.join([*OPTIONS, *SKIPPED])}")
+        raise ValueError(f"unknown option(s) {unknown}; known: {', '.join(cases())}")
     if any(c < 1 for c in levels) or args.repeats < 1 or args.max_tokens < 2:
         raise ValueError("--concurrency levels and --repeats must be >= 1, --max-tokens >= 2")
     return levels, wanted
@@ -556,28 +574,29 @@ def markdown(result: dict[str, Any]) -> str:
     lines.append(
         f"| plain | {single['decode_tps']:.1f} | {single['ttft_s'] * 1e3:.0f} | {single['e2e_s']:.2f} | 1.00x | 1.00x |"
     )
-    spec = None
+    lossless = []
     for name, row in result["methods"].items():
         if row["status"] != "ok":
             lines.append(f"| {name} | {row['status']}: {row['reason']} | | | | |")
             continue
         if "first_sight" in row:
-            spec = row
+            lossless.append((name, row))
             continue
         lines.append(
             f"| {name} | {row['decode_tps']:.1f} | {row['ttft_s'] * 1e3:.0f} | {row['e2e_s']:.2f} "
             f"| {row['speedup_vs_plain']:.2f}x | {row['ttft_ratio_vs_plain']:.2f}x |"
         )
-    if spec is not None:
-        lines += ["", "| Token Recycling | speed vs plain | plain tok/s | TR tok/s | accepted tokens/step | same output |",
+    for name, row in lossless:
+        per_step = row["first_sight"]["per_step_stat"]
+        lines += ["", f"| {name} | speed vs plain | plain tok/s | {name} tok/s | {per_step.replace('_', ' ')} | same output |",
                   "| --- | ---: | ---: | ---: | ---: | ---: |"]
-        for name in ("first_sight", "repeated"):
-            r = spec[name]
+        for pass_name in ("first_sight", "repeated"):
+            r = row[pass_name]
             lines.append(
-                f"| {name.replace('_', ' ')} | {r['speedup_vs_plain']:.2f}x | {r['plain_tps']:.1f} | {r['speculative_tps']:.1f} "
-                f"| {r['mean_accepted_tokens_per_step']:.2f} | {r['identical_outputs']}/{r['chats']} |"
+                f"| {pass_name.replace('_', ' ')} | {r['speedup_vs_plain']:.2f}x | {r['plain_tps']:.1f} | {r['method_tps']:.1f} "
+                f"| {r[per_step]:.2f} | {r['identical_outputs']}/{r['chats']} |"
             )
-        lines += ["", spec["protocol"]]
+        lines += ["", row["protocol"]]
     return "\n".join(lines)
 
 
@@ -605,8 +624,8 @@ def run(args: argparse.Namespace) -> int:
                 serve_args = (["--model", args.model] if args.model else []) + shlex.split(args.server_args)
                 proc, base = start_server(serve_args, log, args.ready_timeout)
             total = 1 + len(wanted) + args.repeats * (1 + len(wanted)) + sum(levels)
-            if "speculative" in wanted:
-                total += spec_requests() - args.repeats
+            known = cases()
+            total += sum(spec_requests() - args.repeats for name in wanted if known[name].lossless)
             with tqdm(total=total, unit="req", file=sys.stderr, disable=args.no_progress) as progress:
                 if proc is None:
                     measured = asyncio.run(measure(base, headers, args, progress))

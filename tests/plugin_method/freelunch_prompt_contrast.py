@@ -13,7 +13,7 @@ import torch
 from pydantic import Field
 
 from freelunch.methods.pipeline import Stage, Variant
-from freelunch.methods.spec import MethodMetric, MethodOptions, MethodSpec, ServerFlag
+from freelunch.methods.spec import BenchCase, MethodMetric, MethodOptions, MethodSpec, ServerFlag
 
 
 class PromptContrastOptions(MethodOptions):
@@ -61,4 +61,5 @@ SPEC = MethodSpec(
         ),
     ),
     engines=frozenset({"native"}),
+    bench=BenchCase({"alpha": 0.5}),  # `freelunch bench` measures it beside plain decoding
 )

@@ -29,7 +29,7 @@ from pydantic_core import PydanticCustomError
 from freelunch.engine.request import GenerationRequest, Sequence
 from freelunch.methods import OptionError, validate_options
 from freelunch.methods.pipeline import Stage, Variant
-from freelunch.methods.spec import MethodOptions, MethodSpec, PromptField, TokenId
+from freelunch.methods.spec import BenchCase, MethodOptions, MethodSpec, PromptField, TokenId
 
 DEFAULT_SCALE = 1.5
 MAX_SCALE = 30.0
@@ -122,4 +122,5 @@ SPEC = MethodSpec(
     chat_aliases=("negative_messages",),
     engines=frozenset({"native", "vllm"}),  # vLLM: as paired rows (backends/vllm_guidance.py)
     docs="docs/guidance.md",
+    bench=BenchCase({"scale": 1.5}),
 )

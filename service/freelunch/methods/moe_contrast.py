@@ -25,7 +25,7 @@ from pydantic import Field
 from freelunch.engine.request import GenerationRequest, Sequence
 from freelunch.methods import OptionError, validate_options
 from freelunch.methods.pipeline import Stage, Variant
-from freelunch.methods.spec import MethodOptions, MethodSpec
+from freelunch.methods.spec import BenchCase, MethodOptions, MethodSpec
 from freelunch.models.expert_routing import EXPERT_RANK, EXPERT_TOP_K
 
 DEFAULT_BETA = 0.5
@@ -114,4 +114,5 @@ SPEC = MethodSpec(
     stages=("row_expansion", "combination"),
     requires=("moe",),
     docs="docs/moe_contrast.md",
+    bench=BenchCase({"beta": 0.5}),
 )

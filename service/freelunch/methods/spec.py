@@ -63,6 +63,19 @@ class MethodMetric:
 
 
 @dataclass(frozen=True, slots=True)
+class BenchCase:
+    """How `freelunch bench` measures a method beside plain decoding."""
+
+    options: dict[str, Any] | None  # the request's value of the option; None: not measured (`skip` says why)
+    skip: str = ""
+    # a lossless speed-up (plain decoding's output, sooner): measured on chats the server has not
+    # seen, after a warm-up on others, then on the same chats again, outputs compared with plain's;
+    # `per_step` names its stat of tokens decoded a step
+    lossless: bool = False
+    per_step: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class MethodSpec:
     option: str  # the request body field
     options: type[MethodOptions]  # validated at the API and again by the engine
@@ -87,5 +100,8 @@ class MethodSpec:
     # or refuses it with a 400 naming the option
     engines: frozenset[str] = frozenset({"native"})
     docs: str = ""  # its page, relative to the repository (docs/<method>.md)
+    bench: BenchCase | None = None
+    # the option's value that turns the method off, for a request on a server whose flag defaults it on
+    off_options: dict[str, Any] | None = None
     # (takes images, decoder layers) -> the KV cache layer it wants split at by default, or None
     kv_split_hint: Callable[[bool, int], int | None] | None = None

@@ -35,7 +35,7 @@ from freelunch.engine.strategy import RowPlan, Sampled, StepContext
 from freelunch.kernels import cpu_kernels
 from freelunch.methods import OptionError, validate_options
 from freelunch.methods.pipeline import Pipeline, Stage
-from freelunch.methods.spec import MethodMetric, MethodOptions, MethodSpec, ServerFlag
+from freelunch.methods.spec import BenchCase, MethodMetric, MethodOptions, MethodSpec, ServerFlag
 from freelunch.methods.tree_sizing import RankAcceptance, VerifyCost, best_tree
 from freelunch.methods.tree_templates import TEMPLATE_222, DraftTree, sub_template
 
@@ -487,4 +487,6 @@ SPEC = MethodSpec(
         ),
     ),
     docs="docs/token_recycling.md",
+    bench=BenchCase({"method": "token_recycling"}, lossless=True, per_step="mean_accepted_tokens_per_step"),
+    off_options={"method": "none"},
 )

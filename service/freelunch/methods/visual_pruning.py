@@ -29,7 +29,7 @@ from freelunch.engine.request import GenerationRequest, Sequence
 from freelunch.engine.strategy import ImageEncoder, RowPlan
 from freelunch.methods import OptionError, validate_options
 from freelunch.methods.pipeline import Pipeline, Stage
-from freelunch.methods.spec import MethodMetric, MethodOptions, MethodSpec
+from freelunch.methods.spec import BenchCase, MethodMetric, MethodOptions, MethodSpec
 
 DEFAULT_KEEP = 0.5
 DEFAULT_FASTV_LAYER = 2
@@ -210,6 +210,7 @@ SPEC = MethodSpec(
         ),
     ),
     docs="docs/visual_pruning.md",
+    bench=BenchCase(None, skip="needs image inputs on a vision-language model; not measured by this benchmark"),
     # FastV's layer for a model that takes images: the KV cache splits there (engine/block_manager.py)
     kv_split_hint=lambda takes_images, layers: min(DEFAULT_FASTV_LAYER, layers - 1) if takes_images else None,
 )
