@@ -134,7 +134,7 @@ def test_seeded_sampling_is_reproducible_and_seeds_differ(tiny):
 
 
 def test_guided_sampling_draws_one_token_for_both_rows(tiny):
-    """A sampled guided request: the processor draws the pair's token (vllm_guidance.py). Top-k 1
+    """A sampled guided request: the processor draws the pair's token (methods/guidance_vllm.py). Top-k 1
     draws the guided argmax, so it equals greedy guidance; a seed reproduces its draws."""
     _, _, vllm_engine, native = tiny
     guided = {"guidance": {"scale": 2.0}}

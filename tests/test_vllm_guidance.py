@@ -17,7 +17,8 @@ import torch
 pytestmark = pytest.mark.vllm
 pytest.importorskip("vllm", reason="the vllm extra is not installed")
 
-from freelunch.backends.vllm_guidance import EXTRA_KEY, PairedGuidance, PairedGuidanceV2, processor_for
+from freelunch.methods.guidance_vllm import GUIDANCE_PAIRS, PairedGuidance, PairedGuidanceV2
+from freelunch.methods.spec import PAIR_KEY
 from freelunch.config import EngineConfig
 from freelunch.methods.guidance import guide
 from vllm import SamplingParams
@@ -31,8 +32,9 @@ MAX_LEN = 64
 
 
 def tagged(role: str, pair: str = "p", scale: float = 2.0, seed: int = 5, **params) -> SamplingParams:
-    tag = {"pair": pair, "role": role, "scale": scale, "rescale": None, "seed": seed}
-    return SamplingParams(extra_args={EXTRA_KEY: tag}, **params)
+    """A row of a guided pair as the adapter tags it (role "cond" is the pair's main row)."""
+    tag = {"option": "guidance", "pair": pair, "role": {"cond": "main", "uncond": "extra"}[role], "scale": scale, "rescale": None, "seed": seed}
+    return SamplingParams(extra_args={PAIR_KEY: tag}, **params)
 
 
 class RunnerStates:
@@ -69,7 +71,7 @@ def v2(states: RunnerStates, requests: dict[int, SamplingParams]) -> PairedGuida
     assert isinstance(proc, V2Interface)
     for slot, params in requests.items():
         PairedGuidanceV2.validate_params(params)
-        assert proc.add_request(slot, params) == (EXTRA_KEY in (params.extra_args or {}))
+        assert proc.add_request(slot, params) == (PAIR_KEY in (params.extra_args or {}))
     return proc
 
 
@@ -171,9 +173,9 @@ def test_v2_refuses_several_rows_per_request():
 
 
 def test_bad_tags_are_refused_at_admission():
-    bad = SamplingParams(extra_args={EXTRA_KEY: {"pair": "p", "role": "both", "seed": 1}})
+    bad = SamplingParams(extra_args={PAIR_KEY: {"option": "guidance", "pair": "p", "role": "both", "seed": 1}})
     for cls in (PairedGuidance, PairedGuidanceV2):
-        with pytest.raises(ValueError, match=EXTRA_KEY):
+        with pytest.raises(ValueError, match=PAIR_KEY):
             cls.validate_params(bad)
         cls.validate_params(SamplingParams())
 
@@ -205,7 +207,7 @@ def test_the_adapter_hands_vllm_the_processor_for_its_runner_and_no_limits(monke
         monkeypatch.setattr("vllm.config.vllm.HAS_TRITON", True)
     vllm_config = engine_config(EngineConfig(model=str(tmp_path), dtype="float32"), str(tmp_path), "tiny", 256)
     assert vllm_config.use_v2_model_runner is v2_runner
-    assert vllm_config.model_config.logits_processors == [processor_for(v2_runner)]
-    assert processor_for(v2_runner) is (PairedGuidanceV2 if v2_runner else PairedGuidance)
+    assert vllm_config.model_config.logits_processors == [PairedGuidanceV2 if v2_runner else PairedGuidance]
+    assert GUIDANCE_PAIRS.processor(v2_runner) is vllm_config.model_config.logits_processors[0]
     assert vllm_config.model_config.enforce_eager is False
     assert vllm_config.scheduler_config.enable_chunked_prefill is True

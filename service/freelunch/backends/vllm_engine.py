@@ -7,9 +7,11 @@ engine core in a process of its own on GPUs; in this process on CPUs, where our 
 the isolation boundary and a second process would take a core).
 
 What runs here: plain decoding with all sampling parameters, logprobs, prompt logprobs, stop
-strings and seeds (vLLM's own implementations), and `guidance` as paired rows. The other methods
-need hooks vLLM does not have (tree attention, per-row expert routing, per-layer KV lengths);
-the pool routes them to native workers (`capabilities`).
+strings and seeds (vLLM's own implementations), and the methods whose spec names a `PairedRows`
+(methods/spec.py): a second vLLM request beside the request's own, kept in lockstep by the
+method's logits processor. The other methods need hooks vLLM does not have (tree attention,
+per-row expert routing, per-layer KV lengths); the pool routes them to native workers
+(`capabilities`).
 """
 
 from __future__ import annotations
@@ -27,39 +29,50 @@ from freelunch.engine.request import GenerationRequest, RequestOutput, SamplingP
 
 log = logging.getLogger("freelunch.vllm")
 
-# guidance; structured outputs and logit_bias (vLLM's own, xgrammar): not both in one request
-CAPABILITIES = frozenset({"guidance", "constraint"})
 _MAX_STALLS = 64  # restarts in a row without progress (each costs one batch slot for one step) before failing
 
 
-@dataclass(slots=True)
-class _Guided:
-    """A guided request's second (unconditional) branch and the state to restart the pair."""
+def paired_rows() -> dict[str, Any]:
+    """The installed methods that run on vLLM as paired rows: option -> its PairedRows."""
+    import importlib
 
-    uncond_prompt: list[int]
-    scale: float
-    rescale: float | None
+    from freelunch.methods import method_specs
+
+    out = {}
+    for name, spec in method_specs().items():
+        if spec.vllm:
+            module, attribute = spec.vllm.split(":")
+            out[name] = getattr(importlib.import_module(module), attribute)
+    return out
+
+
+@dataclass(slots=True)
+class _Pair:
+    """A paired request's second row and the state to restart the pair."""
+
+    option: str
+    start: Any  # the method's PairStart: the second row's prompt, the tag's fields, its stats
     seed: int
     attempt: int = 0
     resyncs: int = 0  # restarts after falling out of lockstep
-    uncond_ids: list[int] = field(default_factory=list)  # the current attempt's unconditional tokens
+    extra_ids: list[int] = field(default_factory=list)  # the current attempt's second-row tokens
     stalls: int = 0  # restarts in a row that kept no new token
 
 
 @dataclass(slots=True)
 class _Tracked:
     request: GenerationRequest
-    vllm_id: str  # the id of the current vLLM request (changes when a guided pair restarts)
+    vllm_id: str  # the id of the current vLLM request (changes when a pair restarts)
     output_ids: list[int] = field(default_factory=list)
     base: int = 0  # output tokens decoded before the current vLLM request started (its prompt has them)
-    guided: _Guided | None = None
+    paired: _Pair | None = None
     scoring_only: bool = False  # max_tokens 0: vLLM decodes one token, which is dropped
     cached_tokens: int | None = None  # prompt tokens vLLM's prefix cache served (its first start)
 
     @property
     def vllm_ids(self) -> list[str]:
-        """The current vLLM request, and a guided request's unconditional branch."""
-        return [self.vllm_id, f"{self.vllm_id}#uncond"] if self.guided is not None else [self.vllm_id]
+        """The current vLLM request, and a paired request's second row."""
+        return [self.vllm_id, f"{self.vllm_id}#extra"] if self.paired is not None else [self.vllm_id]
 
 
 class VllmEngine:
@@ -91,9 +104,11 @@ class VllmEngine:
         self.tokenizer = load_tokenizer(source)
         self.vocab_size = int(hf_config.vocab_size)
         self.max_model_len = config.context_length(int(getattr(hf_config, "max_position_embeddings", 8192)))
-        # With tensor parallelism the guidance processor runs in each of vLLM's worker processes, a
-        # setting not verified yet: guided requests go to native workers then.
-        self.capabilities = CAPABILITIES if config.tensor_parallel_size == 1 else frozenset()
+        # With tensor parallelism a pair's processor runs in each of vLLM's worker processes, a
+        # setting not verified yet: paired methods go to native workers then. Structured outputs and
+        # logit_bias are vLLM's own (xgrammar).
+        self.pairs = paired_rows() if config.tensor_parallel_size == 1 else {}
+        self.capabilities = frozenset(self.pairs) | {"constraint"}
         vllm_config = engine_config(config, str(source.path), self.model_name, self.max_model_len)
         self.model_runner = "v2" if vllm_config.use_v2_model_runner else "v1"
         self.llm = LLMEngine.from_vllm_config(vllm_config, disable_log_stats=True)
@@ -140,11 +155,12 @@ class VllmEngine:
         unsupported = sorted(set(request.methods) - self.capabilities)
         if unsupported:
             raise EngineError(f"option(s) not available on the vllm backend: {', '.join(unsupported)}", unsupported[0])
-        if "guidance" in request.methods and (request.constraint is not None or request.logit_bias):
-            raise EngineError("guidance with a structured output runs on native workers (--native-workers N)", "guidance")
+        paired = sorted(set(request.methods) & set(self.pairs))
+        if len(paired) > 1:
+            raise EngineError(f"{', '.join(paired)} together run on native workers (--native-workers N)", paired[-1])
         tracked = _Tracked(request, request.request_id, scoring_only=request.params.max_tokens == 0)
-        if "guidance" in request.methods:
-            tracked.guided = self._guidance(request)
+        if paired:
+            tracked.paired = self._pair(paired[0], request)
         self._submit(tracked)
         self.requests[request.request_id] = tracked
 
@@ -162,7 +178,7 @@ class VllmEngine:
             return outputs
         self._align_threads()
         current: dict[str, Any] = {}  # our request id -> this step's vLLM output of its (cond) request
-        uncond: dict[str, list[int]] = {}  # our request id -> this step's unconditional tokens
+        extra: dict[str, list[int]] = {}  # our request id -> this step's second-row tokens
         for vout in self.llm.step():
             rid = self._by_vllm_id.get(vout.request_id)
             tracked = self.requests.get(rid) if rid is not None else None
@@ -170,11 +186,11 @@ class VllmEngine:
                 continue  # a request we stopped
             if tracked.vllm_id == vout.request_id:
                 current[rid] = vout
-            elif tracked.guided is not None and vout.request_id == tracked.vllm_ids[1]:
-                uncond[rid] = list(vout.outputs[0].token_ids)
+            elif tracked.paired is not None and vout.request_id == tracked.vllm_ids[1]:
+                extra[rid] = list(vout.outputs[0].token_ids)
         for tracked in list(self.requests.values()):
-            if tracked.guided is not None:
-                out = self._check_lockstep(tracked, current, uncond.get(tracked.request.request_id, []))
+            if tracked.paired is not None:
+                out = self._check_lockstep(tracked, current, extra.get(tracked.request.request_id, []))
                 if out is not None:
                     outputs.append(out)
         for rid, vout in current.items():
@@ -199,31 +215,20 @@ class VllmEngine:
         return getattr(getattr(getattr(self.llm, "engine_core", None), "engine_core", None), "scheduler", None)
 
     # ---- requests --------------------------------------------------------------------------
-    def _guidance(self, request: GenerationRequest) -> _Guided | None:
-        from freelunch.methods.guidance import parse_options
-
-        try:
-            opts = parse_options(request.methods["guidance"], self.vocab_size, self.max_model_len)
-        except ValueError as e:
-            raise EngineError(str(e), getattr(e, "param", "guidance")) from e
-        p = request.params
-        if opts.scale == 1 or p.max_tokens == 0:
-            return None  # plain decoding, as the native engine
-        # The two branches must sample the same token from the same guided values; a penalty that
-        # reads the prompt (which differs between them) would split them.
-        if p.repetition_penalty != 1.0:
-            raise EngineError("guidance on the vllm backend does not combine with repetition_penalty", "repetition_penalty")
-        if p.logprobs is not None:
-            raise EngineError("guidance on the vllm backend does not report logprobs", "logprobs")
-        uncond = opts.negative_prompt_ids or [request.prompt_token_ids[-1]]
-        seed = p.seed if p.seed is not None else random.getrandbits(63)
-        return _Guided(list(uncond), opts.scale, opts.rescale, seed)
+    def _pair(self, option: str, request: GenerationRequest) -> _Pair | None:
+        start = self.pairs[option].start(request, self.vocab_size, self.max_model_len)
+        if start is None:
+            return None  # the method decodes plainly for this request
+        seed = request.params.seed if request.params.seed is not None else random.getrandbits(63)
+        return _Pair(option, start, seed)
 
     def _submit(self, tracked: _Tracked) -> None:
-        """Start (or, for a guided pair out of lockstep, restart) the vLLM request(s)."""
+        """Start (or, for a pair out of lockstep, restart) the vLLM request(s)."""
         from vllm.inputs import TokensPrompt
 
-        request, g = tracked.request, tracked.guided
+        from freelunch.methods.spec import PAIR_KEY
+
+        request, g = tracked.request, tracked.paired
         done = tracked.output_ids
         tracked.base = len(done)
         params = self._sampling_params(request.params, len(done))
@@ -232,21 +237,19 @@ class VllmEngine:
         if request.logit_bias:
             params.logit_bias = dict(request.logit_bias)
         if g is not None:
-            from freelunch.backends.vllm_guidance import EXTRA_KEY
-
             g.attempt += 1
-            g.uncond_ids = []
+            g.extra_ids = []
             tracked.vllm_id = f"{request.request_id}@{g.attempt}"
-            # the pair's tokens are drawn by the guidance processor, from this seed
-            tag = {"pair": tracked.vllm_id, "scale": g.scale, "rescale": g.rescale, "seed": g.seed + g.attempt - 1}
-            uncond = params.clone()
-            uncond.extra_args = {EXTRA_KEY: tag | {"role": "uncond"}}
-            uncond.stop, uncond.detokenize, uncond.prompt_logprobs = [], False, None
-            params.extra_args = {EXTRA_KEY: tag | {"role": "cond"}}
-            uncond_id = tracked.vllm_ids[1]
-            self._by_vllm_id[uncond_id] = request.request_id
-            # the unconditional branch first: both are admitted in the same scheduler pass
-            self.llm.add_request(uncond_id, self._prompt(TokensPrompt, g.uncond_prompt + done, request), uncond)
+            # the pair's tokens are drawn by the method's processor, from this seed
+            tag = g.start.tag | {"option": g.option, "pair": tracked.vllm_id, "seed": g.seed + g.attempt - 1}
+            extra = params.clone()
+            extra.extra_args = {PAIR_KEY: tag | {"role": "extra"}}
+            extra.stop, extra.detokenize, extra.prompt_logprobs = [], False, None
+            params.extra_args = {PAIR_KEY: tag | {"role": "main"}}
+            extra_id = tracked.vllm_ids[1]
+            self._by_vllm_id[extra_id] = request.request_id
+            # the second row first: both are admitted in the same scheduler pass
+            self.llm.add_request(extra_id, self._prompt(TokensPrompt, g.start.extra_prompt + done, request), extra)
         self._by_vllm_id[tracked.vllm_id] = request.request_id
         try:
             self.llm.add_request(tracked.vllm_id, self._prompt(TokensPrompt, request.prompt_token_ids + done, request), params)
@@ -320,48 +323,48 @@ class VllmEngine:
         tracked.output_ids.extend(token_ids)
         if finished:
             self.requests.pop(tracked.request.request_id, None)
-            self._drop(tracked)  # the unconditional branch has no end of its own
+            self._drop(tracked)  # the second row has no end of its own
         return self._output(tracked, token_ids, text, records, reason, prompt_logprobs)
 
-    def _check_lockstep(self, tracked: _Tracked, current: dict[str, Any], uncond_new: list[int]) -> RequestOutput | None:
-        """Still in lockstep when the two branches' tokens of this attempt are equal (the guidance
-        processor forces every unguided token unlike its partner's: vllm_guidance.py); otherwise
+    def _check_lockstep(self, tracked: _Tracked, current: dict[str, Any], extra_new: list[int]) -> RequestOutput | None:
+        """Still in lockstep when the two rows' tokens of this attempt are equal (the method's
+        processor forces every token it could not pair unlike its partner's: PairedRows); otherwise
         restart after their common prefix."""
-        g = tracked.guided
+        g = tracked.paired
         vout = current.get(tracked.request.request_id)
         new = list(vout.outputs[0].token_ids) if vout is not None else []
-        cond = tracked.output_ids[tracked.base :] + new
-        uncond = g.uncond_ids + uncond_new
-        if cond == uncond:
-            g.uncond_ids = uncond
+        main = tracked.output_ids[tracked.base :] + new
+        extra = g.extra_ids + extra_new
+        if main == extra:
+            g.extra_ids = extra
             return None
-        common = next((i for i, (a, b) in enumerate(zip(cond, uncond)) if a != b), min(len(cond), len(uncond)))
+        common = next((i for i, (a, b) in enumerate(zip(main, extra)) if a != b), min(len(main), len(extra)))
         current.pop(tracked.request.request_id, None)
         decoded = len(tracked.output_ids) - tracked.base  # this attempt's tokens before this step
         return self._resync(tracked, new[: max(0, common - decoded)])
 
-    def _resync(self, tracked: _Tracked, guided_tokens: list[int]) -> RequestOutput | None:
-        """The pair fell out of lockstep: keep the tokens decoded under guidance, drop the rest,
+    def _resync(self, tracked: _Tracked, kept: list[int]) -> RequestOutput | None:
+        """The pair fell out of lockstep: keep the tokens the two rows decoded together, drop the rest,
         and restart both branches after the kept ones (a re-prefill of both)."""
-        g = tracked.guided
+        g = tracked.paired
         g.resyncs += 1
-        g.stalls = 0 if guided_tokens else g.stalls + 1
+        g.stalls = 0 if kept else g.stalls + 1
         self._drop(tracked)
         if g.stalls > _MAX_STALLS:
             self.requests.pop(tracked.request.request_id, None)
             return self._output(
-                tracked, [], "", None, "error", error="vLLM did not schedule the two branches of this guided request together"
+                tracked, [], "", None, "error", error=f"vLLM did not schedule the two rows of this {g.option} request together"
             )
-        log.debug("guided pair %s out of lockstep after %d tokens; restarting", tracked.vllm_id, len(tracked.output_ids) + len(guided_tokens))
-        text = self.tokenizer.decode(tracked.output_ids + guided_tokens, skip_special_tokens=True)
+        log.debug("pair %s out of lockstep after %d tokens; restarting", tracked.vllm_id, len(tracked.output_ids) + len(kept))
+        text = self.tokenizer.decode(tracked.output_ids + kept, skip_special_tokens=True)
         before = self.tokenizer.decode(tracked.output_ids, skip_special_tokens=True)
-        tracked.output_ids.extend(guided_tokens)
+        tracked.output_ids.extend(kept)
         p = tracked.request.params
         if len(tracked.output_ids) >= p.max_tokens or len(tracked.request.prompt_token_ids) + len(tracked.output_ids) >= self.max_model_len:
             self.requests.pop(tracked.request.request_id, None)
-            return self._output(tracked, guided_tokens, text[len(before) :], None, "length")
+            return self._output(tracked, kept, text[len(before) :], None, "length")
         self._submit(tracked)
-        return self._output(tracked, guided_tokens, text[len(before) :], None, None) if guided_tokens else None
+        return self._output(tracked, kept, text[len(before) :], None, None) if kept else None
 
     def _output(
         self,
@@ -375,18 +378,15 @@ class VllmEngine:
     ) -> RequestOutput:
         finished = finish_reason is not None
         stats = None
-        g = tracked.guided
+        g = tracked.paired
         if finished and g is not None:
-            n = len(tracked.output_ids)
-            stats = {
-                "guidance": {
-                    "scale": g.scale,
-                    "extra_rows": 1,
-                    "extra_prompt_tokens": len(g.uncond_prompt),
-                    "extra_tokens": n,
-                    "resyncs": g.resyncs,
-                }
+            counts = {
+                "extra_rows": 1,
+                "extra_prompt_tokens": len(g.start.extra_prompt),
+                "extra_tokens": len(tracked.output_ids),
+                "resyncs": g.resyncs,
             }
+            stats = {g.option: g.start.stats | counts}
         return RequestOutput(
             request_id=tracked.request.request_id,
             new_token_ids=token_ids,
@@ -405,12 +405,10 @@ class VllmEngine:
 
 def engine_config(config: EngineConfig, model_path: str, served_name: str, max_model_len: int) -> Any:
     """vLLM's configuration for `config`: vLLM's own defaults for plain traffic (CUDA graphs, chunked
-    prefill, its token budget unless --max-num-batched-tokens is given); guided pairs need none of
-    them off (vllm_guidance.py). The guidance processor is the one for the runner vLLM picks: Model
-    Runner V2 (CUDA with Triton) refuses V1-interface classes, the V1 runner (CPUs) takes only those."""
+    prefill, its token budget unless --max-num-batched-tokens is given); paired rows need none of
+    them off (PairedRows). Each paired method's processor is the one for the runner vLLM picks:
+    Model Runner V2 (CUDA with Triton) refuses V1-interface classes, the V1 runner (CPUs) takes only those."""
     from vllm import EngineArgs
-
-    from freelunch.backends.vllm_guidance import processor_for
 
     args = EngineArgs(
         model=model_path,
@@ -427,7 +425,8 @@ def engine_config(config: EngineConfig, model_path: str, served_name: str, max_m
         disable_log_stats=True,
     )
     vllm_config = args.create_engine_config()
-    vllm_config.model_config.logits_processors = [processor_for(vllm_config.use_v2_model_runner)]
+    pairs = paired_rows() if config.tensor_parallel_size == 1 else {}
+    vllm_config.model_config.logits_processors = [p.processor(vllm_config.use_v2_model_runner) for p in pairs.values()]
     return vllm_config
 
 

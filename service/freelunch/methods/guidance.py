@@ -120,7 +120,8 @@ SPEC = MethodSpec(
     prompts={"negative_prompt": PromptField("text", "negative_prompt_ids"),
              "negative_messages": PromptField("chat", "negative_prompt_ids")},
     chat_aliases=("negative_messages",),
-    engines=frozenset({"native", "vllm"}),  # vLLM: as paired rows (backends/vllm_guidance.py)
+    engines=frozenset({"native", "vllm"}),
     docs="docs/guidance.md",
     bench=BenchCase({"scale": 1.5}),
+    vllm="freelunch.methods.guidance_vllm:GUIDANCE_PAIRS",  # as paired rows
 )

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Annotated, Any
+from typing import Annotated, Any, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -62,6 +62,37 @@ class MethodMetric:
     labels: tuple[str, ...] = ()
 
 
+# SamplingParams.extra_args key of a paired row's tag on vLLM: {option, pair, role ("main" or
+# "extra"), seed, and the method's own fields}; the method's logits processor reads it
+PAIR_KEY = "freelunch_pair"
+
+
+@dataclass(frozen=True, slots=True)
+class PairStart:
+    """A request's start as a pair of vLLM requests: the second row's prompt, the fields the
+    method's processor reads from the tag, and its `usage.method_stats` entry (the adapter adds
+    the rows' counts and restarts)."""
+
+    extra_prompt: list[int]
+    tag: dict[str, Any]
+    stats: dict[str, Any]
+
+
+class PairedRows(Protocol):
+    """How a method runs on vLLM (backends/vllm_engine.py): its request and a second one beside it,
+    kept in lockstep by the method's logits processor, which forces a row's token unlike its
+    partner's wherever it could not run the pair together; the adapter restarts a pair after the
+    two rows' common tokens."""
+
+    def processor(self, use_v2_model_runner: bool) -> type:
+        """The logits processor class for the model runner vLLM picked."""
+        ...
+
+    def start(self, request: Any, vocab_size: int, max_model_len: int) -> PairStart | None:
+        """The pair for `request` (None: it decodes plainly); EngineError naming the field vLLM cannot run."""
+        ...
+
+
 @dataclass(frozen=True, slots=True)
 class BenchCase:
     """How `freelunch bench` measures a method beside plain decoding."""
@@ -101,6 +132,8 @@ class MethodSpec:
     engines: frozenset[str] = frozenset({"native"})
     docs: str = ""  # its page, relative to the repository (docs/<method>.md)
     bench: BenchCase | None = None
+    # "module:attribute" of its PairedRows (imported only by --engine vllm); "": not on vLLM
+    vllm: str = ""
     # the option's value that turns the method off, for a request on a server whose flag defaults it on
     off_options: dict[str, Any] | None = None
     # (takes images, decoder layers) -> the KV cache layer it wants split at by default, or None

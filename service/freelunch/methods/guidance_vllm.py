@@ -1,7 +1,10 @@
-"""Classifier-free guidance inside vLLM: logits processors over paired rows, for both model runners.
+"""Classifier-free guidance inside vLLM (`--engine vllm`): paired rows (`PairedRows`,
+methods/spec.py) and their logits processors, for both of vLLM's model runners. Imported only by
+the vLLM adapter (the guidance spec names it).
 
-A guided request is two vLLM requests decoded side by side: `cond` (the prompt) and `uncond` (the
-negative prompt, or the last prompt token), tagged through `SamplingParams.extra_args[EXTRA_KEY]`.
+A guided request is two vLLM requests decoded side by side: `cond` (the prompt, the pair's "main"
+row) and `uncond` (the negative prompt, or the last prompt token: the "extra" row), tagged through
+`SamplingParams.extra_args[PAIR_KEY]`.
 vLLM's scheduler does not know they are a pair, so a step may sample one row without the other
 (admitted in different steps, one of them preempted, or one still mid-prefill under chunked
 prefill). Each step, for each pair:
@@ -24,7 +27,7 @@ discarded row's real one, so the pair restarts there).
 
 Two classes, one per runner interface: `PairedGuidance` (V1's batch-level processor) and
 `PairedGuidanceV2` (Model Runner V2, the default on CUDA since vLLM 0.25, which refuses V1-interface
-classes); `processor_for` picks one.
+classes); `GUIDANCE_PAIRS.processor` picks one.
 """
 
 from __future__ import annotations
@@ -39,31 +42,30 @@ from vllm.v1.sample.logits_processor import BatchUpdate, MoveDirectionality
 from vllm.v1.sample.logits_processor import LogitsProcessor as V1LogitsProcessor
 from vllm.v1.worker.gpu.sample.logits_processor import LogitsProcessor as V2LogitsProcessor
 
+from freelunch.engine.errors import EngineError
 from freelunch.engine.sampler import filter_logits
-from freelunch.methods.guidance import guide
+from freelunch.methods.guidance import guide, parse_options
+from freelunch.methods.spec import PAIR_KEY, PairStart
 
 if TYPE_CHECKING:
     from vllm.v1.worker.gpu.sample.logits_processor import LogitsContext, LogitsProcRequestState
 
-EXTRA_KEY = "freelunch_guidance"
-ROLES = ("cond", "uncond")
+OPTION = "guidance"
+ROLES = {"main": "cond", "extra": "uncond"}  # the pair's rows, as guidance names them
 
 
 def guidance_tag(params: SamplingParams) -> dict | None:
-    return (params.extra_args or {}).get(EXTRA_KEY) if params is not None else None
+    """The row's tag when it is a guided pair's (other methods' pairs carry their own option)."""
+    tag = (params.extra_args or {}).get(PAIR_KEY) if params is not None else None
+    return tag if isinstance(tag, dict) and tag.get("option") == OPTION else None
 
 
 def check_tag(params: SamplingParams) -> None:
     tag = guidance_tag(params)
     if tag is None:
         return
-    if (
-        not isinstance(tag, dict)
-        or tag.get("role") not in ROLES
-        or not isinstance(tag.get("pair"), str)
-        or not isinstance(tag.get("seed"), int)
-    ):
-        raise ValueError(f"extra_args.{EXTRA_KEY} must be {{pair, role, scale, rescale, seed}}")
+    if tag.get("role") not in ROLES or not isinstance(tag.get("pair"), str) or not isinstance(tag.get("seed"), int):
+        raise ValueError(f"extra_args.{PAIR_KEY} must be {{option, pair, role, seed, scale, rescale}}")
 
 
 @dataclass(slots=True)
@@ -83,7 +85,7 @@ class Branch:
         tag = guidance_tag(params)
         if tag is None:
             return None
-        return cls(tag["pair"], tag["role"], float(tag["scale"]), tag.get("rescale"), int(tag["seed"]), params)
+        return cls(tag["pair"], ROLES[tag["role"]], float(tag["scale"]), tag.get("rescale"), int(tag["seed"]), params)
 
 
 @dataclass(slots=True)
@@ -209,8 +211,8 @@ class PairedGuidanceV2(V2LogitsProcessor):
         slots = ctx.idx_mapping_np
         if logits.shape[0] != len(slots):
             # one row per request is what lets a batch position name a row; the adapter never
-            # configures vLLM's speculative decoding, which gives a request several rows
-            raise RuntimeError("guided pairs need one logits row per request (no vLLM speculative decoding)")
+            # configures vLLM's draft-token decoding, which gives a request several rows
+            raise RuntimeError("guided pairs need one logits row per request (no vLLM draft tokens)")
         states = self.req_states
         seen = []
         for row, slot in enumerate(slots.tolist()):
@@ -218,7 +220,7 @@ class PairedGuidanceV2(V2LogitsProcessor):
             if branch is None:
                 continue
             prompt_len = int(states.prompt_len.np[slot])
-            seq_len = int(ctx.seq_lens_upper_bound_np[row])  # exact without speculative decoding
+            seq_len = int(ctx.seq_lens_upper_bound_np[row])  # exact without draft tokens
             count = max(0, seq_len - prompt_len)
             sampled = seq_len >= int(states.prefill_len.np[slot])  # not mid-prefill
             seen.append(Seen(branch, row, count, sampled, _token_at_v2(states, slot, prompt_len, count)))
@@ -233,6 +235,31 @@ def _token_at_v2(states: LogitsProcRequestState, slot: int, prompt_len: int, cou
     return token_at
 
 
-def processor_for(use_v2_model_runner: bool) -> type:
-    """The guidance processor for the runner vLLM chose (`VllmConfig.use_v2_model_runner`)."""
-    return PairedGuidanceV2 if use_v2_model_runner else PairedGuidance
+class GuidancePairs:
+    """Guidance's `PairedRows`: what the vLLM adapter asks of it."""
+
+    def processor(self, use_v2_model_runner: bool) -> type:
+        """The processor for the runner vLLM chose (`VllmConfig.use_v2_model_runner`)."""
+        return PairedGuidanceV2 if use_v2_model_runner else PairedGuidance
+
+    def start(self, request: Any, vocab_size: int, max_model_len: int) -> PairStart | None:
+        try:
+            opts = parse_options(request.methods[OPTION], vocab_size, max_model_len)
+        except ValueError as e:
+            raise EngineError(str(e), getattr(e, "param", OPTION)) from e
+        p = request.params
+        if opts.scale == 1 or p.max_tokens == 0:
+            return None  # plain decoding, as the native engine
+        if request.constraint is not None or request.logit_bias:
+            raise EngineError("guidance with a structured output runs on native workers (--native-workers N)", OPTION)
+        # The two rows must take the same token from the same guided values; a penalty that reads the
+        # prompt (which differs between them) would split them.
+        if p.repetition_penalty != 1.0:
+            raise EngineError("guidance on the vllm backend does not combine with repetition_penalty", "repetition_penalty")
+        if p.logprobs is not None:
+            raise EngineError("guidance on the vllm backend does not report logprobs", "logprobs")
+        uncond = opts.negative_prompt_ids or [request.prompt_token_ids[-1]]
+        return PairStart(list(uncond), {"scale": opts.scale, "rescale": opts.rescale}, {"scale": opts.scale})
+
+
+GUIDANCE_PAIRS = GuidancePairs()
