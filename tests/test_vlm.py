@@ -22,7 +22,8 @@ import torch
 from freelunch.config import EngineConfig
 from freelunch.engine.engine import Engine, EngineError
 from freelunch.engine.kv_cache import KVCache, kv_cache_dtype
-from freelunch.engine.request import GenerationRequest, ImageInput, SamplingParams
+from freelunch.api.images import image_input
+from freelunch.engine.request import GenerationRequest, ImageInput, SamplingParams, image_tensor
 from freelunch.models.loader import load_model, resolve_source
 from freelunch.pool import wire
 from live_server import live_server, tiny_app
@@ -141,7 +142,7 @@ def request(rid: str, inputs: dict, n: int = N_TOKENS, pruning: dict | None = No
         inputs["input_ids"][0].tolist(),
         SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True),
         methods={"visual_pruning": pruning} if pruning else {},
-        images=[ImageInput.from_tensor(p) for p in pixels] if pixels is not None else [],
+        images=[image_input(p) for p in pixels] if pixels is not None else [],
     )
 
 
@@ -225,10 +226,10 @@ def test_image_inputs_cross_the_worker_pipe(one_image):
     req = request("w", one_image)
     back = wire.as_request(wire.decode(wire.encode(wire.ADD, req))[1])
     assert back.prompt_token_ids == req.prompt_token_ids
-    assert torch.equal(back.images[0].tensor(), one_image["pixel_values"][0])
+    assert torch.equal(image_tensor(back.images[0]), one_image["pixel_values"][0])
     bad = ImageInput(b"\0" * 12, [3, 28, 28])
     with pytest.raises(ValueError):
-        bad.tensor()
+        image_tensor(bad)
 
 
 def test_engine_refuses_mismatched_images(vlm, one_image, tiny_llama):
@@ -238,7 +239,7 @@ def test_engine_refuses_mismatched_images(vlm, one_image, tiny_llama):
     with pytest.raises(EngineError, match="placeholder"):
         engine.add_request(no_image)
     wrong_size = request("b", one_image)
-    wrong_size.images = [ImageInput.from_tensor(torch.zeros(3, 14, 14))]
+    wrong_size.images = [image_input(torch.zeros(3, 14, 14))]
     with pytest.raises(EngineError, match="bad image"):
         engine.add_request(wrong_size)
     text_model = load_model(resolve_source(str(tiny_llama[0])), "float32")

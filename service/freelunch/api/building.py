@@ -31,7 +31,7 @@ from freelunch.api.protocol import (
 from freelunch.api.rate_limit import RateLimited, RateLimiter
 from freelunch.api.rendering import PromptRenderer, RenderedPrompt
 from freelunch.api.structured import StructuredOutputs
-from freelunch.engine.request import ConstraintSpec, GenerationRequest, SamplingParams
+from freelunch.engine.messages import ConstraintSpec, GenerationRequest, SamplingParams
 from freelunch.methods import OptionError, fallbacks, method_specs, validate_options
 from freelunch.pool.pool import WorkerPool
 

@@ -8,7 +8,7 @@ from typing import Any
 
 from freelunch.api import tool_calls
 from freelunch.api.building import Call
-from freelunch.engine.request import RequestOutput, TokenLogprob
+from freelunch.engine.messages import RequestOutput, TokenLogprob
 
 
 @dataclass(slots=True)

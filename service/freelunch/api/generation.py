@@ -18,7 +18,7 @@ from freelunch.api.errors import APIError, error_body
 from freelunch.api.formatting import ChoiceState
 from freelunch.api.metrics import Metrics
 from freelunch.engine.errors import EngineError
-from freelunch.engine.request import RequestOutput
+from freelunch.engine.messages import RequestOutput
 from freelunch.pool.pool import PoolOverloaded, PoolUnavailable, Together, WorkerPool
 from freelunch.pool.worker import WorkerDied
 

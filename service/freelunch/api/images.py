@@ -28,7 +28,7 @@ from PIL import Image
 
 from freelunch.api.errors import APIError
 from freelunch.config import image_host_pattern
-from freelunch.engine.request import ImageInput
+from freelunch.engine.messages import PIXEL_DTYPES, ImageInput
 
 MAX_IMAGES_PER_REQUEST = 8
 MAX_IMAGE_BYTES = 6 << 20  # an image file, inline (decoded base64) or fetched
@@ -276,4 +276,15 @@ class VisionPrompts:
         if not images:
             return self.processor.tokenizer.encode(text, add_special_tokens=False), []
         out = self.processor(text=[text], images=images, return_tensors="pt", add_special_tokens=False)
-        return out["input_ids"][0].tolist(), [ImageInput.from_tensor(p) for p in out["pixel_values"]]
+        return out["input_ids"][0].tolist(), [image_input(p) for p in out["pixel_values"]]
+
+
+def image_input(pixels: Any) -> ImageInput:
+    """An image processor's pixel values [C, H, W] (a tensor) as the bytes a request carries."""
+    import torch
+
+    dtype = str(pixels.dtype).removeprefix("torch.")
+    if dtype not in PIXEL_DTYPES:
+        raise ValueError(f"pixel values must be one of {sorted(PIXEL_DTYPES)}, not {dtype}")
+    flat = pixels.detach().cpu().contiguous().view(-1).view(torch.uint8)
+    return ImageInput(flat.numpy().tobytes(), list(pixels.shape), dtype)

@@ -19,7 +19,7 @@ from freelunch.api import tool_calls
 from freelunch.api.errors import APIError
 from freelunch.api.images import MAX_IMAGES_PER_REQUEST, ImageLoader, VisionPrompts
 from freelunch.api.protocol import ChatMessage, ImagePart, TextPart
-from freelunch.engine.request import ImageInput
+from freelunch.engine.messages import ImageInput
 
 T = TypeVar("T")
 RENDER_THREADS = 4  # tokenisers release the GIL while they encode: a few requests at once

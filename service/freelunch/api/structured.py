@@ -36,7 +36,7 @@ from freelunch.constraints.json_layout import (
     schema_depth,
     string_bound,
 )
-from freelunch.engine.request import ConstraintSpec
+from freelunch.engine.messages import ConstraintSpec
 
 COMPILE_PROCESSES = 2  # distinct new grammars compiled at once
 TOOL_FORMAT = "qwen_3"  # xgrammar's name for the Hermes format: <tool_call>{"name", "arguments"}</tool_call>

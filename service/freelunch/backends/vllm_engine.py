@@ -25,7 +25,7 @@ from typing import Any
 
 from freelunch.config import EngineConfig
 from freelunch.engine.errors import EngineError, check_new_request
-from freelunch.engine.request import GenerationRequest, RequestOutput, SamplingParams, TokenLogprob
+from freelunch.engine.messages import GenerationRequest, RequestOutput, SamplingParams, TokenLogprob
 
 log = logging.getLogger("freelunch.vllm")
 

@@ -17,7 +17,7 @@ import torch
 
 from freelunch.constraints.grammar import GrammarCompiler, GrammarError, GrammarState
 from freelunch.engine import plugins
-from freelunch.engine.request import GenerationRequest
+from freelunch.engine.messages import GenerationRequest
 
 __all__ = ["Constraint", "ConstraintFactory", "GrammarError"]
 

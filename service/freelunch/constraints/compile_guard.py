@@ -35,7 +35,7 @@ import anyio
 import msgspec
 
 from freelunch.constraints.grammar import GrammarCompiler, GrammarError, clean_error, compile_spec, lower_priority
-from freelunch.engine.request import ConstraintSpec
+from freelunch.engine.messages import ConstraintSpec
 
 log = logging.getLogger("freelunch.grammar")
 

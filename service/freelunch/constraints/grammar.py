@@ -23,7 +23,7 @@ import torch
 import xgrammar as xgr
 
 from freelunch.constraints.json_layout import json_grammar_options
-from freelunch.engine.request import ConstraintSpec
+from freelunch.engine.messages import ConstraintSpec
 
 _XGRAMMAR_PREFIX = re.compile(r"^\[[\d:]+\] \S+:\d+: ")
 _SOURCE_PATH = re.compile(r"\S*/\S+\.(?:h|hpp|cc|cpp|c|py):\d+:?\s*")  # a build's source file and line

@@ -26,6 +26,7 @@ from freelunch.engine.request import (
     RequestOutput,
     Sequence,
     TokenLogprob,
+    image_tensor,
 )
 from freelunch.engine.sampler import SampleRow, sample, top_logprobs
 from freelunch.engine.scheduler import Scheduler
@@ -226,7 +227,7 @@ class Engine:
             return
         dtype = next(self.model.parameters()).dtype
         try:
-            pixels = torch.stack([image.tensor() for image in request.images]).to(self.device, dtype)
+            pixels = torch.stack([image_tensor(image) for image in request.images]).to(self.device, dtype)
             with torch.inference_mode():
                 features = strategy.image_features(vision, pixels)
         except ValueError as e:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from freelunch.engine.errors import EngineError
-from freelunch.engine.request import GenerationRequest, RequestOutput
+from freelunch.engine.messages import GenerationRequest, RequestOutput
 from freelunch.memory import release_freed_memory
 
 log = logging.getLogger("freelunch.worker")

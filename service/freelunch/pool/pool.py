@@ -11,7 +11,7 @@ import asyncio
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 
-from freelunch.engine.request import GenerationRequest, RequestOutput
+from freelunch.engine.messages import GenerationRequest, RequestOutput
 from freelunch.pool.engine_loop import WorkerStats
 from freelunch.pool.worker import ServedModel, Worker, WorkerDied
 

@@ -23,7 +23,7 @@ from multiprocessing.connection import Connection
 
 from freelunch.config import EngineConfig
 from freelunch.engine.errors import EngineError
-from freelunch.engine.request import GenerationRequest, RequestOutput
+from freelunch.engine.messages import GenerationRequest, RequestOutput
 from freelunch.pool import wire
 from freelunch.pool.engine_loop import EngineLoop, WorkerStats
 from freelunch.pool.worker import ServedModel, Worker, WorkerDied, load_engine

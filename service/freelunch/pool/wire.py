@@ -9,7 +9,7 @@ from typing import Any
 
 import msgspec
 
-from freelunch.engine.request import GenerationRequest, RequestOutput
+from freelunch.engine.messages import GenerationRequest, RequestOutput
 from freelunch.pool.engine_loop import WorkerStats
 
 # parent -> worker

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from freelunch.config import EngineConfig
-from freelunch.engine.request import GenerationRequest, RequestOutput
+from freelunch.engine.messages import GenerationRequest, RequestOutput
 from freelunch.pool.engine_loop import EngineBackend, EngineLoop, WorkerStats
 
 if TYPE_CHECKING:
