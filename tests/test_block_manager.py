@@ -419,9 +419,9 @@ def test_split_cache_pools_and_packed_upper_tables():
     pruned.reserve_packed(3, 12)
     assert bm.need(pruned, 12) == BlockNeed(3, 1)
     bm.allocate(pruned, 12)
-    pruned.prune(1, torch.tensor([0, 4, 11]), 12, packed=True)
+    pruned.drop_tokens(1, torch.tensor([0, 4, 11]), 12, packed=True)
     assert pruned.upper_order(14).tolist() == [0, 4, 11, 12, 13]
-    assert pruned.pruned_offsets().tolist() == [1, 2, 3, 5, 6, 7, 8, 9, 10]
+    assert pruned.dropped_offsets().tolist() == [1, 2, 3, 5, 6, 7, 8, 9, 10]
     # growing: offset 12 is the 4th upper entry, offset 13 the 5th (a second upper block)
     assert bm.need(pruned, 14) == BlockNeed(1, 1)
     bm.allocate(pruned, 14)

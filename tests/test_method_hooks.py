@@ -4,7 +4,7 @@ Each shape a decoding method needs is exercised end to end through the real engi
 checked against an independent computation:
 - extra rows: a shadow sequence with its own prompt and KV cache;
 - draft and verify: a token tree with a custom mask, `commit_kv` compaction, several tokens per step;
-- prefill transform: tokens dropped before a layer (`prune_layer` / `prune_keep`).
+- prefill transform: tokens dropped before a layer (`drop_layer` / `keep_offsets`).
 Strategies are registered (a `MethodSpec` in `freelunch.methods.METHODS`) only for the test that uses them.
 """
 
@@ -439,8 +439,8 @@ class PruneStrategy(DecodingStrategy):
             assert p.seq.num_computed == 0 and len(p.tokens) == self.main.num_prompt, (
                 "whole prompt in one step"
             )
-            p.prune_layer = self.layer
-            p.prune_keep = torch.tensor(self.keep)
+            p.drop_layer = self.layer
+            p.keep_offsets = torch.tensor(self.keep)
             self.pruned = True
         return plans
 

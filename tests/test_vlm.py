@@ -361,7 +361,7 @@ def test_fastv_keeps_what_transformers_attention_picks(vlm, one_image, layer, ke
     assert strategy.stage("visual_pruning").kept_offsets.tolist() == expected_keep
     kept = round(PATCHES * keep)
     main = strategy.main
-    assert main.pruned_from == layer and len(main.pruned_offsets()) == PATCHES - kept
+    assert main.dropped_from == layer and len(main.dropped_offsets()) == PATCHES - kept
     assert len(main.block_table) == engine.blocks.blocks_for(main.num_prompt)
     if split == -1:  # pruned at or below the split: the upper layers hold only the kept tokens
         assert engine.blocks.split == 2 and main.upper_packed

@@ -185,16 +185,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--kv-split-layer",
         type=int,
         default=int(env("FREELUNCH_KV_SPLIT_LAYER", "-1")),
-        help="split the KV cache into two block pools at this decoder layer, so that FastV requests pruned at "
-        "or below it hold blocks above it for their kept tokens only (-1: FastV's default layer 2 for vision "
-        "models, none otherwise; 0: no split)",
+        help="split the KV cache into two block pools at this decoder layer, so that requests whose tokens a "
+        "method drops at or below it hold blocks above it for their kept tokens only (-1: the layer a served "
+        "method asks for, layer 2 for vision models with the shipped methods, none otherwise; 0: no split)",
     )
     serve.add_argument(
         "--kv-lower-blocks-ratio",
         type=float,
         default=float(env("FREELUNCH_KV_LOWER_BLOCKS_RATIO", "2")),
-        help="in a split cache, blocks below the split per block above it (FastV keep 0.5 requests fill both "
-        "pools at 2)",
+        help="in a split cache, blocks below the split per block above it (requests keeping half their "
+        "tokens fill both pools at 2)",
     )
     serve.add_argument("--threads", type=int, default=int(env("FREELUNCH_THREADS", "0")) or None, help="CPU threads of each engine worker; default: torch's (every core), 1 with --workers 0")
     for flag in _method_flags():  # each installed method's own (methods/spec.py)

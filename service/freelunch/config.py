@@ -55,9 +55,9 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     prefix_cache_blocks: int | None = None
     prefix_cache_salt: str = "per-key"
-    # Split the KV cache at this decoder layer into two block pools, so that requests pruned by
-    # FastV at that layer (or below) hold fewer blocks above it. -1 = FastV's default layer for
-    # a model that takes images, no split otherwise; 0 = no split.
+    # Split the KV cache at this decoder layer into two block pools, so that requests whose tokens a
+    # method drops at that layer (or below) hold fewer blocks above it. -1 = the layer a served
+    # method asks for (its spec's kv_split_hint), no split otherwise; 0 = no split.
     kv_split_layer: int = -1
     kv_lower_blocks_ratio: float = 2.0  # lower-pool blocks per upper-pool block, in a split cache
     num_threads: int | None = None  # torch intra-op threads; None = all cores

@@ -2,7 +2,7 @@
 
 The cache may be split at a layer S into two pools of blocks: a block of the lower pool holds
 `block_size` tokens of layers < S, one of the upper pool the same of layers >= S, and each
-sequence has a table in each. A sequence pruned at prefill (FastV at layer K <= S) keeps every
+sequence has a table in each. A sequence whose tokens are dropped at prefill (at layer K <= S) keeps every
 token below S but only the kept ones from S on, so the upper blocks it does not need serve other
 requests: different KV lengths per layer, without a table per layer. Without a split there is
 one pool and one table, as in a plain paged cache.
@@ -184,7 +184,7 @@ class BlockManager:
 
     @property
     def capacity_tokens(self) -> int:
-        """Tokens of an unpruned sequence the whole cache holds."""
+        """Tokens of a sequence with none dropped that the whole cache holds."""
         blocks = self.lower.num_blocks if self.upper is None else min(self.lower.num_blocks, self.upper.num_blocks)
         return blocks * self.block_size
 
@@ -229,7 +229,7 @@ class BlockManager:
             self.upper.take(seq, seq.upper_table, need.upper)
 
     def fit_upper(self, seq: Sequence, total_tokens: int) -> None:
-        """Give back upper blocks beyond what `total_tokens` need (after a prune packed the table)."""
+        """Give back upper blocks beyond what `total_tokens` need (after a drop packed the table)."""
         if self.upper is not None:
             self.upper.give_back(seq, seq.upper_table, self.blocks_for(seq.upper_count(total_tokens)))
 

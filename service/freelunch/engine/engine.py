@@ -450,7 +450,7 @@ class Engine:
         if not torch.equal(kept, moved_to):
             src, dst = self.blocks.slots_at(seq, kept), self.blocks.slots_at(seq, moved_to)
             upper_src = upper_dst = None
-            if self.blocks.split is not None:  # the upper table's entries for those offsets (packed when pruned)
+            if self.blocks.split is not None:  # the upper table's entries for those offsets (packed after a drop)
                 upper_src = self.blocks.upper_slots(seq, _upper_index(seq, kept)).to(self.device)
                 upper_dst = self.blocks.upper_slots(seq, _upper_index(seq, moved_to)).to(self.device)
             self.kv.copy_slots(src.to(self.device), dst.to(self.device), upper_src, upper_dst)
@@ -465,7 +465,7 @@ class Engine:
 
 def _upper_index(seq: Sequence, offsets: torch.Tensor) -> torch.Tensor:
     """Upper-table positions of offsets past a row's prompt: the offset itself, or in a table packed
-    by a prune, the kept prompt tokens first (offsets of drafts are never below the prune's base)."""
+    by a drop, the kept prompt tokens first (offsets of drafts are never below the drop's base)."""
     if not seq.upper_packed:
         return offsets
-    return offsets - seq.pruned_base + seq.upper_count(seq.pruned_base)
+    return offsets - seq.drop_base + seq.upper_count(seq.drop_base)

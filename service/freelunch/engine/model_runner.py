@@ -12,7 +12,7 @@ from freelunch.engine.block_manager import BlockManager
 from freelunch.engine.kv_cache import KVCache
 from freelunch.engine.request import Sequence
 from freelunch.engine.strategy import RowPlan
-from freelunch.models.attention import CPU_PROMPT_MAX_QUERIES, AttentionBatch, AttentionGroup, PrunePlan
+from freelunch.models.attention import CPU_PROMPT_MAX_QUERIES, AttentionBatch, AttentionGroup, TokenDropPlan
 
 
 View = tuple[int, torch.Tensor, torch.Tensor]  # (from layer, [L] slots, [n, L] bool mask)
@@ -25,7 +25,7 @@ class _RowLayout:
     q_index: torch.Tensor  # [n] packed indices
     # what layers see, from a layer on (by layer); None: fresh causal prefill from position 0
     views: list[View] | None
-    pruned: bool = False  # KV of tokens pruned at an earlier prefill: never in the shared decode group
+    dropped: bool = False  # KV of tokens dropped at an earlier prefill: never in the shared decode group
 
 
 def _causal_mask(start: int, n: int) -> torch.Tensor:
@@ -84,8 +84,8 @@ class ModelRunner:
             self.kv.layers, [(i, m.to(self.device)) for i, m in slot_mappings], self._groups(layouts, offset), self.scale,
             triton=self.triton,
         )
-        if any(p.prune_layer is not None for p in plans):
-            attn.prune = self._prune_plan(plans, layouts, slot_mappings)
+        if any(p.drop_layer is not None for p in plans):
+            attn.drop = self._drop_plan(plans, layouts, slot_mappings)
         attn.row_inputs = [(p.extras, len(p.tokens)) for p in plans]  # per-row model inputs, opaque here
         inputs = {}
         if embed_index:  # only models that take images get the keyword
@@ -93,8 +93,8 @@ class ModelRunner:
         hidden = self.model(
             torch.tensor(ids, device=self.device), torch.tensor(positions, device=self.device), attn, **inputs
         )
-        if attn.prune is not None:  # packed indices changed at the pruning layer
-            keep_map = {int(old): new for new, old in enumerate(attn.prune.keep.tolist())}
+        if attn.drop is not None:  # packed indices changed at the pruning layer
+            keep_map = {int(old): new for new, old in enumerate(attn.drop.keep.tolist())}
             logit_rows = [keep_map[r] for r in logit_rows]
         logits = self.model.logits(hidden[torch.tensor(logit_rows, dtype=torch.long, device=self.device)])
         logits = logits.cpu()  # one device-to-host transfer for every row of the step
@@ -109,9 +109,9 @@ class ModelRunner:
 
     def _upper_slot_mapping(self, seq: Sequence, start: int, n: int) -> torch.Tensor:
         """Where a split cache's upper layers write offsets [start, start + n) of `seq`."""
-        if seq.upper_packed and seq.pruned_kept is None:  # pruned before the split in this very forward:
-            return torch.zeros(n, dtype=torch.long)  # `_after_prune` sets the kept ones' slots
-        first = seq.upper_count(start)  # packed when pruned: only the kept ones come first
+        if seq.upper_packed and seq.drop_kept is None:  # dropped before the split in this very forward:
+            return torch.zeros(n, dtype=torch.long)  # `_after_drop` sets the kept ones' slots
+        first = seq.upper_count(start)  # packed after a drop: only the kept ones come first
         return self.blocks.upper_slots(seq, torch.arange(first, first + n))
 
     @torch.inference_mode()
@@ -150,33 +150,33 @@ class ModelRunner:
         seq, n = plan.seq, len(plan.tokens)
         start = seq.num_computed
         q_index = torch.arange(offset, offset + n)
-        if start == 0 and plan.mask is None and seq.pruned_from is None and (n > self.short_chunk or plan.prune_layer is not None):
+        if start == 0 and plan.mask is None and seq.dropped_from is None and (n > self.short_chunk or plan.drop_layer is not None):
             return _RowLayout(q_index, None)
         mask = plan.mask if plan.mask is not None else _causal_mask(start, n)
-        return _RowLayout(q_index, self._views(seq, mask, start + n), seq.pruned_from is not None)
+        return _RowLayout(q_index, self._views(seq, mask, start + n), seq.dropped_from is not None)
 
     def _views(self, seq: Sequence, mask: torch.Tensor, end: int) -> list[View]:
         """What a row's queries see of offsets [0, end) in each layer range: its lower table, then
-        its upper table from the cache's split; tokens pruned from layer K are hidden from K on
+        its upper table from the cache's split; tokens dropped from layer K are hidden from K on
         where the table still holds them (a packed upper table does not)."""
         kv = self.blocks.slots(seq, 0, end)
         views: list[View] = [(0, kv, mask)]
-        pruned_from, split = seq.pruned_from, self.blocks.split
-        gone = seq.pruned_offsets() if pruned_from is not None else None
-        if pruned_from is not None and (split is None or pruned_from < split):
-            views.append((pruned_from, kv, _hide(mask, gone)))
+        dropped_from, split = seq.dropped_from, self.blocks.split
+        gone = seq.dropped_offsets() if dropped_from is not None else None
+        if dropped_from is not None and (split is None or dropped_from < split):
+            views.append((dropped_from, kv, _hide(mask, gone)))
         if split is not None:
             order = seq.upper_order(end)
             upper = (split, self.blocks.upper_slots(seq, torch.arange(order.numel())), mask[:, order])
             views.append(upper)
-            if pruned_from is not None and pruned_from > split:  # not packed: offsets in order
-                views.append((pruned_from, upper[1], _hide(upper[2], gone)))
+            if dropped_from is not None and dropped_from > split:  # not packed: offsets in order
+                views.append((dropped_from, upper[1], _hide(upper[2], gone)))
         return views
 
     def _groups(self, layouts: list[_RowLayout], total: int) -> list[AttentionGroup]:
         """Single-token rows with a plain cache view share one padded group; the rest go alone."""
         dev = self.device
-        singles = [lay for lay in layouts if lay.q_index.numel() == 1 and lay.views is not None and not lay.pruned]
+        singles = [lay for lay in layouts if lay.q_index.numel() == 1 and lay.views is not None and not lay.dropped]
         groups: list[AttentionGroup] = []
         host_index: list[torch.Tensor] = []  # each group's q_index on the host
         if singles:
@@ -207,29 +207,29 @@ class ModelRunner:
             groups[0].q_index = None  # one group covering the batch in order: no gather/scatter
         return groups
 
-    def _prune_plan(
+    def _drop_plan(
         self, plans: list[RowPlan], layouts: list[_RowLayout], slot_mappings: list[tuple[int, torch.Tensor]]
-    ) -> PrunePlan:
+    ) -> TokenDropPlan:
         """A prefill transform (one pruning layer per step); rows that select in the forward get a probe:
         their last token's attention over the row at the layer before."""
-        layers = {p.prune_layer for p in plans if p.prune_layer is not None}
+        layers = {p.drop_layer for p in plans if p.drop_layer is not None}
         if len(layers) != 1:
-            raise ValueError("rows of one step must prune at the same layer")
+            raise ValueError("rows of one step must drop tokens at the same layer")
         layer = layers.pop()
         probes = []
         for plan, lay in zip(plans, layouts):
-            if plan.prune_layer is None:
+            if plan.drop_layer is None:
                 continue
             if plan.seq.num_computed != 0 or plan.mask is not None:
                 raise ValueError("pruning applies to a whole prompt prefilled in one step")
-            if plan.prune_select is not None:
+            if plan.keep_select is not None:
                 if layer < 1:
-                    raise ValueError("a selection from attention prunes at layer 1 or later")
+                    raise ValueError("a selection from attention drops tokens at layer 1 or later")
                 probes.append((int(lay.q_index[-1]), lay.q_index.to(self.device)))
-        resolve = functools.partial(self._after_prune, plans, layouts, slot_mappings, layer)
-        return PrunePlan(layer, resolve, probes)
+        resolve = functools.partial(self._after_drop, plans, layouts, slot_mappings, layer)
+        return TokenDropPlan(layer, resolve, probes)
 
-    def _after_prune(
+    def _after_drop(
         self,
         plans: list[RowPlan],
         layouts: list[_RowLayout],
@@ -238,7 +238,7 @@ class ModelRunner:
         observed: list[torch.Tensor],
     ) -> tuple[torch.Tensor, AttentionBatch]:
         """Kept packed indices, and the metadata for the layers after the pruning layer. When the
-        cache is split at or above that layer, a pruned row's upper table is packed with its kept
+        cache is split at or above that layer, a row's upper table, after a drop, is packed with its kept
         tokens and gives back the blocks it no longer needs (its KV there is freed, not hidden)."""
         keep_parts: list[torch.Tensor] = []
         packed_rows: list[tuple[torch.Tensor, torch.Tensor]] = []  # (new packed indices, upper slots)
@@ -248,21 +248,21 @@ class ModelRunner:
         new_offset = 0
         for plan, lay in zip(plans, layouts):
             n = lay.q_index.numel()
-            if plan.prune_layer is None:
+            if plan.drop_layer is None:
                 local_keep = torch.arange(n)
             else:
-                chosen = plan.prune_keep if plan.prune_select is None else plan.prune_select(next(selections))
+                chosen = plan.keep_offsets if plan.keep_select is None else plan.keep_select(next(selections))
                 local_keep = chosen.cpu().sort().values
             keep_parts.append(lay.q_index[local_keep])
             k = local_keep.numel()
             q_index = torch.arange(new_offset, new_offset + k)
-            if plan.prune_layer is None:
-                after_layouts.append(_RowLayout(q_index, lay.views, lay.pruned))
+            if plan.drop_layer is None:
+                after_layouts.append(_RowLayout(q_index, lay.views, lay.dropped))
             else:  # the kept tokens, in order: causal among themselves
                 seq = plan.seq
                 if seq.upper_packed and seq.upper_reserved < k:
-                    raise RuntimeError(f"the prune keeps {k} tokens; {seq.upper_reserved} were reserved")
-                seq.prune(layer, local_keep, n, packed=split is not None and layer <= split)
+                    raise RuntimeError(f"the drop keeps {k} tokens; {seq.upper_reserved} were reserved")
+                seq.drop_tokens(layer, local_keep, n, packed=split is not None and layer <= split)
                 views: list[View] = [(0, self.blocks.slots(seq, 0, n)[local_keep], _causal_mask(0, k))]
                 if split is not None:
                     self.blocks.fit_upper(seq, n)

@@ -59,14 +59,14 @@ class Sequence:
     num_computed: int = 0  # tokens whose K/V is in the cache
     block_table: list[int] = field(default_factory=list)  # the layers below the cache's split (all without one)
     upper_table: list[int] = field(default_factory=list)  # the layers from the split on
-    # Tokens pruned at prefill (FastV): from layer `pruned_from` on, only the offsets below
-    # `pruned_base` in `pruned_kept` remain (and every offset from `pruned_base` on). When the
+    # Tokens dropped at prefill (a prefill transform): from layer `dropped_from` on, only the offsets below
+    # `drop_base` in `drop_kept` remain (and every offset from `drop_base` on). When the
     # cache's split is at or above that layer, the upper table holds just those ("packed").
-    pruned_from: int | None = None
-    pruned_kept: torch.Tensor | None = None
-    pruned_base: int = 0
+    dropped_from: int | None = None
+    drop_kept: torch.Tensor | None = None
+    drop_base: int = 0
     upper_packed: bool = False
-    upper_reserved: int = 0  # packed upper entries held for a prune not yet run (its kept count)
+    upper_reserved: int = 0  # packed upper entries held for a drop not yet run (its kept count)
     input_embeds: InputEmbeds | None = None
     # prefix caching (block_manager.py): what besides its tokens changes this row's KV (None: never
     # cached), the names of its full blocks, how many are registered, and the tokens found cached
@@ -92,33 +92,33 @@ class Sequence:
         """After preemption: everything must be recomputed."""
         self.num_computed = self.hashed_blocks = 0
         self.block_table, self.upper_table = [], []
-        self.pruned_from = self.pruned_kept = None
-        self.pruned_base, self.upper_packed, self.upper_reserved = 0, False, 0
+        self.dropped_from = self.drop_kept = None
+        self.drop_base, self.upper_packed, self.upper_reserved = 0, False, 0
 
     def reserve_packed(self, count: int, base: int) -> None:
-        """A prune of offsets [0, base) down to `count` will run below the cache's split: size the
+        """A drop of offsets [0, base) down to `count` will run below the cache's split: size the
         upper table for that many from the start (it never holds the rest)."""
-        self.upper_packed, self.upper_reserved, self.pruned_base = True, count, base
+        self.upper_packed, self.upper_reserved, self.drop_base = True, count, base
 
-    def prune(self, layer: int, kept: torch.Tensor, base: int, packed: bool) -> None:
+    def drop_tokens(self, layer: int, kept: torch.Tensor, base: int, packed: bool) -> None:
         """From `layer` on, offsets below `base` other than `kept` (ascending) are gone."""
-        self.pruned_from, self.pruned_kept, self.pruned_base, self.upper_packed = layer, kept, base, packed
+        self.dropped_from, self.drop_kept, self.drop_base, self.upper_packed = layer, kept, base, packed
 
-    def pruned_offsets(self) -> torch.Tensor:
-        """The offsets that layers from `pruned_from` on no longer see."""
-        gone = torch.ones(self.pruned_base, dtype=torch.bool)
-        gone[self.pruned_kept] = False
+    def dropped_offsets(self) -> torch.Tensor:
+        """The offsets that layers from `dropped_from` on no longer see."""
+        gone = torch.ones(self.drop_base, dtype=torch.bool)
+        gone[self.drop_kept] = False
         return gone.nonzero().flatten()
 
     def upper_order(self, end: int) -> torch.Tensor:
         """Offsets in [0, end) in the order the upper table holds them."""
         if not self.upper_packed:
             return torch.arange(end)
-        return torch.cat([self.pruned_kept, torch.arange(self.pruned_base, end)])
+        return torch.cat([self.drop_kept, torch.arange(self.drop_base, end)])
 
     def upper_count(self, end: int) -> int:
         """How many of the offsets in [0, end) the upper table holds."""
         if not self.upper_packed:
             return end
-        kept = self.pruned_kept.numel() if self.pruned_kept is not None else self.upper_reserved
-        return kept + max(0, end - self.pruned_base)
+        kept = self.drop_kept.numel() if self.drop_kept is not None else self.upper_reserved
+        return kept + max(0, end - self.drop_base)

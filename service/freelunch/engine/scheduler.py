@@ -10,7 +10,7 @@ Fairness (policy "fair", the default), so that a heavy request cannot starve lig
   requests first, then prompts, the shortest first);
 - while some requests decode, prompts are prefilled at most `prefill_chunk` tokens a step in all,
   so that long prompts cost the requests decoding beside them a bounded stall per step, not a whole
-  1k-token forward (a prompt that can only run whole, pruned in one forward, still runs whole);
+  1k-token forward (a prompt that can only run whole, its tokens dropped in one forward, still runs whole);
 - waiting requests are admitted tenant by tenant: the next is the oldest of the tenant (API key)
   with the fewest requests running, FIFO within a tenant.
 Policy "fifo" is the plain order: admission order, whole budget, FIFO admission.
@@ -152,7 +152,7 @@ class Scheduler:
 
     def _plan(self, req: Schedulable, budget: int, prefill_left: int | None):
         """The request's plans within `budget`; a prefill gets at most `prefill_left` tokens (None:
-        no such bound), unless it can only run whole (a prompt pruned in one forward)."""
+        no such bound), unless it can only run whole (a prompt whose tokens are dropped in one forward)."""
         if prefill_left is not None and _prefilling(req):
             if prefill_left <= 0:
                 return []

@@ -6,7 +6,7 @@ run (`plan`), runs them in the shared batch, and hands back the logits it asked 
 samples all such requests together) or the tokens it decided itself (draft-and-verify).
 
 The shapes every method needs are expressible here:
-- extra rows: `rows` may hold shadow sequences with their own prompt and KV cache (CFG, SCMoE);
+- extra rows: `rows` may hold shadow sequences with their own prompt and KV cache (a method's variants);
 - draft and verify: a `RowPlan` may feed tokens that are not (yet) part of the sequence, with
   a custom attention mask and positions; `StepContext.commit_kv` then keeps the accepted ones;
 - prefill transform: a `RowPlan` may ask to drop some of its tokens from a layer on, chosen
@@ -37,14 +37,14 @@ class RowPlan:
     positions: list[int] | None = None  # default: num_computed + i
     mask: torch.Tensor | None = None  # [n, num_computed + n] bool; None = causal
     advance: bool = True  # False: the strategy moves num_computed itself (after verification)
-    # Prefill transform: from layer `prune_layer` on, only the token offsets (into `tokens`) in
-    # `prune_keep` remain; the dropped tokens' KV stays invisible to later layers afterwards.
-    prune_layer: int | None = None
-    prune_keep: torch.Tensor | None = None
-    # ... or decided in the forward itself (FastV): called with the attention of the row's last token
-    # at layer `prune_layer - 1` (probabilities over the row's tokens, mean over heads, [n]), it
-    # returns the offsets to keep. Whole prompt in one step, prune_layer >= 1.
-    prune_select: Callable[[torch.Tensor], torch.Tensor] | None = None
+    # Prefill transform: from layer `drop_layer` on, only the token offsets (into `tokens`) in
+    # `keep_offsets` remain; the dropped tokens' KV stays invisible to later layers afterwards.
+    drop_layer: int | None = None
+    keep_offsets: torch.Tensor | None = None
+    # ... or decided in the forward itself: called with the attention of the row's last token
+    # at layer `drop_layer - 1` (probabilities over the row's tokens, mean over heads, [n]), it
+    # returns the offsets to keep. Whole prompt in one step, drop_layer >= 1.
+    keep_select: Callable[[torch.Tensor], torch.Tensor] | None = None
     # Extra per-row model inputs a model may understand: `expert_rank` r >= 1 (models/expert_routing.py)
     # routes the row's tokens in every MoE layer to the expert its router ranks r-th, alone.
     extras: dict[str, Any] = field(default_factory=dict)

@@ -2,7 +2,7 @@
 
 This is what CPU runs use, and what every Triton kernel in this folder is tested against.
 The cache is a flat slot array per layer ([slots, Hkv, D]); a row's keys are gathered by
-slot index, so paged blocks, tree drafts and pruned tokens are all just index lists + masks.
+slot index, so paged blocks, tree drafts and dropped tokens are all just index lists + masks.
 """
 
 from __future__ import annotations

@@ -116,7 +116,7 @@ class ClsPruning(VisualPruning):
 
 
 class FastV(VisualPruning):
-    """FastV: the prune is decided inside the prefill forward (`RowPlan.prune_select`)."""
+    """FastV: the prune is decided inside the prefill forward (`RowPlan.keep_select`)."""
 
     def __init__(
         self, request: GenerationRequest, main: Sequence, options: PruningOptions, max_batch_tokens: int, kv_split: int | None
@@ -153,11 +153,11 @@ class FastV(VisualPruning):
             return []  # wait for a step with room for the whole prompt
         # from offset 0: the prompt, and after a preemption the generated tokens too
         plan = pipeline.plain_plan(main, token_budget)
-        plan.prune_layer = self.options.layer
+        plan.drop_layer = self.options.layer
         if self.kept_offsets is None:
-            plan.prune_select = self._select
+            plan.keep_select = self._select
         else:  # a recompute after preemption: the same tokens again, and the generated ones
-            plan.prune_keep = torch.cat([self.kept_offsets, torch.arange(main.num_prompt, len(plan.tokens))])
+            plan.keep_offsets = torch.cat([self.kept_offsets, torch.arange(main.num_prompt, len(plan.tokens))])
         if self.packs_upper:  # (again, after a preemption reset the cache state)
             kept = self._kept_count(self._image_offsets().numel()) + len(plan.tokens) - main.num_prompt
             main.reserve_packed(kept, len(plan.tokens))

@@ -66,7 +66,7 @@ class AttentionGroup:
     batch: int
     n: int
     # (from layer, [B, L] slot ids, [B, n, L] bool mask or None = all visible), by layer: a split
-    # cache keeps upper layers in other slots, and tokens pruned at an earlier prefill are hidden
+    # cache keeps upper layers in other slots, and tokens dropped at an earlier prefill are hidden
     # (or absent) from their pruning layer on. None = fresh causal prefill (attend to own k/v).
     views: list[tuple[int, torch.Tensor, torch.Tensor | None]] | None
 
@@ -78,14 +78,14 @@ class AttentionGroup:
 def query_attention(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
     """One query's attention probabilities over keys it sees, mean over heads: q [H, D], k [L, Hkv, D] -> [L].
 
-    float32 softmax like transformers' eager attention (FastV reads these weights from it)."""
+    float32 softmax like transformers' eager attention (a prefill transform that selects tokens reads these weights)."""
     k = k.repeat_interleave(q.shape[0] // k.shape[1], dim=1)  # GQA: each kv head serves a group of q heads
     scores = torch.einsum("hd,lhd->hl", q.float(), k.float()) * scale
     return scores.softmax(dim=-1).mean(dim=0)
 
 
 @dataclass(slots=True)
-class PrunePlan:
+class TokenDropPlan:
     """Drop packed tokens before `layer`; later layers use the metadata that `resolve` builds then.
 
     `resolve` runs when the layer is reached, so that a selection may depend on this very forward:
@@ -110,7 +110,7 @@ class AttentionBatch:
     slot_mappings: list[tuple[int, torch.Tensor]]
     groups: list[AttentionGroup]
     scale: float
-    prune: PrunePlan | None = None
+    drop: TokenDropPlan | None = None
     # per row, in packing order: (extra model inputs, token count): e.g. a MoE routing override the
     # model interprets (models/moe.py); opaque to the engine
     row_inputs: list[tuple[dict[str, Any], int]] = field(default_factory=list)
@@ -118,21 +118,21 @@ class AttentionBatch:
     triton: bool = False  # the Triton kernels serve attention over the cache (and MoE experts: models/moe.py)
 
     def keep_before_layer(self, layer: int) -> torch.Tensor | None:
-        """Packed indices to keep from `layer` on, when a prefill transform prunes there."""
-        prune = self.prune
-        if prune is None or layer != prune.layer:
+        """Packed indices to keep from `layer` on, when a prefill transform drops tokens there."""
+        drop = self.drop
+        if drop is None or layer != drop.layer:
             return None
-        prune.keep, after = prune.resolve(prune.observed)
+        drop.keep, after = drop.resolve(drop.observed)
         self.slot_mappings, self.groups = after.slot_mappings, after.groups
         if self.routing is not None:
-            self.routing = self.routing.select(prune.keep)
-        return prune.keep
+            self.routing = self.routing.select(drop.keep)
+        return drop.keep
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q [T, H, D], k/v [T, Hkv, D] for the packed tokens -> attention output [T, H*D]."""
-        prune = self.prune
-        if prune is not None and prune.probes and layer == prune.layer - 1:
-            prune.observed = [query_attention(q[query], k[keys], self.scale) for query, keys in prune.probes]
+        drop = self.drop
+        if drop is not None and drop.probes and layer == drop.layer - 1:
+            drop.observed = [query_attention(q[query], k[keys], self.scale) for query, keys in drop.probes]
         k_cache, v_cache = self.kv_caches[layer]
         slots = next(m for start, m in reversed(self.slot_mappings) if start <= layer)
         k, v = k.to(k_cache.dtype), v.to(v_cache.dtype)  # a 16-bit cache's rounding (no copy otherwise)

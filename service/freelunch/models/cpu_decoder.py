@@ -102,7 +102,7 @@ class CpuDecoderStack:
         16-bit cache) whose groups all read the cache through one view with at most CPU_KERNEL_MAX_QUERIES queries a row, nothing pruned."""
         if x.dtype != torch.float32 or x.device.type != "cpu" or x.dim() != 2 or not x.is_contiguous():
             return False
-        if attn.prune is not None or len(attn.slot_mappings) != 1:
+        if attn.drop is not None or len(attn.slot_mappings) != 1:
             return False
         if any(g.views is None or len(g.views) != 1 or g.n > CPU_KERNEL_MAX_QUERIES for g in attn.groups):
             return False

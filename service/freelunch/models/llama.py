@@ -269,7 +269,7 @@ class LlamaForCausalLM(nn.Module):
         attn: AttentionBatch,
         input_embeds: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """input_ids, positions: [T] -> final hidden states [T', hidden] (T' < T if tokens were pruned).
+        """input_ids, positions: [T] -> final hidden states [T', hidden] (T' < T if tokens were dropped).
 
         `input_embeds` (packed indices [k], values [k, hidden]) replace those tokens' embeddings
         (image features at their placeholder tokens)."""
