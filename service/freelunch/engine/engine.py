@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import random
 import time
-from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,6 +17,7 @@ from freelunch.engine.block_manager import BlockManager, BlockNeed
 from freelunch.engine.detokenizer import IncrementalText
 from freelunch.engine.errors import EngineError, check_new_request
 from freelunch.engine.kv_cache import KVCache, kv_cache_dtype
+from freelunch.engine.model_info import ModelInfo
 from freelunch.engine.model_runner import ModelRunner
 from freelunch.engine.request import (
     FinishReason,
@@ -30,30 +30,9 @@ from freelunch.engine.request import (
 )
 from freelunch.engine.sampler import SampleRow, sample, top_logprobs
 from freelunch.engine.scheduler import Scheduler
-from freelunch.engine.strategy import DecodingStrategy, ImageEncoder, Sampled
+from freelunch.engine.strategy import DecodingStrategy, Sampled
 from freelunch.kernels import triton_kernels_enabled
 from freelunch.models.loader import LoadedModel
-
-
-@dataclass(slots=True)
-class ModelInfo:
-    """What methods may know about the served model."""
-
-    name: str
-    config: object  # DecoderConfig
-    hf_config: object
-    tokenizer: object
-    eos_token_ids: tuple[int, ...]
-    max_model_len: int
-    device: str
-    shared_state: dict = field(default_factory=dict)  # per-model method state (e.g. draft tables)
-    vision: ImageEncoder | None = None  # a vision-language model's image side
-    max_num_batched_tokens: int = 0  # tokens one forward may take (a prefill transform needs the whole prompt)
-    # seconds per forward of T tokens after a short context, by T (what a step of T rows costs)
-    forward_cost: Callable[..., dict[int, float]] | None = None
-    kv_split_layer: int | None = None  # the KV cache's layer split (see block_manager), if any
-    # a request's rows may make a step cost at most this many one-token decode steps
-    max_step_cost: float = float("inf")
 
 
 @dataclass(slots=True)

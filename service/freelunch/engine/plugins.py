@@ -10,6 +10,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from freelunch.engine.errors import OptionError
+from freelunch.engine.model_info import ModelInfo
 from freelunch.engine.request import GenerationRequest, Sequence
 from freelunch.engine.strategy import DecodingStrategy
 
@@ -19,7 +20,7 @@ class StrategyPlugin(Protocol):
 
     option: str
 
-    def build(self, request: GenerationRequest, main: Sequence, model_info: Any) -> DecodingStrategy: ...
+    def build(self, request: GenerationRequest, main: Sequence, model_info: ModelInfo) -> DecodingStrategy: ...
 
     def off(self, options: dict[str, Any]) -> bool: ...
 
@@ -40,7 +41,7 @@ CONSTRAINTS: list[Callable[[Any, int], ConstraintBuilder]] = []
 KV_SPLIT_HINTS: list[Callable[[bool, int], int | None]] = []
 
 
-def build_strategy(request: GenerationRequest, main: Sequence, model_info: Any) -> DecodingStrategy:
+def build_strategy(request: GenerationRequest, main: Sequence, model_info: ModelInfo) -> DecodingStrategy:
     """The request's strategy: its method options' stages, composed (plain decoding without any).
     A method whose build returns a whole DecodingStrategy runs alone."""
     chosen = [name for name in request.methods if name in STRATEGIES and not STRATEGIES[name].off(request.methods[name])]

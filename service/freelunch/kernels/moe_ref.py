@@ -4,7 +4,7 @@
 
 with the experts' weights stacked (gate_up [E, 2I, H], gate first, as models/llama.py's MLP holds
 them; down [E, H, I]) and -1 marking a slot a
-token does not use (tokens routed to fewer experts, e.g. SCMoE's weak branch). This is what
+token does not use (tokens routed to fewer experts, e.g. a method's weak row). This is what
 `models/moe.py` computes with one matmul per expert; `moe_triton.grouped_expert_mlp` must match it.
 """
 

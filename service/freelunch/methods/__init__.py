@@ -17,6 +17,7 @@ from pydantic import ValidationError
 
 from freelunch.engine import plugins
 from freelunch.engine.errors import OptionError
+from freelunch.engine.model_info import ModelInfo
 from freelunch.engine.request import GenerationRequest
 from freelunch.methods.spec import MethodOptions, MethodSpec
 
@@ -80,7 +81,7 @@ def fallbacks(request: GenerationRequest) -> dict[str, str]:
     return {name: reason for name, reason in reasons.items() if reason}
 
 
-def _compose(request: GenerationRequest, main: Any, model_info: Any, stages: list[Any]) -> Any:
+def _compose(request: GenerationRequest, main: Any, model_info: ModelInfo, stages: list[Any]) -> Any:
     from freelunch.methods.pipeline import Pipeline
 
     return Pipeline(request, main, model_info, stages)

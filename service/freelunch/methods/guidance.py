@@ -26,6 +26,7 @@ import torch
 from pydantic import Field, model_validator
 from pydantic_core import PydanticCustomError
 
+from freelunch.engine.model_info import ModelInfo
 from freelunch.engine.request import GenerationRequest, Sequence
 from freelunch.methods import OptionError, validate_options
 from freelunch.methods.pipeline import Stage, Variant
@@ -91,7 +92,7 @@ class ClassifierFreeGuidance(Stage):
     order = 1
     expands = True
 
-    def __init__(self, request: GenerationRequest, main: Sequence, model_info: Any) -> None:
+    def __init__(self, request: GenerationRequest, main: Sequence, model_info: ModelInfo) -> None:
         opts = parse_options(request.methods["guidance"], model_info.config.vocab_size, model_info.max_model_len)
         self.options = opts
         self._variants: list[Variant] = []

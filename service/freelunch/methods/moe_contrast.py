@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from pydantic import Field
 
+from freelunch.engine.model_info import ModelInfo
 from freelunch.engine.request import GenerationRequest, Sequence
 from freelunch.methods import OptionError, validate_options
 from freelunch.methods.pipeline import Stage, Variant
@@ -43,7 +44,7 @@ class MoeContrastOptions(MethodOptions):
     strong_top_k: int | None = Field(None, ge=1, le=1 << 16, description="experts per token of the strong branch; null: the model's")
 
 
-def parse_options(raw: Any, model_info: Any) -> MoeContrastOptions:
+def parse_options(raw: Any, model_info: ModelInfo) -> MoeContrastOptions:
     """Validated options, checked against the served model."""
     moe = model_info.config.moe
     if moe is None:
@@ -81,7 +82,7 @@ class MoeContrast(Stage):
     order = 0
     expands = True
 
-    def __init__(self, request: GenerationRequest, main: Sequence, model_info: Any) -> None:
+    def __init__(self, request: GenerationRequest, main: Sequence, model_info: ModelInfo) -> None:
         self.options = opts = parse_options(request.methods["moe_contrast"], model_info)
         # The strong branch's routing (the model's own, or `strong_top_k` experts), on every row
         # that is not weak; the weak row's prompt is routed weakly too: its KV cache is the weak

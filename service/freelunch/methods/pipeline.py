@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from freelunch.engine.model_info import ModelInfo
 from freelunch.engine.request import GenerationRequest, Sequence
 from freelunch.engine.strategy import DecodingStrategy, ImageEncoder, RowPlan, Sampled, StepContext
 
@@ -94,7 +95,7 @@ class Stage:
 class Pipeline(DecodingStrategy):
     """The stages of one request, over its rows."""
 
-    def __init__(self, request: GenerationRequest, main: Sequence, model_info: Any, stages: list[Stage]) -> None:
+    def __init__(self, request: GenerationRequest, main: Sequence, model_info: ModelInfo, stages: list[Stage]) -> None:
         super().__init__(request, main)
         self.stages = stages
         self.transforms = [s for s in stages if type(s).image_features is not Stage.image_features or type(s).main_plan is not Stage.main_plan]
@@ -110,7 +111,7 @@ class Pipeline(DecodingStrategy):
             stage.attach(self)
 
     # ---- rows ---------------------------------------------------------------------------------
-    def _build_rows(self, model_info: Any) -> None:
+    def _build_rows(self, model_info: ModelInfo) -> None:
         axes = [s.variants() for s in self.expanders]
         longest = self.main.num_tokens
         for index in itertools.product(*(range(len(a)) for a in axes)):

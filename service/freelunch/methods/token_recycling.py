@@ -29,6 +29,7 @@ from typing import Any, Literal
 import torch
 from pydantic import Field, field_validator
 
+from freelunch.engine.model_info import ModelInfo
 from freelunch.engine.request import GenerationRequest, Sequence
 from freelunch.engine.sampler import top_logprobs
 from freelunch.engine.strategy import RowPlan, Sampled, StepContext
@@ -207,7 +208,7 @@ def fallback_reason(request: GenerationRequest) -> str | None:
     return None
 
 
-def verify_cost(model_info: Any) -> VerifyCost | None:
+def verify_cost(model_info: ModelInfo) -> VerifyCost | None:
     """What a forward of T tokens costs this model here: measured once, then kept. None while
     it cannot be measured (the cache is full right now: a later request measures)."""
     state = model_info.shared_state
@@ -253,7 +254,7 @@ class TokenRecycling(Stage):
 
     option = "speculative"
 
-    def __init__(self, request: GenerationRequest, main: Sequence, model_info: Any) -> None:
+    def __init__(self, request: GenerationRequest, main: Sequence, model_info: ModelInfo) -> None:
         self.request, self.main = request, main
         self.fallback = fallback_reason(request)
         self.template, k = parse_options(request.methods["speculative"])

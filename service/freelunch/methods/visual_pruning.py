@@ -25,6 +25,7 @@ from typing import Any, Literal
 import torch
 from pydantic import Field
 
+from freelunch.engine.model_info import ModelInfo
 from freelunch.engine.request import GenerationRequest, Sequence
 from freelunch.engine.strategy import ImageEncoder, RowPlan
 from freelunch.methods import OptionError, validate_options
@@ -45,7 +46,7 @@ class PruningOptions(MethodOptions):
     )
 
 
-def parse_options(raw: Any, model_info: Any) -> PruningOptions:
+def parse_options(raw: Any, model_info: ModelInfo) -> PruningOptions:
     """Validated options, checked against the served model (the layer filled in)."""
     vision: ImageEncoder | None = model_info.vision
     if vision is None:
@@ -184,7 +185,7 @@ class FastV(VisualPruning):
         return image_tokens, self.kept_image_tokens if pruned else image_tokens
 
 
-def build(request: GenerationRequest, main: Sequence, model_info: Any) -> VisualPruning:
+def build(request: GenerationRequest, main: Sequence, model_info: ModelInfo) -> VisualPruning:
     options = parse_options(request.methods["visual_pruning"], model_info)
     if options.method == "cls":
         return ClsPruning(request, main, options)

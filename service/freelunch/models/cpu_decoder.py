@@ -7,7 +7,7 @@ default model (30 layers, 2 AVX2 cores) about 8 of a 23 ms decode step. `fl_deco
 is bit-identical to the per-layer path. It serves any step whose attention groups read the cache
 with at most CPU_KERNEL_MAX_QUERIES queries a row (decode rows, paired rows, `n` choices, draft
 trees, prompt chunks that short, beside each other), over layers with q/k norms, clipping and
-biases, dense or sparse Mixture-of-Experts feed-forwards (routing overridden per row: SCMoE's weak
+biases, dense or sparse Mixture-of-Experts feed-forwards (routing overridden per row: a method's weak
 rows). The per-layer path still serves the rest: longer prompt chunks from position 0 (SDPA),
 pruning, a split cache. FREELUNCH_CPU_DECODER=layers turns it off (profiling, comparisons).
 """

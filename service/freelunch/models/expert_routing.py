@@ -4,8 +4,8 @@
 softmax over the router logits in float32, top-k, renormalised to sum 1 where the model says so.
 `ExpertRouting` overrides it per token, so that rows with different routing share one forward:
 a token with rank r >= 1 uses only the expert its router ranks r-th (1-based: r = 1 is the
-router's first choice), with weight 1 (SCMoE's weak branch is such a row); a token may also
-have its own top-k (SCMoE's `strong_top_k`).
+router's first choice), with weight 1 (a method's weak row is such a row); a token may also
+have its own top-k (a method's strong routing).
 """
 
 from __future__ import annotations
