@@ -93,3 +93,33 @@ def test_an_engine_without_the_plugin_method_refuses_it_naming_it(with_plugin, t
         assert r.json()["error"]["param"] == "prompt_contrast" and "--native-workers" in r.json()["error"]["message"]
     finally:
         stop_server(proc)
+
+
+class _Point:
+    """An entry point as importlib.metadata lists it."""
+
+    def __init__(self, name: str, value: str, loaded: object) -> None:
+        self.name, self.value, self._loaded = name, value, loaded
+
+    def load(self) -> object:
+        return self._loaded
+
+
+@pytest.mark.parametrize("case", ["two with one option", "not a spec", "a spec under another name"])
+def test_the_registry_refuses_what_would_silently_replace_a_method(monkeypatch, case):
+    import freelunch.methods as methods
+    from freelunch.engine import plugins
+    from freelunch.methods.guidance import SPEC
+
+    points = {
+        "two with one option": [_Point("guidance", "a:SPEC", SPEC), _Point("guidance", "b:SPEC", SPEC)],
+        "not a spec": [_Point("guidance", "a:thing", object())],
+        "a spec under another name": [_Point("speculative", "a:SPEC", SPEC)],
+    }[case]
+    monkeypatch.setattr(methods, "entry_points", lambda group: points if group == methods.ENTRY_POINT_GROUP else [])
+    monkeypatch.setattr(methods, "_loaded", False)
+    monkeypatch.setattr(methods, "METHODS", {})
+    monkeypatch.setattr(plugins, "STRATEGIES", {})
+    monkeypatch.setattr(plugins, "KV_SPLIT_HINTS", [])
+    with pytest.raises(RuntimeError, match="two installed methods|is not the MethodSpec"):
+        methods.load_methods()
