@@ -15,6 +15,7 @@ from __future__ import annotations
 import re
 import sys
 import zipfile
+from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
 
@@ -76,19 +77,28 @@ def project_requirements() -> list[str]:
     return requirement_names(deps)
 
 
-def needed() -> list[str]:
-    """The project's dependencies, and theirs, that the image lacks: resolved with this machine's installs."""
-    todo, seen, out = project_requirements(), set(), []
+def walk(requires: Callable[[str], list[str] | None]) -> tuple[list[str], list[str]]:
+    """From the project's dependencies through theirs, the names the image lacks (or that are
+    carried anyway, ALWAYS): (found, missing). `requires(name)` gives a name's requirement lines, or
+    None where it cannot (nothing installed or carried by that name)."""
+    todo, seen, found, missing = project_requirements(), set(), [], []
     while todo:
         name = todo.pop()
-        if name in seen:
+        if name in seen or (name in IMAGE and name not in ALWAYS):
             continue
         seen.add(name)
-        if name in IMAGE and name not in ALWAYS:
-            continue
-        out.append(name)
-        todo.extend(requirement_names(metadata.requires(name) or []))
-    return sorted(out)
+        lines = requires(name)
+        if lines is None:
+            missing.append(name)
+        else:
+            found.append(name)
+            todo.extend(requirement_names(lines))
+    return sorted(found), missing
+
+
+def needed() -> list[str]:
+    """The project's dependencies, and theirs, that the image lacks: resolved with this machine's installs."""
+    return walk(lambda name: metadata.requires(name) or [])[0]
 
 
 def requirements() -> None:
@@ -105,20 +115,14 @@ def check() -> int:
             problems.append(f"{w.name}: not a CPython 3.12 manylinux x86-64 (or pure) wheel")
         carried[norm(w.name.split("-")[0])] = w
     # every carried wheel's requirements, and the project's, are carried or in the image
-    todo = project_requirements()
-    seen = set()
-    while todo:
-        name = todo.pop()
-        if name in seen:
-            continue
-        seen.add(name)
-        if name in carried:
-            with zipfile.ZipFile(carried[name]) as z:
-                meta = next(n for n in z.namelist() if n.endswith(".dist-info/METADATA"))
-                lines = [ln[len("Requires-Dist:"):].strip() for ln in z.read(meta).decode().splitlines() if ln.startswith("Requires-Dist:")]
-            todo.extend(requirement_names(lines))
-        elif name not in IMAGE:
-            problems.append(f"{name}: needed, neither in the GPU image nor carried")
+    def wheel_requires(name: str) -> list[str] | None:
+        if name not in carried:
+            return None
+        with zipfile.ZipFile(carried[name]) as z:
+            meta = next(n for n in z.namelist() if n.endswith(".dist-info/METADATA"))
+            return [ln[len("Requires-Dist:"):].strip() for ln in z.read(meta).decode().splitlines() if ln.startswith("Requires-Dist:")]
+
+    problems += [f"{name}: needed, neither in the GPU image nor carried" for name in walk(wheel_requires)[1]]
     if not (CARRY / "tokenizer" / "tokenizer.json").is_file():
         problems.append("no .device/tokenizer/tokenizer.json (bash bench/device_wheels.sh)")
     size = sum(f.stat().st_size for f in CARRY.rglob("*") if f.is_file()) / 2**20

@@ -198,14 +198,14 @@ def test_v1_forces_a_row_unlike_its_partners_token_at_the_same_index():
 def test_the_adapter_hands_vllm_the_processor_for_its_runner_and_no_limits(monkeypatch, tmp_path, v2_runner):
     """Model Runner V2 is vLLM's choice on CUDA (forced here through vLLM's own switch); plain
     traffic keeps vLLM's CUDA graphs, chunked prefill and token budget."""
-    from freelunch.backends.vllm_engine import engine_config
+    from freelunch.backends.vllm_engine import engine_config, paired_rows
     from tiny_models import build_tiny_model
 
     build_tiny_model(tmp_path, "llama", seed=3, num_attention_heads=2, num_key_value_heads=1)
     monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "1" if v2_runner else "0")
     if v2_runner:  # vLLM's CPU build has no Triton backend; its check is all that stands in the way here
         monkeypatch.setattr("vllm.config.vllm.HAS_TRITON", True)
-    vllm_config = engine_config(EngineConfig(model=str(tmp_path), dtype="float32"), str(tmp_path), "tiny", 256)
+    vllm_config = engine_config(EngineConfig(model=str(tmp_path), dtype="float32"), str(tmp_path), "tiny", 256, paired_rows())
     assert vllm_config.use_v2_model_runner is v2_runner
     assert vllm_config.model_config.logits_processors == [PairedGuidanceV2 if v2_runner else PairedGuidance]
     assert GUIDANCE_PAIRS.processor(v2_runner) is vllm_config.model_config.logits_processors[0]

@@ -109,7 +109,7 @@ class VllmEngine:
         # logit_bias are vLLM's own (xgrammar).
         self.pairs = paired_rows() if config.tensor_parallel_size == 1 else {}
         self.capabilities = frozenset(self.pairs) | {"constraint"}
-        vllm_config = engine_config(config, str(source.path), self.model_name, self.max_model_len)
+        vllm_config = engine_config(config, str(source.path), self.model_name, self.max_model_len, self.pairs)
         self.model_runner = "v2" if vllm_config.use_v2_model_runner else "v1"
         self.llm = LLMEngine.from_vllm_config(vllm_config, disable_log_stats=True)
         log.info("vLLM engine: model runner %s, CUDA graphs %s", self.model_runner, "off" if config.enforce_eager else "vLLM's default")
@@ -403,10 +403,10 @@ class VllmEngine:
         )
 
 
-def engine_config(config: EngineConfig, model_path: str, served_name: str, max_model_len: int) -> Any:
+def engine_config(config: EngineConfig, model_path: str, served_name: str, max_model_len: int, pairs: dict[str, Any]) -> Any:
     """vLLM's configuration for `config`: vLLM's own defaults for plain traffic (CUDA graphs, chunked
     prefill, its token budget unless --max-num-batched-tokens is given); paired rows need none of
-    them off (PairedRows). Each paired method's processor is the one for the runner vLLM picks:
+    them off (PairedRows). Each of `pairs`' processors is the one for the runner vLLM picks:
     Model Runner V2 (CUDA with Triton) refuses V1-interface classes, the V1 runner (CPUs) takes only those."""
     from vllm import EngineArgs
 
@@ -425,7 +425,6 @@ def engine_config(config: EngineConfig, model_path: str, served_name: str, max_m
         disable_log_stats=True,
     )
     vllm_config = args.create_engine_config()
-    pairs = paired_rows() if config.tensor_parallel_size == 1 else {}
     vllm_config.model_config.logits_processors = [p.processor(vllm_config.use_v2_model_runner) for p in pairs.values()]
     return vllm_config
 

@@ -98,13 +98,13 @@ def sample(rows: list[SampleRow]) -> list[tuple[int, TokenLogprob | None]]:
     rest = [i for i in range(len(rows)) if i not in batched]
     prepared = {i: _penalised(rows[i]) for i in rest}
     drawn = [i for i in rest if not rows[i].params.greedy]
+    tokens: dict[int, int] = {}
     if drawn:
         probs = filter_rows(torch.stack([prepared[i] for i in drawn]), [rows[i].params for i in drawn]).softmax(-1)
-        for i, row_probs in zip(drawn, probs):
-            out[i] = (int(torch.multinomial(row_probs, 1, generator=rows[i].generator)), None)
+        tokens = {i: int(torch.multinomial(row_probs, 1, generator=rows[i].generator)) for i, row_probs in zip(drawn, probs)}
     for i in rest:
         row = rows[i]
-        token = int(torch.argmax(prepared[i])) if row.params.greedy else out[i][0]
+        token = tokens[i] if i in tokens else int(torch.argmax(prepared[i]))
         record = None
         if row.params.logprobs is not None:
             record = top_logprobs(torch.log_softmax(row.logits, -1), token, row.params.logprobs)
