@@ -278,6 +278,12 @@ def build_parser() -> argparse.ArgumentParser:
         "the API they describe)",
     )
     sec.add_argument(
+        "--no-playground",
+        action="store_true",
+        default=env("FREELUNCH_NO_PLAYGROUND", "") == "1",
+        help="do not serve the playground page at / (a page for trying the methods in a browser)",
+    )
+    sec.add_argument(
         "--grammar-compile-timeout",
         type=float,
         default=float(env("FREELUNCH_GRAMMAR_COMPILE_TIMEOUT", "5")),
@@ -366,6 +372,7 @@ def main(argv: list[str] | None = None) -> int:
             grammar_compile_timeout=args.grammar_compile_timeout,
             body_read_timeout=args.body_read_timeout,
             public_docs=args.public_docs,
+            playground=not args.no_playground,
         )
         if args.native_workers and config.engine != "vllm":
             raise ValueError("--native-workers goes with --engine vllm (the native engine's workers are --workers)")

@@ -152,6 +152,7 @@ class ServerConfig:
     grammar_compile_timeout: float = 5.0
     body_read_timeout: float = 30.0  # seconds for a request body to arrive whole; then 408
     public_docs: bool = False  # /docs, /redoc and /openapi.json open without an API key
+    playground: bool = True  # GET / serves the playground page (api/playground.py)
 
     def __post_init__(self) -> None:
         if self.workers < 0 or self.max_queue < 0:
