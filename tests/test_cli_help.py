@@ -27,3 +27,27 @@ def test_every_serve_flag_has_help_and_shows_its_default(monkeypatch):
         block = text.split("options:", 1)[1].split(f"\n  {flag}", 1)[1].split("\n  --", 1)[0]
         assert f"(default: {default})" in " ".join(block.split()), flag
     assert "default: None" not in text
+
+
+def test_flags_come_from_the_config_declaration(monkeypatch):
+    """One declaration (config.py): parsing no flags gives the configs' own defaults, each flag
+    and its environment variable land in its setting, and docs/reference.md lists every flag."""
+    from pathlib import Path
+
+    from freelunch.config import EngineConfig, ServerConfig, from_flags
+
+    for name in [k for k in __import__("os").environ if k.startswith("FREELUNCH_")]:
+        monkeypatch.delenv(name)
+    args = build_parser().parse_args(["serve"])
+    assert from_flags(EngineConfig, args) == EngineConfig()
+    assert from_flags(ServerConfig, args) == ServerConfig()
+    monkeypatch.setenv("FREELUNCH_MAX_NUM_SEQS", "7")
+    monkeypatch.setenv("FREELUNCH_PLAYGROUND", "0")
+    args = build_parser().parse_args(["serve", "--kv-cache-gib", "0.5", "--no-prefix-caching", "--threads", "3", "--playground"])
+    engine, server = from_flags(EngineConfig, args), from_flags(ServerConfig, args)
+    assert (engine.max_num_seqs, engine.kv_cache_gib, engine.enable_prefix_caching, engine.num_threads) == (7, 0.5, False, 3)
+    assert server.playground is True  # the flag undoes the environment
+    reference = (Path(__file__).parents[1] / "docs" / "reference.md").read_text()
+    missing = [a.option_strings[0] for a in _serve()._actions
+               if a.option_strings and a.dest != "help" and f"`{a.option_strings[0]}" not in reference]
+    assert missing == [], f"docs/reference.md does not list {missing}"

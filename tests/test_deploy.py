@@ -3,6 +3,7 @@ FREELUNCH_* settings, grace periods and dashboard metric names match what the se
 
 from __future__ import annotations
 
+import argparse
 import copy
 import json
 import os
@@ -17,6 +18,7 @@ import httpx
 import kubernetes_validate
 import pytest
 import yaml
+from freelunch.cli import build_parser
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -171,12 +173,14 @@ def get_routes() -> set[str]:
 
 
 def env_vars_read() -> set[str]:
-    """FREELUNCH_* names the server reads: quoted literals in its source (cli.py's flags,
-    FREELUNCH_API_KEY, FREELUNCH_CACHE_DIR, ...). Help texts mention names unquoted."""
-    names: set[str] = set()
-    for folder in ("service",):
-        for f in (ROOT / folder).rglob("*.py"):
-            names |= set(re.findall(r"""["'](FREELUNCH_[A-Z0-9_]+)["']""", f.read_text()))
+    """FREELUNCH_* names the server reads: each `serve` flag's (config.py derives the name from the
+    flag), and the quoted literals in its source (FREELUNCH_CACHE_DIR, the kernel switches, ...)."""
+    from freelunch.config import env_name
+
+    serve = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices["serve"]
+    names = {env_name(a.option_strings[0]) for a in serve._actions if a.option_strings and a.dest != "help"}
+    for f in (ROOT / "service").rglob("*.py"):
+        names |= set(re.findall(r"""["'](FREELUNCH_[A-Z0-9_]+)["']""", f.read_text()))
     return names
 
 
@@ -186,16 +190,15 @@ def unread_env(names) -> list[str]:
 
 
 def test_cli_flags_have_their_env_vars():
-    from_flags = {"FREELUNCH_" + dest.upper() for dest in vars(cli_settings({})) if dest != "command"}
     # The settings the deployment files rely on are flags, and the server reads them.
-    needed = {
-        "FREELUNCH_HOST",
-        "FREELUNCH_PORT",
-        "FREELUNCH_DRAIN_TIMEOUT",
-        "FREELUNCH_ENGINE",
-        "FREELUNCH_API_KEY",
-    }
-    assert needed <= from_flags & env_vars_read()
+    env = {"FREELUNCH_HOST": "0.0.0.0", "FREELUNCH_PORT": "9001", "FREELUNCH_DRAIN_TIMEOUT": "7", "FREELUNCH_ENGINE": "vllm",
+           "FREELUNCH_API_KEY": "k1,k2", "FREELUNCH_PREFIX_CACHING": "0", "FREELUNCH_THREADS": "3"}
+    settings = cli_settings(env)
+    assert (settings.host, settings.port, settings.drain_timeout, settings.engine) == ("0.0.0.0", 9001, 7.0, "vllm")
+    assert settings.api_keys__env == ("k1", "k2") and settings.enable_prefix_caching is False and settings.num_threads == 3
+    assert set(env) <= env_vars_read()
+    with pytest.raises(ValueError, match="FREELUNCH_PORT='eighty' is not an integer"):
+        cli_settings({"FREELUNCH_PORT": "eighty"})
 
 
 def cli_settings(env: dict[str, str]):
@@ -349,7 +352,7 @@ def test_kubernetes_agrees_with_server(which):
     assert c["securityContext"]["readOnlyRootFilesystem"]
     mounts = {m["mountPath"] for m in c["volumeMounts"]}
     assert {"/tmp", env["HOME"]} <= mounts
-    assert c["resources"]["limits"]["cpu"] == str(settings.threads), (
+    assert c["resources"]["limits"]["cpu"] == str(settings.num_threads), (
         "FREELUNCH_THREADS should match the CPU limit"
     )
 

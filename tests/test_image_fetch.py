@@ -281,7 +281,11 @@ def test_bad_host_entries_are_config_errors(entry):
 
 
 def test_cli_reads_hosts_from_flags_and_env(monkeypatch):
-    from freelunch.cli import build_parser, read_image_hosts
+    from freelunch.cli import build_parser
+    from freelunch.config import ServerConfig, from_flags
+
+    def read_image_hosts(args):
+        return from_flags(ServerConfig, args).allowed_image_hosts
 
     monkeypatch.setenv("FREELUNCH_ALLOWED_IMAGE_HOSTS", "c.example.com, a.example.com")
     args = build_parser().parse_args(

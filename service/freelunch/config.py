@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import argparse
 import ipaddress
 import os
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import Field, dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 # Switches between kernel paths, for benchmarks, tests and bisecting a numeric difference (not
 # server settings: no flag sets them). Read here, the one module below the CLI that reads the
@@ -24,49 +27,200 @@ def kernel_switch(name: str) -> str:
     return os.environ.get(name, KERNEL_SWITCHES[name])
 
 
+def env_name(flag: str) -> str:
+    """The environment variable of a `freelunch serve` flag: --max-num-seqs -> FREELUNCH_MAX_NUM_SEQS."""
+    return "FREELUNCH_" + flag.lstrip("-").upper().replace("-", "_")
+
+
+def env_default(flag: str, default: Any, kind: type, environ: Mapping[str, str]) -> Any:
+    """A flag's default: its environment variable parsed as the setting's type, else `default`.
+    ValueError naming the variable for a value that is not of that type."""
+    name = env_name(flag)
+    raw = environ.get(name)
+    if raw is None:
+        return default
+    raw = raw.strip()
+    try:
+        if kind is bool:
+            if raw.lower() not in _BOOLS:
+                raise ValueError
+            return _BOOLS[raw.lower()]
+        if kind is tuple:
+            return tuple(v.strip() for v in raw.split(",") if v.strip())
+        if raw == "" and default is None:
+            return None
+        return kind(raw)
+    except ValueError:
+        raise ValueError(f"{name}={raw!r} is not {_KIND_NAMES.get(kind, kind.__name__)}") from None
+
+
+_KIND_NAMES = {bool: "a boolean (1 or 0)", int: "an integer", float: "a number"}
+_BOOLS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False, "": False}
+
+
+def _flag(f: Field) -> str:
+    return f.metadata["flag"] or "--" + f.name.replace("_", "-")
+
+
+def _kind(annotation: str) -> type:
+    """The parsed type of a setting from its annotation ("int | None" -> int, "tuple[str, ...]" -> tuple)."""
+    base = annotation.split("|")[0].strip()
+    return tuple if base.startswith("tuple") else {"str": str, "int": int, "float": float, "bool": bool}[base]
+
+
+def add_flags(parser: argparse.ArgumentParser, config: type, environ: Mapping[str, str], groups: dict[str, Any]) -> None:
+    """`config`'s settings as flags of `parser` (in their groups, made once into `groups`), each
+    defaulting to its environment variable, else to the declared default."""
+    for f in fields(config):
+        if "help" not in f.metadata:
+            continue
+        flag, kind = _flag(f), _kind(str(f.type))
+        group = f.metadata["group"]
+        if group and group not in groups:
+            groups[group] = parser.add_argument_group(group)
+        target = groups[group] if group else parser
+        default = env_default(flag, f.default, kind, environ)
+        options: dict[str, Any] = {"dest": f.name, "help": f.metadata["help"], "default": default}
+        if f.metadata["choices"]:
+            options["choices"] = list(f.metadata["choices"])
+        elif kind is not bool:
+            options["metavar"] = flag.lstrip("-").upper().replace("-", "_")
+        if kind is bool:
+            # --x and --no-x: a flag can undo what the environment set
+            options["action"] = argparse.BooleanOptionalAction if f.default else "store_true"
+        elif kind is tuple:
+            options["action"] = "append"
+            options["default"] = None  # argparse would append to a default list: the environment's values join in from_flags
+            options["help"] += f" (also {env_name(flag)}, comma-separated)"
+            parser.set_defaults(**{f"{f.name}__env": default})
+        else:
+            options["type"] = str.lower if f.name == "log_level" else kind
+        target.add_argument(flag, **options)
+
+
+def from_flags(config: type, args: argparse.Namespace, **extra: Any) -> Any:
+    """`config` from parsed flags (add_flags), checked by its __post_init__; `extra` replaces settings."""
+    values: dict[str, Any] = {}
+    for f in fields(config):
+        if "help" not in f.metadata:
+            continue
+        value = getattr(args, f.name)
+        if _kind(str(f.type)) is tuple:
+            given = [v.strip() for item in value or [] for v in item.split(",")]
+            value = tuple(dict.fromkeys(v for v in [*given, *getattr(args, f"{f.name}__env")] if v))
+        values[f.name] = value
+    return config(**{**values, **extra})
+
+
+def setting(default: Any, help: str, *, flag: str = "", choices: tuple[str, ...] = (), group: str = "") -> Any:
+    """A setting's declaration: a dataclass field whose `freelunch serve` flag (`--` + its name in
+    kebab case, unless `flag` names it), environment variable (FREELUNCH_ + the flag's name) and
+    help come from here: `add_flags` builds the parser from these fields and `from_flags` the config."""
+    return field(default=default, metadata={"help": help, "flag": flag, "choices": choices, "group": group})
+
+
 @dataclass(frozen=True, slots=True)
 class EngineConfig:
-    model: str | None = None  # folder or .gguf; None = the embedded default model
-    served_model_name: str | None = None
-    dtype: str = "auto"
-    # weight-only (models/quantization.py): auto (gguf for a .gguf model on CPU, else none), none, int8, int4, gguf
-    quantization: str = "auto"
-    # quantised layers' inputs (models/quantization.py): auto, float, or int8 (blocks of 32, integer dot products)
-    activations: str = "auto"
-    device: str = "cpu"
-    max_model_len: int | None = None  # None = the model's max_position_embeddings (capped at 8192)
-    max_num_seqs: int = 64  # batch rows at once
-    # tokens per forward (prefill chunks are cut to fit); None: 1024 on the native engine, vLLM's own
-    # default (larger on GPUs) on vllm
-    max_num_batched_tokens: int | None = None
-    scheduling_policy: str = "fair"  # "fair" or "fifo" (engine/scheduler.py)
-    # a request's rows may make a step cost at most this many one-token decode steps (draft trees)
-    max_step_cost: float = 2.0
-    # fair policy: prompt tokens a request prefills per step while other requests decode
-    long_prefill_token_threshold: int = 256
-    block_size: int = 16
-    kv_cache_gib: float = 2.0  # the cache's bound; its memory is resident only as far as it is used
-    # what the KV cache stores (engine/kv_cache.py): auto = 16 bits on CPU (float16, or the model's
-    # 16-bit dtype), the model's dtype on GPUs; float32 = the exact reference
-    kv_cache_dtype: str = "auto"
+    """What an engine worker is started with (one per worker process, checked in __post_init__)."""
+
+    model: str | None = setting(None, "HF folder (safetensors) or .gguf file; default: the embedded SmolLM2-135M-Instruct")
+    served_model_name: str | None = setting(
+        None, "the model id clients send and /v1/models lists; default: the model folder's or file's name"
+    )
+    dtype: str = setting(
+        "auto",
+        "compute dtype; auto: the checkpoint's (float32 for a GGUF; on CPU, float16 becomes bfloat16, and a bfloat16 "
+        "checkpoint computes in float32 from its weights as stored where our kernels run)",
+        choices=("auto", "float32", "bfloat16", "float16"),
+    )
+    quantization: str = setting(
+        "auto",
+        "weight-only quantised linears on CPU (native engine; models/quantization.py): gguf serves a .gguf file's own "
+        "blocks (Q4_0/Q4_1/Q4_K, Q8_0/Q6_K; other types float), int8 per channel, int4 in groups of 32; auto: gguf "
+        "for a .gguf model on CPU, none (the checkpoint's dtype) otherwise",
+        choices=("auto", "none", "int8", "int4", "gguf"),
+    )
+    activations: str = setting(
+        "auto",
+        "numerics of the quantised layers (docs/reference.md): int8 quantises each input row in blocks of 32 and "
+        "multiplies in integer units, as llama.cpp (faster, a row's result still depends on that row alone); float "
+        "keeps float32 inputs (equal to transformers on the dequantised weights); auto: int8 where the CPU kernels run",
+        choices=("auto", "float", "int8"),
+    )
+    device: str = setting("cpu", "where the native engine runs (vLLM picks its own device)", choices=("cpu", "cuda"))
+    max_model_len: int | None = setting(None, "context length (prompt + output tokens); default: the model's own, capped at 8192")
+    max_num_seqs: int = setting(64, "sequences (choices, and a method's extra rows) an engine worker runs at once")
+    max_num_batched_tokens: int | None = setting(
+        None,
+        "tokens one engine step computes at most (prompt chunks, decode rows, draft trees); default 1024 on the "
+        "native engine, vLLM's own (larger on GPUs) with --engine vllm",
+    )
+    scheduling_policy: str = setting(
+        "fair",
+        "fair: running requests share each step's token budget in turns, long prompts are prefilled in chunks beside "
+        "decoding requests, API keys are admitted in turns; fifo: admission order (engine/scheduler.py)",
+        choices=("fair", "fifo"),
+    )
+    max_step_cost: float = setting(
+        2.0,
+        "a request's rows may make an engine step cost at most this many one-token decode steps, as measured at start "
+        "on this hardware: an option whose rows cost more (a draft tree) is a 400 naming the largest tree this server takes",
+    )
+    long_prefill_token_threshold: int = setting(256, "fair policy: prompt tokens a request prefills per step while other requests decode")
+    block_size: int = setting(16, "tokens per KV-cache block (the prefix cache shares whole blocks)")
+    kv_cache_gib: float = setting(
+        2.0,
+        "GiB of KV cache per engine worker, at most (native engine: resident only as far as it is used; vLLM: its "
+        "own KV cache space)",
+    )
+    kv_cache_dtype: str = setting(
+        "auto",
+        "what the KV cache stores (native engine; engine/kv_cache.py): auto = 16 bits on CPU (float16, or the model's "
+        "16-bit dtype; half the memory of float32, attention still computes in float32), the model's dtype on GPUs; "
+        "float32 = the exact reference",
+        choices=("auto", "float16", "bfloat16", "float32"),
+    )
     # automatic prefix caching (engine/block_manager.py): full blocks of committed tokens are kept,
-    # content-addressed, for later requests; at most `prefix_cache_blocks` unheld ones (None: any
-    # free block); `prefix_cache_salt` "per-key" keys them by API key (no sharing across tenants)
-    enable_prefix_caching: bool = True
-    prefix_cache_blocks: int | None = None
-    prefix_cache_salt: str = "per-key"
-    # Split the KV cache at this decoder layer into two block pools, so that requests whose tokens a
-    # method drops at that layer (or below) hold fewer blocks above it. -1 = the layer a served
-    # method asks for (its spec's kv_split_hint), no split otherwise; 0 = no split.
-    kv_split_layer: int = -1
-    kv_lower_blocks_ratio: float = 2.0  # lower-pool blocks per upper-pool block, in a split cache
-    num_threads: int | None = None  # torch intra-op threads; None = all cores
-    engine: str = "native"  # "native" (ours) or "vllm" (backends/vllm_engine.py)
-    tensor_parallel_size: int = 1  # vLLM only: GPUs one model is split over
-    enforce_eager: bool = False  # vLLM only: no CUDA graphs or compilation (faster start, slower steps)
-    # the native engine's Triton kernels (paged/tree attention, grouped MoE experts): auto = on CUDA;
-    # on = wherever Triton runs (on a CPU only under TRITON_INTERPRET=1: the tests); off = PyTorch's
-    triton_kernels: str = "auto"
+    # content-addressed, for later requests
+    enable_prefix_caching: bool = setting(
+        True, "keep full blocks of finished prompts for later requests (--no-prefix-caching: recompute every prompt)",
+        flag="--prefix-caching",
+    )
+    prefix_cache_blocks: int | None = setting(None, "keep at most this many KV blocks no request holds for the prefix cache; default: every free block")
+    prefix_cache_salt: str = setting(
+        "per-key",
+        "per-key: cached prefixes are shared only among requests of one API key (no timing side channel between "
+        "tenants); shared: among all requests",
+        choices=("per-key", "shared"),
+    )
+    kv_split_layer: int = setting(
+        -1,
+        "split the KV cache into two block pools at this decoder layer, so that requests whose tokens a method drops "
+        "at or below it hold blocks above it for their kept tokens only (-1: the layer a served method asks for, "
+        "through its spec's kv_split_hint, none otherwise; 0: no split)",
+    )
+    kv_lower_blocks_ratio: float = setting(
+        2.0, "in a split cache, blocks below the split per block above it (requests keeping half their tokens fill both pools at 2)"
+    )
+    num_threads: int | None = setting(
+        None, "CPU threads of each engine worker; default: cores / workers, at least 1 (1 with --workers 0)", flag="--threads"
+    )
+    engine: str = setting(
+        "native",
+        "decoding engine: ours, or vLLM (backends/vllm_engine.py; needs the vllm extra; options vLLM cannot run go to "
+        "--native-workers)",
+        choices=("native", "vllm"),
+    )
+    tensor_parallel_size: int = setting(1, "with --engine vllm: split one model over this many GPUs (vLLM's tensor parallelism)")
+    enforce_eager: bool = setting(
+        False, "with --engine vllm: no CUDA graphs or torch.compile (faster start, slower decoding; vLLM's flag)"
+    )
+    triton_kernels: str = setting(
+        "auto",
+        "native engine: attention and MoE experts through our Triton kernels; auto = on CUDA; on = wherever Triton "
+        "runs (on a CPU only under TRITON_INTERPRET=1: the tests); off = PyTorch's",
+        choices=("auto", "on", "off"),
+    )
 
     @property
     def native_batched_tokens(self) -> int:
@@ -124,39 +278,86 @@ class EngineConfig:
             raise ValueError("kv_split_layer must be -1 (auto), 0 (none) or a layer; kv_lower_blocks_ratio at least 1")
 
 
+POOL = "worker pool and admission"
+SECURITY = "security and limits"
+
+
 @dataclass(frozen=True, slots=True)
 class ServerConfig:
-    """API-process settings: admission, limits, authentication."""
+    """API-process settings: listening, admission, limits, authentication."""
 
-    workers: int = 1  # engine worker processes; 0 = the engine on a thread of the API process
-    max_queue: int = 256  # choices waiting beyond what the workers run at once; then 429
-    request_timeout: float = 600.0  # seconds; a request may ask for less with `timeout`
-    drain_timeout: float = 30.0  # seconds to finish in-flight requests after SIGTERM
-    max_body_bytes: int = 8 << 20
-    max_tokens_per_request: int = 65536  # n x max_tokens of one request
-    enable_auto_tool_choice: bool = True  # tool_choice "auto": the model may call a tool (Hermes parser)
-    api_keys: tuple[str, ...] = ()  # empty = no authentication
-    metrics_require_key: bool = False
-    rate_limit_rpm: int | None = None  # per API key (or client address without keys)
-    rate_limit_tpm: int | None = None  # prompt + max_tokens, per minute
-    # hosts image_url parts may be fetched from (exact names, or *.domain); empty = data: URLs only
-    allowed_image_hosts: tuple[str, ...] = ()
-    image_fetch_timeout: float = 10.0  # seconds for one image fetch, redirects included
-    # fetch from hosts (allowed by name) that resolve to loopback, private or link-local addresses
-    allow_private_image_addresses: bool = False
-    # request fields this server does not know: a 400 naming them (as OpenAI's API answers), or, for
-    # clients that send vendor extras, accepted and named in the x-freelunch-ignored-fields header
-    ignore_unknown_fields: bool = False
-    # seconds a new grammar (JSON schema, regex, tools) may take to compile before admission; past it
-    # the compile is stopped and the request gets a 400 (the refusal is remembered for 10 minutes)
-    grammar_compile_timeout: float = 5.0
-    body_read_timeout: float = 30.0  # seconds for a request body to arrive whole; then 408
-    public_docs: bool = False  # /docs, /redoc and /openapi.json open without an API key
-    playground: bool = True  # GET / serves the playground page (api/playground.py)
+    host: str = setting("127.0.0.1", "address to listen on (0.0.0.0: every interface; then set --api-key)")
+    port: int = setting(8000, "TCP port to listen on")
+    log_level: str = setting("info", "log level of the server and its workers", choices=("debug", "info", "warning", "error"))
+    enable_auto_tool_choice: bool = setting(
+        True,
+        'tool_choice "auto" (the default when a request has tools): the model may answer or call a tool, found by '
+        "the tool-call parser (--no-enable-auto-tool-choice makes auto a 400)",
+    )
+    tool_call_parser: str = setting(
+        "hermes", 'how tool calls are written and found: hermes, <tool_call>{"name": ..., "arguments": ...}</tool_call>',
+        choices=("hermes",),
+    )
+    playground: bool = setting(True, "serve the playground page at / (try the methods in a browser)")
+    workers: int = setting(
+        1, "engine worker processes, each with its own model copy (0: the engine on a thread of the API process)", group=POOL
+    )
+    native_workers: int = setting(
+        0, "with --engine vllm: native engine processes beside vLLM for the options vLLM cannot run", group=POOL
+    )
+    max_queue: int = setting(256, "choices waiting beyond what the workers run at once; then 429", group=POOL)
+    request_timeout: float = setting(600.0, "seconds; a request may ask for less with `timeout`", group=POOL)
+    drain_timeout: float = setting(30.0, "seconds to finish in-flight requests after SIGTERM", group=POOL)
+    api_keys: tuple[str, ...] = setting(
+        (), "required as `Authorization: Bearer KEY` on /v1/* (repeatable, or comma-separated); default: no authentication",
+        flag="--api-key", group=SECURITY,
+    )
+    metrics_require_key: bool = setting(False, "protect /metrics with the API keys too", group=SECURITY)
+    max_body_bytes: int = setting(8 << 20, "largest request body accepted (413 beyond), images inline included", group=SECURITY)
+    max_tokens_per_request: int = setting(65536, "n x max_tokens a request may ask for (400 beyond)", group=SECURITY)
+    rate_limit_rpm: int | None = setting(None, "requests per minute per API key (or client address without keys)", group=SECURITY)
+    rate_limit_tpm: int | None = setting(None, "tokens (prompt + max_tokens) per minute per API key", group=SECURITY)
+    allowed_image_hosts: tuple[str, ...] = setting(
+        (),
+        "hosts whose http(s) image URLs may be fetched: exact names or *.domain (repeatable or comma-separated); "
+        "default: none, data: URLs only",
+        group=SECURITY,
+    )
+    image_fetch_timeout: float = setting(10.0, "seconds for one image fetch, redirects included", group=SECURITY)
+    allow_private_image_addresses: bool = setting(
+        False,
+        "fetch images from allowed host names that resolve to loopback, private or link-local addresses (refused by "
+        "default: an IP literal in --allowed-image-hosts is always allowed)",
+        group=SECURITY,
+    )
+    ignore_unknown_fields: bool = setting(
+        False,
+        "accept request fields this server does not know (vendor extras some clients send) and name them in the "
+        "x-freelunch-ignored-fields response header; by default they are a 400 naming the field",
+        group=SECURITY,
+    )
+    grammar_compile_timeout: float = setting(
+        5.0,
+        "CPU seconds a new grammar (JSON schema, regex, tools) may take to compile, in a separate process, before "
+        "admission; past it the compile is stopped, the request gets a 400 and the refusal is remembered for 10 minutes",
+        group=SECURITY,
+    )
+    body_read_timeout: float = setting(
+        30.0, "seconds for a request body to arrive whole (408 beyond): a client trickling its body holds a connection no longer",
+        group=SECURITY,
+    )
+    public_docs: bool = setting(
+        False,
+        "serve /docs, /redoc and /openapi.json without an API key (by default they follow --api-key, like the API "
+        "they describe)",
+        group=SECURITY,
+    )
 
     def __post_init__(self) -> None:
-        if self.workers < 0 or self.max_queue < 0:
-            raise ValueError("workers and max_queue must not be negative")
+        if self.workers < 0 or self.max_queue < 0 or self.native_workers < 0:
+            raise ValueError("workers, native_workers and max_queue must not be negative")
+        if not 0 < self.port < 65536:
+            raise ValueError(f"port must be in 1..65535, not {self.port}")
         if self.request_timeout <= 0 or self.drain_timeout < 0 or self.max_body_bytes < 1024:
             raise ValueError("request_timeout must be positive, drain_timeout not negative, max_body_bytes >= 1024")
         if any(not k or k != k.strip() for k in self.api_keys):
