@@ -32,7 +32,9 @@ def main() -> None:
     parser.add_argument("--out", default="bench/results/composition.json")
     args = parser.parse_args()
 
-    import freelunch.constraints  # noqa: F401 - registers constraints and methods with the engine
+    from freelunch.constraints.masks import install_constraints
+
+    install_constraints()
     from freelunch.methods import load_methods
 
     load_methods()  # the installed methods, as a worker loads them

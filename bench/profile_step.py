@@ -103,7 +103,9 @@ PARTS = ("forward", "planning", "logits handling", "sampling", "rest of the step
 
 
 def measure_method(name: str, tokens: int) -> dict:
-    import freelunch.constraints  # noqa: F401 - as a worker builds its engine
+    from freelunch.constraints.masks import install_constraints
+
+    install_constraints()
     from freelunch.methods import load_methods
 
     load_methods()  # the installed methods, as a worker loads them

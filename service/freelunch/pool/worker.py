@@ -181,9 +181,10 @@ class ThreadWorker(Worker):
 def load_engine(config: EngineConfig) -> EngineBackend:
     import torch
 
-    import freelunch.constraints  # noqa: F401 - registers structured outputs and logit bias with the engine
+    from freelunch.constraints.masks import install_constraints
     from freelunch.methods import load_methods
 
+    install_constraints()  # structured outputs and logit bias
     load_methods()  # the installed decoding methods, into the engine's registry
     from freelunch.engine.engine import Engine
     from freelunch.memory import release_freed_memory
