@@ -140,7 +140,7 @@ def measure_engine(backend: str, args) -> dict:
 
         engine = VllmEngine(config)
     else:
-        from freelunch.pool.worker import load_engine
+        from freelunch.pool.local_engine import load_engine
 
         engine = load_engine(config)
     startup = time.perf_counter() - t0

@@ -91,10 +91,10 @@ def child(backend: str, caching: bool, args) -> dict:
 
         engine = VllmEngine(config)
     else:
-        from freelunch.methods import load_methods
+        from freelunch.methods.pipeline import install_methods
 
-        load_methods()  # the installed methods, as a worker loads them
-        from freelunch.pool.worker import load_engine
+        install_methods()  # the installed methods, as a worker loads them
+        from freelunch.pool.local_engine import load_engine
 
         engine = load_engine(config)
     tok = engine.tokenizer

@@ -88,9 +88,9 @@ def main() -> None:
     from freelunch.constraints.masks import install_constraints
 
     install_constraints()
-    from freelunch.methods import load_methods
+    from freelunch.methods.pipeline import install_methods
 
-    load_methods()  # the installed methods, as a worker loads them
+    install_methods()  # the installed methods, as a worker loads them
     from freelunch.config import EngineConfig
     from freelunch.constraints.grammar import GrammarCompiler
     from freelunch.constraints.json_layout import DEFAULT_MAX_NUMBER_DIGITS, DEFAULT_MAX_STRING_LENGTH, bounded_schema

@@ -86,9 +86,9 @@ def main(argv: list[str] | None = None) -> dict:
         AdjacencyTable.seed = lambda self, tokens: None  # this process only
 
     from freelunch.config import EngineConfig
-    from freelunch.methods import load_methods
+    from freelunch.methods.pipeline import install_methods
 
-    load_methods()  # the installed methods, as a worker loads them
+    install_methods()  # the installed methods, as a worker loads them
     from freelunch.engine.engine import Engine
     from freelunch.models.loader import load_model, resolve_source
 

@@ -53,7 +53,7 @@ def measure(folder: Path, device: str, tokens: int, rounds: int) -> dict:
     from bench_engines import prompts, run_engine
     from freelunch.config import EngineConfig
     from freelunch.engine.request import GenerationRequest, SamplingParams
-    from freelunch.pool.worker import load_engine
+    from freelunch.pool.local_engine import load_engine
 
     engine = load_engine(EngineConfig(model=str(folder), dtype="bfloat16", device=device, max_model_len=2048, max_num_seqs=64, kv_cache_gib=4))
     ids = prompts(engine.tokenizer, 64)

@@ -39,12 +39,12 @@ def int8_per_vector(x):
 
 
 def measure(mode: str, activations: str) -> dict:
-    from freelunch.methods import load_methods
+    from freelunch.methods.pipeline import install_methods
 
-    load_methods()  # the installed methods, as a worker loads them
+    install_methods()  # the installed methods, as a worker loads them
     from freelunch.config import EngineConfig
     from freelunch.models.attention import AttentionBatch
-    from freelunch.pool.worker import load_engine
+    from freelunch.pool.local_engine import load_engine
 
     attend = AttentionBatch.attend
     if mode == "int8":

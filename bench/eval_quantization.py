@@ -43,11 +43,11 @@ def run(engine, requests) -> dict:
 
 
 def measure(mode: str) -> dict:
-    from freelunch.methods import load_methods
+    from freelunch.methods.pipeline import install_methods
 
-    load_methods()  # the installed methods, as a worker loads them
+    install_methods()  # the installed methods, as a worker loads them
     from freelunch.config import EngineConfig
-    from freelunch.pool.worker import load_engine
+    from freelunch.pool.local_engine import load_engine
 
     weights, _, activations = mode.partition("/")
     dtype, quantization = ("bfloat16", "none") if weights == "bfloat16" else ("float32", "none" if weights == "float32" else weights)

@@ -106,9 +106,9 @@ def measure_method(name: str, tokens: int) -> dict:
     from freelunch.constraints.masks import install_constraints
 
     install_constraints()
-    from freelunch.methods import load_methods
+    from freelunch.methods.pipeline import install_methods
 
-    load_methods()  # the installed methods, as a worker loads them
+    install_methods()  # the installed methods, as a worker loads them
     from freelunch.benchmark_prompts import SPEC_PROMPTS, SPEC_WARMUP
     from freelunch.config import EngineConfig
     from freelunch.engine import engine as engine_module

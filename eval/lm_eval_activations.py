@@ -401,7 +401,7 @@ def evaluate(
     config: str, task_manager: TaskManager, doc_path: Path, limit: int | None, threads: int | None
 ) -> dict:
     from freelunch.config import EngineConfig
-    from freelunch.pool.worker import load_engine
+    from freelunch.pool.local_engine import load_engine
 
     quantization, activations = config.split("/")
     engine = load_engine(

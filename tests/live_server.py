@@ -44,7 +44,7 @@ def tiny_app(folder, server_config=None, max_in_flight=None, default_methods=Non
     from freelunch.api.app import create_app
     from freelunch.config import EngineConfig
     from freelunch.pool.pool import WorkerPool
-    from freelunch.pool.worker import ThreadWorker
+    from freelunch.pool.local_engine import ThreadWorker
 
     settings = {"dtype": "float32", "max_model_len": 512, "kv_cache_gib": 0.05, **engine}
     worker = ThreadWorker.load(EngineConfig(model=str(folder), **settings))

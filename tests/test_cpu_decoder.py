@@ -169,7 +169,7 @@ def test_a_stack_is_rebuilt_when_a_layer_is_replaced(tmp_path):
 
 
 def test_the_worker_says_how_decode_steps_run(tmp_path, caplog):
-    from freelunch.pool.worker import log_kernels
+    from freelunch.pool.local_engine import log_kernels
 
     build_tiny_model(tmp_path, "llama", seed=3)
     with caplog.at_level("INFO", logger="freelunch.worker"):

@@ -250,7 +250,7 @@ def test_a_second_loop_on_a_driven_engine_is_refused_until_the_first_stops(api):
     """Two loops stepping one engine corrupt it mid-request (vLLM failed a request this way); a
     second worker on a served engine must fail to start, by name, and serving goes on."""
     from freelunch.pool.engine_loop import EngineBusy, EngineLoop
-    from freelunch.pool.worker import ThreadWorker
+    from freelunch.pool.local_engine import ThreadWorker
 
     base, _, worker = api
     second = ThreadWorker(worker.engine, "second")

@@ -22,7 +22,7 @@ from freelunch.api.app import create_app
 from freelunch.config import EngineConfig
 from freelunch.engine.request import ConstraintSpec, GenerationRequest, SamplingParams
 from freelunch.pool.pool import WorkerPool
-from freelunch.pool.worker import ThreadWorker
+from freelunch.pool.local_engine import ThreadWorker
 from live_server import live_server
 from tiny_models import build_tiny_model
 
@@ -57,7 +57,7 @@ def greedy(max_tokens: int = 12, **kw) -> SamplingParams:
 def tiny(tmp_path_factory):
     """(folder, HF model, vLLM engine, native engine) on one tiny seeded Llama, float32."""
     from freelunch.backends.vllm_engine import VllmEngine
-    from freelunch.pool.worker import load_engine
+    from freelunch.pool.local_engine import load_engine
 
     folder = tmp_path_factory.mktemp("tiny-llama-hd32")
     hf = build_tiny_model(folder, "llama", seed=3, **TINY)
@@ -291,7 +291,7 @@ def test_api_concurrent_mixed_traffic(mixed_server):
 @pytest.mark.slow
 def test_default_model_greedy_matches_native_engine():
     from freelunch.backends.vllm_engine import VllmEngine
-    from freelunch.pool.worker import load_engine
+    from freelunch.pool.local_engine import load_engine
 
     config = EngineConfig(dtype="float32", max_model_len=1024, max_num_seqs=4, kv_cache_gib=0.25)
     vllm_engine = VllmEngine(config)

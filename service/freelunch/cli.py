@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     from freelunch.models.loader import ModelLoadError
     from freelunch.pool.process_worker import start_process_workers
-    from freelunch.pool.worker import ThreadWorker
+    from freelunch.pool.local_engine import ThreadWorker
 
     try:
         config = from_flags(EngineConfig, args)

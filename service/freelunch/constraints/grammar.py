@@ -19,7 +19,6 @@ from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-import torch
 import xgrammar as xgr
 
 from freelunch.constraints.json_layout import json_grammar_options
@@ -176,35 +175,3 @@ def lower_priority(pid_or_tid: int, niceness: int) -> None:
         os.setpriority(os.PRIO_PROCESS, pid_or_tid, niceness)
     except (AttributeError, OSError):
         pass
-
-
-class GrammarState:
-    """One request's position in its grammar: the mask of allowed next tokens, and the tokens
-    taken (with rollback, for drafts that a verification rejects)."""
-
-    def __init__(self, compiled: xgr.CompiledGrammar, vocab_size: int) -> None:
-        self.matcher = xgr.GrammarMatcher(compiled, max_rollback_tokens=-1)
-        self.bitmask = xgr.allocate_token_bitmask(1, vocab_size)
-        self.vocab_size = vocab_size
-
-    def mask(self, logits: torch.Tensor) -> torch.Tensor:
-        """logits [vocab] with every token the grammar forbids next at -inf (a new tensor)."""
-        self.matcher.fill_next_token_bitmask(self.bitmask)
-        out = logits.clone()
-        xgr.apply_token_bitmask_inplace(out[None, : self.vocab_size], self.bitmask)
-        return out
-
-    def accept(self, token: int) -> bool:
-        return self.matcher.accept_token(token)
-
-    def rollback(self, count: int) -> None:
-        if count:
-            self.matcher.rollback(count)
-
-    def jump_forward(self) -> str:
-        """The text the grammar forces next, whatever the model says ("" when it allows a choice)."""
-        return self.matcher.find_jump_forward_string()
-
-    @property
-    def finished(self) -> bool:
-        return self.matcher.is_terminated()

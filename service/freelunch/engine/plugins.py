@@ -1,7 +1,7 @@
 """Where request-level stages plug into the engine. Decoding methods (freelunch.methods) and
-constraints (freelunch.constraints) register here when their packages are imported; the engine
-reads these registries and imports neither. Whoever builds an engine imports the packages it
-wants served (pool/worker.py: all of them).
+constraints (freelunch.constraints) are installed here, explicitly, by whoever builds an engine
+(pool/local_engine.py: `install_methods()`, `install_constraints()`); the engine reads these
+registries and imports neither.
 """
 
 from __future__ import annotations

@@ -4,7 +4,8 @@ Methods are found through the entry-point group `freelunch.methods` (name: the o
 `module:SPEC`). The shipped four are declared in pyproject.toml like any third party's, and
 `load_methods()` reads the group once, explicitly, where a process builds its API or engine:
 nothing registers as a side effect of an import, and two methods with one option name are an error,
-not a silent replacement.
+not a silent replacement. This registry imports no torch (the API process reads it); a process that
+builds engines also hands the methods to the engine (pipeline.py `install_methods()`).
 """
 
 from __future__ import annotations
@@ -15,10 +16,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from freelunch.engine import plugins
 from freelunch.engine.errors import OptionError
-from freelunch.engine.model_info import ModelInfo
-from freelunch.engine.request import GenerationRequest
+from freelunch.engine.messages import GenerationRequest
 from freelunch.methods.spec import MethodOptions, MethodSpec
 
 __all__ = ["ENTRY_POINT_GROUP", "METHODS", "OptionError", "fallbacks", "load_methods", "method_specs", "validate_options"]
@@ -47,10 +46,6 @@ def load_methods() -> dict[str, MethodSpec]:
             raise RuntimeError(f"entry point {point.name} = {point.value} ({ENTRY_POINT_GROUP}) is not the MethodSpec of option {point.name!r}")
         found[point.name] = point.value
         METHODS[spec.option] = spec
-        plugins.STRATEGIES[spec.option] = spec
-        if spec.kv_split_hint is not None:
-            plugins.KV_SPLIT_HINTS.append(spec.kv_split_hint)
-    plugins.COMPOSERS[:] = [_compose]  # methods' stages run as one pipeline (methods/pipeline.py)
     if not found:
         log.warning("no decoding methods are installed (entry-point group %s): is freelunch installed?", ENTRY_POINT_GROUP)
     _loaded = True
@@ -79,9 +74,3 @@ def fallbacks(request: GenerationRequest) -> dict[str, str]:
     specs = method_specs()
     reasons = {name: specs[name].fallback(request) for name in request.methods if name in specs and specs[name].fallback}
     return {name: reason for name, reason in reasons.items() if reason}
-
-
-def _compose(request: GenerationRequest, main: Any, model_info: ModelInfo, stages: list[Any]) -> Any:
-    from freelunch.methods.pipeline import Pipeline
-
-    return Pipeline(request, main, model_info, stages)

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from freelunch.engine import plugins
 from freelunch.engine.model_info import ModelInfo
 from freelunch.engine.request import GenerationRequest, Sequence
 from freelunch.engine.strategy import DecodingStrategy, ImageEncoder, RowPlan, Sampled, StepContext
@@ -260,3 +261,15 @@ class Pipeline(DecodingStrategy):
                 }
             out[stage.option] = stats
         return out or None
+
+
+def install_methods() -> None:
+    """The installed methods (the registry's, `load_methods()`) into the engine's registries, their
+    stages composed as one `Pipeline`: where a process builds engines (a worker, the tests, benches)."""
+    from freelunch.methods import load_methods
+
+    specs = load_methods()
+    plugins.STRATEGIES.clear()
+    plugins.STRATEGIES.update(specs)
+    plugins.KV_SPLIT_HINTS[:] = [spec.kv_split_hint for spec in specs.values() if spec.kv_split_hint is not None]
+    plugins.COMPOSERS[:] = [Pipeline]

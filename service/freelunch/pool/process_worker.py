@@ -26,7 +26,8 @@ from freelunch.engine.errors import EngineError
 from freelunch.engine.messages import GenerationRequest, RequestOutput
 from freelunch.pool import wire
 from freelunch.pool.engine_loop import EngineLoop, WorkerStats
-from freelunch.pool.worker import ServedModel, Worker, WorkerDied, load_engine
+from freelunch.pool.local_engine import load_engine
+from freelunch.pool.worker import ServedModel, Worker, WorkerDied
 
 log = logging.getLogger("freelunch.pool")
 
