@@ -93,10 +93,11 @@ class VllmEngine:
 
         if current_platform.is_cpu():
             # On CPUs the engine core runs in this process: a core process of its own would keep a
-            # core busy for its scheduler loop. KV cache size in GiB. vLLM leaves the torch thread
-            # count alone when OMP_NUM_THREADS is set. On GPUs vLLM keeps its defaults.
+            # core busy for its scheduler loop; and vLLM leaves the torch thread count alone when
+            # OMP_NUM_THREADS is set. Both are vLLM's environment switches (its CPU platform reads
+            # the first itself), set here in the worker process that runs this engine, never on
+            # import. On GPUs vLLM keeps its defaults.
             os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(config.kv_cache_gib))))
             os.environ["OMP_NUM_THREADS"] = str(self.threads)
         source = resolve_source(config.model, config.served_model_name).as_folder(required=True)  # vLLM reads folders
         hf_config = load_hf_config(source)
@@ -409,6 +410,7 @@ def engine_config(config: EngineConfig, model_path: str, served_name: str, max_m
     them off (PairedRows). Each of `pairs`' processors is the one for the runner vLLM picks:
     Model Runner V2 (CUDA with Triton) refuses V1-interface classes, the V1 runner (CPUs) takes only those."""
     from vllm import EngineArgs
+    from vllm.platforms import current_platform
 
     args = EngineArgs(
         model=model_path,
@@ -421,6 +423,8 @@ def engine_config(config: EngineConfig, model_path: str, served_name: str, max_m
         enforce_eager=config.enforce_eager,
         # vLLM's own automatic prefix caching, salted per API key as ours (config.py)
         enable_prefix_caching=config.enable_prefix_caching,
+        # on CPUs, --kv-cache-gib is the KV cache's size (on GPUs vLLM sizes it from free memory)
+        kv_cache_memory_bytes=int(config.kv_cache_gib * (1 << 30)) if current_platform.is_cpu() else None,
         seed=0,
         disable_log_stats=True,
     )
