@@ -98,6 +98,15 @@ def add_flags(parser: argparse.ArgumentParser, config: type, environ: Mapping[st
         target.add_argument(flag, **options)
 
 
+def check_choices(config: Any) -> None:
+    """ValueError for a setting outside its declared choices."""
+    for f in fields(config):
+        choices = f.metadata.get("choices")
+        value = getattr(config, f.name)
+        if choices and value not in choices:
+            raise ValueError(f"{f.name} must be one of {', '.join(choices)}, not {value!r}")
+
+
 def from_flags(config: type, args: argparse.Namespace, **extra: Any) -> Any:
     """`config` from parsed flags (add_flags), checked by its __post_init__; `extra` replaces settings."""
     values: dict[str, Any] = {}
@@ -147,7 +156,7 @@ class EngineConfig:
         "keeps float32 inputs (equal to transformers on the dequantised weights); auto: int8 where the CPU kernels run",
         choices=("auto", "float", "int8"),
     )
-    device: str = setting("cpu", "where the native engine runs (vLLM picks its own device)", choices=("cpu", "cuda"))
+    device: str = setting("cpu", "where the native engine runs: cpu, or cuda (cuda:N) (vLLM picks its own device)")
     max_model_len: int | None = setting(None, "context length (prompt + output tokens); default: the model's own, capped at 8192")
     max_num_seqs: int = setting(64, "sequences (choices, and a method's extra rows) an engine worker runs at once")
     max_num_batched_tokens: int | None = setting(
@@ -170,8 +179,8 @@ class EngineConfig:
     block_size: int = setting(16, "tokens per KV-cache block (the prefix cache shares whole blocks)")
     kv_cache_gib: float = setting(
         2.0,
-        "GiB of KV cache per engine worker, at most (native engine: resident only as far as it is used; vLLM: its "
-        "own KV cache space)",
+        "GiB of KV cache per engine worker, at most (native engine: resident only as far as it is used; vLLM on CPUs: "
+        "its KV cache size; vLLM on GPUs sizes its own from free memory)",
     )
     kv_cache_dtype: str = setting(
         "auto",
@@ -234,12 +243,9 @@ class EngineConfig:
         return length
 
     def __post_init__(self) -> None:
-        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
-            raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, not {self.dtype!r}")
-        if self.quantization not in ("auto", "none", "int8", "int4", "gguf"):
-            raise ValueError(f"quantization must be auto, none, int8, int4 or gguf, not {self.quantization!r}")
-        if self.activations not in ("auto", "float", "int8"):
-            raise ValueError(f"activations must be auto, float or int8, not {self.activations!r}")
+        check_choices(self)
+        if self.device != "cpu" and not self.device.startswith("cuda"):
+            raise ValueError(f"device must be cpu or cuda (cuda:N), not {self.device!r}")
         if self.activations == "int8" and (self.quantization == "none" or self.engine != "native"):
             raise ValueError("--activations int8 applies to quantised weights on the native engine (--quantization auto|int8|int4|gguf)")
         if self.quantization not in ("auto", "none") and self.engine != "native":
@@ -248,28 +254,18 @@ class EngineConfig:
             raise ValueError("max_model_len must be at least 16")
         if self.max_num_seqs < 1 or self.native_batched_tokens < 16 or self.block_size < 1:
             raise ValueError("max_num_seqs, max_num_batched_tokens and block_size must be positive")
-        if self.scheduling_policy not in ("fair", "fifo"):
-            raise ValueError(f"scheduling_policy must be fair or fifo, not {self.scheduling_policy!r}")
         if not self.max_step_cost >= 1:
             raise ValueError("max_step_cost must be at least 1")
-        if self.prefix_cache_salt not in ("per-key", "shared"):
-            raise ValueError(f"prefix_cache_salt must be per-key or shared, not {self.prefix_cache_salt!r}")
         if self.prefix_cache_blocks is not None and self.prefix_cache_blocks < 0:
             raise ValueError("prefix_cache_blocks must be >= 0")
         if self.long_prefill_token_threshold < 1:
             raise ValueError("long_prefill_token_threshold must be positive")
-        if self.engine not in ("native", "vllm"):
-            raise ValueError(f"engine must be native or vllm, not {self.engine!r}")
         if self.tensor_parallel_size < 1 or (self.tensor_parallel_size > 1 and self.engine != "vllm"):
             raise ValueError("tensor_parallel_size must be >= 1, and above 1 only with the vllm engine")
-        if self.triton_kernels not in ("auto", "on", "off"):
-            raise ValueError(f"triton_kernels must be auto, on or off, not {self.triton_kernels!r}")
         if self.enforce_eager and self.engine != "vllm":
             raise ValueError("--enforce-eager applies to the vllm engine (the native engine runs eagerly)")
         if self.kv_cache_gib <= 0:
             raise ValueError("kv_cache_gib must be positive")
-        if self.kv_cache_dtype not in ("auto", "float16", "bfloat16", "float32"):
-            raise ValueError(f"kv_cache_dtype must be auto, float16, bfloat16 or float32, not {self.kv_cache_dtype!r}")
         if self.kv_cache_dtype != "auto" and self.engine != "native":
             raise ValueError("--kv-cache-dtype applies to the native engine (vLLM keeps its own KV cache)")
         if self.kv_cache_dtype not in ("auto", self.dtype) and self.device != "cpu":
@@ -354,6 +350,7 @@ class ServerConfig:
     )
 
     def __post_init__(self) -> None:
+        check_choices(self)
         if self.workers < 0 or self.max_queue < 0 or self.native_workers < 0:
             raise ValueError("workers, native_workers and max_queue must not be negative")
         if not 0 < self.port < 65536:
