@@ -17,6 +17,7 @@ from freelunch.api.generation import GenerationRunner
 from freelunch.api.images import ImageLoader
 from freelunch.api.metrics import Metrics
 from freelunch.api.openapi import install_openapi
+from freelunch.api.playground import build_playground_router
 from freelunch.api.rate_limit import RateLimiter
 from freelunch.api.rendering import PromptRenderer
 from freelunch.api.routes import build_router
@@ -72,6 +73,8 @@ def create_app(
     install_error_handlers(app)
     install_openapi(app)
     app.include_router(build_router(method_specs()))
+    if server.playground:
+        app.include_router(build_playground_router())
     # The last added runs first: authentication looks at headers only, before any body is read.
     app.add_middleware(BodySizeLimit, max_bytes=server.max_body_bytes, read_timeout=server.body_read_timeout)
     app.add_middleware(

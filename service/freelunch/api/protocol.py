@@ -319,12 +319,25 @@ class Usage(BaseModel):
     method_stats: dict[str, Any] | None = None
 
 
+class MethodCard(BaseModel):
+    """A decoding method the model is served with (extension): its request field, its options'
+    JSON schema and what the model must have for it; the playground page builds its form from these."""
+
+    option: str
+    description: str
+    options_schema: dict[str, Any]
+    requires: list[str] = Field(default_factory=list)
+
+
 class ModelCard(BaseModel):
     id: str
     object: Literal["model"] = "model"
     created: int = Field(default_factory=now)
     owned_by: str = "freelunch"
     max_model_len: int | None = None
+    # extensions: the methods a request may add, and whether image inputs are served
+    methods: list[MethodCard] | None = None
+    images: bool | None = None
 
 
 class ModelList(BaseModel):

@@ -11,16 +11,49 @@ from freelunch.api.deps import Services, get_services
 from freelunch.api.errors import APIError
 from freelunch.api.formatting import ChatShapes, CompletionShapes
 from freelunch.api.openapi import ChatCompletion, Completion, error_responses, generation_responses
-from freelunch.api.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, new_id, now, with_methods
+from freelunch.api.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    MethodCard,
+    ModelCard,
+    ModelList,
+    new_id,
+    now,
+    with_methods,
+)
 from freelunch.methods.spec import MethodSpec
+from freelunch.pool.pool import WorkerPool
 
 ServicesDep = Annotated[Services, Depends(get_services)]
+
+
+def model_card(model_id: str, pool: WorkerPool, methods: list[MethodCard]) -> ModelCard:
+    """The card of a served model, with the methods some worker of the pool serves on this model
+    (with `--engine vllm`, its native workers' too; a method is listed where the model has what it
+    requires, MoE layers or a vision side) and whether any takes images."""
+    served = set().union(*(w.served.capabilities for w in pool.workers if w.served is not None))
+    served = served or set(pool.served.capabilities)  # every worker restarting: the primary's, as loaded
+    return ModelCard(
+        id=model_id,
+        max_model_len=pool.served.max_model_len,
+        methods=[m for m in methods if m.option in served and set(m.requires) <= served],
+        images="images" in served,
+    )
 
 
 def build_router(specs: dict[str, MethodSpec]) -> APIRouter:
     router = APIRouter()
     ChatBody = with_methods(ChatCompletionRequest, specs, chat=True)
     CompletionBody = with_methods(CompletionRequest, specs, chat=False)
+    methods = [
+        MethodCard(
+            option=option,
+            description=spec.description,
+            options_schema=spec.options.model_json_schema(),
+            requires=list(spec.requires),
+        )
+        for option, spec in sorted(specs.items())
+    ]
 
     @router.get("/health")
     async def health() -> dict:
@@ -47,13 +80,13 @@ def build_router(specs: dict[str, MethodSpec]) -> APIRouter:
 
     @router.get("/v1/models", responses=error_responses(401))
     async def list_models(api: ServicesDep) -> ModelList:
-        return ModelList(data=[ModelCard(id=m, max_model_len=api.pool.served.max_model_len) for m in api.pool.models()])
+        return ModelList(data=[model_card(m, api.pool, methods) for m in api.pool.models()])
 
     @router.get("/v1/models/{model_id:path}", responses=error_responses(401, 404))
     async def retrieve_model(model_id: str, api: ServicesDep) -> ModelCard:
         if model_id not in api.pool.models():
             raise APIError(404, f"The model `{model_id}` does not exist", "model", "model_not_found")
-        return ModelCard(id=model_id, max_model_len=api.pool.served.max_model_len)
+        return model_card(model_id, api.pool, methods)
 
     @router.post("/v1/chat/completions", response_model=None, responses=generation_responses(ChatCompletion))
     async def chat_completions(body: ChatBody, raw: Request, api: ServicesDep) -> Response:  # type: ignore[valid-type]

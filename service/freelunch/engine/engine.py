@@ -258,10 +258,12 @@ class Engine:
 
     @property
     def capabilities(self) -> frozenset[str]:
-        """Request options and inputs this engine serves."""
-        images = {"images"} if self.info.vision is not None else set()
+        """Request options and inputs this engine serves, and what its model has that a method may
+        require (a spec's `requires`: "moe", "vision")."""
+        images = {"images", "vision"} if self.info.vision is not None else set()
+        moe = {"moe"} if self.info.config.moe is not None else set()
         constraints = {"constraint"} | {f"{m}+constraint" for m in plugins.STRATEGIES} if self.constraints is not None else set()
-        return frozenset(plugins.STRATEGIES) | images | constraints
+        return frozenset(plugins.STRATEGIES) | images | moe | constraints
 
     @property
     def kv_usage(self) -> float:
