@@ -101,6 +101,11 @@ def smoke(url: str) -> bool:
     status, page = call(url, "/docs")
     hosts = set(re.findall(r"https?://([a-z0-9.-]+)", page if isinstance(page, str) else "")) - {"127.0.0.1", "localhost"}
     results.append(check("/docs loads nothing from another host", status == 200 and not hosts, hosts or "local"))
+
+    # the playground page and its script ship in the package (package data), not only in a checkout
+    pages = [call(url, path) for path in ("/", "/playground/app.js", "/playground/style.css")]
+    ok = all(status == 200 and isinstance(text, str) and text for status, text in pages) and "playground" in pages[0][1]
+    results.append(check("the playground page is served", ok, [status for status, _ in pages]))
     return all(results)
 
 
