@@ -51,3 +51,12 @@ def test_flags_come_from_the_config_declaration(monkeypatch):
     missing = [a.option_strings[0] for a in _serve()._actions
                if a.option_strings and a.dest != "help" and f"`{a.option_strings[0]}" not in reference]
     assert missing == [], f"docs/reference.md does not list {missing}"
+
+
+def test_an_unknown_freelunch_variable_is_named_not_ignored():
+    from freelunch.config import unknown_env
+
+    flags = [a.option_strings[0] for a in _serve()._actions if a.option_strings]
+    environ = {"FREELUNCH_NO_PREFIX_CACHING": "1", "FREELUNCH_PREFIX_CACHING": "0", "FREELUNCH_CACHE_DIR": "/c",
+               "FREELUNCH_CPU_LINEAR": "torch", "FREELUNCH_SPECULATIVE": "token_recycling", "FREELUNCH_MAX_NUMSEQS": "4"}
+    assert unknown_env(flags, environ) == ["FREELUNCH_MAX_NUMSEQS", "FREELUNCH_NO_PREFIX_CACHING"]

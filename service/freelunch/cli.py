@@ -10,7 +10,15 @@ import sys
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
-from freelunch.config import SECURITY, EngineConfig, ServerConfig, add_flags, env_default, from_flags
+from freelunch.config import (
+    SECURITY,
+    EngineConfig,
+    ServerConfig,
+    add_flags,
+    env_default,
+    from_flags,
+    unknown_env,
+)
 
 
 class _Help(argparse.ArgumentDefaultsHelpFormatter):
@@ -94,9 +102,16 @@ def main(argv: list[str] | None = None) -> int:
     # no network at run time: whatever Hugging Face code runs in this process or its workers stays offline
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    serve = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices["serve"]
+    unread = unknown_env([a.option_strings[0] for a in serve._actions if a.option_strings], os.environ)
+    if unread:
+        logging.getLogger("freelunch").warning(
+            "ignoring %s: no setting of freelunch serve reads %s (docs/reference.md lists them)",
+            ", ".join(unread), "it" if len(unread) == 1 else "them",
+        )
     from freelunch.models.loader import ModelLoadError
-    from freelunch.pool.process_worker import start_process_workers
     from freelunch.pool.local_engine import ThreadWorker
+    from freelunch.pool.process_worker import start_process_workers
 
     try:
         config = from_flags(EngineConfig, args)

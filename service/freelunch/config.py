@@ -32,6 +32,17 @@ def env_name(flag: str) -> str:
     return "FREELUNCH_" + flag.lstrip("-").upper().replace("-", "_")
 
 
+# FREELUNCH_* variables read outside the flags: the cache folder and the kernel switches above
+OTHER_ENV = ("FREELUNCH_CACHE_DIR", *(name for name in KERNEL_SWITCHES if name.startswith("FREELUNCH_")))
+
+
+def unknown_env(flags: list[str], environ: Mapping[str, str]) -> list[str]:
+    """FREELUNCH_* variables in `environ` that no flag of `flags` and no other setting reads (a
+    typo, or a name from an older release): the server says so rather than ignore them silently."""
+    known = {env_name(flag) for flag in flags} | set(OTHER_ENV)
+    return sorted(name for name in environ if name.startswith("FREELUNCH_") and name not in known)
+
+
 def env_default(flag: str, default: Any, kind: type, environ: Mapping[str, str]) -> Any:
     """A flag's default: its environment variable parsed as the setting's type, else `default`.
     ValueError naming the variable for a value that is not of that type."""
