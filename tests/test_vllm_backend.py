@@ -21,8 +21,9 @@ vllm = pytest.importorskip("vllm", reason="the vllm extra is not installed")
 from freelunch.api.app import create_app
 from freelunch.config import EngineConfig
 from freelunch.engine.request import ConstraintSpec, GenerationRequest, SamplingParams
-from freelunch.pool.pool import WorkerPool
+from freelunch.methods import method_specs
 from freelunch.pool.local_engine import ThreadWorker
+from freelunch.pool.pool import WorkerPool
 from live_server import live_server
 from tiny_models import build_tiny_model
 
@@ -211,6 +212,9 @@ def complete(base: str, **body) -> httpx.Response:
 
 def test_api_plain_requests_run_on_vllm_and_match_native(mixed_server, tiny):
     base, model, pool = mixed_server
+    # the model card lists the methods of either worker: the native one beside vLLM runs the rest
+    card = httpx.get(base + "/v1/models").json()["data"][0]
+    assert {m["option"] for m in card["methods"]} == {o for o, spec in method_specs().items() if not spec.requires}
     _, _, _, native = tiny
     prompt = "The capital of France is"
     r = complete(base, model=model, prompt=prompt, max_tokens=10, temperature=0, ignore_eos=True)
@@ -264,6 +268,10 @@ def test_api_without_native_workers_refuses_with_option_and_backend(tiny):
     folder, _, vllm_engine, _ = tiny
     pool = WorkerPool([ThreadWorker(vllm_engine, "vllm-only", backend="vllm")])
     with live_server(create_app(pool)) as base:
+        # the model card (and the playground built from it) offers only what vLLM runs here
+        card = httpx.get(base + "/v1/models").json()["data"][0]
+        on_vllm = {option for option, spec in method_specs().items() if "vllm" in spec.engines}
+        assert {m["option"] for m in card["methods"]} == on_vllm and card["images"] is False
         r = complete(base, model=folder.name, prompt="Hi", max_tokens=4, speculative={"method": "token_recycling"})
         assert r.status_code == 400
         err = r.json()["error"]
