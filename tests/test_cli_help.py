@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+import pytest
 from freelunch.cli import build_parser
 
 
@@ -60,3 +61,16 @@ def test_an_unknown_freelunch_variable_is_named_not_ignored():
     environ = {"FREELUNCH_NO_PREFIX_CACHING": "1", "FREELUNCH_PREFIX_CACHING": "0", "FREELUNCH_CACHE_DIR": "/c",
                "FREELUNCH_CPU_LINEAR": "torch", "FREELUNCH_SPECULATIVE": "token_recycling", "FREELUNCH_MAX_NUMSEQS": "4"}
     assert unknown_env(flags, environ) == ["FREELUNCH_MAX_NUMSEQS", "FREELUNCH_NO_PREFIX_CACHING"]
+
+
+def test_a_variable_outside_its_choices_is_refused_naming_it(monkeypatch):
+    from freelunch.cli import main
+
+    monkeypatch.setenv("FREELUNCH_LOG_LEVEL", "WARNING")  # case aside, a choice
+    assert build_parser().parse_args(["serve", "--dtype", "Float32"]).log_level == "warning"
+    for name, value in (("FREELUNCH_DTYPE", "fp8"), ("FREELUNCH_SPECULATIVE", "medusa")):
+        monkeypatch.setenv(name, value)
+        with pytest.raises(ValueError, match=f"{name}='{value}' is not one of"):
+            build_parser()
+        assert main(["serve"]) == 2
+        monkeypatch.delenv(name)

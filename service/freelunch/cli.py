@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_flags(serve, EngineConfig, os.environ, groups)
     add_flags(serve, ServerConfig, os.environ, groups)
     for flag in _method_flags():  # each installed method's own (methods/spec.py)
-        default = env_default(flag.name, flag.default, str, os.environ)
+        default = env_default(flag.name, flag.default, str, os.environ, flag.choices)
         serve.add_argument(flag.name, default=default, choices=list(flag.choices), help=flag.help)
     groups[SECURITY].add_argument(
         "--api-key-file", default=env_default("--api-key-file", None, str, os.environ),

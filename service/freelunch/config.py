@@ -43,7 +43,7 @@ def unknown_env(flags: list[str], environ: Mapping[str, str]) -> list[str]:
     return sorted(name for name in environ if name.startswith("FREELUNCH_") and name not in known)
 
 
-def env_default(flag: str, default: Any, kind: type, environ: Mapping[str, str]) -> Any:
+def env_default(flag: str, default: Any, kind: type, environ: Mapping[str, str], choices: tuple[str, ...] = ()) -> Any:
     """A flag's default: its environment variable parsed as the setting's type, else `default`.
     ValueError naming the variable for a value that is not of that type."""
     name = env_name(flag)
@@ -51,6 +51,10 @@ def env_default(flag: str, default: Any, kind: type, environ: Mapping[str, str])
     if raw is None:
         return default
     raw = raw.strip()
+    if choices:  # argparse checks a flag's value, not its default; choices are lower case, as flags take them
+        if raw.lower() not in choices:
+            raise ValueError(f"{name}={raw!r} is not one of {', '.join(choices)}")
+        return raw.lower()
     try:
         if kind is bool:
             if raw.lower() not in _BOOLS:
@@ -90,10 +94,11 @@ def add_flags(parser: argparse.ArgumentParser, config: type, environ: Mapping[st
         if group and group not in groups:
             groups[group] = parser.add_argument_group(group)
         target = groups[group] if group else parser
-        default = env_default(flag, f.default, kind, environ)
+        default = env_default(flag, f.default, kind, environ, f.metadata["choices"])
         options: dict[str, Any] = {"dest": f.name, "help": f.metadata["help"], "default": default}
         if f.metadata["choices"]:
             options["choices"] = list(f.metadata["choices"])
+            options["type"] = str.lower  # --log-level INFO, as FREELUNCH_LOG_LEVEL=INFO
         elif kind is not bool:
             options["metavar"] = flag.lstrip("-").upper().replace("-", "_")
         if kind is bool:
@@ -105,7 +110,7 @@ def add_flags(parser: argparse.ArgumentParser, config: type, environ: Mapping[st
             options["help"] += f" (also {env_name(flag)}, comma-separated)"
             parser.set_defaults(**{f"{f.name}__env": default})
         else:
-            options["type"] = str.lower if f.name == "log_level" else kind
+            options.setdefault("type", kind)
         target.add_argument(flag, **options)
 
 
