@@ -193,3 +193,30 @@ def test_a_server_with_an_api_key_asks_for_it(browser, tiny_llama):
         assert page.locator(".answer .error").first.is_hidden()
         assert page.evaluate("localStorage.length + sessionStorage.length") == 0 and "s3cret" not in page.url
         assert not problems, problems
+
+
+def test_a_vision_model_takes_an_uploaded_image_and_offers_pruning(browser, tmp_path):
+    """The card of a vision model: the image upload appears, and the methods that need a vision side
+    (visual pruning), whose stats say how many image tokens were kept."""
+    from test_vlm import build_tiny_llava, random_image
+
+    build_tiny_llava(tmp_path / "model")
+    random_image(5, (40, 31)).save(tmp_path / "cat.png")
+    app, _ = tiny_app(tmp_path / "model")
+    with live_server(app) as base:
+        page, problems = open_page(browser, base)
+        page.wait_for_selector("#image-row:not([hidden])")
+        vision_only = [o for o, spec in method_specs().items() if spec.requires == ("vision",)]
+        assert vision_only
+        method = page.locator(f'.method[data-option="{vision_only[0]}"]')
+        method.locator(".toggle").check()
+        page.set_input_files("#image", str(tmp_path / "cat.png"))
+        page.wait_for_selector("#image-preview:not([hidden])")
+        page.fill("#prompt", "What is in the picture?")
+        page.fill("#max_tokens", "8")
+        page.click("#run")
+        page.wait_for_selector("body[data-done]", state="attached")
+        answers = page.locator(".answer")
+        assert answers.count() == 2 and all(answers.nth(i).locator(".error").is_hidden() for i in range(2))
+        assert "Kept image tokens" in answers.nth(1).locator(".method-stats").inner_text()
+        assert not problems, problems
