@@ -58,19 +58,52 @@ def test_an_unknown_freelunch_variable_is_named_not_ignored():
     from freelunch.config import unknown_env
 
     flags = [a.option_strings[0] for a in _serve()._actions if a.option_strings]
-    environ = {"FREELUNCH_NO_PREFIX_CACHING": "1", "FREELUNCH_PREFIX_CACHING": "0", "FREELUNCH_CACHE_DIR": "/c",
+    environ = {"FREELUNCH_NO_PREFIX_CACHINGS": "1", "FREELUNCH_PREFIX_CACHING": "0", "FREELUNCH_CACHE_DIR": "/c",
                "FREELUNCH_CPU_LINEAR": "torch", "FREELUNCH_SPECULATIVE": "token_recycling", "FREELUNCH_MAX_NUMSEQS": "4"}
-    assert unknown_env(flags, environ) == ["FREELUNCH_MAX_NUMSEQS", "FREELUNCH_NO_PREFIX_CACHING"]
+    assert unknown_env(flags, environ) == ["FREELUNCH_MAX_NUMSEQS", "FREELUNCH_NO_PREFIX_CACHINGS"]
 
 
 def test_a_variable_outside_its_choices_is_refused_naming_it(monkeypatch):
     from freelunch.cli import main
 
     monkeypatch.setenv("FREELUNCH_LOG_LEVEL", "WARNING")  # case aside, a choice
-    assert build_parser().parse_args(["serve", "--dtype", "Float32"]).log_level == "warning"
+    args = build_parser().parse_args(["serve", "--dtype", "Float32", "--speculative", "Token_Recycling"])
+    assert (args.log_level, args.dtype, args.speculative) == ("warning", "float32", "token_recycling")
     for name, value in (("FREELUNCH_DTYPE", "fp8"), ("FREELUNCH_SPECULATIVE", "medusa")):
         monkeypatch.setenv(name, value)
         with pytest.raises(ValueError, match=f"{name}='{value}' is not one of"):
             build_parser()
         assert main(["serve"]) == 2
         monkeypatch.delenv(name)
+
+
+def test_api_keys_from_flags_environment_and_file_and_never_an_empty_one(monkeypatch, tmp_path):
+    from freelunch.cli import main
+    from freelunch.config import ServerConfig, from_flags
+
+    monkeypatch.setenv("FREELUNCH_API_KEY", "env-key, ,")
+    keys = tmp_path / "keys"
+    keys.write_text("# rotated monthly\nfile-key\n")
+    args = build_parser().parse_args(["serve", "--api-key", "a", "--api-key", "b,c", "--api-key-file", str(keys)])
+    assert from_flags(ServerConfig, args).api_keys == ("a", "b", "c", "env-key")
+    # `--api-key "$KEY"` with KEY unset must not start a server without authentication
+    with pytest.raises(ValueError, match="--api-key was given an empty value"):
+        from_flags(ServerConfig, build_parser().parse_args(["serve", "--api-key", ""]))
+    assert main(["serve", "--api-key", " "]) == 2
+
+
+def test_zero_or_an_empty_variable_means_the_default_and_a_renamed_variable_is_refused(monkeypatch):
+    from freelunch.cli import main
+    from freelunch.config import EngineConfig, ServerConfig, from_flags
+
+    for name, value in (("FREELUNCH_MAX_MODEL_LEN", "0"), ("FREELUNCH_RATE_LIMIT_RPM", "0"), ("FREELUNCH_PLAYGROUND", ""),
+                        ("FREELUNCH_PREFIX_CACHE_BLOCKS", "-1"), ("FREELUNCH_MAX_NUM_BATCHED_TOKENS", "0")):
+        monkeypatch.setenv(name, value)
+    args = build_parser().parse_args(["serve", "--threads", "0", "--enforce-eager", "--no-enforce-eager"])
+    engine, server = from_flags(EngineConfig, args), from_flags(ServerConfig, args)
+    assert (engine.max_model_len, engine.prefix_cache_blocks, engine.max_num_batched_tokens, engine.num_threads) == (None,) * 4
+    assert server.rate_limit_rpm is None and server.playground is True and engine.enforce_eager is False
+    monkeypatch.setenv("FREELUNCH_NO_PREFIX_CACHING", "1")
+    with pytest.raises(ValueError, match="FREELUNCH_PREFIX_CACHING=0"):
+        build_parser()
+    assert main(["serve"]) == 2

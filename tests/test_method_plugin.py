@@ -108,7 +108,6 @@ class _Point:
 @pytest.mark.parametrize("case", ["two with one option", "not a spec", "a spec under another name"])
 def test_the_registry_refuses_what_would_silently_replace_a_method(monkeypatch, case):
     import freelunch.methods as methods
-    from freelunch.engine import plugins
     from freelunch.methods.guidance import SPEC
 
     points = {
@@ -119,7 +118,5 @@ def test_the_registry_refuses_what_would_silently_replace_a_method(monkeypatch, 
     monkeypatch.setattr(methods, "entry_points", lambda group: points if group == methods.ENTRY_POINT_GROUP else [])
     monkeypatch.setattr(methods, "_loaded", False)
     monkeypatch.setattr(methods, "METHODS", {})
-    monkeypatch.setattr(plugins, "STRATEGIES", {})
-    monkeypatch.setattr(plugins, "KV_SPLIT_HINTS", [])
     with pytest.raises(RuntimeError, match="two installed methods|is not the MethodSpec"):
         methods.load_methods()

@@ -114,13 +114,17 @@ def browser():
         browser.close()
 
 
-def open_page(browser, base: str, expected_status: str = "none"):
+def open_page(browser, base: str, expected_status: str | None = None):
     """A new page at `base`, and the script errors and failed loads it logs (but the statuses expected)."""
     page = browser.new_page(viewport={"width": 1400, "height": 1000})
     page.set_default_timeout(30_000)
     problems: list[str] = []
     page.on("pageerror", lambda e: problems.append(str(e)))
-    page.on("console", lambda m: problems.append(m.text) if m.type == "error" and expected_status not in m.text else None)
+    def console(message) -> None:
+        if message.type == "error" and not (expected_status and expected_status in message.text):
+            problems.append(message.text)
+
+    page.on("console", console)
     page.goto(base + "/")
     return page, problems
 
@@ -219,4 +223,28 @@ def test_a_vision_model_takes_an_uploaded_image_and_offers_pruning(browser, tmp_
         answers = page.locator(".answer")
         assert answers.count() == 2 and all(answers.nth(i).locator(".error").is_hidden() for i in range(2))
         assert "Kept image tokens" in answers.nth(1).locator(".method-stats").inner_text()
+        assert not problems, problems
+
+
+def test_on_a_server_with_a_default_method_the_plain_run_opts_out_of_it(browser, tiny_llama):
+    """`freelunch serve --speculative token_recycling`: the card says so, the page starts with the
+    method on, and its "Plain" run sends the method's off options, so it is plain decoding."""
+    app, _ = tiny_app(tiny_llama[0], default_methods={OPTION: {"method": "token_recycling"}})
+    with live_server(app) as base:
+        card = {m["option"]: m for m in httpx.get(base + "/v1/models").json()["data"][0]["methods"]}
+        assert card[OPTION]["server_default"] == {"method": "token_recycling"}
+        assert card[OPTION]["off_options"] == method_specs()[OPTION].off_options
+        page, problems = open_page(browser, base)
+        page.wait_for_selector(f'.method[data-option="{OPTION}"]')
+        assert page.locator(f'.method[data-option="{OPTION}"] .toggle').is_checked()
+        page.fill("#max_tokens", "16")
+        page.click("#run")
+        page.wait_for_selector("body[data-done]", state="attached")
+        plain, with_method = page.locator(".answer").nth(0), page.locator(".answer").nth(1)
+        assert plain.locator(".method-stats").count() == 0  # opted out: no Token Recycling stats
+        assert "Mean accepted tokens per step" in with_method.locator(".method-stats").inner_text()
+        page.locator(f'.method[data-option="{OPTION}"] .toggle').uncheck()  # switched off: off for both runs
+        page.click("#run")
+        page.wait_for_selector("body[data-done]", state="attached")
+        assert page.locator(".answer .method-stats").count() == 0
         assert not problems, problems

@@ -15,6 +15,7 @@ from freelunch.config import (
     EngineConfig,
     ServerConfig,
     add_flags,
+    choice_type,
     env_default,
     from_flags,
     unknown_env,
@@ -69,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_flags(serve, ServerConfig, os.environ, groups)
     for flag in _method_flags():  # each installed method's own (methods/spec.py)
         default = env_default(flag.name, flag.default, str, os.environ, flag.choices)
-        serve.add_argument(flag.name, default=default, choices=list(flag.choices), help=flag.help)
+        serve.add_argument(flag.name, default=default, choices=list(flag.choices), type=choice_type(flag.choices), help=flag.help)
     groups[SECURITY].add_argument(
         "--api-key-file", default=env_default("--api-key-file", None, str, os.environ),
         help="a file with API keys, one a line (# comments), besides --api-key",
@@ -104,11 +105,9 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     serve = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices["serve"]
     unread = unknown_env([a.option_strings[0] for a in serve._actions if a.option_strings], os.environ)
-    if unread:
-        logging.getLogger("freelunch").warning(
-            "ignoring %s: no setting of freelunch serve reads %s (docs/reference.md lists them)",
-            ", ".join(unread), "it" if len(unread) == 1 else "them",
-        )
+    if unread:  # on stderr whatever the log level: a setting the operator meant is not in effect
+        print(f"freelunch: warning: ignoring {', '.join(unread)}: no setting of freelunch serve reads "
+              f"{'it' if len(unread) == 1 else 'them'} (docs/reference.md lists them)", file=sys.stderr)
     from freelunch.models.loader import ModelLoadError
     from freelunch.pool.local_engine import ThreadWorker
     from freelunch.pool.process_worker import start_process_workers

@@ -43,34 +43,49 @@ def unknown_env(flags: list[str], environ: Mapping[str, str]) -> list[str]:
     return sorted(name for name in environ if name.startswith("FREELUNCH_") and name not in known)
 
 
-def env_default(flag: str, default: Any, kind: type, environ: Mapping[str, str], choices: tuple[str, ...] = ()) -> Any:
-    """A flag's default: its environment variable parsed as the setting's type, else `default`.
-    ValueError naming the variable for a value that is not of that type."""
+def env_default(
+    flag: str, default: Any, kind: type, environ: Mapping[str, str], choices: tuple[str, ...] = (), unset: Any = None
+) -> Any:
+    """A flag's default: its environment variable parsed as the setting's type, else `default` (an
+    empty variable is an unset one; `unset`, a value such as 0, also means the default). ValueError
+    naming the variable for a value that is not of that type or not among the choices."""
     name = env_name(flag)
-    raw = environ.get(name)
-    if raw is None:
+    raw = (environ.get(name) or "").strip()
+    if not raw:
         return default
-    raw = raw.strip()
-    if choices:  # argparse checks a flag's value, not its default; choices are lower case, as flags take them
-        if raw.lower() not in choices:
+    if choices:  # argparse checks a flag's value, not its default
+        value = _choice(raw, choices)
+        if value is None:
             raise ValueError(f"{name}={raw!r} is not one of {', '.join(choices)}")
-        return raw.lower()
+        return value
     try:
         if kind is bool:
-            if raw.lower() not in _BOOLS:
-                raise ValueError
             return _BOOLS[raw.lower()]
         if kind is tuple:
             return tuple(v.strip() for v in raw.split(",") if v.strip())
-        if raw == "" and default is None:
-            return None
-        return kind(raw)
-    except ValueError:
+        value = kind(raw)
+    except (KeyError, ValueError):
         raise ValueError(f"{name}={raw!r} is not {_KIND_NAMES.get(kind, kind.__name__)}") from None
+    return default if unset is not None and value == unset else value
+
+
+def _choice(value: str, choices: tuple[str, ...]) -> str | None:
+    """`value` as one of `choices`, case aside where the choices are all lower case (INFO = info)."""
+    if value in choices:
+        return value
+    return value.lower() if value.lower() in choices and all(c == c.lower() for c in choices) else None
+
+
+def choice_type(choices: tuple[str, ...]) -> Any:
+    """argparse's `type` for a flag with choices: the value as its choice, case aside (`_choice`)."""
+    return lambda value: _choice(value, choices) or value  # argparse names the value that is no choice
 
 
 _KIND_NAMES = {bool: "a boolean (1 or 0)", int: "an integer", float: "a number"}
-_BOOLS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False, "": False}
+_BOOLS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
+# FREELUNCH_* names of earlier releases whose setting is now read under another name: refused at
+# start, naming the new one, since ignoring them would silently change what the server does
+RENAMED_ENV = {"FREELUNCH_NO_PREFIX_CACHING": "FREELUNCH_PREFIX_CACHING=0 (or --no-prefix-caching)"}
 
 
 def _flag(f: Field) -> str:
@@ -86,28 +101,31 @@ def _kind(annotation: str) -> type:
 def add_flags(parser: argparse.ArgumentParser, config: type, environ: Mapping[str, str], groups: dict[str, Any]) -> None:
     """`config`'s settings as flags of `parser` (in their groups, made once into `groups`), each
     defaulting to its environment variable, else to the declared default."""
+    for name, new in RENAMED_ENV.items():
+        if name in environ:
+            raise ValueError(f"{name} is no longer read: set {new}")
     for f in fields(config):
         if "help" not in f.metadata:
             continue
-        flag, kind = _flag(f), _kind(str(f.type))
+        flag, kind, choices = _flag(f), _kind(str(f.type)), f.metadata["choices"]
         group = f.metadata["group"]
         if group and group not in groups:
             groups[group] = parser.add_argument_group(group)
         target = groups[group] if group else parser
-        default = env_default(flag, f.default, kind, environ, f.metadata["choices"])
+        default = env_default(flag, f.default, kind, environ, choices, f.metadata["unset"])
         options: dict[str, Any] = {"dest": f.name, "help": f.metadata["help"], "default": default}
-        if f.metadata["choices"]:
-            options["choices"] = list(f.metadata["choices"])
-            options["type"] = str.lower  # --log-level INFO, as FREELUNCH_LOG_LEVEL=INFO
+        if choices:
+            options["choices"] = list(choices)
+            options["type"] = choice_type(choices)
         elif kind is not bool:
             options["metavar"] = flag.lstrip("-").upper().replace("-", "_")
         if kind is bool:
-            # --x and --no-x: a flag can undo what the environment set
-            options["action"] = argparse.BooleanOptionalAction if f.default else "store_true"
+            options["action"] = argparse.BooleanOptionalAction  # --x and --no-x: a flag undoes what the environment set
         elif kind is tuple:
+            # repeatable; the environment's values join the flags' (from_flags), as a list of keys does
             options["action"] = "append"
-            options["default"] = None  # argparse would append to a default list: the environment's values join in from_flags
-            options["help"] += f" (also {env_name(flag)}, comma-separated)"
+            options["default"] = None
+            options["help"] += f" (also {env_name(flag)}, comma-separated; both apply)"
             parser.set_defaults(**{f"{f.name}__env": default})
         else:
             options.setdefault("type", kind)
@@ -123,8 +141,10 @@ def check_choices(config: Any) -> None:
             raise ValueError(f"{f.name} must be one of {', '.join(choices)}, not {value!r}")
 
 
-def from_flags(config: type, args: argparse.Namespace, **extra: Any) -> Any:
-    """`config` from parsed flags (add_flags), checked by its __post_init__; `extra` replaces settings."""
+def from_flags(config: type, args: argparse.Namespace) -> Any:
+    """`config` from parsed flags (add_flags), checked by its __post_init__. A list setting's given
+    values may be comma-separated; an empty one is an error (an unset `--api-key "$KEY"` must not
+    leave a server open)."""
     values: dict[str, Any] = {}
     for f in fields(config):
         if "help" not in f.metadata:
@@ -132,16 +152,23 @@ def from_flags(config: type, args: argparse.Namespace, **extra: Any) -> Any:
         value = getattr(args, f.name)
         if _kind(str(f.type)) is tuple:
             given = [v.strip() for item in value or [] for v in item.split(",")]
-            value = tuple(dict.fromkeys(v for v in [*given, *getattr(args, f"{f.name}__env")] if v))
+            if "" in given:
+                raise ValueError(f"{_flag(f)} was given an empty value")
+            value = tuple(dict.fromkeys([*given, *getattr(args, f"{f.name}__env")]))
+        elif f.metadata["unset"] is not None and value == f.metadata["unset"]:
+            value = f.default
         values[f.name] = value
-    return config(**{**values, **extra})
+    return config(**values)
 
 
-def setting(default: Any, help: str, *, flag: str = "", choices: tuple[str, ...] = (), group: str = "") -> Any:
+def setting(
+    default: Any, help: str, *, flag: str = "", choices: tuple[str, ...] = (), group: str = "", unset: Any = None
+) -> Any:
     """A setting's declaration: a dataclass field whose `freelunch serve` flag (`--` + its name in
     kebab case, unless `flag` names it), environment variable (FREELUNCH_ + the flag's name) and
-    help come from here: `add_flags` builds the parser from these fields and `from_flags` the config."""
-    return field(default=default, metadata={"help": help, "flag": flag, "choices": choices, "group": group})
+    help come from here: `add_flags` builds the parser from these fields and `from_flags` the config.
+    `unset`: a value that also means the default, as a flag or variable (0 for "no limit")."""
+    return field(default=default, metadata={"help": help, "flag": flag, "choices": choices, "group": group, "unset": unset})
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,12 +200,15 @@ class EngineConfig:
         choices=("auto", "float", "int8"),
     )
     device: str = setting("cpu", "where the native engine runs: cpu, or cuda (cuda:N) (vLLM picks its own device)")
-    max_model_len: int | None = setting(None, "context length (prompt + output tokens); default: the model's own, capped at 8192")
+    max_model_len: int | None = setting(
+        None, "context length (prompt + output tokens); default (or 0): the model's own, capped at 8192", unset=0
+    )
     max_num_seqs: int = setting(64, "sequences (choices, and a method's extra rows) an engine worker runs at once")
     max_num_batched_tokens: int | None = setting(
         None,
         "tokens one engine step computes at most (prompt chunks, decode rows, draft trees); default 1024 on the "
-        "native engine, vLLM's own (larger on GPUs) with --engine vllm",
+        "native engine, vLLM's own (larger on GPUs) with --engine vllm (or 0: the same)",
+        unset=0,
     )
     scheduling_policy: str = setting(
         "fair",
@@ -211,7 +241,10 @@ class EngineConfig:
         True, "keep full blocks of finished prompts for later requests (--no-prefix-caching: recompute every prompt)",
         flag="--prefix-caching",
     )
-    prefix_cache_blocks: int | None = setting(None, "keep at most this many KV blocks no request holds for the prefix cache; default: every free block")
+    prefix_cache_blocks: int | None = setting(
+        None, "keep at most this many KV blocks no request holds for the prefix cache; default (or -1): every free block",
+        unset=-1,
+    )
     prefix_cache_salt: str = setting(
         "per-key",
         "per-key: cached prefixes are shared only among requests of one API key (no timing side channel between "
@@ -228,7 +261,8 @@ class EngineConfig:
         2.0, "in a split cache, blocks below the split per block above it (requests keeping half their tokens fill both pools at 2)"
     )
     num_threads: int | None = setting(
-        None, "CPU threads of each engine worker; default: cores / workers, at least 1 (1 with --workers 0)", flag="--threads"
+        None, "CPU threads of each engine worker; default (or 0): cores / workers, at least 1 (1 with --workers 0)",
+        flag="--threads", unset=0,
     )
     engine: str = setting(
         "native",
@@ -278,6 +312,8 @@ class EngineConfig:
             raise ValueError("long_prefill_token_threshold must be positive")
         if self.tensor_parallel_size < 1 or (self.tensor_parallel_size > 1 and self.engine != "vllm"):
             raise ValueError("tensor_parallel_size must be >= 1, and above 1 only with the vllm engine")
+        if self.engine != "native" and (self.device != "cpu" or self.block_size != 16):
+            raise ValueError("--device and --block-size apply to the native engine (vLLM picks its own)")
         if self.enforce_eager and self.engine != "vllm":
             raise ValueError("--enforce-eager applies to the vllm engine (the native engine runs eagerly)")
         if self.kv_cache_gib <= 0:
@@ -327,8 +363,12 @@ class ServerConfig:
     metrics_require_key: bool = setting(False, "protect /metrics with the API keys too", group=SECURITY)
     max_body_bytes: int = setting(8 << 20, "largest request body accepted (413 beyond), images inline included", group=SECURITY)
     max_tokens_per_request: int = setting(65536, "n x max_tokens a request may ask for (400 beyond)", group=SECURITY)
-    rate_limit_rpm: int | None = setting(None, "requests per minute per API key (or client address without keys)", group=SECURITY)
-    rate_limit_tpm: int | None = setting(None, "tokens (prompt + max_tokens) per minute per API key", group=SECURITY)
+    rate_limit_rpm: int | None = setting(
+        None, "requests per minute per API key (or client address without keys); default (or 0): no limit", group=SECURITY, unset=0
+    )
+    rate_limit_tpm: int | None = setting(
+        None, "tokens (prompt + max_tokens) per minute per API key; default (or 0): no limit", group=SECURITY, unset=0
+    )
     allowed_image_hosts: tuple[str, ...] = setting(
         (),
         "hosts whose http(s) image URLs may be fetched: exact names or *.domain (repeatable or comma-separated); "

@@ -72,7 +72,7 @@ def create_app(
     app.state.services = Services(pool, metrics, builder, GenerationRunner(pool, metrics), Formatter(served.tokenizer))
     install_error_handlers(app)
     install_openapi(app)
-    app.include_router(build_router(method_specs()))
+    app.include_router(build_router(method_specs(), default_methods or {}))
     if server.playground:
         app.include_router(build_playground_router())
     # The last added runs first: authentication looks at headers only, before any body is read.

@@ -327,6 +327,10 @@ class MethodCard(BaseModel):
     description: str
     options_schema: dict[str, Any]
     requires: list[str] = Field(default_factory=list)
+    # the server's default for this option (its flag), applied to every request that does not set
+    # the option; `off_options`, the value with which a request opts out of it
+    server_default: dict[str, Any] | None = None
+    off_options: dict[str, Any] | None = None
 
 
 class ModelCard(BaseModel):

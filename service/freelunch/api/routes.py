@@ -31,8 +31,7 @@ def model_card(model_id: str, pool: WorkerPool, methods: list[MethodCard]) -> Mo
     """The card of a served model, with the methods some worker of the pool serves on this model
     (with `--engine vllm`, its native workers' too; a method is listed where the model has what it
     requires, MoE layers or a vision side) and whether any takes images."""
-    served = set().union(*(w.served.capabilities for w in pool.workers if w.served is not None))
-    served = served or set(pool.served.capabilities)  # every worker restarting: the primary's, as loaded
+    served = pool.capabilities or pool.served.capabilities  # every worker restarting: the primary's, as loaded
     return ModelCard(
         id=model_id,
         max_model_len=pool.served.max_model_len,
@@ -41,7 +40,8 @@ def model_card(model_id: str, pool: WorkerPool, methods: list[MethodCard]) -> Mo
     )
 
 
-def build_router(specs: dict[str, MethodSpec]) -> APIRouter:
+def build_router(specs: dict[str, MethodSpec], defaults: dict[str, dict] | None = None) -> APIRouter:
+    """The API's routes; `defaults`, the server's default options by method (its flags)."""
     router = APIRouter()
     ChatBody = with_methods(ChatCompletionRequest, specs, chat=True)
     CompletionBody = with_methods(CompletionRequest, specs, chat=False)
@@ -51,6 +51,8 @@ def build_router(specs: dict[str, MethodSpec]) -> APIRouter:
             description=spec.description,
             options_schema=spec.options.model_json_schema(),
             requires=list(spec.requires),
+            server_default=(defaults or {}).get(option),
+            off_options=spec.off_options,
         )
         for option, spec in sorted(specs.items())
     ]

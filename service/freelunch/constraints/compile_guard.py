@@ -13,7 +13,7 @@ once, in a child process at a lower CPU priority, and keeps only the verdict:
 - verdicts are remembered by the grammar's digest: compiled ones (so a repeated schema is admitted
   at once), refused ones for `refused_ttl_s` (so a refused schema sent again is refused at once,
   never handed to a worker). The API holds no compiled grammar: workers compile their own, off
-  their engine loop (constraints/__init__.py), knowing that it finishes in time.
+  their engine loop (constraints/masks.py), knowing that it finishes in time.
 
 Messages to the children are msgpack (msgspec), never pickle.
 """

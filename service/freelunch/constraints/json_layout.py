@@ -6,7 +6,7 @@ them: `{"name": "Paris", "population": 1111111…` never finishes. The whitespac
 number bounds (`minimum` / `maximum`) go into the grammar, so that both engines, ours and vLLM's,
 constrain the same way. The string bound does not, for the native engine: a bounded string costs
 xgrammar ~1.6 s of compile per schema, so it is enforced on the output's text instead
-(`string_bound`; constraints/__init__.py `StringBound`); vLLM gets it as `maxLength`.
+(`string_bound`; constraints/masks.py `StringBound`); vLLM gets it as `maxLength`.
 Torch-free: the API imports it.
 """
 

@@ -82,7 +82,7 @@ class ConstraintSpec:
     # JSON: the whitespace between tokens (constraints/json_layout.py: single, compact or any)
     whitespace: str = "single"
     # JSON: characters a string may run to before only its closing quote may follow (0: no bound);
-    # enforced on the output's text, not in the grammar (constraints/__init__.py StringBound)
+    # enforced on the output's text, not in the grammar (constraints/masks.py StringBound)
     max_string: int = 0
 
 

@@ -112,11 +112,15 @@ class WorkerPool:
     def worker_states(self) -> list[WorkerState]:
         return [WorkerState(w.name, w.alive, w.load_score, w.restarts, w.pid) for w in self.workers]
 
+    @property
+    def capabilities(self) -> frozenset[str]:
+        """What some worker of this pool serves (options, images) or its model has (moe, vision)."""
+        return frozenset().union(*(w.served.capabilities for w in self.workers if w.served is not None))
+
     def unsupported(self, request: GenerationRequest) -> str | None:
         """The first option (or "images") of `request` that no worker of this pool serves."""
-        needs = request_needs(request)
-        served = set().union(*(w.served.capabilities for w in self.workers if w.served is not None))
-        return next((need for need in sorted(needs) if need not in served), None)
+        served = self.capabilities
+        return next((need for need in sorted(request_needs(request)) if need not in served), None)
 
     def pick(self, request: GenerationRequest) -> Worker | None:
         """The least-loaded live worker that serves the request, primary backend first."""

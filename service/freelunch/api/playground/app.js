@@ -125,12 +125,15 @@ function buildMethods(methods) {
   if (!methods.length) box.append(el("p", { className: "muted" }, "This model is served with no decoding methods."));
   for (const m of methods) {
     const schema = m.options_schema || {};
-    const toggle = el("input", { type: "checkbox", className: "toggle" });
-    const fields = el("div", { className: "fields", hidden: true });
+    // a method the server applies by default (its flag) starts switched on: switching it off opts out
+    const byDefault = Boolean(m.server_default);
+    const toggle = el("input", { type: "checkbox", className: "toggle", checked: byDefault });
+    const fields = el("div", { className: "fields", hidden: !byDefault });
     const head = el("label", { className: "method-name" }, toggle, " ", el("code", {}, m.option), " ", m.description);
     const part = el("div", { className: "method" }, head);
     part.dataset.option = m.option;
     if (m.requires && m.requires.length) part.append(el("p", { className: "hint" }, "needs a model with: " + m.requires.join(", ")));
+    if (byDefault) part.append(el("p", { className: "hint" }, "on by this server's default: " + JSON.stringify(m.server_default)));
     for (const [name, raw] of Object.entries(schema.properties || {})) {
       const prop = resolve(raw, schema);
       const kind = fieldKind(prop, schema);
@@ -148,11 +151,23 @@ function buildMethods(methods) {
   }
 }
 
-// The options of each toggled method, as the request sends them (empty fields left out).
+// What opts a request out of the server's default methods (the "Plain" run, and a default switched off).
+function serverDefaultsOff() {
+  const out = {};
+  for (const m of (card && card.methods) || []) if (m.server_default && m.off_options) out[m.option] = m.off_options;
+  return out;
+}
+
+// The options of each toggled method, as the request sends them (empty fields left out); a method
+// the server applies by default and the user switched off is sent as its "off" options.
 function methodOptions() {
   const out = {};
+  const off = serverDefaultsOff();
   for (const part of document.querySelectorAll("#methods .method")) {
-    if (!part.querySelector(".toggle").checked) continue;
+    if (!part.querySelector(".toggle").checked) {
+      if (off[part.dataset.option]) out[part.dataset.option] = off[part.dataset.option];
+      continue;
+    }
     const options = {};
     for (const input of part.querySelectorAll("[data-field]")) {
       const kind = input.dataset.kind;
@@ -177,7 +192,7 @@ function number(id, integer) {
 // The request without methods: {path, body}; throws an Error with a message for the page.
 function plainRequest() {
   const chat = document.querySelector("input[name=mode]:checked").value === "chat";
-  const body = { model: card.id, stream: true, stream_options: { include_usage: true } };
+  const body = { model: card.id, stream: true, stream_options: { include_usage: true }, ...serverDefaultsOff() };
   for (const [id, integer] of [["temperature", false], ["top_p", false], ["max_tokens", true], ["seed", true]]) {
     const v = number(id, integer);
     if (v !== undefined) body[id] = v;
@@ -361,7 +376,8 @@ async function run() {
   try { plain = plainRequest(); } catch (e) { return showError($("banner"), null, { message: e.message }); }
   const methods = methodOptions();
   const withMethods = { ...plain.body, ...methods };
-  const names = Object.keys(methods);
+  const off = serverDefaultsOff();
+  const names = Object.keys(methods).filter((name) => methods[name] !== off[name]);
   const label = names.length ? "With " + names.join(" + ") : "Plain (no method on)";
   const runs = $("compare").checked ? [["Plain", plain.body], [label, withMethods]] : [[label, withMethods]];
   $("answers").replaceChildren();
