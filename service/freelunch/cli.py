@@ -26,7 +26,7 @@ class _Help(argparse.ArgumentDefaultsHelpFormatter):
     """Each flag's default after its help, where it has one (not None, not an off switch)."""
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
-        if action.default is None or action.default is False or isinstance(action, argparse._StoreTrueAction):
+        if action.default is None or action.default is False:
             return action.help
         return super()._get_help_string(action)
 
