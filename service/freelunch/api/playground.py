@@ -37,5 +37,7 @@ def build_playground_router() -> APIRouter:
     router = APIRouter()
     for path, (name, media_type) in FILES.items():
         # read once: the files are small and ship with the package
-        router.add_api_route(path, _file_route((PAGE_DIR / name).read_bytes(), media_type), include_in_schema=False)
+        router.add_api_route(
+            path, _file_route((PAGE_DIR / name).read_bytes(), media_type), methods=["GET", "HEAD"], include_in_schema=False
+        )
     return router

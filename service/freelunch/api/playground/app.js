@@ -1,6 +1,7 @@
 // freelunch playground: builds its form from the model card (/v1/models lists the methods this
 // model serves, each with its options' JSON schema), then calls the API like any client. No method
-// is named here: each toggle and field comes from what the server declares.
+// is named here: each toggle and field comes from what the server declares. URLs are relative, so
+// the page also works where a proxy serves the server under a sub-path (host/llm/).
 "use strict";
 
 let apiKey = "";  // the API key lives in this variable only: never in storage, never in a URL
@@ -59,7 +60,7 @@ async function connect() {
   banner.hidden = true;
   let response;
   try {
-    response = await fetch("/v1/models", { headers: authHeaders() });
+    response = await fetch("v1/models", { headers: authHeaders() });
   } catch (e) {
     return showError(banner, null, { message: "the server did not answer: " + e });
   }
@@ -204,14 +205,14 @@ function plainRequest() {
     body.response_format = { type: "json_schema", json_schema: { name: "output", schema } };
   }
   const prompt = $("prompt").value;
-  if (!chat) return { path: "/v1/completions", body: Object.assign(body, { prompt }) };
+  if (!chat) return { path: "v1/completions", body: Object.assign(body, { prompt }) };
   const messages = [];
   if ($("system").value.trim()) messages.push({ role: "system", content: $("system").value });
   const content = imageUrl && card.images
     ? [{ type: "text", text: prompt }, { type: "image_url", image_url: { url: imageUrl } }]
     : prompt;
   messages.push({ role: "user", content });
-  return { path: "/v1/chat/completions", body: Object.assign(body, { messages }) };
+  return { path: "v1/chat/completions", body: Object.assign(body, { messages }) };
 }
 
 // ---- running: stream one request into its panel ----------------------------------------------
@@ -412,6 +413,7 @@ function setMode() {
 document.addEventListener("DOMContentLoaded", () => {
   $("connect").addEventListener("click", connect);
   $("api-key").addEventListener("keydown", (e) => { if (e.key === "Enter") connect(); });
+  $("api-key").addEventListener("input", () => { apiKey = $("api-key").value.trim(); });  // a run uses the key as typed
   $("run").addEventListener("click", run);
   $("stop").addEventListener("click", () => running && running.abort());
   for (const radio of document.querySelectorAll("input[name=mode]")) radio.addEventListener("change", setMode);
