@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pkgutil
 import random
 import threading
 from dataclasses import dataclass, field
@@ -34,16 +35,9 @@ _MAX_STALLS = 64  # restarts in a row without progress (each costs one batch slo
 
 def paired_rows() -> dict[str, Any]:
     """The installed methods that run on vLLM as paired rows: option -> its PairedRows."""
-    import importlib
-
     from freelunch.methods import method_specs
 
-    out = {}
-    for name, spec in method_specs().items():
-        if spec.vllm:
-            module, attribute = spec.vllm.split(":")
-            out[name] = getattr(importlib.import_module(module), attribute)
-    return out
+    return {name: pkgutil.resolve_name(spec.vllm) for name, spec in method_specs().items() if spec.vllm}
 
 
 @dataclass(slots=True)

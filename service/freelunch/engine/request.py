@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -18,7 +19,6 @@ from freelunch.engine.messages import (  # noqa: F401 - the engine's names for t
     TokenLogprob,
 )
 
-
 _seq_ids = itertools.count()
 
 
@@ -27,10 +27,7 @@ def image_tensor(image: ImageInput) -> torch.Tensor:
     itemsize = PIXEL_DTYPES.get(image.dtype)
     if itemsize is None or not image.shape or any(d <= 0 for d in image.shape):
         raise ValueError(f"bad image tensor: dtype {image.dtype!r}, shape {image.shape}")
-    count = 1
-    for d in image.shape:
-        count *= d
-    if count * itemsize != len(image.pixel_values):
+    if math.prod(image.shape) * itemsize != len(image.pixel_values):
         raise ValueError(f"image tensor of shape {image.shape} ({image.dtype}) has {len(image.pixel_values)} bytes")
     return torch.frombuffer(bytearray(image.pixel_values), dtype=getattr(torch, image.dtype)).view(image.shape)
 

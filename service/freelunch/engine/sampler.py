@@ -52,7 +52,8 @@ def filter_rows(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Ten
     top_k = [p.top_k if 0 < p.top_k < vocab else 0 for p in params]
     if any(top_k):
         k = column(top_k, torch.long)
-        kth = logits.sort(dim=-1, descending=True, stable=True).values.gather(1, (k - 1).clamp(min=0))
+        # the k-th largest value of each row: a top-k of the largest k asked, not a sort of the vocabulary
+        kth = torch.topk(logits, max(top_k), dim=-1).values.gather(1, (k - 1).clamp(min=0))
         logits = logits.masked_fill((logits < kth) & (k > 0), float("-inf"))
     if any(p.top_p < 1.0 for p in params):
         top_p = column([p.top_p for p in params], logits.dtype)

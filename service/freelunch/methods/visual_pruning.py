@@ -192,9 +192,6 @@ def build(request: GenerationRequest, main: Sequence, model_info: ModelInfo) -> 
     return FastV(request, main, options, model_info.max_num_batched_tokens, model_info.kv_split_layer)
 
 
-# A vision model's KV cache splits where FastV prunes by default: requests pruned there hold upper
-# blocks for their kept tokens only (engine/block_manager.py).
-
 SPEC = MethodSpec(
     option="visual_pruning",
     options=PruningOptions,
