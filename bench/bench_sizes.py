@@ -63,10 +63,9 @@ print("RESULT " + json.dumps({"seconds": time.perf_counter() - t, "folder": str(
 
 def converted_folder(path: Path) -> Path | None:
     """The folder gguf_to_folder keeps `path` in, if it is there."""
-    from freelunch.config import cache_dir
+    from freelunch.models.loader import converted_folder as folder_of
 
-    stat = path.stat()
-    folder = cache_dir() / f"{path.stem}-{stat.st_size}-{int(stat.st_mtime)}"
+    folder = folder_of(path)
     return folder if (folder / "model.safetensors").exists() else None
 
 

@@ -591,6 +591,40 @@ def test_a_read_only_cache_keeps_the_gguf_unless_a_folder_is_required(monkeypatc
     assert folder.as_folder(required=True) is folder
 
 
+def test_a_reinstalled_gguf_reuses_its_conversion_and_old_copies_go(monkeypatch, tmp_path):
+    """The conversion is named by the file's content: the same file reinstalled (new path, new mtime)
+    is not converted again, while each reinstall used to leave another 600 MB folder in the cache."""
+    import shutil
+
+    from freelunch.models import loader
+
+    default = loader.default_model_path()
+    converted = loader.gguf_to_folder(default)
+    copy = tmp_path / "site-packages" / default.name
+    copy.parent.mkdir()
+    shutil.copyfile(default, copy)
+    os.utime(copy, (1_800_000_000, 1_800_000_000))
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("FREELUNCH_CACHE_DIR", str(cache))
+    cache.mkdir()
+    (cache / loader.converted_folder(copy).name).symlink_to(converted)  # converted before (as in the real cache)
+    stale = [cache / f"{default.stem}-{default.stat().st_size}-{t}" for t in (1796627056, 1796627305)]
+    other_file = cache / f"{default.stem}-{default.stat().st_size + 1}-1796627056"
+    for folder in [*stale, other_file]:
+        folder.mkdir()
+        (folder / "model.safetensors").write_bytes(b"0")
+
+    def no_conversion(*args):
+        raise AssertionError("converted again")
+
+    monkeypatch.setattr(loader, "_read_gguf", no_conversion)
+    assert loader.gguf_to_folder(copy).resolve() == converted.resolve()
+    assert not any(folder.exists() for folder in stale)
+    assert other_file.exists()  # another file's conversion stays
+    copy.write_bytes(copy.read_bytes()[:-1] + b"\x00")  # an edited file is another file
+    assert loader.converted_folder(copy) != loader.converted_folder(default)
+
+
 @pytest.mark.parametrize(
     "model_type,tokenizer_class",
     [("llama", "TokenizersBackend"), ("llama", "LlamaTokenizerFast"), ("llama", "GPT2Tokenizer"), ("qwen2", "Qwen2TokenizerFast"),

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import glob
+import hashlib
 import importlib.util
 import json
 import os
+import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -138,18 +141,26 @@ def _read_gguf(path: Path, hf_config) -> dict[str, torch.Tensor]:
     return load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=skeleton)["tensors"]
 
 
+def converted_folder(path: Path) -> Path:
+    """Where gguf_to_folder keeps `path`'s conversion: named by the file's content (sha256, about
+    0.1 s for the default model's 98 MB), so a reinstalled or copied file finds its folder again and
+    an edited one gets a new folder."""
+    with open(path, "rb") as f:
+        digest = hashlib.file_digest(f, "sha256").hexdigest()[:16]
+    return cache_dir() / f"{path.stem}-{digest}"
+
+
 def gguf_to_folder(path: Path) -> Path:
     """Dequantise a GGUF once into a safetensors folder (config + tokenizer + float32 weights, and the
     file's quantised blocks for `--quantization gguf`), cached.
 
     Parsing and dequantising a GGUF takes ~30 s on 2 cores, its blocks ~20 s more; the folder loads
-    in ~2 s. The vLLM backend needs such a folder too. The cache key is the file's name, size and
-    mtime.
+    in ~2 s. The vLLM backend needs such a folder too.
     """
     from safetensors.torch import save_file
 
-    stat = path.stat()
-    target = cache_dir() / f"{path.stem}-{stat.st_size}-{int(stat.st_mtime)}"
+    target = converted_folder(path)
+    _remove_mtime_keyed(path)
     if (target / "model.safetensors").exists():
         if not gguf_blocks.present(target):  # converted by an older version, or its keys changed
             with contextlib.suppress(OSError):
@@ -159,18 +170,30 @@ def gguf_to_folder(path: Path) -> Path:
     hf_config = load_hf_config(source)
     tensors = {k: v.contiguous() for k, v in _read_gguf(path, hf_config).items()}
     tmp = target.with_name(target.name + f".tmp{os.getpid()}")
-    tmp.mkdir(parents=True, exist_ok=True)
-    hf_config.save_pretrained(tmp)
-    load_tokenizer(source).save_pretrained(tmp)
-    if getattr(hf_config, "tie_word_embeddings", False):
-        tensors.pop("lm_head.weight", None)
-    save_file(tensors, str(tmp / "model.safetensors"))
-    gguf_blocks.save(gguf_blocks.read_gguf(path), tmp)
     try:
+        tmp.mkdir(parents=True, exist_ok=True)
+        hf_config.save_pretrained(tmp)
+        load_tokenizer(source).save_pretrained(tmp)
+        if getattr(hf_config, "tie_word_embeddings", False):
+            tensors.pop("lm_head.weight", None)
+        save_file(tensors, str(tmp / "model.safetensors"))
+        gguf_blocks.save(gguf_blocks.read_gguf(path), tmp)
         tmp.rename(target)
-    except OSError:  # another process won the race
-        pass
+    except OSError:
+        if not (target / "model.safetensors").exists():  # not just another process winning the race
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # a half-written folder is 600 MB for the default model
     return target
+
+
+def _remove_mtime_keyed(path: Path) -> None:
+    """Versions before the content key named a conversion by the file's name, size and mtime, so each
+    reinstall of the same file left another 600 MB copy: those of this file's name and size go."""
+    size = path.stat().st_size
+    for old in cache_dir().glob(f"{glob.escape(path.stem)}-{size}-*"):
+        if old.name.rsplit("-", 1)[1].isdigit():
+            shutil.rmtree(old, ignore_errors=True)
 
 
 @contextlib.contextmanager
