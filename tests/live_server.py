@@ -16,8 +16,8 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def live_server(app):
-    """Serve an ASGI app with uvicorn on a free loopback port; yields the base URL once /ready answers."""
+def live_server(app, ready: str = "/ready"):
+    """Serve an ASGI app with uvicorn on a free loopback port; yields the base URL once `ready` answers."""
     from freelunch.api.http_server import server_config
 
     port = free_port()
@@ -28,7 +28,7 @@ def live_server(app):
     deadline = time.time() + 60
     while time.time() < deadline:
         try:
-            if httpx.get(base + "/ready").status_code == 200:
+            if httpx.get(base + ready).status_code == 200:
                 break
         except httpx.HTTPError:
             time.sleep(0.1)
@@ -43,8 +43,8 @@ def tiny_app(folder, server_config=None, max_in_flight=None, default_methods=Non
     """(app, worker): the API over an in-process engine on a tiny model folder."""
     from freelunch.api.app import create_app
     from freelunch.config import EngineConfig
-    from freelunch.pool.pool import WorkerPool
     from freelunch.pool.local_engine import ThreadWorker
+    from freelunch.pool.pool import WorkerPool
 
     settings = {"dtype": "float32", "max_model_len": 512, "kv_cache_gib": 0.05, **engine}
     worker = ThreadWorker.load(EngineConfig(model=str(folder), **settings))

@@ -160,6 +160,57 @@ def test_compare_mode_in_a_browser(browser, server):
     assert not problems, problems
 
 
+def test_completion_mode_with_a_json_schema_in_a_browser(browser, server):
+    """Completion mode posts a prompt to /v1/completions (no chat fields), with the schema box's
+    schema as its response_format, plain and with the method; both answers keep to the schema."""
+    page, problems = open_page(browser, server[0])
+    sent: list[tuple[str, dict]] = []
+    page.on("request", lambda r: sent.append((r.url, r.post_data_json)) if r.method == "POST" else None)
+    page.check("input[name=mode][value=completion]")
+    assert page.is_hidden("#system")  # the chat-only fields go
+    page.locator(f'.method[data-option="{OPTION}"] .toggle').check()
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"], "additionalProperties": False}
+    page.fill("#schema", json.dumps(schema))
+    page.fill("#prompt", "The answer, as JSON:")
+    page.fill("#max_tokens", "24")
+    page.click("#run")
+    page.wait_for_selector("body[data-done]", state="attached")
+    runs = [body for url, body in sent if body.get("max_tokens") == 24]  # the page's warm-up asks for one token
+    assert len(runs) == 2 and all(url.endswith("/v1/completions") for url, body in sent), sent
+    for body in runs:
+        assert body["prompt"] == "The answer, as JSON:" and "messages" not in body
+        assert body["response_format"]["json_schema"]["schema"] == schema
+    assert OPTION not in runs[0] and OPTION in runs[1]
+    answers = page.locator(".answer")
+    for i in range(2):
+        text = answers.nth(i).locator(".text").inner_text().strip()
+        assert json.loads(text) in ({"ok": True}, {"ok": False}), text
+        assert answers.nth(i).locator(".finish td").inner_text() == "stop"
+        assert answers.nth(i).locator(".error").is_hidden()
+    assert "identical" in page.inner_text("#summary")
+    assert not problems, problems
+
+
+def test_the_page_works_under_a_proxys_sub_path(browser, tiny_llama):
+    """Served at /llm/ (as behind a proxy that mounts the server there), the page loads its files and
+    calls the API under that path: its URLs are relative."""
+    from starlette.applications import Starlette
+    from starlette.routing import Mount
+
+    app, _ = tiny_app(tiny_llama[0])
+    proxied = Starlette(routes=[Mount("/llm", app=app)], lifespan=lambda _: app.router.lifespan_context(app))  # the pool starts
+    with live_server(proxied, ready="/llm/ready") as base:
+        assert httpx.get(base + "/").status_code == 404  # nothing of the server's outside /llm
+        page, problems = open_page(browser, base + "/llm")
+        page.wait_for_selector(f'.method[data-option="{OPTION}"]')  # the card, from /llm/v1/models
+        page.uncheck("#compare")
+        page.fill("#max_tokens", "4")
+        page.click("#run")
+        page.wait_for_selector("body[data-done]", state="attached")
+        assert page.locator(".answer .text").inner_text().strip() and page.locator(".answer .error").is_hidden()
+        assert not problems, problems
+
+
 def test_the_servers_errors_show_in_the_page(browser, server):
     page, problems = open_page(browser, server[0], expected_status="status of 400")
     method = page.locator(f'.method[data-option="{OPTION}"]')
