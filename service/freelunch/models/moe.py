@@ -57,11 +57,11 @@ class SparseMoeBlock(nn.Module):
         """The experts' weights stacked as the Triton kernel reads them (gate_up [E, 2I, H], down
         [E, H, I]); each expert's weights become views into them, so they are held once. None where
         an expert's linears are not plain nn.Linear (packed or quantised for the C kernels)."""
-        built = self.__dict__.get("_stacked")
-        if built is not None:
-            return built
+        if "_stacked" in self.__dict__:  # checked once: the forward asks at every step
+            return self.__dict__["_stacked"]
         linears = [(e.gate_up_proj, e.down_proj) for e in self.experts]
         if not all(type(g) is nn.Linear and type(d) is nn.Linear and g.bias is None and d.bias is None for g, d in linears):
+            self.__dict__["_stacked"] = None
             return None
         with torch.no_grad():
             gate_up = torch.stack([g.weight for g, _ in linears])
