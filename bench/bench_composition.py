@@ -32,12 +32,9 @@ def main() -> None:
     parser.add_argument("--out", default="bench/results/composition.json")
     args = parser.parse_args()
 
-    from freelunch.constraints.masks import install_constraints
+    from freelunch.pool.local_engine import install_plugins
 
-    install_constraints()
-    from freelunch.methods.pipeline import install_methods
-
-    install_methods()  # the installed methods, as a worker loads them
+    install_plugins()  # constraints and the installed methods, as a worker installs them
     from freelunch.benchmark_prompts import SPEC_PROMPTS, SPEC_WARMUP
     from freelunch.config import EngineConfig
     from freelunch.engine.engine import Engine

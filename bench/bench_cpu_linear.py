@@ -26,9 +26,9 @@ KINDS = ("panel", "onednn", "torch")
 
 def measure(kind: str, model: str | None, sizes: tuple[int, ...], repeats: int, decode_tokens: int) -> dict:
     from freelunch.config import EngineConfig
-    from freelunch.methods.pipeline import install_methods
+    from freelunch.pool.local_engine import install_plugins
 
-    install_methods()  # the installed methods, as a worker loads them
+    install_plugins()  # constraints and the installed methods, as a worker installs them
     from freelunch.engine.engine import Engine
     from freelunch.engine.request import GenerationRequest, SamplingParams
     from freelunch.models.cpu_linear import PanelLinear, PackedLinear

@@ -91,9 +91,9 @@ def child(backend: str, caching: bool, args) -> dict:
 
         engine = VllmEngine(config)
     else:
-        from freelunch.methods.pipeline import install_methods
+        from freelunch.pool.local_engine import install_plugins
 
-        install_methods()  # the installed methods, as a worker loads them
+        install_plugins()  # constraints and the installed methods, as a worker installs them
         from freelunch.pool.local_engine import load_engine
 
         engine = load_engine(config)

@@ -58,10 +58,10 @@ def _tokenizer(path: Path) -> None:
 def child(shape: str, mode: str, tokens: int, rounds: int) -> dict:
     import torch
 
-    from freelunch.methods.pipeline import install_methods
+    from freelunch.pool.local_engine import install_plugins
 
 
-    install_methods()  # the installed methods, as a worker loads them
+    install_plugins()  # constraints and the installed methods, as a worker installs them
     from freelunch.config import EngineConfig
     from freelunch.engine.engine import Engine
     from freelunch.engine.request import GenerationRequest, SamplingParams

@@ -85,12 +85,9 @@ def main() -> None:
     parser.add_argument("--out", default="bench/results/structured.json")
     args = parser.parse_args()
 
-    from freelunch.constraints.masks import install_constraints
+    from freelunch.pool.local_engine import install_plugins
 
-    install_constraints()
-    from freelunch.methods.pipeline import install_methods
-
-    install_methods()  # the installed methods, as a worker loads them
+    install_plugins()  # constraints and the installed methods, as a worker installs them
     from freelunch.config import EngineConfig
     from freelunch.constraints.grammar import GrammarCompiler
     from freelunch.constraints.json_layout import DEFAULT_MAX_NUMBER_DIGITS, DEFAULT_MAX_STRING_LENGTH, bounded_schema

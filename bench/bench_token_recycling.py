@@ -86,9 +86,9 @@ def main(argv: list[str] | None = None) -> dict:
         AdjacencyTable.seed = lambda self, tokens: None  # this process only
 
     from freelunch.config import EngineConfig
-    from freelunch.methods.pipeline import install_methods
+    from freelunch.pool.local_engine import install_plugins
 
-    install_methods()  # the installed methods, as a worker loads them
+    install_plugins()  # constraints and the installed methods, as a worker installs them
     from freelunch.engine.engine import Engine
     from freelunch.models.loader import load_model, resolve_source
 

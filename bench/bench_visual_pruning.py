@@ -220,9 +220,9 @@ def run_one(
 
 def bench_config(name: str, max_tokens: int, repeats: int, workdir: Path) -> dict:
     from freelunch.config import EngineConfig
-    from freelunch.methods.pipeline import install_methods
+    from freelunch.pool.local_engine import install_plugins
 
-    install_methods()  # the installed methods, as a worker loads them
+    install_plugins()  # constraints and the installed methods, as a worker installs them
     from freelunch.engine.engine import Engine
     from freelunch.engine.kv_cache import KVCache
     from freelunch.models.loader import load_model, resolve_source

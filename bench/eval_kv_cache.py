@@ -39,9 +39,9 @@ def int8_per_vector(x):
 
 
 def measure(mode: str, activations: str) -> dict:
-    from freelunch.methods.pipeline import install_methods
+    from freelunch.pool.local_engine import install_plugins
 
-    install_methods()  # the installed methods, as a worker loads them
+    install_plugins()  # constraints and the installed methods, as a worker installs them
     from freelunch.config import EngineConfig
     from freelunch.models.attention import AttentionBatch
     from freelunch.pool.local_engine import load_engine

@@ -43,9 +43,9 @@ def run(engine, requests) -> dict:
 
 
 def measure(mode: str) -> dict:
-    from freelunch.methods.pipeline import install_methods
+    from freelunch.pool.local_engine import install_plugins
 
-    install_methods()  # the installed methods, as a worker loads them
+    install_plugins()  # constraints and the installed methods, as a worker installs them
     from freelunch.config import EngineConfig
     from freelunch.pool.local_engine import load_engine
 

@@ -103,12 +103,9 @@ PARTS = ("forward", "planning", "logits handling", "sampling", "rest of the step
 
 
 def measure_method(name: str, tokens: int) -> dict:
-    from freelunch.constraints.masks import install_constraints
+    from freelunch.pool.local_engine import install_plugins
 
-    install_constraints()
-    from freelunch.methods.pipeline import install_methods
-
-    install_methods()  # the installed methods, as a worker loads them
+    install_plugins()  # constraints and the installed methods, as a worker installs them
     from freelunch.benchmark_prompts import SPEC_PROMPTS, SPEC_WARMUP
     from freelunch.config import EngineConfig
     from freelunch.engine import engine as engine_module

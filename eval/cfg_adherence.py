@@ -50,7 +50,7 @@ from typing import Any
 import torch
 from engine_batch import Result, run  # eval/engine_batch.py (the scripts run from eval/)
 from freelunch.config import EngineConfig
-from freelunch.methods.pipeline import install_methods
+from freelunch.pool.local_engine import install_plugins
 from freelunch.engine.engine import Engine
 from freelunch.engine.request import GenerationRequest, SamplingParams
 from freelunch.models.loader import load_model, resolve_source
@@ -61,7 +61,7 @@ Checker = Callable[[str], bool]
 
 # ---- checkers ------------------------------------------------------------------------------
 
-install_methods()  # the installed methods, as a worker loads them
+install_plugins()  # constraints and the installed methods, as a worker installs them
 
 def wordset(text: str) -> frozenset[str]:
     return frozenset(text.split())

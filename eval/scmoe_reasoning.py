@@ -48,7 +48,7 @@ from typing import Any
 import torch
 from engine_batch import run  # eval/engine_batch.py (the scripts run from eval/)
 from freelunch.config import EngineConfig
-from freelunch.methods.pipeline import install_methods
+from freelunch.pool.local_engine import install_plugins
 from freelunch.engine.engine import Engine
 from freelunch.engine.request import GenerationRequest, SamplingParams
 from freelunch.models.loader import default_model_path, load_model, resolve_source
@@ -73,7 +73,7 @@ ITEMS = ["apples", "pencils", "stickers", "marbles", "cookies", "books", "cards"
 
 
 
-install_methods()  # the installed methods, as a worker loads them
+install_plugins()  # constraints and the installed methods, as a worker installs them
 
 def one_step(rng: random.Random) -> dict[str, Any]:
     name, he = rng.choice(PEOPLE)

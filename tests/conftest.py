@@ -6,11 +6,9 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(1)  # tiny models: one thread is as fast, and robust to a busy machine
 
-from freelunch.constraints.masks import install_constraints  # noqa: E402
-from freelunch.methods.pipeline import install_methods  # noqa: E402
+from freelunch.pool.local_engine import install_plugins  # noqa: E402
 
-install_constraints()  # the engine's constraints and methods, as a worker installs them
-install_methods()
+install_plugins()  # the engine's constraints and methods, as a worker installs them
 from live_server import live_server, tiny_app  # noqa: E402
 from tiny_models import build_tiny_model  # noqa: E402
 

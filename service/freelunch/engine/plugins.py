@@ -1,7 +1,6 @@
 """Where request-level stages plug into the engine. Decoding methods (freelunch.methods) and
 constraints (freelunch.constraints) are installed here, explicitly, by whoever builds an engine
-(pool/local_engine.py: `install_methods()`, `install_constraints()`); the engine reads these
-registries and imports neither.
+(pool/local_engine.py `install_plugins()`); the engine reads these registries and imports neither.
 """
 
 from __future__ import annotations

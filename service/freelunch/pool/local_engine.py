@@ -65,14 +65,20 @@ class ThreadWorker(Worker):
         self.mailboxes.deliver(request_id, error, last=True)
 
 
-def load_engine(config: EngineConfig) -> EngineBackend:
-    import torch
-
+def install_plugins() -> None:
+    """What a worker hands the engines it builds (tests, benches and evals too): structured outputs
+    and logit bias, and the installed decoding methods, into the engine's registries."""
     from freelunch.constraints.masks import install_constraints
     from freelunch.methods.pipeline import install_methods
 
-    install_constraints()  # structured outputs and logit bias
-    install_methods()  # the installed decoding methods, into the engine's registries
+    install_constraints()
+    install_methods()
+
+
+def load_engine(config: EngineConfig) -> EngineBackend:
+    import torch
+
+    install_plugins()
     from freelunch.engine.engine import Engine
     from freelunch.memory import release_freed_memory
     from freelunch.models.loader import load_model, resolve_source
