@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         log.warning("no --api-key: anyone who can reach %s:%d can use this server", server.host, server.port)
 
     # The drain is DrainingServer's; uvicorn's own graceful wait only covers what is left after it.
-    uv_config = server_config(app, server.host, server.port, log_level=server.log_level.lower(), timeout_graceful_shutdown=5)
+    uv_config = server_config(app, server.host, server.port, log_level=server.log_level, timeout_graceful_shutdown=5)
     # uvicorn re-raises the signal it drained on once it is done: exit 0 then, without a traceback.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:

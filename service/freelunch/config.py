@@ -43,12 +43,10 @@ def unknown_env(flags: list[str], environ: Mapping[str, str]) -> list[str]:
     return sorted(name for name in environ if name.startswith("FREELUNCH_") and name not in known)
 
 
-def env_default(
-    flag: str, default: Any, kind: type, environ: Mapping[str, str], choices: tuple[str, ...] = (), unset: Any = None
-) -> Any:
+def env_default(flag: str, default: Any, kind: type, environ: Mapping[str, str], choices: tuple[str, ...] = ()) -> Any:
     """A flag's default: its environment variable parsed as the setting's type, else `default` (an
-    empty variable is an unset one; `unset`, a value such as 0, also means the default). ValueError
-    naming the variable for a value that is not of that type or not among the choices."""
+    empty variable is an unset one). ValueError naming the variable for a value that is not of that
+    type or not among the choices."""
     name = env_name(flag)
     raw = (environ.get(name) or "").strip()
     if not raw:
@@ -63,10 +61,9 @@ def env_default(
             return _BOOLS[raw.lower()]
         if kind is tuple:
             return tuple(v.strip() for v in raw.split(",") if v.strip())
-        value = kind(raw)
+        return kind(raw)
     except (KeyError, ValueError):
         raise ValueError(f"{name}={raw!r} is not {_KIND_NAMES.get(kind, kind.__name__)}") from None
-    return default if unset is not None and value == unset else value
 
 
 def _choice(value: str, choices: tuple[str, ...]) -> str | None:
@@ -112,7 +109,7 @@ def add_flags(parser: argparse.ArgumentParser, config: type, environ: Mapping[st
         if group and group not in groups:
             groups[group] = parser.add_argument_group(group)
         target = groups[group] if group else parser
-        default = env_default(flag, f.default, kind, environ, choices, f.metadata["unset"])
+        default = env_default(flag, f.default, kind, environ, choices)  # an `unset` value: from_flags
         options: dict[str, Any] = {"dest": f.name, "help": f.metadata["help"], "default": default}
         if choices:
             options["choices"] = list(choices)

@@ -32,6 +32,7 @@ def create_app(
 ) -> FastAPI:
     """`default_methods`: method options applied to every request that does not set them."""
     server = server or ServerConfig()
+    default_methods = default_methods or {}
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -61,7 +62,7 @@ def create_app(
         pool,
         renderer,
         metrics,
-        default_methods or {},
+        default_methods,
         limiter,
         server.request_timeout,
         server.max_tokens_per_request,
@@ -72,7 +73,7 @@ def create_app(
     app.state.services = Services(pool, metrics, builder, GenerationRunner(pool, metrics), Formatter(served.tokenizer))
     install_error_handlers(app)
     install_openapi(app)
-    app.include_router(build_router(method_specs(), default_methods or {}))
+    app.include_router(build_router(method_specs(), default_methods))
     if server.playground:
         app.include_router(build_playground_router())
     # The last added runs first: authentication looks at headers only, before any body is read.

@@ -45,13 +45,14 @@ def build_router(specs: dict[str, MethodSpec], defaults: dict[str, dict] | None 
     router = APIRouter()
     ChatBody = with_methods(ChatCompletionRequest, specs, chat=True)
     CompletionBody = with_methods(CompletionRequest, specs, chat=False)
+    defaults = defaults or {}
     methods = [
         MethodCard(
             option=option,
             description=spec.description,
             options_schema=spec.options.model_json_schema(),
             requires=list(spec.requires),
-            server_default=(defaults or {}).get(option),
+            server_default=defaults.get(option),
             off_options=spec.off_options,
         )
         for option, spec in sorted(specs.items())
