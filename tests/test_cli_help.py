@@ -5,13 +5,11 @@ from __future__ import annotations
 import argparse
 
 import pytest
-from freelunch.cli import build_parser
+from freelunch.cli import build_parser, serve_parser
 
 
 def _serve() -> argparse.ArgumentParser:
-    parser = build_parser()
-    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    return sub.choices["serve"]
+    return serve_parser(build_parser())
 
 
 def test_every_serve_flag_has_help_and_shows_its_default(monkeypatch):

@@ -3,7 +3,6 @@ FREELUNCH_* settings, grace periods and dashboard metric names match what the se
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import os
@@ -18,7 +17,7 @@ import httpx
 import kubernetes_validate
 import pytest
 import yaml
-from freelunch.cli import build_parser
+from freelunch.cli import build_parser, serve_parser
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -177,7 +176,7 @@ def env_vars_read() -> set[str]:
     flag), and the quoted literals in its source (FREELUNCH_CACHE_DIR, the kernel switches, ...)."""
     from freelunch.config import env_name
 
-    serve = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices["serve"]
+    serve = serve_parser(build_parser())
     names = {env_name(a.option_strings[0]) for a in serve._actions if a.option_strings and a.dest != "help"}
     for f in (ROOT / "service").rglob("*.py"):
         names |= set(re.findall(r"""["'](FREELUNCH_[A-Z0-9_]+)["']""", f.read_text()))

@@ -81,6 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def serve_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The `serve` subcommand's parser, out of `build_parser()`'s."""
+    return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices["serve"]
+
+
 def read_api_key_file(path: str | None) -> tuple[str, ...]:
     if not path:
         return ()
@@ -103,8 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     # no network at run time: whatever Hugging Face code runs in this process or its workers stays offline
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    serve = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices["serve"]
-    unread = unknown_env([a.option_strings[0] for a in serve._actions if a.option_strings], os.environ)
+    unread = unknown_env([a.option_strings[0] for a in serve_parser(parser)._actions if a.option_strings], os.environ)
     if unread:  # on stderr whatever the log level: a setting the operator meant is not in effect
         print(f"freelunch: warning: ignoring {', '.join(unread)}: no setting of freelunch serve reads "
               f"{'it' if len(unread) == 1 else 'them'} (docs/reference.md lists them)", file=sys.stderr)
