@@ -15,6 +15,10 @@ function authHeaders() {
   return apiKey ? { Authorization: "Bearer " + apiKey } : {};
 }
 
+function post(path, body, signal) {
+  return fetch(path, { method: "POST", headers: { "Content-Type": "application/json", ...authHeaders() }, body: JSON.stringify(body), signal });
+}
+
 // "mean_accepted_tokens_per_step" -> "Mean accepted tokens per step"
 function humanise(key) {
   const words = String(key).replace(/_/g, " ");
@@ -232,9 +236,7 @@ async function stream(path, body, panel, signal) {
   const t0 = performance.now();
   let first = null, text = "", usage = null, finish = null, failed = false;
   try {
-    const response = await fetch(path, {
-      method: "POST", headers: { "Content-Type": "application/json", ...authHeaders() }, body: JSON.stringify(body), signal,
-    });
+    const response = await post(path, body, signal);
     if (!response.ok) {
       showError(errorBox, response.status, await errorOf(response));
       return null;
@@ -364,7 +366,7 @@ async function warmPrompt(plain, signal) {
   const body = { ...plain.body, stream: false, max_tokens: 1 };
   delete body.stream_options;
   try {
-    await fetch(plain.path, { method: "POST", headers: { "Content-Type": "application/json", ...authHeaders() }, body: JSON.stringify(body), signal });
+    await post(plain.path, body, signal);
   } catch (e) { /* stopped, or the server is gone: the runs say so */ }
 }
 
